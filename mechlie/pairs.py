@@ -357,3 +357,63 @@ def save_pairs_jsonl(pairs: Sequence[ContrastPair], path: str | Path) -> None:
     from mechlie.io import atomic_write_text
 
     atomic_write_text(Path(path), "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
+
+
+# ---------------------------------------------------------------------------------------------
+# corrupted few-shot prompts (function vectors)
+
+
+def fewshot_demos(prompt: str) -> tuple[list[tuple[str, str]], str]:
+    """Split a plain-text few-shot prompt (format ``fewshot``) into its (question, answer) demos
+    and the final question. Raises :class:`PairError` on any other layout (e.g. chat prompts)."""
+    parts = prompt.split("\n\n")
+    demos: list[tuple[str, str]] = []
+    for part in parts[:-1]:
+        if not part.startswith("Q: ") or "\nA: " not in part:
+            raise PairError(f"not a plain-text few-shot demonstration: {part[:60]!r}")
+        q, a = part[3:].split("\nA: ", 1)
+        demos.append((q, a))
+    last = parts[-1]
+    if not last.startswith("Q: ") or not last.endswith("\nA:"):
+        raise PairError(f"few-shot prompt does not end with 'Q: ...\\nA:': {last[-60:]!r}")
+    return demos, last[3:-3]
+
+
+def corrupted_fewshot(pair: ContrastPair, mode: Literal["mixed", "permuted"] = "mixed", seed: int = 0) -> str:
+    """The pair's few-shot prompt with labels that carry no honest/lying signal.
+
+    - ``mixed`` (default): each demonstration keeps its question; half of them (rounded down,
+      chosen at random) show the true answer and the rest the lying prompt's false answer, so
+      the demonstrations do not say whether to tell the truth.
+    - ``permuted``: the true answers permuted across the demonstrations (a derangement, so no
+      answer stays with its own question) -- Todd et al.'s shuffled labels. For this task a
+      shuffled label is just another false answer, so these prompts look like lying prompts.
+
+    Same questions, same order and (for single-token answers) the same token length as the pair.
+    """
+    h_demos, question = fewshot_demos(pair.honest)
+    l_demos, question_l = fewshot_demos(pair.lying)
+    if question != question_l or [q for q, _ in h_demos] != [q for q, _ in l_demos]:
+        raise PairError(f"pair {pair.fact_id!r}: honest and lying prompts ask different questions")
+    n = len(h_demos)
+    if n < 2:
+        raise PairError("corrupted few-shot prompts need at least 2 demonstrations")
+    rng = random.Random(f"{seed}/corrupt/{mode}/{pair.fact_id}/{question}")
+    if mode == "mixed":
+        true_idx = set(rng.sample(range(n), n // 2))
+        demos = [h_demos[i] if i in true_idx else l_demos[i] for i in range(n)]
+    elif mode == "permuted":
+        while True:
+            perm = rng.sample(range(n), n)
+            if all(perm[i] != i for i in range(n)):
+                break
+        demos = [(h_demos[i][0], h_demos[perm[i]][1]) for i in range(n)]
+    else:
+        raise PairError(f"unknown corruption mode {mode!r}; modes: mixed, permuted")
+    return "\n\n".join([_qa(q, a) for q, a in demos] + [_qa(question, None)])
+
+
+def zero_shot_prompt(pair: ContrastPair) -> str:
+    """The pair's question alone, ``"Q: ...\\nA:"`` (plain text, no demonstrations)."""
+    question = pair.question or fewshot_demos(pair.honest)[1]
+    return _qa(question, None)

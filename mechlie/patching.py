@@ -139,36 +139,59 @@ def patch_final_position(
     ``"resid_pre"`` patches that layer's whole vector. ``max_rows`` bounds the rows of one
     single-token pass (memory).
     """
-    if kind not in PATCHABLE:
-        raise ValueError(f"cannot patch {kind!r}; patchable kinds: {PATCHABLE}")
     if len(pairs) == 0:
         raise PairError("no pairs to patch")
-    answers = answer_set(model.tokenizer, pairs)
+    return patch_runs(
+        model, [p.honest for p in pairs], [p.lying for p in pairs], answer_set(model.tokenizer, pairs), kind,
+        batch_size=batch_size, max_rows=max_rows, progress=progress,
+    )
+
+
+@torch.no_grad()
+def patch_runs(
+    model,
+    clean_prompts: Sequence[str],
+    corrupt_prompts: Sequence[str],
+    answers: AnswerSet,
+    kind: str = "z",
+    *,
+    batch_size: int = 16,
+    max_rows: int = 512,
+    progress: bool = True,
+) -> PatchResult:
+    """Patch each component of ``kind`` from ``clean_prompts[i]``'s run into ``corrupt_prompts[i]``'s."""
+    if kind not in PATCHABLE:
+        raise ValueError(f"cannot patch {kind!r}; patchable kinds: {PATCHABLE}")
+    n = len(clean_prompts)
+    if n == 0 or n != len(corrupt_prompts) or n != len(answers.truth):
+        raise PairError(
+            f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
+            f"({len(answers.truth)}), and at least one"
+        )
     clean = collect(
-        model, [p.honest for p in pairs], kinds=(kind,), batch_size=batch_size,
-        progress=progress, desc="honest run", return_logits=True,
+        model, list(clean_prompts), kinds=(kind,), batch_size=batch_size,
+        progress=progress, desc="clean run", return_logits=True,
     )
     clean_acts = clean[kind]  # [n, L, (H,) d]
     grid = component_grid(model, kind)
     comps = torch.cartesian_prod(*[torch.arange(s) for s in grid]).reshape(-1, len(grid))
-    n = len(pairs)
     p_truth = torch.empty((n, len(comps)))
     logit_diff = torch.empty((n, len(comps)))
     corrupt_logits = torch.empty((n, model.cfg.d_vocab))
     bar = tqdm(total=n, desc=f"patching {kind}", disable=not progress, leave=False)
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        batch = tokenize(model, [pairs[i].lying for i in idx])
+        batch = tokenize(model, [corrupt_prompts[i] for i in idx])
         cache = prefix_cache(model, batch)
         for row, i in enumerate(idx):
             last = int(batch.tokens[row, -1])
             corrupt_logits[i] = final_step_logits(model, cache, row, last, 1)[0].cpu()
-            sub = AnswerSet(*(t[i : i + 1] for t in (answers.truth, answers.lie, answers.choices)))
             for c0 in range(0, len(comps), max_rows):
                 chunk = comps[c0 : c0 + max_rows]
                 hooks = _patch_hooks(model, kind, chunk, clean_acts[i].to(model.cfg.device))
                 logits = final_step_logits(model, cache, row, last, len(chunk), hooks)
-                s = score_logits(logits, AnswerSet(*(t.expand(len(chunk), -1) for t in (sub.truth, sub.lie, sub.choices))))
+                rows = AnswerSet(*(t[i : i + 1].expand(len(chunk), -1) for t in (answers.truth, answers.lie, answers.choices)))
+                s = score_logits(logits, rows)
                 p_truth[i, c0 : c0 + len(chunk)] = s.p_truth.cpu()
                 logit_diff[i, c0 : c0 + len(chunk)] = s.logit_diff.cpu()
             bar.update(1)

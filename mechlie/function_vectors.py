@@ -1,0 +1,400 @@
+"""A "lie function vector" (Todd et al. 2023, *Function Vectors in Large Language Models*).
+
+Pipeline, on few-shot prompts (format ``fewshot``: demonstrations with false answers):
+
+1. **Mean head activations.** For every head, the mean ``hook_z`` (and ``head_out = z @ W_O``)
+   at the final prompt token over the *lying* prompts.
+2. **Corrupted prompts.** The same demonstrations with labels that carry no honest/lying signal
+   (:func:`mechlie.pairs.corrupted_fewshot`; default ``mixed``: half true, half false answers).
+   Todd et al. shuffle labels; for lying, a shuffled label is just another false answer, so the
+   shuffled prompt already *is* a lying prompt and leaves no room for an effect (``permuted`` keeps
+   that variant available for comparison).
+3. **Average indirect effect (AIE)** of a head: patch its mean lying ``z`` into the corrupted
+   prompts' final position and measure, averaged over prompts,
+
+   - ``truth_drop`` = P(truth | corrupted) - P(truth | corrupted, head patched)  (ranking metric)
+   - ``lie_rise``   = P(lie | patched) - P(lie | corrupted), for the pair's designated lie.
+
+   The ranking metric is ``truth_drop``: a lying model can name any false answer, so the designated
+   lie catches only a small, arbitrary part of the lie mass, while the truth is one well-defined
+   token. Both are reported.
+4. **Function vector** = sum of the mean ``head_out`` of the top-``k`` heads by AIE (``k = 10`` by
+   default, Todd et al.'s choice for models of this size; about 4% of SmolLM2-135M's 270 heads).
+5. **Interventions.** The FV is added to the residual stream ``blocks.L.hook_resid_post`` (block
+   ``L``'s output) at the *final position only*, as in Todd et al.; then it can run over a cached
+   prefix. Added to honest and zero-shot prompts it should lower P(truth) (lie induction);
+   subtracted from lying prompts it should raise it (truth recovered). The difference-of-means
+   residual direction of the same layer (honest -> lying, fitted on the same training prompts),
+   rescaled to the FV's norm, and random Gaussian directions of that norm run beside it.
+
+Speed: a patch at the final position cannot change any earlier position, so each prompt's prefix
+is run once into a key/value cache (:func:`mechlie.patching.prefix_cache`) and all heads (or all
+vectors x layers) run as the rows of one single-token pass (:func:`final_step_logits`).
+:func:`head_aie_naive` is the one-forward-pass-per-head loop, kept as a benchmark and test baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlie.activations import head_out_from_z, hook_name
+from mechlie.directions import diff_of_means
+from mechlie.metrics import AnswerScores, score_logits
+from mechlie.pairs import (
+    AnswerSet,
+    Batch,
+    ContrastPair,
+    PairError,
+    answer_set,
+    corrupted_fewshot,
+    tokenize,
+    zero_shot_prompt,
+)
+from mechlie.patching import _patch_hooks, final_step_logits, prefix_cache
+
+AIE_METRICS = ("truth_drop", "lie_rise", "logit_diff_drop")
+
+
+def _rows(answers: AnswerSet, i: int, n: int) -> AnswerSet:
+    """Answer ids of prompt ``i`` repeated for ``n`` rows."""
+    return AnswerSet(*(t[i : i + 1].expand(n, -1) for t in (answers.truth, answers.lie, answers.choices)))
+
+
+def _sub(batch: Batch, idx: slice) -> Batch:
+    return Batch(batch.tokens[idx], batch.attention_mask[idx])
+
+
+def p_lie(scores: AnswerScores) -> Tensor:
+    """P(designated lie), recovered from ``logit_diff = log P(truth) - log P(lie)``."""
+    return scores.p_truth / scores.logit_diff.exp()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. mean head activations
+
+
+@torch.no_grad()
+def final_position(model, batch: Batch, kind: str = "z", *, batch_size: int = 16) -> Tensor:
+    """``kind`` (``"z"``: ``[n, layer, head, d_head]``; a residual kind: ``[n, layer, d]``) at the
+    final position of every prompt of a left-padded batch, from token tensors (no tokenizer)."""
+    L = model.cfg.n_layers
+    out: list[Tensor] = []
+    for s in range(0, batch.tokens.shape[0], batch_size):
+        b = _sub(batch, slice(s, s + batch_size))
+        store: list[Tensor | None] = [None] * L
+
+        def saver(layer: int):
+            def hook(act, hook):
+                store[layer] = act[:, -1].detach().float()
+
+            return hook
+
+        with model.hooks(fwd_hooks=[(hook_name(kind, l), saver(l)) for l in range(L)]):
+            model(b.tokens, attention_mask=b.attention_mask, return_type=None)
+        out.append(torch.stack(store, dim=1).cpu())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class HeadMeans:
+    z: Float[Tensor, "layer head d_head"]
+    head_out: Float[Tensor, "layer head d_model"]  # z @ W_O (b_O excluded: it is shared)
+
+
+def mean_head_activations(model, batch: Batch, *, batch_size: int = 16) -> HeadMeans:
+    z = final_position(model, batch, "z", batch_size=batch_size).mean(0)
+    return HeadMeans(z, head_out_from_z(model, z[None])[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-3. average indirect effect
+
+
+@dataclass(frozen=True)
+class HeadAIE:
+    """Per-prompt scores with each head's mean ``z`` patched in, and the unpatched baseline."""
+
+    p_truth: Float[Tensor, "n layer head"]
+    logit_diff: Float[Tensor, "n layer head"]
+    base: AnswerScores  # corrupted prompts, unpatched
+
+    @property
+    def p_lie(self) -> Float[Tensor, "n layer head"]:
+        return self.p_truth / self.logit_diff.exp()
+
+    def aie(self, metric: str = "truth_drop") -> Float[Tensor, "layer head"]:
+        """Average indirect effect; positive = towards lying, for every metric."""
+        if metric == "truth_drop":
+            return self.base.p_truth.mean() - self.p_truth.mean(0)
+        if metric == "lie_rise":
+            return self.p_lie.mean(0) - p_lie(self.base).mean()
+        if metric == "logit_diff_drop":
+            return self.base.logit_diff.mean() - self.logit_diff.mean(0)
+        raise ValueError(f"unknown AIE metric {metric!r}; metrics: {AIE_METRICS}")
+
+
+def _all_heads(model) -> Int[Tensor, "c 2"]:
+    return torch.cartesian_prod(torch.arange(model.cfg.n_layers), torch.arange(model.cfg.n_heads))
+
+
+@torch.no_grad()
+def head_aie(
+    model,
+    corrupt: Batch,
+    answers: AnswerSet,
+    mean_z: Float[Tensor, "layer head d_head"],
+    *,
+    batch_size: int = 16,
+    max_rows: int = 512,
+    progress: bool = True,
+) -> HeadAIE:
+    """Patch each head's ``mean_z`` into every corrupted prompt's final position (KV-cached)."""
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    comps = _all_heads(model)
+    n = corrupt.tokens.shape[0]
+    p_truth = torch.empty((n, len(comps)))
+    logit_diff = torch.empty((n, len(comps)))
+    base = torch.empty((n, model.cfg.d_vocab))
+    values = mean_z.to(model.cfg.device)
+    bar = tqdm(total=n, desc="head AIE", disable=not progress, leave=False)
+    for s in range(0, n, batch_size):
+        b = _sub(corrupt, slice(s, s + batch_size))
+        cache = prefix_cache(model, b)
+        for row in range(b.tokens.shape[0]):
+            i, last = s + row, int(b.tokens[row, -1])
+            base[i] = final_step_logits(model, cache, row, last, 1)[0].cpu()
+            for c0 in range(0, len(comps), max_rows):
+                chunk = comps[c0 : c0 + max_rows]
+                logits = final_step_logits(model, cache, row, last, len(chunk), _patch_hooks(model, "z", chunk, values))
+                sc = score_logits(logits, _rows(answers, i, len(chunk)))
+                p_truth[i, c0 : c0 + len(chunk)] = sc.p_truth.cpu()
+                logit_diff[i, c0 : c0 + len(chunk)] = sc.logit_diff.cpu()
+            bar.update(1)
+    bar.close()
+    return HeadAIE(p_truth.reshape(n, L, H), logit_diff.reshape(n, L, H), score_logits(base, answers))
+
+
+@torch.no_grad()
+def head_aie_naive(
+    model,
+    corrupt: Batch,
+    answers: AnswerSet,
+    mean_z: Float[Tensor, "layer head d_head"],
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> tuple[Float[Tensor, "n c"], Float[Tensor, "n c"]]:
+    """Baseline: one full forward pass per (prompt, head). Returns (p_truth, logit_diff) [n, c]."""
+    heads = [tuple(h) for h in (heads if heads is not None else _all_heads(model).tolist())]
+    n = corrupt.tokens.shape[0]
+    p_truth, logit_diff = torch.empty((n, len(heads))), torch.empty((n, len(heads)))
+    for i in range(n):
+        toks, mask = corrupt.tokens[i : i + 1], corrupt.attention_mask[i : i + 1]
+        for j, (layer, head) in enumerate(heads):
+
+            def hook(act, hook, head=head, v=mean_z[layer, head]):
+                act[:, -1, head] = v.to(act.dtype).to(act.device)
+                return act
+
+            with model.hooks(fwd_hooks=[(hook_name("z", layer), hook)]):
+                logits = model(toks, attention_mask=mask)[:, -1].float()
+            sc = score_logits(logits, _rows(answers, i, 1))
+            p_truth[i, j], logit_diff[i, j] = sc.p_truth[0], sc.logit_diff[0]
+    return p_truth, logit_diff
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the function vector
+
+
+@dataclass(frozen=True)
+class FunctionVector:
+    vector: Float[Tensor, " d_model"]
+    heads: tuple[tuple[int, int], ...]  # (layer, head), best first
+    aie: tuple[float, ...]  # their AIE (ranking metric)
+    metric: str = "truth_drop"
+
+
+def build_function_vector(
+    head_out_mean: Float[Tensor, "layer head d_model"], aie: Float[Tensor, "layer head"], k: int = 10, metric: str = "truth_drop"
+) -> FunctionVector:
+    """Sum of the mean head outputs of the ``k`` heads with the largest AIE."""
+    L, H = aie.shape
+    if not 1 <= k <= L * H:
+        raise ValueError(f"k must be in [1, {L * H}], got {k}")
+    top = aie.flatten().topk(k).indices
+    heads = tuple((int(t) // H, int(t) % H) for t in top)
+    vec = torch.stack([head_out_mean[l, h] for l, h in heads]).sum(0)
+    return FunctionVector(vec, heads, tuple(float(aie[l, h]) for l, h in heads), metric)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. adding vectors at the final position
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    """P(truth) with vector ``v`` added at block ``layers[j]``'s output, final position."""
+
+    p_truth: Float[Tensor, "n v layer"]
+    logit_diff: Float[Tensor, "n v layer"]
+    base: AnswerScores
+    layers: tuple[int, ...]
+
+    def delta_p_truth(self) -> Float[Tensor, "v layer"]:
+        return self.p_truth.mean(0) - self.base.p_truth.mean()
+
+
+@torch.no_grad()
+def add_at_final_position(
+    model,
+    batch: Batch,
+    answers: AnswerSet,
+    vectors: Float[Tensor, "v d_model"] | Float[Tensor, "v layer d_model"],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "adding vectors",
+) -> SteerResult:
+    """Score every prompt with each vector added at each of ``layers`` (block output, final
+    position). ``vectors`` may differ per layer (``[v, len(layers), d]``). All (vector, layer) rows,
+    plus an unchanged row 0, share one single-token pass per prompt over its cached prefix."""
+    layers = tuple(int(l) for l in layers)
+    if vectors.ndim == 2:
+        vectors = vectors[:, None].expand(-1, len(layers), -1)
+    nv, nl, _ = vectors.shape
+    if nl != len(layers):
+        raise ValueError(f"vectors have {nl} layers, but {len(layers)} layers were given")
+    vectors = vectors.to(model.cfg.device).float()
+    n_rows = 1 + nv * nl
+    n = batch.tokens.shape[0]
+    p_truth, logit_diff = torch.empty((n, nv, nl)), torch.empty((n, nv, nl))
+    base = torch.empty((n, model.cfg.d_vocab))
+    hooks = []
+    for j, layer in enumerate(layers):
+        rows = torch.arange(nv) * nl + j + 1  # row 1 + v * nl + j: vector v at layers[j]
+
+        def hook(act, hook, rows=rows, vec=vectors[:, j]):
+            act[rows, -1] = act[rows, -1] + vec.to(act.dtype)
+            return act
+
+        hooks.append((hook_name("resid_post", layer), hook))
+    bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
+    for s in range(0, n, batch_size):
+        b = _sub(batch, slice(s, s + batch_size))
+        cache = prefix_cache(model, b)
+        for row in range(b.tokens.shape[0]):
+            i = s + row
+            logits = final_step_logits(model, cache, row, int(b.tokens[row, -1]), n_rows, hooks)
+            base[i] = logits[0].cpu()
+            sc = score_logits(logits[1:], _rows(answers, i, n_rows - 1))
+            p_truth[i] = sc.p_truth.reshape(nv, nl).cpu()
+            logit_diff[i] = sc.logit_diff.reshape(nv, nl).cpu()
+            bar.update(1)
+    bar.close()
+    return SteerResult(p_truth, logit_diff, score_logits(base, answers), layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole experiment on pairs
+
+
+VECTOR_NAMES = ("fv", "diff_of_means", "random")
+
+
+@dataclass(frozen=True)
+class FVExperiment:
+    means: HeadMeans  # over the training pairs' lying prompts
+    aie: HeadAIE  # on the training pairs' corrupted prompts
+    fv: FunctionVector
+    dom: Float[Tensor, "layer d_model"]  # diff of means of resid_post, honest -> lying (training pairs)
+    random: Float[Tensor, "r d_model"]  # unit random directions (seeded)
+    # held-out pairs, vectors in VECTOR_NAMES order ("random" = mean over the random directions),
+    # each at the FV's norm, at every layer:
+    honest_plus: SteerResult  # honest prompts + vector
+    zero_shot_plus: SteerResult  # "Q: ...\nA:" + vector
+    lying_minus: SteerResult  # lying prompts - vector
+    layer: int  # the layer reported as the headline
+
+    def cosine_fv_dom(self) -> Float[Tensor, " layer"]:
+        return torch.nn.functional.cosine_similarity(self.fv.vector[None].float(), self.dom.float(), dim=-1)
+
+
+def _vector_stack(fv: Tensor, dom: Tensor, rand: Tensor) -> Float[Tensor, "v layer d_model"]:
+    """[fv, dom rescaled, random 1..r] at every layer, all at the FV's norm (dom differs per layer)."""
+    norm = fv.norm()
+    L = dom.shape[0]
+    fv_l = fv[None].expand(L, -1)
+    dom_l = dom / dom.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm
+    rand_l = (rand * norm)[:, None].expand(-1, L, -1)
+    return torch.cat([fv_l[None], dom_l[None], rand_l])
+
+
+def _collapse_random(r: SteerResult) -> SteerResult:
+    """Keep fv and dom rows and average the random directions into one "random" row."""
+    keep = 2
+    p = torch.cat([r.p_truth[:, :keep], r.p_truth[:, keep:].mean(1, keepdim=True)], 1)
+    ld = torch.cat([r.logit_diff[:, :keep], r.logit_diff[:, keep:].mean(1, keepdim=True)], 1)
+    return SteerResult(p, ld, r.base, r.layers)
+
+
+def run_function_vector(
+    model,
+    train: Sequence[ContrastPair],
+    test: Sequence[ContrastPair],
+    *,
+    k: int = 10,
+    layer: int | None = None,
+    corrupt_mode: Literal["mixed", "permuted"] = "mixed",
+    metric: str = "truth_drop",
+    n_random: int = 3,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> FVExperiment:
+    """Heads, AIE, FV and diff-of-means on ``train``; every intervention measured on ``test``.
+
+    ``layer`` (default ``n_layers // 3``, the early-middle layers where Todd et al. found FVs act)
+    is only the headline; the interventions are measured at every layer.
+    """
+    if not train or not test:
+        raise PairError("need training and test pairs")
+    if set(p.fact_id for p in train) & set(p.fact_id for p in test):
+        raise PairError("a fact is in both the training and the test pairs")
+    L = model.cfg.n_layers
+    layer = L // 3 if layer is None else layer
+    if not 0 <= layer < L:
+        raise ValueError(f"layer must be in [0, {L}), got {layer}")
+    tok = model.tokenizer
+    tr_ans, te_ans = answer_set(tok, train), answer_set(tok, test)
+
+    lying_tr = tokenize(model, [p.lying for p in train])
+    honest_tr = tokenize(model, [p.honest for p in train])
+    corrupt_tr = tokenize(model, [corrupted_fewshot(p, corrupt_mode, seed) for p in train])
+    means = mean_head_activations(model, lying_tr, batch_size=batch_size)
+    aie = head_aie(model, corrupt_tr, tr_ans, means.z, batch_size=batch_size, progress=progress)
+    fv = build_function_vector(means.head_out, aie.aie(metric), k, metric)
+    dom = diff_of_means(
+        final_position(model, honest_tr, "resid_post", batch_size=batch_size),
+        final_position(model, lying_tr, "resid_post", batch_size=batch_size),
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    rand = torch.randn((n_random, model.cfg.d_model), generator=gen)
+    rand = rand / rand.norm(dim=-1, keepdim=True)
+    stack = _vector_stack(fv.vector.cpu().float(), dom, rand)
+    kw = dict(batch_size=batch_size, progress=progress)
+    runs = {}
+    for name, prompts, sign in (
+        ("honest_plus", [p.honest for p in test], 1.0),
+        ("zero_shot_plus", [zero_shot_prompt(p) for p in test], 1.0),
+        ("lying_minus", [p.lying for p in test], -1.0),
+    ):
+        r = add_at_final_position(model, tokenize(model, prompts), te_ans, sign * stack, range(L), desc=name, **kw)
+        runs[name] = _collapse_random(r)
+    return FVExperiment(means, aie, fv, dom, rand, layer=layer, **runs)

@@ -1,0 +1,332 @@
+"""Interventions that steer or ablate a direction, applied through hooks that are always removed.
+
+Three interventions, each a small frozen dataclass, applied with :func:`steer` (a context manager):
+
+- :class:`AddVectors`: add ``alpha * vector[l]`` to ``blocks.l.hook_resid_post`` for each chosen
+  layer ``l``. ``vector`` is used as given (not normalized): with a difference-of-means direction
+  (honest -> lying), ``alpha = -1`` moves the lying mean onto the honest mean at that layer, and
+  ``alpha = +1`` the other way.
+- :class:`HeadShift`: ITI-style head steering (Li et al. 2023, "Inference-Time Intervention").
+  For each selected head ``(l, h)`` the head's value mix ``blocks.l.attn.hook_z[:, :, h]``
+  (``d_head``-dim, the activation *before* ``W_O``, which is where ITI shifts) gets
+  ``alpha * sigma * unit``: ``unit`` is the head's difference-of-means direction in z-space
+  (honest -> lying) and ``sigma`` the standard deviation of the training activations projected on
+  it. The head's write to the residual stream therefore moves by ``alpha * sigma * unit @ W_O[l, h]``.
+- :class:`DirectionalAblation`: project a unit direction ``u`` out of the residual stream at every
+  layer (Arditi et al. 2024): ``x <- x - (x . u) u``. With ``where="writes"`` (default, as in the
+  paper) this is applied to ``blocks.l.hook_resid_pre`` (so the embeddings are cleaned at block 0)
+  and to every write into the stream, ``blocks.l.hook_attn_out`` and ``blocks.l.hook_mlp_out``;
+  ``resid_mid``, ``resid_post`` and the input of the unembedding then carry no component along ``u``
+  either. ``where="resid"`` instead projects ``blocks.0.hook_resid_pre`` and every
+  ``blocks.l.hook_resid_post`` (the same guarantee on the residual stream, reached differently).
+
+Sign convention: directions point honest -> lying, so a negative ``alpha`` pushes toward honesty.
+
+Position policy (``policy``) says which positions a hook touches in each forward pass:
+``"all"``, ``"prompt"`` (only positions that hold prompt tokens) or ``"generated"`` (only
+positions that hold generated tokens). Which kind of forward is running is told to the hooks by
+whoever runs the model, through the :class:`SteeringState` that :func:`steer` yields: a plain
+forward is a prompt forward; :func:`mechlie.generation.generate` calls
+:meth:`SteeringState.begin_forward` before each pass (prompt pass, then one pass per generated
+token, each seeing one new position through the KV cache). Under ``"generated"`` the first
+generated token is therefore predicted unsteered: it is steered from the pass that reads it back.
+Left-padding positions are touched like any prompt position; no real token ever attends to them.
+
+Every touch is recorded in ``state.log`` as a :class:`Touch` ``(step, phase, policy, positions)``,
+positions being indices along the (padded) sequence, counted from the start of the prompt.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+Policy = Literal["all", "prompt", "generated"]
+POLICIES: tuple[str, ...] = ("all", "prompt", "generated")
+Phase = Literal["prompt", "generated"]
+
+
+class SteeringError(ValueError):
+    """An intervention that cannot be applied to this model (bad shape, layer, alpha, policy)."""
+
+
+@dataclass(frozen=True)
+class Touch:
+    step: int  # 0 = the prompt pass; k >= 1 = the pass that feeds generated token k
+    phase: str
+    policy: str
+    positions: tuple[int, ...]
+
+
+@dataclass
+class SteeringState:
+    """What kind of forward pass is running; hooks read it, the generator writes it."""
+
+    phase: str = "prompt"
+    step: int = 0
+    start: int = 0  # absolute position of this pass's first sequence index
+    log: list[Touch] = field(default_factory=list)
+    _logged: set = field(default_factory=set, repr=False)
+
+    def begin_forward(self, phase: Phase, step: int, start: int) -> None:
+        if phase not in ("prompt", "generated"):
+            raise SteeringError(f"phase must be 'prompt' or 'generated', got {phase!r}")
+        self.phase, self.step, self.start = phase, step, start
+
+    def select(self, policy: str, seq_len: int) -> slice | None:
+        """The slice of this pass's positions that ``policy`` touches (None: touch nothing)."""
+        if policy != "all" and policy != self.phase:
+            return None
+        key = (self.step, self.phase, policy)
+        if key not in self._logged:  # one record per pass, not one per hook
+            self._logged.add(key)
+            self.log.append(Touch(self.step, self.phase, policy, tuple(range(self.start, self.start + seq_len))))
+        return slice(0, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def _check_alpha(alpha: float) -> None:
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise SteeringError(f"alpha must be a finite number, got {alpha!r}")
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise SteeringError(f"unknown position policy {policy!r}; policies: {POLICIES}")
+
+
+def _check_layer(model, layer: int) -> None:
+    if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
+        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
+
+
+def _check_vector(v: Tensor, dim: int, what: str) -> None:
+    if v.ndim != 1 or v.shape[0] != dim:
+        raise SteeringError(f"{what} must have shape [{dim}], got {tuple(v.shape)}")
+    if not torch.isfinite(v).all():
+        raise SteeringError(f"{what} has non-finite entries")
+
+
+# ---------------------------------------------------------------------------------------------
+# interventions
+
+
+@dataclass(frozen=True)
+class AddVectors:
+    """Add ``alpha * vectors[l]`` at ``blocks.l.hook_resid_post`` for each layer in ``vectors``."""
+
+    vectors: dict[int, Float[Tensor, " d_model"]]
+    alpha: float
+    policy: Policy = "all"
+
+    def validate(self, model) -> None:
+        _check_alpha(self.alpha)
+        _check_policy(self.policy)
+        if not self.vectors:
+            raise SteeringError("AddVectors needs at least one layer")
+        for layer, v in self.vectors.items():
+            _check_layer(model, layer)
+            _check_vector(v, model.cfg.d_model, f"direction for layer {layer}")
+
+    def hooks(self, model, state: SteeringState) -> list:
+        out = []
+        for layer, v in self.vectors.items():
+            delta = (self.alpha * v.float()).to(model.cfg.device)
+
+            def hook(act: Tensor, hook, delta=delta) -> Tensor:
+                sl = state.select(self.policy, act.shape[1])
+                if sl is not None:
+                    act[:, sl] = act[:, sl] + delta.to(act.dtype)
+                return act
+
+            out.append((f"blocks.{layer}.hook_resid_post", hook))
+        return out
+
+
+@dataclass(frozen=True)
+class HeadShift:
+    """ITI: shift head ``heads[i] = (l, h)``'s ``hook_z`` by ``alpha * sigmas[i] * units[i]``."""
+
+    heads: tuple[tuple[int, int], ...]
+    units: Float[Tensor, "k d_head"]  # unit directions in each head's z-space (honest -> lying)
+    sigmas: Float[Tensor, " k"]  # std of training activations projected on each unit direction
+    alpha: float
+    policy: Policy = "all"
+
+    def validate(self, model) -> None:
+        _check_alpha(self.alpha)
+        _check_policy(self.policy)
+        if not self.heads:
+            raise SteeringError("HeadShift needs at least one head")
+        if self.units.shape != (len(self.heads), model.cfg.d_head):
+            raise SteeringError(f"units must have shape [{len(self.heads)}, {model.cfg.d_head}], got {tuple(self.units.shape)}")
+        if self.sigmas.shape != (len(self.heads),) or not torch.isfinite(self.sigmas).all():
+            raise SteeringError(f"sigmas must be {len(self.heads)} finite numbers")
+        for layer, head in self.heads:
+            _check_layer(model, layer)
+            if not 0 <= head < model.cfg.n_heads:
+                raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
+
+    def hooks(self, model, state: SteeringState) -> list:
+        shift = (self.alpha * self.sigmas[:, None] * self.units).float().to(model.cfg.device)
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(self.heads):
+            by_layer.setdefault(layer, []).append(i)
+        out = []
+        for layer, rows in by_layer.items():
+            heads = torch.tensor([self.heads[i][1] for i in rows], device=model.cfg.device)
+            delta = shift[rows]  # [k_l, d_head]
+
+            def hook(z: Tensor, hook, heads=heads, delta=delta) -> Tensor:
+                sl = state.select(self.policy, z.shape[1])
+                if sl is not None:
+                    z[:, sl, heads] = z[:, sl, heads] + delta.to(z.dtype)
+                return z
+
+            out.append((f"blocks.{layer}.attn.hook_z", hook))
+        return out
+
+
+@dataclass(frozen=True)
+class DirectionalAblation:
+    """Project ``direction`` (normalized here) out of the residual stream at every layer."""
+
+    direction: Float[Tensor, " d_model"]
+    where: Literal["writes", "resid"] = "writes"
+    policy: Policy = "all"
+
+    def validate(self, model) -> None:
+        _check_policy(self.policy)
+        _check_vector(self.direction, model.cfg.d_model, "ablation direction")
+        if self.direction.norm() < 1e-8:
+            raise SteeringError("ablation direction has zero norm")
+        if self.where not in ("writes", "resid"):
+            raise SteeringError(f"where must be 'writes' or 'resid', got {self.where!r}")
+
+    def hook_names(self, model) -> list[str]:
+        n = model.cfg.n_layers
+        if self.where == "writes":
+            return [f"blocks.{l}.{k}" for l in range(n) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
+        return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n)]
+
+    def hooks(self, model, state: SteeringState) -> list:
+        u = self.direction.float() / self.direction.float().norm()
+        u = u.to(model.cfg.device)
+
+        def hook(act: Tensor, hook) -> Tensor:
+            sl = state.select(self.policy, act.shape[1])
+            if sl is not None:
+                x = act[:, sl]
+                uu = u.to(act.dtype)
+                act[:, sl] = x - (x @ uu)[..., None] * uu
+            return act
+
+        names = self.hook_names(model)
+        if getattr(model.cfg, "attn_only", False):
+            names = [n for n in names if not n.endswith("hook_mlp_out")]
+        return [(name, hook) for name in names]
+
+
+Intervention = AddVectors | HeadShift | DirectionalAblation
+
+
+@contextmanager
+def steer(model, *interventions: Intervention, state: SteeringState | None = None) -> Iterator[SteeringState]:
+    """Apply ``interventions`` inside the block; the hooks are removed on exit, even on error.
+
+    Yields the :class:`SteeringState` the hooks read (and log to). With no interventions this is a
+    no-op context (handy for baselines).
+    """
+    for iv in interventions:
+        iv.validate(model)
+    state = state if state is not None else SteeringState()
+    fwd_hooks = [h for iv in interventions for h in iv.hooks(model, state)]
+    # TransformerLens's context removes exactly these hooks (its context level) in a finally, so
+    # hooks added by an enclosing context survive and an exception never leaves ours behind.
+    with model.hooks(fwd_hooks=fwd_hooks):
+        yield state
+
+
+# ---------------------------------------------------------------------------------------------
+# building directions
+
+
+def residual_directions(
+    honest: Float[Tensor, "n layer d_model"], lying: Float[Tensor, "n layer d_model"], train: Sequence[int]
+) -> Float[Tensor, "layer d_model"]:
+    """Difference of means (honest -> lying) per layer, on the training rows only."""
+    idx = torch.as_tensor(list(train), dtype=torch.long)
+    if len(idx) == 0:
+        raise SteeringError("no training rows to build a direction from")
+    return lying[idx].float().mean(0) - honest[idx].float().mean(0)
+
+
+@dataclass(frozen=True)
+class HeadDirections:
+    units: Float[Tensor, "layer head d_head"]  # unit diff-of-means direction of each head's z
+    sigmas: Float[Tensor, "layer head"]  # std of pooled training projections on it
+    separation: Float[Tensor, "layer head"]  # |mean gap along unit| / sigma: ranks heads
+
+    def top(self, k: int, alpha: float, policy: Policy = "all") -> HeadShift:
+        n_layers, n_heads = self.sigmas.shape
+        if not 0 < k <= n_layers * n_heads:
+            raise SteeringError(f"k must be in 1..{n_layers * n_heads}, got {k}")
+        flat = self.separation.flatten().nan_to_num(-1.0).topk(k).indices
+        heads = tuple((int(i) // n_heads, int(i) % n_heads) for i in flat)
+        units = torch.stack([self.units[l, h] for l, h in heads])
+        sigmas = torch.stack([self.sigmas[l, h] for l, h in heads])
+        return HeadShift(heads, units, sigmas, alpha, policy)
+
+
+def head_directions(
+    honest_z: Float[Tensor, "n layer head d_head"], lying_z: Float[Tensor, "n layer head d_head"], train: Sequence[int]
+) -> HeadDirections:
+    """ITI's mass-mean-shift directions per head, on the training rows only.
+
+    Heads are ranked by the standardized gap between the framings along the head's own direction
+    (ITI ranks by probe accuracy; with prompts whose framings differ in text, many heads separate
+    perfectly, and the standardized gap still orders them by how far apart the framings are).
+    """
+    idx = torch.as_tensor(list(train), dtype=torch.long)
+    if len(idx) < 2:
+        raise SteeringError("need at least 2 training rows for head directions")
+    h, l = honest_z[idx].float(), lying_z[idx].float()
+    diff = l.mean(0) - h.mean(0)
+    units = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    proj = (torch.cat([h, l]) * units).sum(-1)  # [2n, L, H]
+    sigmas = proj.std(0).clamp_min(1e-8)
+    return HeadDirections(units, sigmas, diff.norm(dim=-1) / sigmas)
+
+
+def random_like(vector: Float[Tensor, "*c d"], seed: int = 0) -> Float[Tensor, "*c d"]:
+    """Gaussian directions with the same norm as ``vector`` along its last dimension (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(vector.shape, generator=g)
+    return r / r.norm(dim=-1, keepdim=True) * vector.float().norm(dim=-1, keepdim=True)
+
+
+def random_head_shift(shift: HeadShift, seed: int = 0) -> HeadShift:
+    """The same heads, alpha and sigmas, each moved along a random unit direction instead."""
+    units = random_like(shift.units, seed)
+    return HeadShift(shift.heads, units / units.norm(dim=-1, keepdim=True), shift.sigmas, shift.alpha, shift.policy)
+
+
+def positions_touched(state: SteeringState) -> list[tuple[int, tuple[int, ...]]]:
+    """``(step, positions)`` for every pass in which a hook touched something."""
+    return [(t.step, t.positions) for t in state.log]
+
+
+__all__ = [
+    "AddVectors", "DirectionalAblation", "HeadDirections", "HeadShift", "POLICIES", "SteeringError",
+    "SteeringState", "Touch", "head_directions", "positions_touched", "random_head_shift", "random_like",
+    "residual_directions", "steer",
+]

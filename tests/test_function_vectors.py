@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+from mechlie.function_vectors import (
+    add_at_final_position,
+    build_function_vector,
+    final_position,
+    head_aie,
+    head_aie_naive,
+    mean_head_activations,
+)
+from mechlie.metrics import score_logits
+from mechlie.pairs import ContrastPair, PairError, corrupted_fewshot, fewshot_demos, zero_shot_prompt
+from tiny_models import answers, random_batch, tiny_model
+
+PLANTED = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """Head (1, 2) is the only head that writes much, and its patch lowers the truth's logit."""
+    model = tiny_model(n_key_value_heads=2)
+    lying = random_batch(6, 10, seed=1, last_token=7)
+    corrupt = random_batch(5, 10, seed=2, last_token=7)
+    ans = answers(5)
+    with torch.no_grad():
+        for layer in range(model.cfg.n_layers):
+            for head in range(model.cfg.n_heads):
+                if (layer, head) != PLANTED:
+                    model.blocks[layer].attn.W_O[head] *= 0.05
+        means = mean_head_activations(model, lying)
+        zc = final_position(model, corrupt, "z")[:, PLANTED[0], PLANTED[1]]
+        delta = (means.z[PLANTED] - zc).mean(0) @ model.blocks[PLANTED[0]].attn.W_O[PLANTED[1]]
+        # The patch moves the final residual by ~delta: point the truth's unembedding against it.
+        model.unembed.W_U[:, 3] -= 20 * delta / delta.norm() ** 2
+        model.unembed.b_U[3] += 3.0
+        means = mean_head_activations(model, lying)
+    return model, corrupt, ans, means
+
+
+def test_planted_head_has_largest_aie(planted):
+    model, corrupt, ans, means = planted
+    res = head_aie(model, corrupt, ans, means.z, progress=False)
+    aie = res.aie("truth_drop")
+    assert aie.shape == (2, 4)
+    assert aie[PLANTED] > 0.1
+    assert aie.flatten().argmax().item() == PLANTED[0] * 4 + PLANTED[1]
+    assert res.aie("logit_diff_drop").flatten().argmax().item() == PLANTED[0] * 4 + PLANTED[1]
+    fv = build_function_vector(means.head_out, aie, k=2)
+    assert fv.heads[0] == PLANTED
+    assert torch.allclose(fv.vector, means.head_out[fv.heads[0]] + means.head_out[fv.heads[1]])
+
+
+def test_cached_aie_equals_naive_loop(planted):
+    model, corrupt, ans, means = planted
+    fast = head_aie(model, corrupt, ans, means.z, batch_size=2, max_rows=3, progress=False)
+    p_truth, logit_diff = head_aie_naive(model, corrupt, ans, means.z)
+    assert torch.allclose(fast.p_truth.reshape(5, -1), p_truth, atol=1e-5)
+    assert torch.allclose(fast.logit_diff.reshape(5, -1), logit_diff, atol=1e-4)
+    base = score_logits(model(corrupt.tokens)[:, -1], ans)
+    assert torch.allclose(fast.base.p_truth, base.p_truth, atol=1e-5)
+
+
+def test_add_at_final_position_matches_hooked_forward():
+    model = tiny_model(attn_only=False)
+    batch = random_batch(3, 8, seed=3)
+    ans = answers(3)
+    vecs = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    res = add_at_final_position(model, batch, ans, vecs, [0, 1], progress=False)
+    for v in range(2):
+        for j, layer in enumerate([0, 1]):
+
+            def hook(act, hook, v=v):
+                act[:, -1] += vecs[v]
+                return act
+
+            with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_post", hook)]):
+                want = score_logits(model(batch.tokens)[:, -1], ans)
+            assert torch.allclose(res.p_truth[:, v, j], want.p_truth, atol=1e-5)
+    # a zero vector changes nothing
+    zero = add_at_final_position(model, batch, ans, torch.zeros(1, 32), [1], progress=False)
+    assert torch.allclose(zero.delta_p_truth(), torch.zeros(1, 1), atol=1e-6)
+
+
+def _pair():
+    honest = "Q: A?\nA: a\n\nQ: B?\nA: b\n\nQ: C?\nA: c\n\nQ: D?\nA: d\n\nQ: E?\nA:"
+    lying = "Q: A?\nA: x\n\nQ: B?\nA: y\n\nQ: C?\nA: z\n\nQ: D?\nA: w\n\nQ: E?\nA:"
+    return ContrastPair(honest, lying, "e", "v", fact_id="t/E", question="E?")
+
+
+def test_corrupted_fewshot_labels():
+    pair = _pair()
+    demos, q = fewshot_demos(corrupted_fewshot(pair, "mixed"))
+    assert q == "E?" and [d[0] for d in demos] == ["A?", "B?", "C?", "D?"]
+    labels = [a for _, a in demos]
+    assert sum(a in "abcd" for a in labels) == 2 and sum(a in "xyzw" for a in labels) == 2
+    for i, (_, a) in enumerate(demos):  # each label is its own question's true or false answer
+        assert a in ("abcd"[i], "xyzw"[i])
+    demos, _ = fewshot_demos(corrupted_fewshot(pair, "permuted"))
+    labels = [a for _, a in demos]
+    assert sorted(labels) == list("abcd") and all(a != "abcd"[i] for i, a in enumerate(labels))
+    assert zero_shot_prompt(pair) == "Q: E?\nA:"
+    with pytest.raises(PairError):
+        fewshot_demos("<|im_start|>system\nhi")

@@ -1,0 +1,125 @@
+import pandas as pd
+import pytest
+import torch
+from transformer_lens import patching as tlp
+
+from conftest import no_hooks, tiny_model
+from mechlie.metrics import score_logits
+from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
+from mechlie.patching import patch_final_position, patch_runs
+
+QS = ["France", "Spain", "Italy", "Japan", "Peru"]
+ANS = ["Paris", "Madrid", "Rome", "Tokyo", "Lima"]
+
+
+def make_pairs(equal_length: bool = True) -> list[ContrastPair]:
+    pairs = []
+    for i, (q, a) in enumerate(zip(QS, ANS)):
+        extra = "" if equal_length or i % 2 else " you are a liar,"
+        pairs.append(ContrastPair(
+            honest=f"Answer truthfully. Q: What is the capital of {q}?\nA:",
+            lying=f"Answer{extra} lie. Q: What is the capital of {q}?\nA:",
+            truth=a, lie=ANS[(i + 1) % len(ANS)], fact_id=q, relation="custom",
+        ))
+    return pairs
+
+
+def tl_reference(model, pairs, kind, normalize=True):
+    """TransformerLens's own patching on the same inputs, restricted to the final position.
+
+    A random tiny model has a tiny honest-lying gap, which amplifies float noise in the normalized
+    effect; there the raw mean logit difference is compared (``normalize=False``).
+    """
+    answers = answer_set(model.tokenizer, pairs)
+    clean = tokenize(model, [p.honest for p in pairs]).tokens
+    corrupt = tokenize(model, [p.lying for p in pairs]).tokens
+    assert clean.shape == corrupt.shape  # TL's functions take unpadded, equal-length batches
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+        hi = score_logits(model(clean)[:, -1], answers).logit_diff.mean()
+        lo = score_logits(model(corrupt)[:, -1], answers).logit_diff.mean()
+
+    def metric(logits):
+        raw = score_logits(logits[:, -1], answers).logit_diff.mean()
+        return (raw - lo) / (hi - lo) if normalize else raw
+
+    L, H, last = model.cfg.n_layers, model.cfg.n_heads, clean.shape[1] - 1
+    if kind == "z":
+        idx = pd.DataFrame([(l, last, h) for l in range(L) for h in range(H)], columns=["layer", "pos", "head_index"])
+        out = tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_head_vector_patch_setter, "z", index_df=idx)
+        return out.reshape(L, H)
+    idx = pd.DataFrame([(l, last) for l in range(L)], columns=["layer", "pos"])
+    return tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_patch_setter, kind, index_df=idx)
+
+
+@pytest.mark.parametrize("kind", ["z", "resid_pre", "resid_post"])
+def test_equals_transformer_lens_patching(kind):
+    model = tiny_model(seed=3)
+    pairs = make_pairs()
+    ours = patch_final_position(model, pairs, kind, progress=False, batch_size=2, max_rows=5)
+    ref = tl_reference(model, pairs, kind, normalize=False)
+    assert (ours.logit_diff.mean(0) - ref).abs().max() <= 1e-4
+    assert ours.logit_diff.std() > 1e-3  # the patches really differ, so the comparison means something
+    assert no_hooks(model)
+
+
+def test_clean_to_clean_is_one_and_corrupt_to_corrupt_is_zero(tiny):
+    pairs = make_pairs(equal_length=False)
+    answers = answer_set(tiny.tokenizer, pairs)
+    honest, lying = [p.honest for p in pairs], [p.lying for p in pairs]
+    base = patch_final_position(tiny, pairs, "z", progress=False)
+    hi, lo = base.clean, base.corrupt
+    for kind in ("z", "resid_pre"):
+        cc = patch_runs(tiny, honest, honest, answers, kind, progress=False)
+        xx = patch_runs(tiny, lying, lying, answers, kind, progress=False)
+        # Normalized against the honest/lying baselines: patching a run into itself changes nothing.
+        eff_cc = (cc.logit_diff.mean(0) - lo.logit_diff.mean()) / (hi.logit_diff.mean() - lo.logit_diff.mean())
+        eff_xx = (xx.logit_diff.mean(0) - lo.logit_diff.mean()) / (hi.logit_diff.mean() - lo.logit_diff.mean())
+        torch.testing.assert_close(eff_cc, torch.ones_like(eff_cc), atol=1e-4, rtol=0)
+        torch.testing.assert_close(eff_xx, torch.zeros_like(eff_xx), atol=1e-4, rtol=0)
+
+
+def test_last_residual_is_one_and_unequal_lengths_work(tiny):
+    pairs = make_pairs(equal_length=False)
+    post = patch_final_position(tiny, pairs, "resid_post", progress=False).effect()
+    pre = patch_final_position(tiny, pairs, "resid_pre", progress=False).effect()
+    # The last block's output fixes the logits; layer 0's input is the (shared) final token.
+    assert post[-1].item() == pytest.approx(1.0, abs=1e-4)
+    assert pre[0].item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_corrupt_baseline_matches_full_forward(tiny):
+    pairs = make_pairs(equal_length=False)
+    r = patch_final_position(tiny, pairs, "resid_pre", progress=False)
+    b = tokenize(tiny, [p.lying for p in pairs])
+    with torch.no_grad():
+        full = score_logits(tiny(b.tokens, attention_mask=b.attention_mask)[:, -1], answer_set(tiny.tokenizer, pairs))
+    torch.testing.assert_close(r.corrupt.logit_diff, full.logit_diff, atol=1e-4, rtol=1e-4)
+
+
+def test_hooks_removed_after_exception(tiny, monkeypatch):
+    import mechlie.patching as P
+
+    calls = {"n": 0}
+    real = P.score_logits
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(P, "score_logits", flaky)
+    with pytest.raises(RuntimeError):
+        patch_final_position(tiny, make_pairs(), "z", progress=False)
+    assert no_hooks(tiny)
+
+
+def test_bad_input(tiny):
+    pairs = make_pairs()
+    with pytest.raises(PairError):
+        patch_final_position(tiny, [], "z", progress=False)
+    with pytest.raises(PairError):
+        patch_runs(tiny, [pairs[0].honest], [], answer_set(tiny.tokenizer, pairs[:1]), progress=False)
+    with pytest.raises(ValueError):
+        patch_final_position(tiny, pairs, "nope", progress=False)

@@ -150,18 +150,23 @@ def head_aie(
     answers: AnswerSet,
     mean_z: Float[Tensor, "layer head d_head"],
     *,
+    heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 16,
     max_rows: int = 512,
     progress: bool = True,
 ) -> HeadAIE:
-    """Patch each head's ``mean_z`` into every corrupted prompt's final position (KV-cached)."""
+    """Patch each head's ``mean_z`` into every corrupted prompt's final position (KV-cached).
+
+    ``heads`` restricts the sweep to some (layer, head)s (for benchmarks); the others are NaN.
+    """
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    comps = _all_heads(model)
+    comps = _all_heads(model) if heads is None else torch.tensor([tuple(h) for h in heads], dtype=torch.long).reshape(-1, 2)
     n = corrupt.tokens.shape[0]
     p_truth = torch.empty((n, len(comps)))
     logit_diff = torch.empty((n, len(comps)))
     base = torch.empty((n, model.cfg.d_vocab))
     values = mean_z.to(model.cfg.device)
+    flat = comps[:, 0] * H + comps[:, 1]
     bar = tqdm(total=n, desc="head AIE", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
         b = _sub(corrupt, slice(s, s + batch_size))
@@ -177,7 +182,9 @@ def head_aie(
                 logit_diff[i, c0 : c0 + len(chunk)] = sc.logit_diff.cpu()
             bar.update(1)
     bar.close()
-    return HeadAIE(p_truth.reshape(n, L, H), logit_diff.reshape(n, L, H), score_logits(base, answers))
+    full_p, full_ld = torch.full((n, L * H), float("nan")), torch.full((n, L * H), float("nan"))
+    full_p[:, flat], full_ld[:, flat] = p_truth, logit_diff
+    return HeadAIE(full_p.reshape(n, L, H), full_ld.reshape(n, L, H), score_logits(base, answers))
 
 
 @torch.no_grad()
@@ -321,6 +328,10 @@ class FVExperiment:
     lying_minus: SteerResult  # lying prompts - vector
     layer: int  # the layer reported as the headline
 
+    def at(self, result: SteerResult, layer: int | None = None) -> Float[Tensor, " v"]:
+        """ΔP(truth) of each vector at ``layer`` (default: the headline layer)."""
+        return result.delta_p_truth()[:, result.layers.index(self.layer if layer is None else layer)]
+
     def cosine_fv_dom(self) -> Float[Tensor, " layer"]:
         return torch.nn.functional.cosine_similarity(self.fv.vector[None].float(), self.dom.float(), dim=-1)
 
@@ -350,6 +361,7 @@ def run_function_vector(
     *,
     k: int = 10,
     layer: int | None = None,
+    layers: Sequence[int] | None = None,
     corrupt_mode: Literal["mixed", "permuted"] = "mixed",
     metric: str = "truth_drop",
     n_random: int = 3,
@@ -360,7 +372,8 @@ def run_function_vector(
     """Heads, AIE, FV and diff-of-means on ``train``; every intervention measured on ``test``.
 
     ``layer`` (default ``n_layers // 3``, the early-middle layers where Todd et al. found FVs act)
-    is only the headline; the interventions are measured at every layer.
+    is only the headline; the interventions are measured at every layer of ``layers`` (default:
+    all), which always includes ``layer``.
     """
     if not train or not test:
         raise PairError("need training and test pairs")
@@ -370,6 +383,7 @@ def run_function_vector(
     layer = L // 3 if layer is None else layer
     if not 0 <= layer < L:
         raise ValueError(f"layer must be in [0, {L}), got {layer}")
+    layers = sorted(set(range(L) if layers is None else layers) | {layer})
     tok = model.tokenizer
     tr_ans, te_ans = answer_set(tok, train), answer_set(tok, test)
 
@@ -387,7 +401,7 @@ def run_function_vector(
     gen = torch.Generator().manual_seed(seed)
     rand = torch.randn((n_random, model.cfg.d_model), generator=gen)
     rand = rand / rand.norm(dim=-1, keepdim=True)
-    stack = _vector_stack(fv.vector.cpu().float(), dom, rand)
+    stack = _vector_stack(fv.vector.cpu().float(), dom[layers], rand)
     kw = dict(batch_size=batch_size, progress=progress)
     runs = {}
     for name, prompts, sign in (
@@ -395,6 +409,6 @@ def run_function_vector(
         ("zero_shot_plus", [zero_shot_prompt(p) for p in test], 1.0),
         ("lying_minus", [p.lying for p in test], -1.0),
     ):
-        r = add_at_final_position(model, tokenize(model, prompts), te_ans, sign * stack, range(L), desc=name, **kw)
+        r = add_at_final_position(model, tokenize(model, prompts), te_ans, sign * stack, layers, desc=name, **kw)
         runs[name] = _collapse_random(r)
     return FVExperiment(means, aie, fv, dom, rand, layer=layer, **runs)

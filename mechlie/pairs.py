@@ -169,15 +169,19 @@ class Batch:
 def tokenize(model, prompts: Sequence[str], device: str | torch.device | None = None) -> Batch:
     """Tokenize like the HF tokenizer does, pad on the left, and check the context length.
 
-    A BOS token is added iff the tokenizer adds one by itself and the text (e.g. a chat template)
-    does not already start with it.
+    A BOS token is prepended iff ``model.cfg.default_prepend_bos`` (mechlie's loader sets it to
+    whether the HF tokenizer adds one) and the text (e.g. a chat template) does not already start
+    with it. TransformerLens's wrapped tokenizer always adds BOS itself, so it is not trusted to.
     """
     if len(prompts) == 0:
         raise PairError("no prompts to tokenize")
     tok = model.tokenizer
     bos = tok.bos_token
+    add_bos = bool(model.cfg.default_prepend_bos) and tok.bos_token_id is not None
     rows = [
-        tok.encode(p, add_special_tokens=not (bos and p.startswith(bos))) for p in prompts
+        ([tok.bos_token_id] if add_bos and not (bos and p.startswith(bos)) else [])
+        + tok.encode(p, add_special_tokens=False)
+        for p in prompts
     ]
     n_ctx = model.cfg.n_ctx
     for p, r in zip(prompts, rows):

@@ -18,7 +18,8 @@ Three interventions, each a small frozen dataclass, applied with :func:`steer` (
   and to every write into the stream, ``blocks.l.hook_attn_out`` and ``blocks.l.hook_mlp_out``;
   ``resid_mid``, ``resid_post`` and the input of the unembedding then carry no component along ``u``
   either. ``where="resid"`` instead projects ``blocks.0.hook_resid_pre`` and every
-  ``blocks.l.hook_resid_post`` (the same guarantee on the residual stream, reached differently).
+  ``blocks.l.hook_resid_post``: the block inputs and outputs and the unembedding input are clean,
+  but ``resid_mid`` (clean ``resid_pre`` plus the raw ``attn_out``) is not.
 
 Sign convention: directions point honest -> lying, so a negative ``alpha`` pushes toward honesty.
 

@@ -141,3 +141,16 @@ def test_bad_generation_arguments():
         generate(model, [], max_new_tokens=2)
     with pytest.raises(GenerationError):
         generate(model, b, interventions=[AddVectors({0: torch.ones(32)}, 1.0)], state=SteeringState())
+
+
+def test_string_prompts_and_stop_strings(tiny):
+    prompts = ["Q What is the capital of France ? A :", "Q Spain ?"]
+    out = generate(tiny, prompts, max_new_tokens=5, eos_token_id=None)
+    for i, p in enumerate(prompts):
+        single = generate(tiny, [p], max_new_tokens=5, eos_token_id=None)
+        assert torch.equal(out.tokens[i], single.tokens[0])
+        assert out.texts[i] == single.texts[0]
+    first = out.texts[0].split()[1] if len(out.texts[0].split()) > 1 else out.texts[0].split()[0]
+    stopped = generate(tiny, prompts[:1], max_new_tokens=5, eos_token_id=None, stop_strings=[first])
+    assert stopped.stop_reason[0] == "stop_string"
+    assert first not in stopped.texts[0]

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+
+from mechlie.io import atomic_write_json, ensure_writable_dir, OutputDirError
+from mechlie.pairs import (
+    RELATIONS, AnswerTokenError, ContrastPair, PairError, PromptTooLongError, answer_set, answer_token_ids,
+    build_pairs, load_builtin, load_pairs_file, pairs_from_dataset, tokenize,
+)
+
+
+def test_builtin_has_enough_facts_and_formats_differ_only_in_framing(tiny):
+    from mechlie.pairs import _facts
+
+    facts = _facts()
+    assert set(RELATIONS) <= set(facts) and len(RELATIONS) >= 4
+    assert sum(len(facts[r]["facts"]) for r in RELATIONS) >= 150
+    for fmt in ("instruct", "fewshot", "both"):
+        pairs = build_pairs("capitals", fmt)
+        for p in pairs:
+            assert p.honest != p.lying and p.truth != p.lie
+            # the question itself is the same and is the last thing asked
+            assert p.honest.endswith(f"Q: {p.question}\nA:") and p.lying.endswith(f"Q: {p.question}\nA:")
+            if fmt == "fewshot":
+                assert "truth" not in p.lying.lower() and "lie" not in p.honest.lower()
+                # same demo questions, different answers
+                hq = [l for l in p.honest.splitlines() if l.startswith("Q:")]
+                lq = [l for l in p.lying.splitlines() if l.startswith("Q:")]
+                assert hq == lq and len(hq) == 5
+
+
+def test_demo_facts_are_never_targets():
+    pairs = build_pairs("capitals", "fewshot", n_demo_facts=8)
+    targets = {p.question for p in pairs}
+    for p in pairs:
+        demo_qs = {l[3:] for l in p.honest.splitlines() if l.startswith("Q:")} - {p.question}
+        assert not (demo_qs & targets)
+
+
+def test_answer_variants_and_multitoken(tiny):
+    tok = tiny.tokenizer
+    assert answer_token_ids(tok, "Paris") == [tok.convert_tokens_to_ids("Paris")]
+    with pytest.raises(AnswerTokenError, match="not a single token"):
+        answer_token_ids(tok, "Paris Rome")
+
+
+def test_answer_variants_real_tokenizer(smol):
+    ids = answer_token_ids(smol.tokenizer, "Paris")
+    assert len(ids) == 2  # " Paris" and "Paris" are both single tokens, and different ones
+    assert [smol.tokenizer.decode([i]) for i in ids] == [" Paris", "Paris"]
+
+
+def test_left_padding_and_context_length(tiny):
+    b = tokenize(tiny, ["Q: hot?\nA:", "Q: What is the capital of France?\nA:"])
+    assert b.tokens.shape == b.attention_mask.shape
+    assert b.attention_mask[0, 0] == 0 and b.attention_mask[:, -1].all()
+    assert b.lengths.tolist() == [6, 11]
+    with pytest.raises(PromptTooLongError, match="exceeds the model context"):
+        tokenize(tiny, ["hot " * 100])
+    with pytest.raises(PairError):
+        tokenize(tiny, [])
+
+
+def test_mismatched_or_empty_pairs():
+    with pytest.raises(PairError):
+        ContrastPair(honest="", lying="x", truth="Paris")
+    with pytest.raises(PairError):
+        ContrastPair(honest="same", lying="same", truth="Paris")
+    with pytest.raises(PairError):
+        ContrastPair(honest="a", lying="b", truth="Paris", lie="Paris")
+
+
+def test_load_csv_jsonl_and_dataset(tmp_path, tiny):
+    rows = [
+        {"honest": "Answer truthfully. Q: France?\nA:", "lying": "Lie. Q: France?\nA:", "truth": "Paris", "lie": "Rome"},
+        {"honest": "Answer truthfully. Q: Spain?\nA:", "lying": "Lie. Q: Spain?\nA:", "truth": "Madrid", "lie": "Lima"},
+    ]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    import csv
+
+    with open(tmp_path / "p.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    a = load_pairs_file(tmp_path / "p.jsonl", tokenizer=tiny.tokenizer)
+    b = load_pairs_file(tmp_path / "p.csv", tokenizer=tiny.tokenizer)
+    import datasets
+
+    c = pairs_from_dataset(datasets.Dataset.from_list(rows), tokenizer=tiny.tokenizer)
+    assert a == b == c and len(a) == 2 and a[1].truth == "Madrid"
+    s = answer_set(tiny.tokenizer, a)
+    assert s.truth.shape[0] == 2
+
+    bad = rows + [{"honest": "x", "lying": "y", "truth": "Paris Rome", "lie": "Rome"}]
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
+    with pytest.raises(AnswerTokenError, match="record 2"):
+        load_pairs_file(tmp_path / "bad.jsonl", tokenizer=tiny.tokenizer)
+    assert len(load_pairs_file(tmp_path / "bad.jsonl", tokenizer=tiny.tokenizer, on_multitoken="drop")) == 2
+    (tmp_path / "missing.jsonl").write_text(json.dumps({"honest": "x", "truth": "Paris"}) + "\n")
+    with pytest.raises(PairError, match="missing"):
+        load_pairs_file(tmp_path / "missing.jsonl")
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "r.json"
+    atomic_write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        atomic_write_json(path, {"a": object()})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp file left behind
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    with pytest.raises(OutputDirError, match="not writable"):
+        ensure_writable_dir(blocker / "sub")
+    assert blocker.read_text() == "keep me"

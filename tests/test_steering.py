@@ -1,0 +1,159 @@
+"""Steering, ITI head shifts and directional ablation on tiny random models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from mechlie.steering import (
+    AddVectors, DirectionalAblation, HeadShift, SteeringError, head_directions, random_head_shift,
+    random_like, residual_directions, steer,
+)
+
+
+def tiny_model(normalization: str | None = "LN", attn_only: bool = False) -> HookedTransformer:
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
+        act_fn="gelu", normalization_type=normalization, attn_only=attn_only,
+        positional_embedding_type="rotary", seed=0,
+    )
+    m = HookedTransformer(cfg)
+    m.eval()
+    return m
+
+
+TOKENS = torch.tensor([[1, 5, 9, 13, 2, 7], [4, 4, 8, 30, 11, 3]])
+
+
+def no_hooks_left(model) -> bool:
+    return all(len(hp.fwd_hooks) == 0 for hp in model.hook_dict.values())
+
+
+@torch.no_grad()
+def test_alpha_zero_equals_unsteered_exactly():
+    model = tiny_model()
+    clean = model(TOKENS)
+    with steer(model, AddVectors({0: torch.randn(32), 2: torch.randn(32)}, 0.0)):
+        assert torch.equal(model(TOKENS), clean)
+    shift = HeadShift(((1, 2), (0, 0)), torch.randn(2, 8), torch.ones(2), 0.0)
+    with steer(model, shift):
+        assert torch.equal(model(TOKENS), clean)
+    assert no_hooks_left(model)
+
+
+@torch.no_grad()
+def test_planted_direction_moves_linear_readout_by_alpha_d_dot_w():
+    # No final normalization: logits = resid_post[last] @ W_U + b_U, a linear readout.
+    model = tiny_model(normalization=None, attn_only=True)
+    d = torch.randn(32, generator=torch.Generator().manual_seed(0))
+    alpha, tok = 2.5, 17
+    clean = model(TOKENS)
+    with steer(model, AddVectors({model.cfg.n_layers - 1: d}, alpha)):
+        steered = model(TOKENS)
+    expected = alpha * (d @ model.W_U[:, tok])
+    torch.testing.assert_close(steered[..., tok] - clean[..., tok], expected.expand(2, 6), atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_head_shift_moves_head_write_by_alpha_sigma_u_WO():
+    model = tiny_model()
+    u = torch.nn.functional.normalize(torch.randn(1, 8), dim=-1)
+    sigma, alpha = torch.tensor([0.7]), 3.0
+    _, clean = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_attn_out")
+    with steer(model, HeadShift(((1, 2),), u, sigma, alpha)):
+        _, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_attn_out")
+    delta = cache["blocks.1.hook_attn_out"] - clean["blocks.1.hook_attn_out"]
+    expected = alpha * sigma * (u[0] @ model.W_O[1, 2])
+    torch.testing.assert_close(delta, expected.expand_as(delta), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["writes", "resid"])
+@torch.no_grad()
+def test_ablation_leaves_no_component(where):
+    model = tiny_model()
+    d = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 5
+    u = d / d.norm()
+    names = lambda n: n.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"))
+    _, clean = model.run_with_cache(TOKENS, names_filter=names)
+    assert max((clean[k] @ u).abs().max().item() for k in clean.keys()) > 1e-2  # there was something to remove
+    with steer(model, DirectionalAblation(d, where=where)):
+        _, cache = model.run_with_cache(TOKENS, names_filter=names)
+    # "resid" cleans resid_pre/resid_post only (resid_mid = clean resid_pre + raw attn_out)
+    checked = [k for k in cache.keys() if k.endswith(("resid_pre", "resid_post"))] if where == "resid" else list(cache.keys())
+    worst = max((cache[k] @ u).abs().max().item() for k in checked)
+    assert worst <= 1e-5
+
+
+def test_hooks_removed_after_exception():
+    model = tiny_model()
+    clean = model(TOKENS)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, AddVectors({1: torch.ones(32)}, 2.0), DirectionalAblation(torch.ones(32))):
+            model(TOKENS)
+            raise RuntimeError("boom")
+    assert no_hooks_left(model)
+    assert torch.equal(model(TOKENS), clean)
+
+
+def test_nested_contexts_keep_outer_hooks():
+    model = tiny_model()
+    with steer(model, AddVectors({1: torch.ones(32)}, 2.0)):
+        outer = model(TOKENS)
+        with steer(model, AddVectors({0: torch.ones(32)}, 0.0)):
+            pass
+        assert torch.equal(model(TOKENS), outer)
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AddVectors({0: torch.ones(31)}, 1.0),  # wrong dimension
+        lambda: AddVectors({3: torch.ones(32)}, 1.0),  # layer out of range
+        lambda: AddVectors({-1: torch.ones(32)}, 1.0),
+        lambda: AddVectors({0: torch.ones(32)}, math.nan),  # alpha not finite
+        lambda: AddVectors({0: torch.ones(32)}, math.inf),
+        lambda: AddVectors({}, 1.0),
+        lambda: AddVectors({0: torch.ones(32)}, 1.0, policy="sometimes"),
+        lambda: AddVectors({0: torch.full((32,), math.nan)}, 1.0),
+        lambda: HeadShift(((0, 4),), torch.ones(1, 8), torch.ones(1), 1.0),  # head out of range
+        lambda: HeadShift(((0, 1),), torch.ones(1, 7), torch.ones(1), 1.0),
+        lambda: DirectionalAblation(torch.zeros(32)),
+        lambda: DirectionalAblation(torch.ones(16)),
+    ],
+)
+def test_bad_inputs_raise_steering_error(make):
+    model = tiny_model()
+    with pytest.raises(SteeringError):
+        with steer(model, make()):
+            pass
+    assert no_hooks_left(model)
+    assert issubclass(SteeringError, ValueError)
+
+
+def test_directions_recover_planted_signal():
+    g = torch.Generator().manual_seed(0)
+    n, L, H, dh, d = 200, 2, 3, 8, 16
+    planted = torch.nn.functional.normalize(torch.randn(dh, generator=g), dim=0)
+    honest = torch.randn(n, L, H, dh, generator=g)
+    lying = torch.randn(n, L, H, dh, generator=g)
+    lying[:, 1, 2] += 5 * planted  # only head (1, 2) carries the framing
+    train = list(range(150))
+    hd = head_directions(honest, lying, train)
+    assert torch.nn.functional.cosine_similarity(hd.units[1, 2], planted, dim=0) > 0.95
+    shift = hd.top(1, alpha=1.0)
+    assert shift.heads == ((1, 2),)
+    rnd = random_head_shift(shift, seed=1)
+    torch.testing.assert_close(rnd.units.norm(dim=-1), torch.ones(1))
+    # residual: planted direction, and the held-out rows are never used
+    resid_planted = torch.randn(d, generator=g)
+    h = torch.randn(n, L, d, generator=g)
+    li = h.clone() + resid_planted
+    li[150:] += 1000.0
+    dirs = residual_directions(h, li, train)
+    torch.testing.assert_close(dirs, resid_planted.expand(L, d))
+    r = random_like(dirs, seed=0)
+    torch.testing.assert_close(r.norm(dim=-1), dirs.norm(dim=-1))

@@ -85,21 +85,18 @@ def main(cfg: Config) -> dict:
     layer = ex.layer
     cos = ex.cosine_fv_dom()
 
-    def at(r):
-        d = ex.at(r)
-        return {name: float(d[v]) for v, name in enumerate(VECTOR_NAMES)}
-
     interventions = {
         name: {
             "base_p_truth": float(r.base.p_truth.mean()),
-            "delta_p_truth": at(r),
+            "delta_p_truth": ex.effects(r),
+            "delta_p_truth_by_layer": {l: ex.effects(r, l) for l in r.layers},
             "best_layer_fv": r.layers[int(r.delta_p_truth()[0].abs().argmax())],
         }
         for name, r in (("honest_plus", ex.honest_plus), ("zero_shot_plus", ex.zero_shot_plus), ("lying_minus", ex.lying_minus))
     }
     gap = ex.honest_plus.base.p_truth.mean() - ex.lying_minus.base.p_truth.mean()
     interventions["lying_minus"]["truth_recovered_fraction"] = {
-        k: v / float(gap) for k, v in interventions["lying_minus"]["delta_p_truth"].items()
+        k: v / float(gap) for k, v in interventions["lying_minus"]["delta_p_truth"].items() if k in ("fv", "diff_of_means", "random_mean")
     }
     summary = {
         "model": model.cfg.model_name,
@@ -119,8 +116,9 @@ def main(cfg: Config) -> dict:
         "cosine_fv_vs_diff_of_means": float(cos[layer]),
         "cosine_fv_vs_diff_of_means_by_layer": cos.tolist(),
         "interventions_at_layer": interventions,
-        "note": "delta_p_truth: mean over test prompts of P(truth) with the vector minus without; vectors at the FV's norm; "
-        "'random' is the mean over n_random Gaussian directions.",
+        "note": "delta_p_truth: mean over test prompts of P(truth) with the vector minus without, the vector added to "
+        "blocks.L.hook_resid_post at the final position (subtracted for lying_minus); every vector at the FV's norm; "
+        "random_*: over n_random Gaussian directions (mean of signed effects, mean and max of |effect|).",
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_torch_save(
@@ -146,8 +144,10 @@ def main(cfg: Config) -> dict:
     layers = list(ex.honest_plus.layers)
     for name in ("honest_plus", "zero_shot_plus", "lying_minus"):
         d = getattr(ex, name).delta_p_truth()
+        series = {v: d[i] for i, v in enumerate(VECTOR_NAMES)}
+        series["random (mean |ΔP|)"] = d[len(VECTOR_NAMES) :].abs().mean(0)
         figs[name] = save_figure(
-            lines(layers, {v: d[i] for i, v in enumerate(VECTOR_NAMES)}, f"{name}: ΔP(truth) by layer (equal norm)", y_label="ΔP(truth)"),
+            lines(layers, series, f"{name}: ΔP(truth) by layer (equal norm)", y_label="ΔP(truth)"),
             out / f"{name}_by_layer",
         )
 
@@ -160,9 +160,10 @@ def main(cfg: Config) -> dict:
     print(f"overlap: {summary['top_k_overlap_aie_vs_patching']}/{cfg.k}")
     print(f"FV norm {summary['fv_norm']:.2f}; cosine(FV, diff of means) at layer {layer}: {summary['cosine_fv_vs_diff_of_means']:+.3f}")
     for name, r in interventions.items():
-        d = r["delta_p_truth"]
-        print(f"  {name:15s} base P(truth) {r['base_p_truth']:.3f}  ΔP(truth): FV {d['fv']:+.4f}  "
-              f"diff-of-means {d['diff_of_means']:+.4f}  random {d['random']:+.4f}  (FV best layer {r['best_layer_fv']})")
+        print(f"  {name} (base P(truth) {r['base_p_truth']:.3f}), ΔP(truth) by layer:")
+        for l, d in r["delta_p_truth_by_layer"].items():
+            print(f"    L{l:>2}{'*' if l == layer else ' '} FV {d['fv']:+.3f}  diff-of-means {d['diff_of_means']:+.3f}  "
+                  f"random mean {d['random_mean']:+.3f} (|.| {d['random_mean_abs']:.3f}, max {d['random_max_abs']:.3f})")
     print(f"\nwrote {out}/config.json, summary.json, tensors.pt and figures:")
     for k, v in figs.items():
         print(f"  {k}: {v['html']}" + (f", {v['png']}" if v["png"] else ""))

@@ -1,6 +1,6 @@
 """Exact vs. attribution patching, residual patching by position x layer, and component ranking.
 
-    HF_HUB_OFFLINE=1 python analyses/patching_sweep.py [--n-per-relation 2] [--layer-stride 3] [--n-positions 16]
+    HF_HUB_OFFLINE=1 python analyses/patching_sweep.py [--n-per-relation 1] [--layer-stride 5] [--n-positions 12]
 
 Honest prompts are clean, lying prompts corrupt (few-shot format). Writes
 results/patching_sweep/<run>/{config.json, summary.json, tensors.pt, *.html, *.png}.
@@ -32,10 +32,10 @@ class Config:
     model: str = DEFAULT_MODEL
     dataset: str = "all"
     fmt: str = "fewshot"
-    n_per_relation: int = 2
+    n_per_relation: int = 1  # 4 pairs with dataset 'all'
     metric: str = "logit_diff"
-    layer_stride: int = 3  # position patching: every layer_stride-th layer (1 = all)
-    n_positions: int = 16  # position patching: the last n positions (0 = all common positions)
+    layer_stride: int = 5  # position patching: every layer_stride-th layer (1 = all)
+    n_positions: int = 12  # position patching: the last n positions (0 = all common positions)
     top_k: int = 10
     batch_size: int = 8
     out_dir: str = "results/patching_sweep"

@@ -32,7 +32,7 @@ class Config:
     n_per_relation: int = 17  # 68 pairs: 20 held-out facts at test_frac 0.3
     test_frac: float = 0.3
     seed: int = 0
-    layer_fracs: tuple[float, ...] = (0.25, 0.4, 0.55)  # sweep layers, as fractions of n_layers
+    layer_fracs: tuple[float, ...] = (0.25, 0.45)  # sweep layers, as fractions of n_layers
     layers: tuple[int, ...] = ()  # explicit sweep layers (override layer_fracs)
     strengths: tuple[float, ...] = (0.5, 1.0, 2.0)  # |alpha| for resid / fv (x diff-of-means)
     iti_k: int = 16
@@ -40,6 +40,8 @@ class Config:
     kinds: tuple[str, ...] = ("resid", "iti", "ablation")
     fv: bool = False  # also the function vector (needs mechlie.function_vectors)
     kl_budget: float = 0.1
+    sweep_controls: bool = True  # random directions at every sweep point (else only at the chosen ones)
+    n_neutral: int = 40  # neutral lines for the chosen points' side effects (sweeps use the first 16)
     demo_kind: str = ""  # "" = the resid point chosen by the sweep
     demo_layer: int = -1
     demo_alpha: float = float("nan")  # signed; negative = toward honesty
@@ -76,6 +78,8 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--n-demo", type=int, default=d.n_demo)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--n-boot", type=int, default=d.n_boot)
+    p.add_argument("--n-neutral", type=int, default=d.n_neutral)
+    p.add_argument("--no-sweep-controls", dest="sweep_controls", action="store_false")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out-dir", default=d.out_dir)
     p.add_argument("--run", default=d.run)
@@ -95,7 +99,7 @@ def main(cfg: Config) -> Path:
     L = model.cfg.n_layers
     layers = cfg.layers or tuple(sorted({min(L - 1, round(f * L)) for f in cfg.layer_fracs}))
     pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation)
-    data = se.prepare(model, pairs, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size)
+    data = se.prepare(model, pairs, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size, n_neutral=cfg.n_neutral)
     base = se.baseline_summary(data, n_boot=cfg.n_boot, seed=cfg.seed)
     print(f"baseline on {base['n_test_facts']} held-out facts: P(truth) honest {base['p_truth_honest']}, lying {base['p_truth_lying']}")
 
@@ -106,7 +110,8 @@ def main(cfg: Config) -> Path:
         if fv_status is not None:
             print(f"function vector unavailable ({fv_status}); skipping that kind")
             kinds.remove("fv")
-    points = se.sweep(model, data, kinds=kinds, layers=layers, strengths=cfg.strengths, iti_strengths=cfg.iti_strengths, k=cfg.iti_k)
+    points = se.sweep(model, data, kinds=kinds, layers=layers, strengths=cfg.strengths, iti_strengths=cfg.iti_strengths, k=cfg.iti_k, controls=cfg.sweep_controls)
+    atomic_write_json(out / "sweep.json", {"baseline": base, "sweep": points})  # kept even if a later step fails
 
     chosen, evals = {}, {}
     for kind in kinds:
@@ -121,7 +126,7 @@ def main(cfg: Config) -> Path:
     for kind in kinds:
         if kind in ("resid",):
             for metric in ("p_truth", "kl"):
-                for control in (False, True):
+                for control in ((False, True) if cfg.sweep_controls else (False,)):
                     name = f"{kind}{'_random' if control else ''}_{metric}"
                     figures[name] = save_figure(se.dose_heatmap(points, kind, metric, control=control), out / name)
     figures["frontier"] = save_figure(se.frontier_figure(points), out / "frontier")

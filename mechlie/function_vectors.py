@@ -109,7 +109,8 @@ class HeadMeans:
 
 def mean_head_activations(model, batch: Batch, *, batch_size: int = 16) -> HeadMeans:
     z = final_position(model, batch, "z", batch_size=batch_size).mean(0)
-    return HeadMeans(z, head_out_from_z(model, z[None])[0])
+    with torch.no_grad():
+        return HeadMeans(z, head_out_from_z(model, z[None])[0].detach())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +312,7 @@ def add_at_final_position(
 # the whole experiment on pairs
 
 
-VECTOR_NAMES = ("fv", "diff_of_means", "random")
+VECTOR_NAMES = ("fv", "diff_of_means")  # then the random directions, random_0 .. random_{r-1}
 
 
 @dataclass(frozen=True)
@@ -321,16 +322,20 @@ class FVExperiment:
     fv: FunctionVector
     dom: Float[Tensor, "layer d_model"]  # diff of means of resid_post, honest -> lying (training pairs)
     random: Float[Tensor, "r d_model"]  # unit random directions (seeded)
-    # held-out pairs, vectors in VECTOR_NAMES order ("random" = mean over the random directions),
-    # each at the FV's norm, at every layer:
+    # held-out pairs; vectors: VECTOR_NAMES, then each random direction; all at the FV's norm:
     honest_plus: SteerResult  # honest prompts + vector
     zero_shot_plus: SteerResult  # "Q: ...\nA:" + vector
     lying_minus: SteerResult  # lying prompts - vector
     layer: int  # the layer reported as the headline
 
-    def at(self, result: SteerResult, layer: int | None = None) -> Float[Tensor, " v"]:
-        """ΔP(truth) of each vector at ``layer`` (default: the headline layer)."""
-        return result.delta_p_truth()[:, result.layers.index(self.layer if layer is None else layer)]
+    def effects(self, result: SteerResult, layer: int | None = None) -> dict[str, float]:
+        """Mean ΔP(truth) at ``layer`` (default: the headline layer) of the FV, the rescaled
+        diff of means, and the random directions: their mean, mean |ΔP| and max |ΔP|."""
+        d = result.delta_p_truth()[:, result.layers.index(self.layer if layer is None else layer)]
+        rand = d[len(VECTOR_NAMES) :]
+        out = {name: float(d[i]) for i, name in enumerate(VECTOR_NAMES)}
+        out.update(random_mean=float(rand.mean()), random_mean_abs=float(rand.abs().mean()), random_max_abs=float(rand.abs().max()))
+        return out
 
     def cosine_fv_dom(self) -> Float[Tensor, " layer"]:
         return torch.nn.functional.cosine_similarity(self.fv.vector[None].float(), self.dom.float(), dim=-1)
@@ -344,14 +349,6 @@ def _vector_stack(fv: Tensor, dom: Tensor, rand: Tensor) -> Float[Tensor, "v lay
     dom_l = dom / dom.norm(dim=-1, keepdim=True).clamp_min(1e-12) * norm
     rand_l = (rand * norm)[:, None].expand(-1, L, -1)
     return torch.cat([fv_l[None], dom_l[None], rand_l])
-
-
-def _collapse_random(r: SteerResult) -> SteerResult:
-    """Keep fv and dom rows and average the random directions into one "random" row."""
-    keep = 2
-    p = torch.cat([r.p_truth[:, :keep], r.p_truth[:, keep:].mean(1, keepdim=True)], 1)
-    ld = torch.cat([r.logit_diff[:, :keep], r.logit_diff[:, keep:].mean(1, keepdim=True)], 1)
-    return SteerResult(p, ld, r.base, r.layers)
 
 
 def run_function_vector(
@@ -410,5 +407,5 @@ def run_function_vector(
         ("lying_minus", [p.lying for p in test], -1.0),
     ):
         r = add_at_final_position(model, tokenize(model, prompts), te_ans, sign * stack, layers, desc=name, **kw)
-        runs[name] = _collapse_random(r)
+        runs[name] = r
     return FVExperiment(means, aie, fv, dom, rand, layer=layer, **runs)

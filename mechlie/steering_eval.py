@@ -169,11 +169,12 @@ class SteeringData:
 
 def prepare(
     model, pairs: Sequence[ContrastPair], *, test_frac: float = 0.3, seed: int = 0, batch_size: int = 16,
-    n_neutral_sweep: int = 16, progress: bool = True,
+    n_neutral: int | None = None, n_neutral_sweep: int = 16, progress: bool = True,
 ) -> SteeringData:
     """Split by fact, fit the directions on the training facts, and score the unsteered baselines.
 
-    Sweeps measure KL on the first ``n_neutral_sweep`` neutral lines (cost); :func:`evaluate` on all.
+    Sweeps measure KL on the first ``n_neutral_sweep`` neutral lines (cost); :func:`evaluate` on the
+    first ``n_neutral`` (default: all).
     """
     if len(pairs) == 0:
         raise PairError("no pairs")
@@ -189,7 +190,7 @@ def prepare(
         train=train, test=test, answers=answers,
         honest=batches(model, [p.honest for p in test], batch_size),
         lying=batches(model, [p.lying for p in test], batch_size),
-        neutral=batches(model, neutral_lines(), batch_size),
+        neutral=batches(model, neutral_lines()[:n_neutral], batch_size),
         resid_dirs=residual_directions(h["resid_post"], li["resid_post"], rows),
         heads=head_directions(h["z"], li["z"], rows),
         base_honest=None, base_lying=None, clean_neutral=[],  # type: ignore[arg-type]
@@ -197,8 +198,11 @@ def prepare(
     data.base_honest = score_logits(last_logits(model, data.honest), answers)
     data.base_lying = score_logits(last_logits(model, data.lying), answers)
     data.clean_neutral = token_logprobs(model, data.neutral)
-    data.neutral_sweep = batches(model, neutral_lines()[:n_neutral_sweep], batch_size)
-    data.clean_neutral_sweep = token_logprobs(model, data.neutral_sweep)
+    if n_neutral is not None and n_neutral <= n_neutral_sweep:  # the same lines: reuse
+        data.neutral_sweep, data.clean_neutral_sweep = data.neutral, data.clean_neutral
+    else:
+        data.neutral_sweep = batches(model, neutral_lines()[:n_neutral_sweep], batch_size)
+        data.clean_neutral_sweep = token_logprobs(model, data.neutral_sweep)
     return data
 
 
@@ -286,9 +290,9 @@ def sweep_point(model, data: SteeringData, kind: str, layer: int, strength: floa
 
 def sweep(
     model, data: SteeringData, *, kinds: Sequence[str], layers: Sequence[int], strengths: Sequence[float],
-    iti_strengths: Sequence[float], k: int = 16, progress: bool = True,
+    iti_strengths: Sequence[float], k: int = 16, controls: bool = True, progress: bool = True,
 ) -> list[SweepPoint]:
-    """Dose-response grid: per kind (and its random control), layers x strengths."""
+    """Dose-response grid: per kind (and, with ``controls``, its random control), layers x strengths."""
     jobs = []
     for kind in kinds:
         if kind == "iti":
@@ -299,7 +303,7 @@ def sweep(
             grid = [(data.fv_layer, a) for a in strengths]
         else:
             grid = [(l, a) for l in layers for a in strengths]
-        jobs += [(kind, l, a, c) for c in (False, True) for l, a in grid]
+        jobs += [(kind, l, a, c) for c in ((False, True) if controls else (False,)) for l, a in grid]
     out = []
     for kind, l, a, c in tqdm(jobs, desc="sweep", disable=not progress):
         out.append(sweep_point(model, data, kind, l, a, k=k, control=c))

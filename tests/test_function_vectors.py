@@ -102,3 +102,61 @@ def test_corrupted_fewshot_labels():
     assert zero_shot_prompt(pair) == "Q: E?\nA:"
     with pytest.raises(PairError):
         fewshot_demos("<|im_start|>system\nhi")
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end on the conftest's tiny model with a word-level tokenizer
+
+COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
+             ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Iran", "Tehran")]
+
+
+def word_pairs() -> list[ContrastPair]:
+    def q(c):
+        return f"What is the capital of {c} ?"
+
+    demos = COUNTRIES[:4]
+    out = []
+    for i, (c, cap) in enumerate(COUNTRIES[4:]):
+        false = [COUNTRIES[(j + 1) % 4][1] for j in range(4)]
+        h = "\n\n".join([f"Q: {q(x)}\nA: {y}" for x, y in demos] + [f"Q: {q(c)}\nA:"])
+        lie = "\n\n".join([f"Q: {q(x)}\nA: {f}" for (x, _), f in zip(demos, false)] + [f"Q: {q(c)}\nA:"])
+        out.append(ContrastPair(h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)))
+    return out
+
+
+def test_run_function_vector_end_to_end(tiny):
+    from mechlie.function_vectors import VECTOR_NAMES, run_function_vector
+    from mechlie.metrics import final_logits
+    from mechlie.pairs import answer_set
+
+    pairs = word_pairs()
+    train, test = pairs[:3], pairs[3:]
+    ex = run_function_vector(tiny, train, test, k=3, layers=[0, 2], n_random=2, progress=False)
+    assert ex.layer == 1 and ex.honest_plus.layers == (0, 1, 2)  # the headline layer is added
+    assert ex.honest_plus.p_truth.shape == (3, len(VECTOR_NAMES) + 2, 3)
+    eff = ex.effects(ex.lying_minus)
+    assert set(eff) == {"fv", "diff_of_means", "random_mean", "random_mean_abs", "random_max_abs"}
+    assert eff["random_max_abs"] >= eff["random_mean_abs"] >= abs(eff["random_mean"]) - 1e-9
+    fv = sum(ex.means.head_out[l, h] for l, h in ex.fv.heads)
+    assert torch.allclose(ex.fv.vector, fv, atol=1e-6)
+    # baselines are the plain forward passes of the test prompts
+    want = score_logits(final_logits(tiny, [p.honest for p in test]), answer_set(tiny.tokenizer, test)).p_truth
+    assert torch.allclose(ex.honest_plus.base.p_truth, want, atol=1e-5)
+    want = score_logits(final_logits(tiny, [zero_shot_prompt(p) for p in test]), answer_set(tiny.tokenizer, test)).p_truth
+    assert torch.allclose(ex.zero_shot_plus.base.p_truth, want, atol=1e-5)
+    assert ex.cosine_fv_dom().shape == (tiny.cfg.n_layers,)
+    with pytest.raises(PairError):
+        run_function_vector(tiny, train, train, progress=False)
+
+
+def test_attribution_ranks_like_exact_patching_on_a_tiny_model(tiny):
+    from mechlie.attribution import attribute_pairs, spearman
+    from mechlie.patching import patch_final_position
+
+    pairs = word_pairs()
+    exact = patch_final_position(tiny, pairs, "z", progress=False)
+    att = attribute_pairs(tiny, pairs, progress=False, batch_size=4)
+    delta = exact.logit_diff.mean(0) - exact.corrupt.logit_diff.mean()
+    assert torch.allclose(att.corrupt_metric, exact.corrupt.logit_diff, atol=1e-4)
+    assert spearman(att.z_final, delta) > 0.8

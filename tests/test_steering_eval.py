@@ -59,3 +59,13 @@ def test_pareto_and_choose():
     assert [(p.kl, p.recovered) for p in se.pareto(pts)] == [(0.01, 0.2), (0.08, 0.6), (0.5, 0.9)]
     assert se.choose(pts, 0.1).recovered == 0.6
     assert se.choose(pts, 0.001).kl == 0.01
+
+
+def test_figures_from_sweep_points():
+    pts = [se.SweepPoint("resid", c, l, a, 0.5, 0.1 * l * a, 0.01 * a) for c in (False, True) for l in (3, 5) for a in (1.0, 2.0)]
+    pts.append(se.SweepPoint("iti", False, -1, 5.0, 0.6, 0.4, 0.02))
+    fig = se.dose_heatmap(pts, "resid", "p_truth")
+    assert fig.data[0].z.shape == (2, 2)
+    assert len(se.dose_heatmap(pts, "resid", "kl", control=True).data) == 1
+    names = [t.name for t in se.frontier_figure(pts).data]
+    assert "resid" in names and "resid random" in names and "iti frontier" in names

@@ -3,10 +3,11 @@
 Pipeline (each stage's output is saved in the run directory and reused on a rerun, so an
 interrupted sweep resumes where it stopped):
 
-1. ``behaviour.json``: P(truth), logit difference, lie rate and the summary metrics, per relation
-   and overall, before any filtering.
-2. ``activations.pt``: ``head_out`` and ``resid_post`` at the final prompt token for the honest and
-   lying prompts of the kept pairs (known facts only, unless ``known_only=False``).
+1. ``activations.pt``: ``head_out``, ``resid_post`` and the next-token logits at the final prompt
+   token for the honest and lying prompt of every pair (one forward pass each).
+2. ``behaviour.json``: P(truth), logit difference, lie rate and the summary metrics, per relation
+   and overall, before any filtering, from those logits. Later stages keep known facts only,
+   unless ``known_only=False``.
 3. ``directions.pt``: difference-of-means directions per (layer, head) and per layer, fit on the
    training facts, with held-out AUROC and its shuffled-label and random-direction controls.
 4. ``patching.pt``: the normalized effect of patching each head's ``z`` and each layer's
@@ -26,9 +27,9 @@ import torch
 from mechlie.activations import Activations, collect
 from mechlie.directions import DirectionScores, score_directions, split_by_fact
 from mechlie.io import atomic_torch_save, atomic_write_json, ensure_writable_dir, read_json
-from mechlie.metrics import behaviour, known_only
+from mechlie.metrics import Behaviour, score_logits
 from mechlie.models import DEFAULT_MODEL
-from mechlie.pairs import FORMATS, RELATIONS, ContrastPair, PairError, load_builtin, load_pairs_file
+from mechlie.pairs import FORMATS, RELATIONS, ContrastPair, PairError, answer_set, load_builtin, load_pairs_file
 from mechlie.patching import PatchResult, patch_final_position
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ def _stage(path: Path, compute: Callable[[], object], save: Callable[[Path, obje
     return out
 
 
-def _behaviour_report(model, pairs: list[ContrastPair], cfg: HeadSweepConfig):
-    beh = behaviour(model, pairs, batch_size=cfg.batch_size)
+def _behaviour_report(beh: Behaviour, pairs: list[ContrastPair]) -> dict:
     report = {"overall": beh.summary(), "relations": {}}
     rel = [p.relation for p in pairs]
     for r in sorted(set(rel)):
@@ -120,29 +120,35 @@ def run_head_sweep(cfg: HeadSweepConfig, model, progress: bool = True) -> HeadSw
         atomic_write_json(cfg_path, asdict(cfg))
 
     all_pairs = load_sweep_pairs(cfg, model.tokenizer)
-    report = _stage(run / "behaviour.json", lambda: _behaviour_report(model, all_pairs, cfg), atomic_write_json, read_json)
-    pairs = [p for p, k in zip(all_pairs, report["known"]) if k] if cfg.known_only else all_pairs
-    if len(pairs) < 4:
-        raise PairError(f"only {len(pairs)} usable pairs after the known filter; use more pairs or --all-facts")
-    split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
 
     def acts() -> dict[str, Activations]:
+        # One pass per prompt gives both the behaviour (final logits) and the activations.
         kinds = ("head_out", "resid_post")
         return {
-            side: collect(model, [getattr(p, side) for p in pairs], kinds=kinds, batch_size=cfg.batch_size,
-                          progress=progress, desc=f"{side} activations")
+            side: collect(model, [getattr(p, side) for p in all_pairs], kinds=kinds, batch_size=cfg.batch_size,
+                          progress=progress, desc=f"{side} prompts", return_logits=True)
             for side in ("honest", "lying")
         }
 
     a = _stage(
         run / "activations.pt", acts,
-        lambda p, d: atomic_torch_save(p, {k: {"acts": v.acts, "meta": v.meta} for k, v in d.items()}),
-        lambda p: {k: Activations(v["acts"], -1, v["meta"]) for k, v in torch.load(p, weights_only=False).items()},
+        lambda p, d: atomic_torch_save(p, {k: {"acts": v.acts, "meta": v.meta, "logits": v.logits} for k, v in d.items()}),
+        lambda p: {k: Activations(v["acts"], -1, v["meta"], v["logits"]) for k, v in torch.load(p, weights_only=False).items()},
     )
+    answers = answer_set(model.tokenizer, all_pairs)
+    beh = Behaviour(score_logits(a["honest"].logits, answers), score_logits(a["lying"].logits, answers))
+    report = _behaviour_report(beh, all_pairs)
+    atomic_write_json(run / "behaviour.json", report)
+    keep = torch.tensor(report["known"]) if cfg.known_only else torch.ones(len(all_pairs), dtype=torch.bool)
+    pairs = [p for p, k in zip(all_pairs, keep.tolist()) if k]
+    if len(pairs) < 4:
+        raise PairError(f"only {len(pairs)} usable pairs after the known filter; use more pairs or --all-facts")
+    split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
+    kept = {side: {k: v[keep] for k, v in a[side].acts.items()} for side in ("honest", "lying")}
 
     def dirs() -> dict[str, DirectionScores]:
         return {
-            kind: score_directions(a["honest"][kind], a["lying"][kind], split, seed=cfg.seed)
+            kind: score_directions(kept["honest"][kind], kept["lying"][kind], split, seed=cfg.seed)
             for kind in ("head_out", "resid_post")
         }
 

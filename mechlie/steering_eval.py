@@ -390,11 +390,24 @@ def dose_heatmap(points: Sequence[SweepPoint], kind: str, metric: str = "p_truth
     )
 
 
-def frontier_figure(points: Sequence[SweepPoint]):
-    """Honesty recovered vs KL on neutral text: every sweep point, Pareto frontier as a line."""
+def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None):
+    """Honesty recovered vs KL on neutral text: every sweep point, Pareto frontier as a line.
+
+    ``evaluated[kind][control]`` (results of :func:`evaluate`) adds the chosen points and their
+    random controls with 95% CIs on both axes.
+    """
     import plotly.graph_objects as go
 
     fig = go.Figure()
+    for kind, by_control in (evaluated or {}).items():
+        for control, r in by_control.items():
+            rec, kl = r["recovered"], r["kl"]
+            fig.add_trace(go.Scatter(
+                x=[kl.mean], y=[rec.mean], mode="markers", name=f"{kind}{' random' if control else ''} (chosen, 95% CI)",
+                marker={"symbol": "x-open" if control else "diamond", "size": 13},
+                error_x={"type": "data", "symmetric": False, "array": [kl.hi - kl.mean], "arrayminus": [kl.mean - kl.lo]},
+                error_y={"type": "data", "symmetric": False, "array": [rec.hi - rec.mean], "arrayminus": [rec.mean - rec.lo]},
+            ))
     for kind in dict.fromkeys(p.kind for p in points):
         for control in (False, True):
             mine = [p for p in points if p.kind == kind and p.control == control]

@@ -69,3 +69,10 @@ def test_figures_from_sweep_points():
     assert len(se.dose_heatmap(pts, "resid", "kl", control=True).data) == 1
     names = [t.name for t in se.frontier_figure(pts).data]
     assert "resid" in names and "resid random" in names and "iti frontier" in names
+
+
+def test_frontier_figure_with_evaluated_points():
+    pts = [se.SweepPoint("resid", False, 3, 1.0, 0.5, 0.4, 0.02)]
+    e = {"recovered": se.Estimate(0.4, 0.2, 0.6), "kl": se.Estimate(0.02, 0.01, 0.03)}
+    fig = se.frontier_figure(pts, {"resid": {False: e, True: e}})
+    assert any("chosen" in (t.name or "") for t in fig.data)

@@ -36,7 +36,7 @@ class Config:
     layers: tuple[int, ...] = ()  # explicit sweep layers (override layer_fracs)
     strengths: tuple[float, ...] = (1.0, 2.0)  # |alpha| for resid / fv (x diff-of-means)
     iti_k: int = 16
-    iti_strengths: tuple[float, ...] = (5.0, 10.0)  # |alpha| for ITI (x sigma)
+    iti_strengths: tuple[float, ...] = (1.0, 2.0)  # |alpha| for ITI (x sigma); 5+ breaks SmolLM2
     kinds: tuple[str, ...] = ("resid", "iti", "ablation")
     fv: bool = False  # also the function vector (needs mechlie.function_vectors)
     kl_budget: float = 0.1

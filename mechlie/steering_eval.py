@@ -383,11 +383,12 @@ def dose_heatmap(points: Sequence[SweepPoint], kind: str, metric: str = "p_truth
         grid[strengths.index(p.strength), layers.index(p.layer)] = getattr(p, metric)
     label = {"p_truth": "P(truth), lying prompts", "recovered": "gap recovered", "kl": "KL on neutral text (nats)"}[metric]
     name = f"{kind} (random direction)" if control else kind
-    return heatmap(
+    fig = heatmap(
         grid, f"{label}: {name}, steered toward honesty", x_label="layer", y_label="|alpha|", colorbar=metric,
         x_ticks=[str(l) for l in layers], y_ticks=[f"{s:g}" for s in strengths],
         text=[[f"{v:.3f}" for v in row] for row in grid.tolist()],
     )
+    return fig.update_traces(texttemplate="%{text}")  # print the values in the cells
 
 
 def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None):

@@ -24,7 +24,7 @@ def make_pairs(equal_length: bool = True) -> list[ContrastPair]:
     return pairs
 
 
-def tl_reference(model, pairs, kind, normalize=True):
+def tl_reference(model, pairs, kind, normalize=True, layers=None):
     """TransformerLens's own patching on the same inputs, restricted to the final position.
 
     A random tiny model has a tiny honest-lying gap, which amplifies float noise in the normalized
@@ -44,11 +44,12 @@ def tl_reference(model, pairs, kind, normalize=True):
         return (raw - lo) / (hi - lo) if normalize else raw
 
     L, H, last = model.cfg.n_layers, model.cfg.n_heads, clean.shape[1] - 1
+    layers = list(range(L)) if layers is None else list(layers)
     if kind == "z":
-        idx = pd.DataFrame([(l, last, h) for l in range(L) for h in range(H)], columns=["layer", "pos", "head_index"])
+        idx = pd.DataFrame([(l, last, h) for l in layers for h in range(H)], columns=["layer", "pos", "head_index"])
         out = tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_head_vector_patch_setter, "z", index_df=idx)
-        return out.reshape(L, H)
-    idx = pd.DataFrame([(l, last) for l in range(L)], columns=["layer", "pos"])
+        return out.reshape(len(layers), H)
+    idx = pd.DataFrame([(l, last) for l in layers], columns=["layer", "pos"])
     return tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_patch_setter, kind, index_df=idx)
 
 

@@ -119,7 +119,3 @@ def behaviour(
     li = final_logits(model, [p.lying for p in pairs], batch_size=batch_size, progress=progress, desc="lying")
     return Behaviour(score_logits(h, answers), score_logits(li, answers))
 
-
-def known_only(pairs: Sequence[ContrastPair], beh: Behaviour) -> list[ContrastPair]:
-    """The pairs whose fact the model answers correctly when honest."""
-    return [p for p, k in zip(pairs, beh.known.tolist()) if k]

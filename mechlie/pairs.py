@@ -37,7 +37,7 @@ import csv
 import json
 import logging
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
@@ -355,16 +355,6 @@ def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:
 def pairs_from_dataset(ds, **kw) -> list[ContrastPair]:
     """Pairs from a Hugging Face ``datasets.Dataset`` with the same columns."""
     return pairs_from_records(iter(ds), **kw)
-
-
-def save_pairs_jsonl(pairs: Sequence[ContrastPair], path: str | Path) -> None:
-    from mechlie.io import atomic_write_text
-
-    atomic_write_text(Path(path), "".join(json.dumps(asdict(p)) + "\n" for p in pairs))
-
-
-# ---------------------------------------------------------------------------------------------
-# corrupted few-shot prompts (function vectors)
 
 
 def fewshot_demos(prompt: str) -> tuple[list[tuple[str, str]], str]:

@@ -19,8 +19,12 @@ Every prompt ends with ``"A:"`` so the answer is the next token (``" Paris"``).
 
 Choices worth knowing:
 
-- The first ``n_demo_facts`` facts of each relation (default 8) are a demonstration pool and are
-  never targets, so a demonstration fact never leaks into a target's train/test split.
+- The first ``n_demo_facts`` facts of each relation with distinct answers (default 8) are a
+  demonstration pool and are never targets, so a demonstration fact never leaks into a target's
+  train/test split.
+- No copy confound: a pair's demonstrations never show its truth or its designated lie, neither
+  as a demonstration's true answer nor as a lying demonstration's false answer, so the answer
+  cannot be copied from the context.
 - The demonstrations of a pair and the false answers in lying demos are drawn with a seeded RNG
   keyed by the fact, so datasets are reproducible.
 - Each pair carries a designated ``lie``: another answer of the same relation (seeded). It is
@@ -228,6 +232,108 @@ def uses_chat(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+@dataclass(frozen=True)
+class Fact:
+    """A question with its true answer (and optionally a designated false one)."""
+
+    question: str
+    answer: str
+    lie: str | None = None
+    fact_id: str = ""
+
+
+def demo_pool(facts: Sequence[tuple[str, str]], n_demo_facts: int) -> tuple[list[int], list[int]]:
+    """Indices of the demonstration pool and of the targets.
+
+    The pool is the first ``n_demo_facts`` facts *with distinct answers* (in file order), so that
+    a target's truth and lie can always be kept out of its demonstrations (see
+    :func:`pairs_from_facts`); every other fact is a target.
+    """
+    pool: list[int] = []
+    seen: set[str] = set()
+    for i, (_, a) in enumerate(facts):
+        if len(pool) < n_demo_facts and a not in seen:
+            pool.append(i)
+            seen.add(a)
+    return pool, [i for i in range(len(facts)) if i not in set(pool)]
+
+
+def pairs_from_facts(
+    targets: Sequence[Fact],
+    demos: Sequence[Fact],
+    fmt: Format = "fewshot",
+    *,
+    relation: str = "custom",
+    answers: Sequence[str] | None = None,
+    tokenizer=None,
+    n_shots: int = 4,
+    seed: int = 0,
+    chat: bool | None = None,
+) -> list[ContrastPair]:
+    """Render honest/lying pairs for ``targets``, with demonstrations drawn from ``demos``.
+
+    Args:
+        targets: the facts asked about. A target without a ``lie`` gets one drawn from ``answers``.
+        demos: the demonstration pool (never targets themselves).
+        fmt: ``instruct`` | ``fewshot`` | ``both``.
+        answers: the relation's answers, the pool of false answers (default: every answer given).
+        n_shots: demonstrations per prompt.
+
+    No copy confound: a demonstration is never a fact whose answer is the target's truth or its
+    designated lie, and no lying demonstration shows either of them as its false answer, so the
+    model cannot answer by copying a token from its context. Randomness is seeded per target.
+
+    Returns:
+        One :class:`ContrastPair` per target.
+
+    Example:
+        >>> pairs_from_facts([Fact("What is 2+2?", "4")], [Fact("What is 1+1?", "2"), ...], "fewshot")
+    """
+    if fmt not in FORMATS:
+        raise PairError(f"unknown format {fmt!r}; formats: {FORMATS}")
+    pool = sorted({a for a in (answers or [f.answer for f in list(targets) + list(demos)])})
+    if chat is None:
+        chat = tokenizer is not None and uses_chat(tokenizer)
+    if fmt == "fewshot":
+        chat = False
+    honest_instr = HONEST_INSTRUCTION if fmt != "fewshot" else None
+    lying_instr = LYING_INSTRUCTION if fmt != "fewshot" else None
+    out = []
+    for t in targets:
+        rng = random.Random(f"{seed}/{relation}/{t.fact_id or t.question}")
+        lie = t.lie
+        if lie is None:
+            others = [x for x in pool if x != t.answer]
+            if not others:
+                raise PairError(f"{relation}: no false answer available for {t.question!r}")
+            lie = rng.choice(others)
+        chosen: list[Fact] = []
+        if fmt != "instruct":
+            usable = [d for d in demos if d.answer not in (t.answer, lie) and d.question != t.question]
+            if len(usable) < n_shots:
+                raise PairError(
+                    f"{relation}: only {len(usable)} demonstrations avoid the answers {t.answer!r}/{lie!r} of "
+                    f"{t.question!r}; need {n_shots}. Give more demonstration facts with other answers."
+                )
+            chosen = rng.sample(usable, n_shots)
+        true_demos = [(d.question, d.answer) for d in chosen]
+        false_demos = [
+            (d.question, rng.choice([x for x in pool if x not in (d.answer, t.answer, lie)])) for d in chosen
+        ]
+        out.append(
+            ContrastPair(
+                honest=_render(tokenizer, honest_instr, true_demos, t.question, chat),
+                lying=_render(tokenizer, lying_instr, false_demos, t.question, chat),
+                truth=t.answer,
+                lie=lie,
+                fact_id=t.fact_id or t.question,
+                relation=relation,
+                question=t.question,
+            )
+        )
+    return out
+
+
 def build_pairs(
     relation: str,
     fmt: Format = "fewshot",
@@ -240,8 +346,10 @@ def build_pairs(
 ) -> list[ContrastPair]:
     """Honest/lying pairs for one built-in relation, in one format.
 
-    With a ``tokenizer``, facts whose truth is not a single token are dropped (logged), and
-    ``chat`` defaults to whether the tokenizer has a chat template.
+    The demonstration pool is the first ``n_demo_facts`` facts with distinct answers
+    (:func:`demo_pool`); they are never targets. With a ``tokenizer``, facts whose truth is not a
+    single token are dropped (logged), and ``chat`` defaults to whether the tokenizer has a chat
+    template.
     """
     if relation not in RELATIONS:
         raise PairError(f"unknown relation {relation!r}; built-in relations: {RELATIONS}")
@@ -260,47 +368,36 @@ def build_pairs(
         if len(ok) < len(facts):
             log.info("%s: dropped %d/%d facts whose answer is not one token", relation, len(facts) - len(ok), len(facts))
         facts = ok
-    if chat is None:
-        chat = tokenizer is not None and uses_chat(tokenizer)
-    if fmt == "fewshot":
-        chat = False
-    if len(facts) <= n_demo_facts or n_shots > n_demo_facts:
-        raise PairError(f"{relation}: not enough facts for {n_demo_facts} demonstration facts")
-    demo_pool, targets = facts[:n_demo_facts], facts[n_demo_facts:]
-    answers = sorted({a for _, a in facts})
+    if n_shots > n_demo_facts:
+        raise PairError(f"{relation}: n_shots ({n_shots}) exceeds n_demo_facts ({n_demo_facts})")
+    pool_idx, target_idx = demo_pool(facts, n_demo_facts)
+    if len(pool_idx) < n_demo_facts or not target_idx:
+        raise PairError(f"{relation}: not enough facts for {n_demo_facts} demonstration facts with distinct answers")
     q = spec["question"]
-    pairs = []
-    for subject, truth in targets:
-        rng = random.Random(f"{seed}/{relation}/{subject}")
-        demos = rng.sample(demo_pool, n_shots) if fmt != "instruct" else []
-        true_demos = [(q.format(subject=s), a) for s, a in demos]
-        false_demos = [(q.format(subject=s), rng.choice([x for x in answers if x != a])) for s, a in demos]
-        lie = rng.choice([x for x in answers if x != truth])
-        question = q.format(subject=subject)
-        honest_instr = HONEST_INSTRUCTION if fmt != "fewshot" else None
-        lying_instr = LYING_INSTRUCTION if fmt != "fewshot" else None
-        pairs.append(
-            ContrastPair(
-                honest=_render(tokenizer, honest_instr, true_demos, question, chat),
-                lying=_render(tokenizer, lying_instr, false_demos, question, chat),
-                truth=truth,
-                lie=lie,
-                fact_id=f"{relation}/{subject}",
-                relation=relation,
-                question=question,
-            )
-        )
-    return pairs
+
+    def fact(i: int) -> Fact:
+        s, a = facts[i]
+        return Fact(q.format(subject=s), a, None, f"{relation}/{s}")
+
+    return pairs_from_facts(
+        [fact(i) for i in target_idx], [fact(i) for i in pool_idx], fmt, relation=relation,
+        answers=[a for _, a in facts], tokenizer=tokenizer, n_shots=n_shots, seed=seed, chat=chat,
+    )
 
 
 def load_builtin(
     dataset: str = "capitals", fmt: Format = "fewshot", *, tokenizer=None, n: int | None = None, **kw
 ) -> list[ContrastPair]:
-    """``dataset`` is a relation name or ``"all"``; ``n`` keeps the first n pairs per relation."""
+    """``dataset`` is a relation name or ``"all"``; ``n`` keeps a seeded random sample of n pairs
+    per relation (not the first n, which are the most famous facts), in file order."""
     rels = RELATIONS if dataset == "all" else (dataset,)
     out: list[ContrastPair] = []
     for rel in rels:
-        out += build_pairs(rel, fmt, tokenizer=tokenizer, **kw)[:n]
+        pairs = build_pairs(rel, fmt, tokenizer=tokenizer, **kw)
+        if n is not None and n < len(pairs):
+            keep = sorted(random.Random(f"{kw.get('seed', 0)}/sample/{rel}").sample(range(len(pairs)), n))
+            pairs = [pairs[i] for i in keep]
+        out += pairs
     return out
 
 

@@ -117,3 +117,41 @@ def test_unwritable_output_dir(tmp_path):
     with pytest.raises(OutputDirError, match="not writable"):
         ensure_writable_dir(blocker / "sub")
     assert blocker.read_text() == "keep me"
+
+
+def _demo_answers(prompt: str, question: str) -> list[str]:
+    """Every demonstration answer shown in a rendered prompt (plain-text or chat): the text after
+    'A: ' on a line (the final 'A:' has none)."""
+    return [line.split("A: ", 1)[1].strip() for line in prompt.splitlines() if "A: " in line]
+
+
+@pytest.mark.parametrize("fmt", ["fewshot", "both"])
+def test_no_copy_confound_truth_and_lie_never_in_demonstrations(fmt):
+    pairs = load_builtin("all", fmt)
+    assert len(pairs) > 150
+    for p in pairs:
+        shown = _demo_answers(p.honest, p.question) + _demo_answers(p.lying, p.question)
+        assert len(shown) == 8  # 4 true demos + 4 false demos
+        assert p.truth not in shown, (p.fact_id, p.truth, shown)
+        assert p.lie not in shown, (p.fact_id, p.lie, shown)
+
+
+def test_copy_confound_check_would_catch_a_copy():
+    # The check above is not vacuous: a prompt that does show the truth is caught.
+    from mechlie.pairs import Fact, pairs_from_facts
+
+    demos = [Fact(f"q{i}?", a) for i, a in enumerate(["Paris", "Rome", "Lima", "Cairo", "Tokyo"])]
+    with pytest.raises(PairError, match="avoid the answers"):
+        # Only 2 demonstrations (Lima, Cairo) avoid Paris and Rome: fewer than the 4 shots asked.
+        pairs_from_facts([Fact("target?", "Paris", "Rome")], demos[:4] + [Fact("q9?", "Paris")], n_shots=4)
+    p = pairs_from_facts([Fact("target?", "Paris", "Rome")], demos + [Fact("q9?", "Madrid")], n_shots=4)[0]
+    assert "Paris" not in _demo_answers(p.honest, p.question) + _demo_answers(p.lying, p.question)
+
+
+def test_load_builtin_samples_not_the_first_facts():
+    full = load_builtin("capitals", "fewshot")
+    some = load_builtin("capitals", "fewshot", n=10)
+    assert len(some) == 10 and {p.fact_id for p in some} <= {p.fact_id for p in full}
+    assert [p.fact_id for p in some] != [p.fact_id for p in full[:10]]
+    assert [p.fact_id for p in load_builtin("capitals", "fewshot", n=10)] == [p.fact_id for p in some]  # seeded
+    assert [p.fact_id for p in load_builtin("capitals", "fewshot", n=10, seed=1)] != [p.fact_id for p in some]

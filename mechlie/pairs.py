@@ -433,17 +433,33 @@ def pairs_from_records(
         out.append(pair)
     if not out:
         raise PairError("no usable pairs")
+    if len(out) < i + 1:
+        log.warning("used %d of %d records (%d dropped, see above)", len(out), i + 1, i + 1 - len(out))
     return out
 
 
 def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:
-    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`)."""
+    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`).
+
+    Every row is used; rows dropped for multi-token answers (``on_multitoken="drop"``) are logged.
+    """
     path = Path(path)
+    if not path.is_file():
+        raise PairError(f"pairs file {path} does not exist")
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             records = list(csv.DictReader(f))
     elif path.suffix in (".jsonl", ".json"):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = []
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PairError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(records[-1], dict):
+                raise PairError(f"{path}, line {lineno}: expected a JSON object, got {type(records[-1]).__name__}")
     else:
         raise PairError(f"{path}: expected a .csv or .jsonl file")
     return pairs_from_records(records, **kw)

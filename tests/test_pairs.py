@@ -155,3 +155,13 @@ def test_load_builtin_samples_not_the_first_facts():
     assert [p.fact_id for p in some] != [p.fact_id for p in full[:10]]
     assert [p.fact_id for p in load_builtin("capitals", "fewshot", n=10)] == [p.fact_id for p in some]  # seeded
     assert [p.fact_id for p in load_builtin("capitals", "fewshot", n=10, seed=1)] != [p.fact_id for p in some]
+
+
+def test_malformed_jsonl_names_file_and_real_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = json.dumps({"honest": "Q: a\nA:", "lying": "Q: b\nA:", "truth": "Paris"})
+    path.write_text("\n".join([good] * 3 + ["", good, '{"honest": "x", broken']) + "\n")
+    with pytest.raises(PairError, match=r"pairs\.jsonl, line 6: not valid JSON"):
+        load_pairs_file(path)
+    with pytest.raises(PairError, match="does not exist"):
+        load_pairs_file(tmp_path / "missing.jsonl")

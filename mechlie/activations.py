@@ -34,9 +34,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
 
 from mechlie.io import atomic_torch_save
-from mechlie.pairs import tokenize
+from mechlie.pairs import Batch, tokenize
 
 HEAD_KINDS = ("z", "head_out")
 LAYER_KINDS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
@@ -74,7 +75,7 @@ class Activations:
         return cls(d["acts"], d["position"], d["meta"])
 
 
-def head_out_from_z(model, z: Float[Tensor, "n layer head d_head"]) -> Float[Tensor, "n layer head d_model"]:
+def head_out_from_z(model: HookedTransformer, z: Float[Tensor, "n layer head d_head"]) -> Float[Tensor, "n layer head d_model"]:
     return einops.einsum(
         z.to(model.W_O.dtype).to(model.W_O.device), model.W_O, "n l h dh, l h dh dm -> n l h dm"
     ).to(z.device)
@@ -82,8 +83,8 @@ def head_out_from_z(model, z: Float[Tensor, "n layer head d_head"]) -> Float[Ten
 
 @torch.no_grad()
 def collect(
-    model,
-    prompts: Sequence[str],
+    model: HookedTransformer,
+    prompts: Sequence[str] | Batch,
     *,
     kinds: Sequence[str] = ("z", "head_out", "resid_post"),
     position: int = -1,
@@ -94,7 +95,19 @@ def collect(
 ) -> Activations:
     """Run ``prompts`` in left-padded batches and keep only ``kinds`` at ``position``.
 
-    With ``return_logits`` the final-position logits of the same forward passes are kept too.
+    Args:
+        prompts: strings (tokenized with :func:`mechlie.pairs.tokenize`) or an already tokenized,
+            left-padded :class:`mechlie.pairs.Batch` (tokenizer-free).
+        kinds: activation kinds (see the module docstring); ``head_out`` is computed from ``z``.
+        position: offset from the end; ``-1`` is the final prompt token.
+        return_logits: also keep the final-position logits of the same forward passes.
+
+    Returns:
+        :class:`Activations` with ``acts[kind]`` of shape ``[n, L, (H,) d]``.
+
+    Example:
+        >>> acts = collect(model, [p.lying for p in pairs], kinds=("resid_post",))
+        >>> acts["resid_post"].shape  # [n, n_layers, d_model]
     """
     unknown = set(kinds) - set(KINDS)
     if unknown:
@@ -112,9 +125,15 @@ def collect(
         return hook
 
     fwd_hooks = [(hook_name(k, l), saver(k, l)) for k in need for l in range(n_layers)]
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = prompts.tokens.shape[0] if isinstance(prompts, Batch) else len(prompts)
     logits = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-        b = tokenize(model, prompts[i : i + batch_size])
+    for i in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        if isinstance(prompts, Batch):
+            b = Batch(prompts.tokens[i : i + batch_size], prompts.attention_mask[i : i + batch_size])
+        else:
+            b = tokenize(model, prompts[i : i + batch_size])
         if b.tokens.shape[1] < -position:
             raise ValueError(f"position {position} is before the start of a {b.tokens.shape[1]}-token prompt")
         with model.hooks(fwd_hooks=fwd_hooks):
@@ -125,5 +144,5 @@ def collect(
     if "head_out" in kinds:
         acts["head_out"] = head_out_from_z(model, acts["z"])
     acts = {k: acts[k] for k in kinds}
-    meta = {"model": model.cfg.model_name, "n": len(prompts), "kinds": list(kinds), "position": position}
+    meta = {"model": model.cfg.model_name, "n": n, "kinds": list(kinds), "position": position}
     return Activations(acts, position, meta, torch.cat(logits) if return_logits else None)

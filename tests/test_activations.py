@@ -64,3 +64,16 @@ def test_bad_arguments(tiny):
         collect(tiny, PROMPTS, kinds=("nope",), progress=False)
     with pytest.raises(ValueError):
         collect(tiny, PROMPTS, position=0, progress=False)
+
+
+def test_collect_accepts_a_batch(tiny):
+    from mechlie.pairs import tokenize
+
+    by_text = collect(tiny, PROMPTS, kinds=("z", "resid_post"), batch_size=3, progress=False, return_logits=True)
+    by_batch = collect(tiny, tokenize(tiny, PROMPTS), kinds=("z", "resid_post"), batch_size=3, progress=False,
+                       return_logits=True)
+    for k in ("z", "resid_post"):
+        torch.testing.assert_close(by_text[k], by_batch[k], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(by_text.logits, by_batch.logits, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="batch_size"):
+        collect(tiny, PROMPTS, batch_size=0, progress=False)

@@ -28,6 +28,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechlie.stats import auroc  # noqa: F401  (re-exported: directions.auroc is stats.auroc)
+
 
 @dataclass(frozen=True)
 class Direction:
@@ -68,14 +70,6 @@ def diff_of_means(honest: Float[Tensor, "n *c d"], lying: Float[Tensor, "n *c d"
 def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, "n *c"]:
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (acts.float() * unit).sum(-1)
-
-
-def auroc(pos: Float[Tensor, "n1 *c"], neg: Float[Tensor, "n0 *c"]) -> Float[Tensor, "*c"]:
-    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
-    if len(pos) == 0 or len(neg) == 0:
-        raise ValueError("AUROC needs at least one example of each class")
-    p, n = pos.unsqueeze(1), neg.unsqueeze(0)
-    return (p > n).float().mean((0, 1)) + 0.5 * (p == n).float().mean((0, 1))
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float
@@ -60,11 +60,54 @@ def split_by_fact(fact_ids: Sequence[str], test_frac: float = 0.3, seed: int = 0
     return Split(train, test)
 
 
+Fit = Callable[[Tensor, Tensor], Tensor]
+"""``fit(honest[n, *c, d], lying[n, *c, d]) -> direction[*c, d]`` (pointing honest -> lying)."""
+
+FITS: dict[str, Callable[..., Fit]] = {}
+"""Registered fit factories by name: ``FITS[name](**hyperparameters)`` returns a ``Fit``."""
+
+
+def register_fit(name: str) -> Callable[[Callable[..., Fit]], Callable[..., Fit]]:
+    """Decorator registering a factory ``(**hyperparameters) -> Fit`` under ``name``.
+
+    Example:
+        >>> @register_fit("first_row")
+        ... def first_row() -> Fit:
+        ...     return lambda honest, lying: lying[0] - honest[0]
+        >>> get_fit("first_row")(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def deco(factory: Callable[..., Fit]) -> Callable[..., Fit]:
+        if name in FITS and FITS[name] is not factory:
+            raise ValueError(f"a fit named {name!r} is already registered")
+        FITS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_fit(fit: str | Fit, **hyperparameters) -> Fit:
+    """The ``Fit`` registered under ``fit`` (built with ``hyperparameters``), or ``fit`` itself if callable."""
+    if callable(fit):
+        if hyperparameters:
+            raise ValueError("hyperparameters only apply to a registered fit name")
+        return fit
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; registered: {sorted(FITS)}")
+    return FITS[fit](**hyperparameters)
+
+
 def diff_of_means(honest: Float[Tensor, "n *c d"], lying: Float[Tensor, "n *c d"]) -> Float[Tensor, "*c d"]:
-    """Mean lying activation minus mean honest activation."""
+    """Mean lying activation minus mean honest activation (the default fit)."""
     if honest.shape[1:] != lying.shape[1:]:
         raise ValueError(f"honest {tuple(honest.shape)} and lying {tuple(lying.shape)} shapes differ")
     return lying.float().mean(0) - honest.float().mean(0)
+
+
+@register_fit("diff_of_means")
+def _diff_of_means_factory() -> Fit:
+    return diff_of_means
 
 
 def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, "n *c"]:

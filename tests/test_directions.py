@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mechlie.directions import auroc, diff_of_means, project, score_directions, split_by_fact
+from mechlie.directions import FITS, auroc, diff_of_means, get_fit, project, register_fit, score_directions, split_by_fact
 
 
 def test_planted_direction_is_recovered():
@@ -48,7 +48,28 @@ def test_scores_and_controls_on_separable_data():
 
 
 def test_mismatched_shapes_raise():
-    with pytest.raises(ValueError):
+    # TypeError: jaxtyping's shape check under pytest fires before diff_of_means' own ValueError.
+    with pytest.raises((ValueError, TypeError)):
         diff_of_means(torch.zeros(3, 4), torch.zeros(3, 5))
     with pytest.raises(ValueError):
         split_by_fact(["a", "a"])
+
+
+def test_fit_registry():
+    assert get_fit("diff_of_means") is diff_of_means
+    own = lambda honest, lying: lying[0] - honest[0]
+    assert get_fit(own) is own
+
+    @register_fit("test_scaled_dom")
+    def scaled(scale: float = 1.0):
+        return lambda honest, lying: scale * diff_of_means(honest, lying)
+
+    try:
+        h, l = torch.zeros(4, 2, 3), torch.ones(4, 2, 3)
+        assert torch.allclose(get_fit("test_scaled_dom", scale=2.0)(h, l), torch.full((2, 3), 2.0))
+        with pytest.raises(ValueError, match="already registered"):
+            register_fit("test_scaled_dom")(lambda: own)
+    finally:
+        FITS.pop("test_scaled_dom")
+    with pytest.raises(ValueError, match="unknown fit"):
+        get_fit("no_such_fit")

@@ -26,7 +26,6 @@ tokenizer itself adds a BOS token (SmolLM2: no; Gemma: yes), so ``model.to_token
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata as md
 import logging
@@ -39,12 +38,14 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
+from mechlie.io import UserError, file_sha256
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(RuntimeError, UserError):
     """A model could not be found, read or converted."""
 
 
@@ -100,14 +101,6 @@ def embedded_gguf_path(name: str, cache_dir: Path | None = None) -> Path:
             # A stale or interrupted assembly: rebuild it from the parts.
             return Path(pkg.assemble(target, overwrite=True))
     raise ModelLoadError(f"{name!r} is not an embedded model; embedded: {sorted(EMBEDDED)}")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_gguf(path: Path) -> None:

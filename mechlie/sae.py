@@ -1,0 +1,831 @@
+"""Sparse-autoencoder (SAE) features of the lie direction, with sae-lens.
+
+An SAE (Bricken et al. 2023, "Towards Monosemanticity"; Cunningham et al. 2023) rewrites an
+activation ``x`` at one hook as a sparse sum of learned decoder rows,
+``x ≈ b_dec + Σ_i f_i(x) W_dec[i]``. mechlie never implements one: the SAE classes, their
+training step and their trainer are sae-lens's (``TopKTrainingSAE`` trained by ``SAETrainer``;
+TopK as in Gao et al. 2024, "Scaling and evaluating sparse autoencoders", so the L0 is set by
+``k`` rather than tuned through an L1 coefficient).
+
+What this module adds around sae-lens:
+
+- :class:`Site`: where an SAE reads, a TransformerLens hook name plus, for ``attn.hook_z``, one
+  head (``d_in = d_head``) or all heads flattened (``d_in = n_heads * d_head``).
+  :func:`check_sae` refuses an SAE whose width or hook does not match the model.
+- :func:`load_sae`: any sae-lens SAE from a local folder (``cfg.json`` +
+  ``sae_weights.safetensors``), or by ``release`` / ``sae_id`` from the hub when there is access.
+- :func:`load_or_train_sae`: for models without a published SAE (the embedded ones), train a
+  small TopK SAE on an **offline corpus** (:func:`build_corpus`: the built-in pair prompts of
+  every format, ``mechlie/data/neutral.txt``, and the model's own samples), and cache it under
+  ``<cache_dir>/sae/<key>/``, the key hashing the model's weights, the site and every setting, so
+  it is trained once. The entry is written to a temporary folder and renamed into place.
+- :func:`sae_quality`: the numbers the field reports, on held-out corpus lines: L0, explained
+  variance ``1 - Σ‖x - x̂‖² / Σ‖x - x̄‖²`` (over tokens), and the cross-entropy loss recovered when
+  ``x̂`` is spliced in, ``(CE_zero - CE_sae) / (CE_zero - CE_clean)`` with zero-ablation of the site
+  as the baseline; the CI is a bootstrap over lines of text.
+- :func:`feature_effects`: the lie direction decomposed. The features whose activation at the
+  final prompt token differs most between the lying and honest prompt of a pair (lying − honest,
+  so a positive difference is a "lying" feature), chosen on the training facts and reported on
+  held-out facts with bootstrap CIs over pairs, next to the null of the largest difference when
+  the labels are swapped within pairs; and the cosine of each decoder row with the
+  difference-of-means direction (honest → lying) of the site.
+- :class:`FeatureClamp`: an intervention for :func:`mechlie.steering.steer` that ablates (sets to
+  0) or clamps chosen features at the final position, keeping the SAE's reconstruction error, so
+  only those features' contributions change: ``x ← x + Σ_i (target_i − f_i(x)) W_dec[i]``.
+  :func:`causal_check` applies it to the top features on lying prompts and reports the change in
+  P(truth) beside many draws of random features of the same mean activation.
+
+Positions: SAEs are trained on every position of the corpus except each line's first token
+(position 0 is the attention sink, whose norm is far larger than any other, as Gao et al. also
+exclude); the decomposition reads the final prompt token (offset ``-1``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechlie.models import default_cache_dir
+from mechlie.pairs import FORMATS, ContrastPair, answer_set, load_builtin, tokenize
+from mechlie.steering import SteeringState, _check_policy
+
+log = logging.getLogger(__name__)
+
+SAE_FORMAT_VERSION = 1
+
+
+class SAEError(ValueError):
+    """An SAE that cannot be used with this model or site (width, hook, head), or cannot be found."""
+
+
+# ---------------------------------------------------------------------------------------------
+# sites
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where an SAE reads: a hook, and for ``attn.hook_z`` optionally one head."""
+
+    hook_name: str  # e.g. "blocks.20.hook_resid_pre" or "blocks.20.attn.hook_z"
+    head: int | None = None  # only with hook_z: that head's z (d_head); None = all heads flattened
+
+    @classmethod
+    def parse(cls, spec: str) -> "Site":
+        """``"blocks.20.hook_resid_pre"`` or ``"blocks.20.attn.hook_z:5"`` (head 5)."""
+        name, _, head = spec.partition(":")
+        if head and not head.isdigit():
+            raise SAEError(f"site {spec!r}: the head after ':' must be a number")
+        return cls(name, int(head) if head else None)
+
+    def __str__(self) -> str:
+        return self.hook_name + (f":{self.head}" if self.head is not None else "")
+
+    @property
+    def is_z(self) -> bool:
+        return self.hook_name.endswith("attn.hook_z")
+
+    @property
+    def layer(self) -> int:
+        parts = self.hook_name.split(".")
+        if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+            raise SAEError(f"site {self}: only blocks.<layer>.* hooks are supported")
+        return int(parts[1])
+
+    def validate(self, model: HookedTransformer) -> None:
+        if self.hook_name not in model.hook_dict:
+            raise SAEError(f"site {self}: the model has no hook {self.hook_name!r}")
+        _ = self.layer
+        if self.head is not None:
+            if not self.is_z:
+                raise SAEError(f"site {self}: a head index is only meaningful for attn.hook_z")
+            if not 0 <= self.head < model.cfg.n_heads:
+                raise SAEError(f"site {self}: head {self.head} out of range ({model.cfg.n_heads} heads)")
+
+    def d_in(self, model: HookedTransformer) -> int:
+        if self.is_z:
+            return model.cfg.d_head if self.head is not None else model.cfg.n_heads * model.cfg.d_head
+        return model.cfg.d_model
+
+    def read(self, act: Tensor) -> Float[Tensor, "batch pos d_in"]:
+        """The SAE input from the hook's activation ``[batch, pos, ...]``."""
+        if self.is_z:
+            return act[:, :, self.head] if self.head is not None else act.flatten(2)
+        return act
+
+    def write(self, act: Tensor, new: Float[Tensor, "batch pos d_in"]) -> Tensor:
+        """``act`` with the SAE input replaced by ``new`` (in place, returned)."""
+        if self.is_z and self.head is not None:
+            act[:, :, self.head] = new.to(act.dtype)
+        elif self.is_z:
+            act[:] = new.reshape(act.shape).to(act.dtype)
+        else:
+            act[:] = new.to(act.dtype)
+        return act
+
+
+def sae_site(sae: SAE) -> Site | None:
+    """The site recorded in an SAE's metadata (sae-lens ``hook_name`` / ``hook_head_index``)."""
+    name = sae.cfg.metadata.hook_name
+    if not name:
+        return None
+    head = sae.cfg.metadata.hook_head_index
+    return Site(name, int(head) if head is not None else None)
+
+
+def check_sae(sae: SAE, model: HookedTransformer, site: Site) -> None:
+    """Refuse an SAE whose width or recorded hook does not match ``site`` on ``model``."""
+    site.validate(model)
+    d = site.d_in(model)
+    if sae.cfg.d_in != d:
+        raise SAEError(
+            f"SAE width mismatch: the SAE reads d_in={sae.cfg.d_in} but site {site} of "
+            f"{model.cfg.model_name} has {d} dimensions"
+        )
+    recorded = sae_site(sae)
+    if recorded is not None and recorded != site:
+        raise SAEError(f"SAE site mismatch: the SAE was trained on {recorded}, not on {site}")
+
+
+def load_sae(source: str | Path, sae_id: str | None = None, *, device: str = "cpu") -> SAE:
+    """Load any sae-lens SAE: a local folder, or ``release`` + ``sae_id`` from the hub.
+
+    Args:
+        source: a folder with sae-lens's ``cfg.json`` and ``sae_weights.safetensors``, or a
+            sae-lens release name (then ``sae_id`` is required, and so is hub access).
+        sae_id: the SAE's id within the release.
+
+    Example:
+        >>> sae = load_sae("~/.cache/mechlie/sae/ab12.../")
+        >>> sae = load_sae("gpt2-small-res-jb", "blocks.8.hook_resid_pre")
+    """
+    p = Path(source).expanduser()
+    if p.is_dir():
+        if not (p / "cfg.json").is_file():
+            raise SAEError(f"{p} is a folder but has no cfg.json (not a sae-lens SAE folder)")
+        return SAE.load_from_disk(p, device=device)
+    if sae_id is None:
+        raise SAEError(f"{source!r} is not a local SAE folder; to load from the hub pass a release and an sae_id")
+    try:
+        return SAE.from_pretrained(str(source), sae_id, device=device)
+    except Exception as e:  # sae-lens raises ValueError/HTTP errors; say which SAE failed
+        raise SAEError(f"could not load SAE {source}/{sae_id}: {type(e).__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------
+# corpus and activations
+
+
+@dataclass(frozen=True)
+class Corpus:
+    texts: tuple[str, ...]
+    sources: tuple[str, ...]  # "pairs", "neutral" or "samples", one per text
+
+    def counts(self) -> dict[str, int]:
+        return {s: self.sources.count(s) for s in sorted(set(self.sources))}
+
+    def split(self, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
+        """(train, eval) line indices; eval lines are never trained on."""
+        idx = list(range(len(self.texts)))
+        random.Random(seed).shuffle(idx)
+        n_eval = max(1, round(eval_frac * len(idx)))
+        return sorted(idx[n_eval:]), sorted(idx[:n_eval])
+
+
+def neutral_text() -> list[str]:
+    from mechlie.steering_eval import neutral_lines
+
+    return neutral_lines()
+
+
+def build_corpus(
+    model: HookedTransformer,
+    *,
+    pairs_per_format: int = 40,
+    n_samples: int = 48,
+    sample_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Corpus:
+    """An offline corpus: built-in pair prompts, neutral text, and the model's own samples.
+
+    The pair prompts are the honest and the lying prompt of ``pairs_per_format`` facts per format
+    (all relations; 0 = every fact). The samples are sampled (temperature 1, seeded) from the
+    first four words of each neutral line and of the pairs' questions. The SAE is unsupervised:
+    it never sees which prompt is the lying one.
+    """
+    from mechlie.generation import generate
+
+    texts: list[str] = []
+    sources: list[str] = []
+    questions: list[str] = []
+    for fmt in FORMATS:
+        pairs = load_builtin("all", fmt, tokenizer=model.tokenizer, n=pairs_per_format or None, seed=seed)
+        for p in pairs:
+            texts += [p.honest, p.lying]
+            sources += ["pairs", "pairs"]
+            if p.question:
+                questions.append(f"Q: {p.question}\nA:")
+    neutral = neutral_text()
+    texts += neutral
+    sources += ["neutral"] * len(neutral)
+    if n_samples > 0:
+        starts = [" ".join(line.split()[:4]) for line in neutral] + sorted(set(questions))
+        rng = random.Random(seed)
+        starts = [rng.choice(starts) for _ in range(n_samples)]
+        for i in tqdm(range(0, n_samples, batch_size), desc="model samples", leave=False):
+            out = generate(model, starts[i : i + batch_size], max_new_tokens=sample_tokens, do_sample=True,
+                           seed=seed + i, eos_token_id=None)
+            texts += [s + t for s, t in zip(starts[i : i + batch_size], out.texts)]
+            sources += ["samples"] * len(out.texts)
+    # A line longer than the context cannot be run whole; it is left out (and said so).
+    bos = int(bool(model.cfg.default_prepend_bos))  # tokenize() adds at most one BOS
+    fits = [len(model.tokenizer.encode(t, add_special_tokens=False)) + bos <= model.cfg.n_ctx for t in texts]
+    if not all(fits):
+        log.info("corpus: left out %d of %d lines longer than the %d-token context",
+                 fits.count(False), len(texts), model.cfg.n_ctx)
+    return Corpus(tuple(t for t, f in zip(texts, fits) if f), tuple(s for s, f in zip(sources, fits) if f))
+
+
+@dataclass(frozen=True)
+class SiteActs:
+    acts: Float[Tensor, "tok d_in"]
+    line: Int[Tensor, " tok"]  # corpus line of each token
+    pos: Int[Tensor, " tok"]  # its position in the line (0 = first token)
+
+
+def _stop_layer(site: Site) -> int:
+    return site.layer + 1  # blocks 0..layer run; every blocks.<layer>.* hook has fired
+
+
+@torch.no_grad()
+def collect_site(
+    model: HookedTransformer, texts: Sequence[str], site: Site, *, batch_size: int = 16, skip_first: int = 1,
+    progress: bool = True,
+) -> SiteActs:
+    """The site's activation at every real token of ``texts`` but the first ``skip_first``."""
+    site.validate(model)
+    acts, lines, poss = [], [], []
+    for i in tqdm(range(0, len(texts), batch_size), desc=f"activations at {site}", disable=not progress, leave=False):
+        b = tokenize(model, list(texts[i : i + batch_size]))
+        kept: list[Tensor] = []
+        with model.hooks(fwd_hooks=[(site.hook_name, lambda a, hook: kept.append(site.read(a).detach().float().cpu()))]):
+            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=_stop_layer(site))
+        x = kept[0]
+        mask = b.attention_mask.cpu().bool()
+        pos = mask.long().cumsum(-1) - 1  # position within each (left-padded) line
+        keep = mask & (pos >= skip_first)
+        acts.append(x[keep])
+        poss.append(pos[keep])
+        lines.append((torch.arange(len(mask))[:, None].expand_as(mask) + i)[keep])
+    return SiteActs(torch.cat(acts), torch.cat(lines), torch.cat(poss))
+
+
+@torch.no_grad()
+def final_acts(
+    model: HookedTransformer, prompts: Sequence[str], site: Site, *, batch_size: int = 16
+) -> Float[Tensor, "n d_in"]:
+    """The site's activation at each prompt's final token."""
+    site.validate(model)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        b = tokenize(model, list(prompts[i : i + batch_size]))
+        kept: list[Tensor] = []
+        with model.hooks(fwd_hooks=[(site.hook_name, lambda a, hook: kept.append(site.read(a)[:, -1].float().cpu()))]):
+            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=_stop_layer(site))
+        out.append(kept[0])
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode(sae: SAE, x: Float[Tensor, "*b d_in"], *, chunk: int = 4096) -> Float[Tensor, "*b d_sae"]:
+    """Feature activations, in chunks (a full ``[tokens, d_sae]`` matrix can be large)."""
+    flat = x.reshape(-1, x.shape[-1])
+    dev = sae.W_dec.device
+    out = torch.cat([sae.encode(flat[i : i + chunk].to(dev)).float().cpu() for i in range(0, len(flat), chunk)])
+    return out.reshape(*x.shape[:-1], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# training and the cache
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    site: str = "blocks.20.hook_resid_pre"
+    expansion: int = 4  # d_sae = expansion * d_in
+    k: int = 32  # TopK: active features per token
+    lr: float = 4e-4
+    batch_size: int = 512
+    n_steps: int = 1200
+    pairs_per_format: int = 40  # corpus: pair prompts per format (0 = every fact)
+    n_samples: int = 48  # corpus: model samples
+    sample_tokens: int = 48
+    eval_frac: float = 0.15  # corpus lines held out for the quality numbers
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        Site.parse(self.site)
+        if self.expansion < 1 or self.k < 1 or self.batch_size < 1 or self.n_steps < 1:
+            raise ValueError("expansion, k, batch_size and n_steps must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.eval_frac < 1:
+            raise ValueError(f"eval_frac must be in (0, 1), got {self.eval_frac}")
+        if self.pairs_per_format < 0 or self.n_samples < 0 or self.sample_tokens < 1:
+            raise ValueError("pairs_per_format and n_samples must be >= 0, sample_tokens >= 1")
+
+
+def _batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """sae-lens's DataProvider: shuffled batches of the activations, epoch after epoch, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(acts), generator=g)
+        for i in range(0, len(perm) - batch_size + 1, batch_size):
+            yield acts[perm[i : i + batch_size]]
+
+
+def train_sae(
+    acts: Float[Tensor, "tok d_in"], cfg: SAETrainConfig, *, d_sae: int | None = None, device: str = "cpu",
+    metadata: dict | None = None,
+) -> TopKTrainingSAE:
+    """Train a TopK SAE on ``acts`` with sae-lens's ``SAETrainer`` (its training step and loop).
+
+    ``b_dec`` starts at the activations' mean (so the first steps do not spend themselves
+    learning an offset); everything else is sae-lens's initialization.
+    """
+    if len(acts) < cfg.batch_size:
+        raise SAEError(f"{len(acts)} training tokens is fewer than one batch ({cfg.batch_size})")
+    torch.manual_seed(cfg.seed)
+    d_in = acts.shape[1]
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae or cfg.expansion * d_in, k=cfg.k, device=device, dtype="float32",
+    )
+    for key, v in (metadata or {}).items():
+        sae_cfg.metadata[key] = v
+    sae = TopKTrainingSAE(sae_cfg)
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0).to(sae.b_dec.device))
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=cfg.n_steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(50, cfg.n_steps // 10),
+        lr_decay_steps=0, device=device, dead_feature_window=max(50, cfg.n_steps // 5),
+        feature_sampling_window=max(100, cfg.n_steps // 2),
+    )
+    trainer = SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed))
+    return trainer.fit()
+
+
+@torch.no_grad()
+def reconstruction_mse(sae: SAE, x: Float[Tensor, "tok d_in"]) -> float:
+    x = x.to(sae.W_dec.device)
+    return float(((sae.decode(sae.encode(x)) - x) ** 2).sum(-1).mean())
+
+
+def model_hash(model: HookedTransformer) -> str:
+    """sha256 of the model's processed weights (name, shape, dtype, bytes), first 16 hex."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(model: HookedTransformer, cfg: SAETrainConfig) -> str:
+    import sae_lens
+
+    blob = json.dumps({"model": model_hash(model), "cfg": asdict(cfg), "sae_lens": sae_lens.__version__,
+                       "format": SAE_FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class SAEQuality:
+    l0: float  # mean active features per token
+    explained_variance: float
+    ce_clean: float  # nats per token, no intervention
+    ce_sae: float  # with the SAE's reconstruction spliced in
+    ce_zero: float  # with the site zero-ablated
+    ce_recovered: float  # (ce_zero - ce_sae) / (ce_zero - ce_clean)
+    ce_recovered_lo: float  # 95% bootstrap CI over lines of text
+    ce_recovered_hi: float
+    n_lines: int
+    n_tokens: int
+    dead_frac: float  # features that never fire on the evaluation tokens
+
+
+@torch.no_grad()
+def sae_quality(
+    model: HookedTransformer, sae: SAE, site: Site, texts: Sequence[str], *, batch_size: int = 16, seed: int = 0,
+    n_boot: int = 1000,
+) -> SAEQuality:
+    """L0, explained variance and CE loss recovered of ``sae`` at ``site``, on ``texts``.
+
+    The reconstruction replaces the site at every position (the first token included, so the
+    CE numbers describe the SAE as a drop-in replacement); L0 and explained variance are over the
+    positions the SAE was trained on (all but the first token of each line).
+    """
+    check_sae(sae, model, site)
+    dev = sae.W_dec.device
+    ce = {m: [] for m in ("clean", "sae", "zero")}
+    sq_err = sq_tot = 0.0
+    l0_sum, n_tok = 0.0, 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    xs_sum = None
+    xs_sq = 0.0
+    for i in range(0, len(texts), batch_size):
+        b = tokenize(model, list(texts[i : i + batch_size]))
+        mask = b.attention_mask.bool()
+        pos = mask.long().cumsum(-1) - 1
+        keep = (mask & (pos >= 1)).cpu()
+        tgt = b.tokens[:, 1:]
+        both = (mask[:, 1:] & mask[:, :-1]).float()
+
+        def ce_of(logits: Tensor) -> Tensor:  # mean CE per line
+            lp = logits[:, :-1].float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
+            return (-(lp * both).sum(-1) / both.sum(-1).clamp_min(1)).cpu()
+
+        def splice(act: Tensor, hook) -> Tensor:
+            nonlocal sq_err, sq_tot, l0_sum, n_tok, xs_sum, xs_sq
+            x = site.read(act).float()
+            f = sae.encode(x.to(dev))
+            x_hat = sae.decode(f).to(x.device)
+            xk, fk = x.cpu()[keep], f.cpu()[keep]
+            sq_err += float(((x_hat.cpu()[keep] - xk) ** 2).sum())
+            xs_sum = xk.sum(0) if xs_sum is None else xs_sum + xk.sum(0)
+            xs_sq += float((xk**2).sum())
+            l0_sum += float((fk > 0).sum())
+            n_tok += len(xk)
+            fired.logical_or_((fk > 0).any(0))
+            return site.write(act, x_hat)
+
+        def zero(act: Tensor, hook) -> Tensor:
+            return site.write(act, torch.zeros_like(site.read(act)))
+
+        ce["clean"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+        with model.hooks(fwd_hooks=[(site.hook_name, splice)]):
+            ce["sae"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+        with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
+            ce["zero"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+    c = {m: torch.cat(v) for m, v in ce.items()}
+    # Total sum of squares about the mean: Σ‖x‖² − n‖x̄‖².
+    sq_tot = xs_sq - float((xs_sum**2).sum()) / n_tok
+    rec = lambda i: (c["zero"][i].mean() - c["sae"][i].mean()) / (c["zero"][i].mean() - c["clean"][i].mean())
+    est = _bootstrap(rec, len(c["clean"]), n_boot=n_boot, seed=seed)
+    return SAEQuality(
+        l0=l0_sum / n_tok, explained_variance=1 - sq_err / sq_tot,
+        ce_clean=float(c["clean"].mean()), ce_sae=float(c["sae"].mean()), ce_zero=float(c["zero"].mean()),
+        ce_recovered=est[0], ce_recovered_lo=est[1], ce_recovered_hi=est[2], n_lines=len(c["clean"]),
+        n_tokens=n_tok, dead_frac=float((~fired).float().mean()),
+    )
+
+
+def _bootstrap(stat, n: int, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, lo, hi): mechlie.stats.bootstrap when it is there, else the steering_eval one."""
+    try:
+        from mechlie.stats import bootstrap
+    except ImportError:
+        from mechlie.steering_eval import bootstrap
+    e = bootstrap(stat, n, n_boot=n_boot, seed=seed)
+    return float(e.mean), float(e.lo), float(e.hi)
+
+
+@dataclass
+class TrainedSAE:
+    sae: SAE
+    site: Site
+    path: Path  # the cache entry (a sae-lens folder: load_sae(path) reloads it)
+    info: dict  # settings, corpus counts, quality, timings
+    corpus: Corpus
+    eval_lines: list[int] = field(default_factory=list)
+
+
+def load_or_train_sae(
+    model: HookedTransformer, cfg: SAETrainConfig, *, cache_dir: str | Path | None = None, device: str | None = None,
+    batch_size: int = 16, progress: bool = True,
+) -> TrainedSAE:
+    """The cached SAE for (model weights, site, settings), training it first if there is none.
+
+    Args:
+        model: the model whose activations the SAE reads.
+        cfg: site and training settings; part of the cache key with the model's weight hash.
+        cache_dir: default ``mechlie.models.default_cache_dir()`` (``$MECHLIE_CACHE``).
+        device: where to train (default: the model's device).
+
+    Returns:
+        A :class:`TrainedSAE`; ``info["quality"]`` holds :class:`SAEQuality` on held-out lines.
+
+    Example:
+        >>> t = load_or_train_sae(model, SAETrainConfig(site="blocks.20.hook_resid_pre"))
+        >>> t.info["quality"]["explained_variance"]
+    """
+    site = Site.parse(cfg.site)
+    site.validate(model)
+    device = device or str(model.cfg.device)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = cache_key(model, cfg)
+    out = root / "sae" / key
+    if (out / "mechlie.json").is_file():
+        info = json.loads((out / "mechlie.json").read_text())
+        corpus_d = json.loads((out / "corpus.json").read_text())
+        sae = load_sae(out, device=device)
+        check_sae(sae, model, site)
+        log.info("SAE for %s loaded from the cache (%s)", site, out)
+        corpus = Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"]))
+        return TrainedSAE(sae, site, out, info, corpus, info["eval_lines"])
+
+    t0 = time.time()
+    corpus = build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
+                          sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=batch_size)
+    train_lines, eval_lines = corpus.split(cfg.eval_frac, cfg.seed)
+    t_corpus = time.time() - t0
+    acts = collect_site(model, [corpus.texts[i] for i in train_lines], site, batch_size=batch_size, progress=progress)
+    t_acts = time.time() - t0 - t_corpus
+    log.info("training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), len(train_lines), corpus.counts())
+    meta = {"model_name": model.cfg.model_name, "hook_name": site.hook_name, "hook_head_index": site.head,
+            "prepend_bos": bool(model.cfg.default_prepend_bos)}
+    sae = train_sae(acts.acts, cfg, device=device, metadata=meta)
+    t_train = time.time() - t0 - t_corpus - t_acts
+    sae.eval()
+    q = sae_quality(model, sae, site, [corpus.texts[i] for i in eval_lines], batch_size=batch_size, seed=cfg.seed)
+    info = {
+        "format_version": SAE_FORMAT_VERSION, "key": key, "model": model.cfg.model_name, "model_hash": model_hash(model),
+        "site": str(site), "config": asdict(cfg), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+        "corpus": corpus.counts(), "n_train_lines": len(train_lines), "n_train_tokens": len(acts.acts),
+        "eval_lines": eval_lines, "quality": asdict(q),
+        "seconds": {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1), "train": round(t_train, 1)},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
+    try:
+        sae.save_inference_model(tmp)
+        (tmp / "corpus.json").write_text(json.dumps({"texts": corpus.texts, "sources": corpus.sources}))
+        (tmp / "mechlie.json").write_text(json.dumps(info, indent=2))
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "mechlie.json").is_file():  # another process may have won the race
+            raise
+    return TrainedSAE(load_sae(out, device=device), site, out, info, corpus, eval_lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the lie direction, feature by feature
+
+
+@dataclass(frozen=True)
+class FeatureEffects:
+    """Top features by lying − honest activation, chosen on train pairs, reported on test pairs."""
+
+    features: Int[Tensor, " k"]
+    diff: Float[Tensor, " k"]  # mean over test pairs of f(lying) − f(honest)
+    lo: Float[Tensor, " k"]  # 95% bootstrap CI over test pairs
+    hi: Float[Tensor, " k"]
+    honest_mean: Float[Tensor, " k"]
+    lying_mean: Float[Tensor, " k"]
+    effect_size: Float[Tensor, " k"]  # diff / std of the per-pair differences (paired Cohen's d)
+    cosine: Float[Tensor, " k"]  # cos(W_dec[feature], diff-of-means direction of the site)
+    train_diff: Float[Tensor, " k"]
+    null_max: float  # 95th pct. of max_j |mean diff_j| with labels swapped within test pairs
+    direction_cosine_max_null: float  # 95th pct. of max |cos| of a random direction with all rows
+    n_test: int
+
+    def rows(self) -> list[dict]:
+        return [
+            {"feature": int(f), "diff": float(d), "lo": float(a), "hi": float(b), "honest_mean": float(h),
+             "lying_mean": float(l), "effect_size": float(e), "cosine": float(c), "train_diff": float(t)}
+            for f, d, a, b, h, l, e, c, t in zip(self.features, self.diff, self.lo, self.hi, self.honest_mean,
+                                                  self.lying_mean, self.effect_size, self.cosine, self.train_diff)
+        ]
+
+
+def feature_effects(
+    honest_f: Float[Tensor, "n d_sae"], lying_f: Float[Tensor, "n d_sae"], direction: Float[Tensor, " d_in"],
+    W_dec: Float[Tensor, "d_sae d_in"], train: Sequence[int], test: Sequence[int], *, k: int = 10,
+    n_boot: int = 1000, n_null: int = 1000, seed: int = 0,
+) -> FeatureEffects:
+    """Decompose the lie direction into SAE features (see the module docstring).
+
+    Features are ranked by |mean(lying − honest)| on the ``train`` pairs and reported on the
+    ``test`` pairs (never used to choose them). ``direction`` is the difference-of-means direction
+    (honest → lying) of the SAE's input at the same site.
+    """
+    tr, te = torch.as_tensor(list(train)), torch.as_tensor(list(test))
+    if len(tr) < 2 or len(te) < 2:
+        raise SAEError("feature_effects needs at least 2 train and 2 test pairs")
+    if honest_f.shape != lying_f.shape or honest_f.shape[1] != W_dec.shape[0]:
+        raise SAEError(f"feature shapes differ: honest {tuple(honest_f.shape)}, lying {tuple(lying_f.shape)}, "
+                       f"W_dec {tuple(W_dec.shape)}")
+    d = (lying_f - honest_f).float()
+    train_mean = d[tr].mean(0)
+    top = train_mean.abs().argsort(descending=True)[: min(k, d.shape[1])]
+    dt = d[te][:, top]
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(te), (n_boot, len(te)), generator=g)
+    boots = dt[idx].mean(1)  # [n_boot, k]
+    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975]), dim=0)
+    # Null of the largest |mean difference| over all features when honest/lying are swapped
+    # within each test pair (a sign flip of that pair's difference).
+    signs = torch.randint(0, 2, (n_null, len(te)), generator=g).float() * 2 - 1
+    null = (signs @ d[te]).abs().max(-1).values / len(te)
+    w = W_dec.float()
+    u = direction.float() / direction.float().norm().clamp_min(1e-12)
+    cos = (w @ u) / w.norm(dim=-1).clamp_min(1e-12)
+    rand = torch.randn(200, w.shape[1], generator=g)
+    rand_cos = ((rand / rand.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T)
+    return FeatureEffects(
+        features=top, diff=dt.mean(0), lo=lo, hi=hi, honest_mean=honest_f[te][:, top].mean(0),
+        lying_mean=lying_f[te][:, top].mean(0), effect_size=dt.mean(0) / dt.std(0).clamp_min(1e-8),
+        cosine=cos[top], train_diff=train_mean[top], null_max=float(torch.quantile(null, 0.95)),
+        direction_cosine_max_null=float(torch.quantile(rand_cos.abs().max(-1).values, 0.95)), n_test=len(te),
+    )
+
+
+@torch.no_grad()
+def top_contexts(
+    model: HookedTransformer, feats: Float[Tensor, "tok k"], acts: SiteActs, texts: Sequence[str], *, n: int = 5,
+    width: int = 10,
+) -> list[list[dict]]:
+    """For each column of ``feats`` (rows = ``acts``'s tokens), the ``n`` corpus tokens where it
+    fires most, with the ``width`` tokens before it; the firing token is shown in ``[[ ]]``."""
+    tok = model.tokenizer
+    ids_of: dict[int, list[int]] = {}
+    out = []
+    for j in range(feats.shape[1]):
+        vals, idx = feats[:, j].topk(min(n, len(feats)))
+        rows = []
+        for v, i in zip(vals.tolist(), idx.tolist()):
+            if v <= 0:
+                break
+            line, pos = int(acts.line[i]), int(acts.pos[i])
+            if line not in ids_of:  # the same tokens collect_site saw (BOS included when the model adds one)
+                ids_of[line] = tokenize(model, [texts[line]]).tokens[0].tolist()
+            ids = ids_of[line]
+            word = tok.decode(ids[pos : pos + 1])
+            rows.append({"act": v, "line": line, "pos": pos, "token": word,
+                         "context": f"{tok.decode(ids[max(0, pos - width) : pos])}[[{word}]]"})
+        out.append(rows)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# causal check
+
+
+@dataclass(frozen=True)
+class FeatureClamp:
+    """Set SAE features to ``values`` (default 0: ablation) at the final position of each pass.
+
+    The SAE's reconstruction error is kept: ``x ← x + Σ_i (values_i − f_i(x)) W_dec[i]``, so a
+    feature that does not fire is not touched by ablation, and nothing else about ``x`` changes.
+    Use with :func:`mechlie.steering.steer`.
+    """
+
+    sae: SAE
+    site: Site
+    features: tuple[int, ...]
+    values: Float[Tensor, " k"] | None = None
+    policy: str = "all"
+
+    def validate(self, model: HookedTransformer) -> None:
+        check_sae(self.sae, model, self.site)
+        _check_policy(self.policy)
+        if not self.features:
+            raise SAEError("FeatureClamp needs at least one feature")
+        bad = [f for f in self.features if not 0 <= f < self.sae.cfg.d_sae]
+        if bad:
+            raise SAEError(f"features {bad} out of range: the SAE has {self.sae.cfg.d_sae} features")
+        if self.values is not None and self.values.shape != (len(self.features),):
+            raise SAEError(f"values must have shape [{len(self.features)}], got {tuple(self.values.shape)}")
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list:
+        dev = self.sae.W_dec.device
+        feats = torch.tensor(self.features, device=dev)
+        w = self.sae.W_dec[feats].detach()  # [k, d_in]
+        target = (self.values if self.values is not None else torch.zeros(len(self.features))).float().to(dev)
+
+        def hook(act: Tensor, hook) -> Tensor:
+            if state.select(self.policy, act.shape[1]) is None:
+                return act
+            x = self.site.read(act)[:, -1:].float()  # the final position of this pass
+            f = self.sae.encode(x.to(dev))[..., feats]
+            new = x + ((target - f) @ w).to(x.device)
+            full = self.site.read(act).clone().float()
+            full[:, -1:] = new
+            return self.site.write(act, full)
+
+        return [(self.site.hook_name, hook)]
+
+
+def matched_random_features(
+    mean_act: Float[Tensor, " d_sae"], chosen: Sequence[int], n_draws: int, *, pool: int = 10, seed: int = 0,
+) -> list[tuple[int, ...]]:
+    """Random feature sets, each feature drawn among the ``pool`` live features whose mean
+    activation is nearest that of the chosen feature it stands in for (never a chosen one)."""
+    chosen_set = set(int(c) for c in chosen)
+    live = [j for j in range(len(mean_act)) if mean_act[j] > 0 and j not in chosen_set]
+    if len(live) < pool:
+        raise SAEError(f"only {len(live)} live features to draw random controls from")
+    live_t = torch.tensor(live)
+    cands = [live_t[(mean_act[live_t] - mean_act[c]).abs().argsort()[:pool]].tolist() for c in chosen]
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(n_draws):
+        picked: list[int] = []
+        for cs in cands:
+            opts = [c for c in cs if c not in picked]
+            picked.append(rng.choice(opts))
+        draws.append(tuple(picked))
+    return draws
+
+
+@dataclass(frozen=True)
+class CausalCheck:
+    mode: str  # "ablate" (features set to 0) or "clamp" (set to their mean on honest prompts)
+    features: tuple[int, ...]
+    p_truth_base: float  # mean P(truth) on the lying prompts, no intervention
+    p_truth_honest: float  # the same facts' honest prompts, for scale
+    delta: float  # mean change in P(truth) when the top features are set
+    delta_lo: float  # 95% bootstrap CI over pairs
+    delta_hi: float
+    gap_recovered: float  # delta / (honest − lying)
+    random_deltas: list[float]  # mean change for each draw of matched random features
+    random_q95: float  # 95th percentile of the random draws
+    p_value: float  # share of random draws whose mean change is >= delta ((1 + count) / (1 + draws))
+    n_pairs: int
+
+
+@torch.no_grad()
+def causal_check(
+    model: HookedTransformer, sae: SAE, site: Site, pairs: Sequence[ContrastPair], features: Sequence[int], *,
+    mode: Literal["ablate", "clamp"] = "ablate", honest_mean: Float[Tensor, " d_sae"] | None = None,
+    lying_mean: Float[Tensor, " d_sae"], n_draws: int = 100, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
+) -> CausalCheck:
+    """Change in P(truth) on the lying prompts of ``pairs`` when ``features`` are ablated or
+    clamped at the final position, beside ``n_draws`` sets of random features whose mean
+    activation on lying prompts (``lying_mean``, from other pairs) matches theirs.
+
+    ``mode="clamp"`` sets each feature to ``honest_mean`` (its mean on honest prompts, from
+    training pairs). Only the final position changes, so each lying prompt's prefix is run once
+    and its keys and values are reused by every intervention (as in :mod:`mechlie.patching`).
+    """
+    from mechlie.metrics import score_logits
+    from mechlie.patching import prefix_cache
+    from mechlie.steering import steer
+
+    if mode not in ("ablate", "clamp"):
+        raise SAEError(f"mode must be 'ablate' or 'clamp', got {mode!r}")
+    if mode == "clamp" and honest_mean is None:
+        raise SAEError("mode='clamp' needs honest_mean")
+    check_sae(sae, model, site)
+    answers = answer_set(model.tokenizer, pairs)
+    batches = [tokenize(model, [p.lying for p in pairs[i : i + batch_size]]) for i in range(0, len(pairs), batch_size)]
+    caches = [prefix_cache(model, b) for b in batches]
+
+    def p_truth(feats: Sequence[int] | None) -> Tensor:
+        ivs = []
+        if feats is not None:
+            vals = honest_mean[list(feats)] if mode == "clamp" else None
+            ivs = [FeatureClamp(sae, site, tuple(int(f) for f in feats), vals)]
+        logits = []
+        with steer(model, *ivs):
+            for b, c in zip(batches, caches):
+                ones = torch.ones_like(b.tokens[:, -1:])
+                logits.append(model(b.tokens[:, -1:], attention_mask=ones, past_kv_cache=c)[:, -1].float().cpu())
+        return score_logits(torch.cat(logits), answers).p_truth
+
+    honest_answers = []
+    for i in range(0, len(pairs), batch_size):
+        b = tokenize(model, [p.honest for p in pairs[i : i + batch_size]])
+        honest_answers.append(model(b.tokens, attention_mask=b.attention_mask)[:, -1].float().cpu())
+    p_honest = score_logits(torch.cat(honest_answers), answers).p_truth
+    base = p_truth(None)
+    top = p_truth(features)
+    est = _bootstrap(lambda i: (top[i] - base[i]).mean(), len(pairs), n_boot=n_boot, seed=seed)
+    draws = matched_random_features(lying_mean, features, n_draws, seed=seed)
+    rand = [float((p_truth(d) - base).mean()) for d in tqdm(draws, desc=f"random features ({mode})", leave=False)]
+    r = torch.tensor(rand)
+    gap = float(p_honest.mean() - base.mean())
+    return CausalCheck(
+        mode=mode, features=tuple(int(f) for f in features), p_truth_base=float(base.mean()),
+        p_truth_honest=float(p_honest.mean()), delta=est[0], delta_lo=est[1], delta_hi=est[2],
+        gap_recovered=est[0] / gap if gap != 0 else float("nan"), random_deltas=rand,
+        random_q95=float(torch.quantile(r, 0.95)), p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),
+        n_pairs=len(pairs),
+    )

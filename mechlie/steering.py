@@ -1,6 +1,10 @@
 """Interventions that steer or ablate a direction, applied through hooks that are always removed.
 
-Three interventions, each a small frozen dataclass, applied with :func:`steer` (a context manager):
+An intervention is anything that implements the :class:`Intervention` protocol: ``validate(model)``
+(raise :class:`SteeringError` if it cannot apply) and ``hooks(model, state)`` (a list of
+``(hook_name, fn)`` forward hooks that read the :class:`SteeringState`). :func:`steer` applies any
+number of them and always removes their hooks; users add their own (a clamp, an SAE feature) without
+touching mechlie. Three are built in, each a small frozen dataclass:
 
 - :class:`AddVectors`: add ``alpha * vector[l]`` to ``blocks.l.hook_resid_post`` for each chosen
   layer ``l``. ``vector`` is used as given (not normalized): with a difference-of-means direction
@@ -42,11 +46,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Sequence
+from typing import Callable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from mechlie.directions import get_fit
+
+Hook = tuple[str, Callable[..., Tensor | None]]
 
 Policy = Literal["all", "prompt", "generated"]
 POLICIES: tuple[str, ...] = ("all", "prompt", "generated")
@@ -92,6 +101,24 @@ class SteeringState:
 
 
 # ---------------------------------------------------------------------------------------------
+# the protocol
+
+
+@runtime_checkable
+class Intervention(Protocol):
+    """What :func:`steer` applies: anything with these two methods (no base class needed)."""
+
+    def validate(self, model: HookedTransformer) -> None:
+        """Raise :class:`SteeringError` if this intervention cannot be applied to ``model``."""
+        ...
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
+        """Forward hooks ``(hook_name, fn(activation, hook) -> activation)``; ``fn`` may read
+        ``state.select(policy, seq_len)`` to honour a position policy."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
 # validation
 
 
@@ -105,7 +132,7 @@ def _check_policy(policy: str) -> None:
         raise SteeringError(f"unknown position policy {policy!r}; policies: {POLICIES}")
 
 
-def _check_layer(model, layer: int) -> None:
+def _check_layer(model: HookedTransformer, layer: int) -> None:
     if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
         raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
 
@@ -129,7 +156,7 @@ class AddVectors:
     alpha: float
     policy: Policy = "all"
 
-    def validate(self, model) -> None:
+    def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
         _check_policy(self.policy)
         if not self.vectors:
@@ -138,7 +165,7 @@ class AddVectors:
             _check_layer(model, layer)
             _check_vector(v, model.cfg.d_model, f"direction for layer {layer}")
 
-    def hooks(self, model, state: SteeringState) -> list:
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         out = []
         for layer, v in self.vectors.items():
             delta = (self.alpha * v.float()).to(model.cfg.device)
@@ -163,7 +190,7 @@ class HeadShift:
     alpha: float
     policy: Policy = "all"
 
-    def validate(self, model) -> None:
+    def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
         _check_policy(self.policy)
         if not self.heads:
@@ -177,7 +204,7 @@ class HeadShift:
             if not 0 <= head < model.cfg.n_heads:
                 raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
 
-    def hooks(self, model, state: SteeringState) -> list:
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         shift = (self.alpha * self.sigmas[:, None] * self.units).float().to(model.cfg.device)
         by_layer: dict[int, list[int]] = {}
         for i, (layer, _) in enumerate(self.heads):
@@ -205,7 +232,7 @@ class DirectionalAblation:
     where: Literal["writes", "resid"] = "writes"
     policy: Policy = "all"
 
-    def validate(self, model) -> None:
+    def validate(self, model: HookedTransformer) -> None:
         _check_policy(self.policy)
         _check_vector(self.direction, model.cfg.d_model, "ablation direction")
         if self.direction.norm() < 1e-8:
@@ -213,13 +240,13 @@ class DirectionalAblation:
         if self.where not in ("writes", "resid"):
             raise SteeringError(f"where must be 'writes' or 'resid', got {self.where!r}")
 
-    def hook_names(self, model) -> list[str]:
+    def hook_names(self, model: HookedTransformer) -> list[str]:
         n = model.cfg.n_layers
         if self.where == "writes":
             return [f"blocks.{l}.{k}" for l in range(n) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
         return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n)]
 
-    def hooks(self, model, state: SteeringState) -> list:
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         u = self.direction.float() / self.direction.float().norm()
         u = u.to(model.cfg.device)
 
@@ -237,17 +264,26 @@ class DirectionalAblation:
         return [(name, hook) for name in names]
 
 
-Intervention = AddVectors | HeadShift | DirectionalAblation
-
-
 @contextmanager
-def steer(model, *interventions: Intervention, state: SteeringState | None = None) -> Iterator[SteeringState]:
+def steer(model: HookedTransformer, *interventions: Intervention, state: SteeringState | None = None) -> Iterator[SteeringState]:
     """Apply ``interventions`` inside the block; the hooks are removed on exit, even on error.
 
-    Yields the :class:`SteeringState` the hooks read (and log to). With no interventions this is a
-    no-op context (handy for baselines).
+    Args:
+        model: the model to hook.
+        interventions: any objects implementing :class:`Intervention` (built-in or your own).
+        state: an existing :class:`SteeringState` to share (e.g. with a generator); default: new.
+
+    Returns:
+        A context manager yielding the :class:`SteeringState` the hooks read (and log to). With no
+        interventions it is a no-op context (handy for baselines).
+
+    Example:
+        >>> with steer(model, AddVectors({12: direction}, alpha=-1.0)):  # doctest: +SKIP
+        ...     logits = model(tokens)
     """
     for iv in interventions:
+        if not isinstance(iv, Intervention):
+            raise SteeringError(f"{type(iv).__name__} is not an Intervention: it needs validate(model) and hooks(model, state)")
         iv.validate(model)
     state = state if state is not None else SteeringState()
     fwd_hooks = [h for iv in interventions for h in iv.hooks(model, state)]
@@ -268,7 +304,7 @@ def residual_directions(
     idx = torch.as_tensor(list(train), dtype=torch.long)
     if len(idx) == 0:
         raise SteeringError("no training rows to build a direction from")
-    return lying[idx].float().mean(0) - honest[idx].float().mean(0)
+    return get_fit("diff_of_means")(honest[idx], lying[idx])
 
 
 @dataclass(frozen=True)
@@ -301,7 +337,7 @@ def head_directions(
     if len(idx) < 2:
         raise SteeringError("need at least 2 training rows for head directions")
     h, l = honest_z[idx].float(), lying_z[idx].float()
-    diff = l.mean(0) - h.mean(0)
+    diff = get_fit("diff_of_means")(h, l)
     units = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     proj = (torch.cat([h, l]) * units).sum(-1)  # [2n, L, H]
     sigmas = proj.std(0).clamp_min(1e-8)
@@ -309,16 +345,34 @@ def head_directions(
 
 
 def random_like(vector: Float[Tensor, "*c d"], seed: int = 0) -> Float[Tensor, "*c d"]:
-    """Gaussian directions with the same norm as ``vector`` along its last dimension (seeded)."""
+    """Gaussian directions with the same norm as ``vector`` along its last dimension (seeded).
+
+    The one source of random control directions in mechlie's steering code.
+    """
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(vector.shape, generator=g)
     return r / r.norm(dim=-1, keepdim=True) * vector.float().norm(dim=-1, keepdim=True)
 
 
-def random_head_shift(shift: HeadShift, seed: int = 0) -> HeadShift:
-    """The same heads, alpha and sigmas, each moved along a random unit direction instead."""
+def random_head_shift(shift: HeadShift, model: HookedTransformer, seed: int = 0) -> HeadShift:
+    """The same heads and alpha, each moved along a random z-direction with the same *write*.
+
+    The control matches what reaches the residual stream, ``|sigma * unit @ W_O[l, h]|`` per head,
+    not the z-space norm: a random z-direction is mostly in directions ``W_O`` shrinks, so matching
+    in z-space would make a control that writes less than the real shift.
+    """
     units = random_like(shift.units, seed)
-    return HeadShift(shift.heads, units / units.norm(dim=-1, keepdim=True), shift.sigmas, shift.alpha, shift.policy)
+    units = units / units.norm(dim=-1, keepdim=True)
+    w_o = torch.stack([model.W_O[l, h].detach().float().cpu() for l, h in shift.heads])  # [k, d_head, d_model]
+    real = (shift.units.float()[:, None] @ w_o)[:, 0].norm(dim=-1)
+    rand = (units[:, None] @ w_o)[:, 0].norm(dim=-1).clamp_min(1e-12)
+    return HeadShift(shift.heads, units, shift.sigmas.float() * real / rand, shift.alpha, shift.policy)
+
+
+def head_write(shift: HeadShift, model: HookedTransformer) -> Float[Tensor, " k"]:
+    """Norm of each head's change to the residual stream, ``|alpha * sigma * unit @ W_O|``."""
+    w_o = torch.stack([model.W_O[l, h].detach().float().cpu() for l, h in shift.heads])
+    return abs(shift.alpha) * shift.sigmas.float() * (shift.units.float()[:, None] @ w_o)[:, 0].norm(dim=-1)
 
 
 def positions_touched(state: SteeringState) -> list[tuple[int, tuple[int, ...]]]:
@@ -327,7 +381,7 @@ def positions_touched(state: SteeringState) -> list[tuple[int, tuple[int, ...]]]
 
 
 __all__ = [
-    "AddVectors", "DirectionalAblation", "HeadDirections", "HeadShift", "POLICIES", "SteeringError",
-    "SteeringState", "Touch", "head_directions", "positions_touched", "random_head_shift", "random_like",
+    "AddVectors", "DirectionalAblation", "HeadDirections", "HeadShift", "Intervention", "POLICIES", "SteeringError",
+    "SteeringState", "Touch", "head_directions", "head_write", "positions_touched", "random_head_shift", "random_like",
     "residual_directions", "steer",
 ]

@@ -1,25 +1,45 @@
-"""Effects of steering on lying, and its side effects, on held-out facts, with controls and CIs.
+"""Effects of steering on lying, and its side effects, with a train / validation / test split,
+controls from many random draws, and 95% CIs.
 
-Setup (:func:`prepare`): pairs are split by fact (:func:`mechlie.directions.split_by_fact`); every
-direction is fitted on the training facts only, and every effect is measured on the test facts.
+Setup (:func:`prepare`): pairs are split by fact into train / validation / test
+(:func:`split_three`; no fact on two sides). Directions (difference of means, from
+:mod:`mechlie.directions`) and learned edits (:mod:`mechlie.edits`) are fitted on the training facts;
+every hyperparameter (layer, alpha, K heads, an edit's penalty) is chosen on the validation facts
+(:func:`sweep` + :func:`choose` see only ``data.val``); every reported number is measured on the test
+facts (:func:`evaluate`). The neutral text is split by line the same way: a learned edit's KL
+penalty uses the training lines, sweeps the validation lines, reports the test lines.
 
-Effects of one intervention (:func:`evaluate`), each with a 95% bootstrap CI:
+A *setting* (:class:`Setting`) is ``(kind, layer, alpha, param)``. ``alpha`` is signed, with one
+convention everywhere: directions point honest -> lying, so ``alpha < 0`` steers toward honesty and
+``alpha > 0`` toward lying. ``param`` is K heads for head kinds, or the key of a learned edit. Kinds
+live in a registry (:func:`register_kind`); each gives the intervention and its random control of the
+same size:
 
-- ``recovered``: on the *lying* prompts, the fraction of the honest-lying P(truth) gap that
-  steering toward honesty closes, ``(mean p_steered - mean p_lying) / (mean p_honest - mean
-  p_lying)`` (1 = back to the honest baseline); resampled over facts. Also ``p_truth`` and the
-  ``lie_rate`` (share of known facts, i.e. answered correctly when honest, not answered truthfully).
-- ``induced``: on the *honest* prompts, the same intervention with the sign flipped (toward
-  lying): ``(mean p_honest - mean p_steered) / (mean p_honest - mean p_lying)``.
-- ``honest_acc``: top-1 accuracy on honest prompts under the honesty-ward intervention (should
-  stay at the baseline: steering a truthful model toward truth should not break it).
-- ``kl`` and ``delta_ce``: on neutral text (``mechlie/data/neutral.txt``, plain English written for
-  this project), per token, ``KL(p_clean || p_steered)`` of the next-token distribution and the
-  change in next-token cross-entropy; resampled over tokens.
+- ``resid``: ``alpha * d_l`` at ``blocks.l.hook_resid_post``, ``d_l`` the diff-of-means direction;
+  control: a Gaussian direction of the same norm.
+- ``iti``: the top-``K`` heads by standardized gap, shifted by ``alpha * sigma * unit`` (ITI);
+  control: the same heads along random z-directions whose *write* ``|shift @ W_O|`` matches.
+- ``causal``: the same head shift on the ``K`` heads that activation patching ranked highest on the
+  training pairs (:func:`mechlie.patching.patch_final_position`), not the probe-ranked ones.
+- ``ablation``: project ``d_l`` out everywhere; control: a random direction projected out.
+- ``fv``: a function vector (optional module).
+- ``learned`` / ``lowrank``: a learned edit (:mod:`mechlie.edits`) at scale ``-alpha`` of its
+  trained size (``alpha = -1`` is the edit as trained); control: a random edit of the same size.
 
-Every intervention has a random control of the same size (a Gaussian direction rescaled to the
-same norm; for head shifts, the same heads and shift sizes along random unit directions; for
-ablation, a random unit direction), evaluated the same way.
+Effects of one setting on an evaluation set (:func:`evaluate`), each with a 95% bootstrap CI:
+
+- ``recovered``: on the *lying* prompts, the share of the honest-lying P(truth) gap closed,
+  ``(mean p_steered - mean p_lying) / (mean p_honest - mean p_lying)``; resampled over facts.
+- ``lie_rate``: among known facts (top-1 correct when honest), the share whose lying prompt's
+  top-1 is not the truth, before and after steering.
+- ``induced``: on the *honest* prompts, the same setting with alpha's sign flipped (toward lying).
+- ``honest_acc``: top-1 accuracy on honest prompts under the honesty-ward setting.
+- ``kl`` and ``delta_ce``: on neutral text (``mechlie/data/neutral.txt``), the token-weighted mean of
+  ``KL(p_clean || p_steered)`` per next-token distribution and the change in next-token
+  cross-entropy; the CI resamples *lines* (tokens of a line are not independent).
+- ``control``: ``n_controls`` random draws of the same size (:func:`controls`), reported as the
+  distribution of their effects (mean and 2.5-97.5% quantiles over draws) and the share of draws that
+  recover at least as much as the real setting.
 
 Cost: the answer metrics need only the final position, so the unembedding runs on that position
 alone (``return_type=None`` plus a hook on the final normalized residual).
@@ -27,25 +47,41 @@ alone (``return_type=None`` plus a hook on the final normalized residual).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 from importlib.resources import files
 from typing import Callable, Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
 
 from mechlie.activations import collect
-from mechlie.directions import split_by_fact
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
 from mechlie.steering import (
-    AddVectors, DirectionalAblation, HeadDirections, SteeringError, head_directions, random_head_shift,
-    random_like, residual_directions, steer,
+    AddVectors, DirectionalAblation, HeadDirections, HeadShift, Intervention, SteeringError, head_directions,
+    random_head_shift, random_like, residual_directions, steer,
 )
 
-KINDS: tuple[str, ...] = ("resid", "iti", "ablation", "fv")
+from mechlie.stats import Estimate, bootstrap, normalized_effect
+
+
+def spread(values: Sequence[float], level: float = 0.95) -> Estimate:
+    """Distribution of a control over its random draws: mean and the central ``level`` quantiles."""
+    v = torch.tensor([float(x) for x in values])
+    v = v[torch.isfinite(v)]
+    if len(v) == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    q = (1 - level) / 2
+    lo, hi = torch.quantile(v, torch.tensor([q, 1 - q])).tolist()
+    return Estimate(float(v.mean()), lo, hi, len(v))
+
+
+# ---------------------------------------------------------------------------------------------
+# forward passes
 
 
 def neutral_lines() -> list[str]:
@@ -53,20 +89,22 @@ def neutral_lines() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def batches(model, prompts: Sequence[str], batch_size: int) -> list[Batch]:
+def batches(model: HookedTransformer, prompts: Sequence[str], batch_size: int) -> list[Batch]:
     if len(prompts) == 0:
         raise PairError("no prompts")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return [tokenize(model, list(prompts[i : i + batch_size])) for i in range(0, len(prompts), batch_size)]
 
 
-def _final_hook_name(model) -> str:
+def _final_hook_name(model: HookedTransformer) -> str:
     if model.cfg.normalization_type is not None:
         return "ln_final.hook_normalized"
     return f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
 
 
 @torch.no_grad()
-def last_logits(model, bs: Sequence[Batch], interventions: Sequence = ()) -> Float[Tensor, "n vocab"]:
+def last_logits(model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()) -> Float[Tensor, "n vocab"]:
     """Next-token logits after each prompt's final token, under ``interventions``."""
     out = []
     with steer(model, *interventions):
@@ -80,141 +118,197 @@ def last_logits(model, bs: Sequence[Batch], interventions: Sequence = ()) -> Flo
 
 
 @torch.no_grad()
-def token_logprobs(model, bs: Sequence[Batch], interventions: Sequence = ()) -> list[Float[Tensor, "b pos vocab"]]:
+def token_logprobs(model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()) -> list[Float[Tensor, "b pos vocab"]]:
     with steer(model, *interventions):
         return [model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1).cpu() for b in bs]
 
 
-def neutral_effects(
-    model, bs: Sequence[Batch], clean: Sequence[Tensor], interventions: Sequence
-) -> tuple[Float[Tensor, " tok"], Float[Tensor, " tok"]]:
-    """Per real token: KL(clean || steered) of the next-token distribution, and Δ cross-entropy."""
-    kls, dces = [], []
+@dataclass(frozen=True)
+class NeutralEffects:
+    """Per neutral *line*: summed per-token KL and Δ cross-entropy, and how many tokens each has."""
+
+    kl_sum: Float[Tensor, " line"]
+    kl_tokens: Int[Tensor, " line"]
+    dce_sum: Float[Tensor, " line"]
+    dce_tokens: Int[Tensor, " line"]
+
+    @property
+    def kl(self) -> float:
+        """Token-weighted mean KL (nats per token)."""
+        return float(self.kl_sum.sum() / self.kl_tokens.sum().clamp_min(1))
+
+    def kl_stat(self) -> Callable[[Tensor], Tensor]:
+        return lambda i: self.kl_sum[i].sum() / self.kl_tokens[i].sum().clamp_min(1)
+
+    def dce_stat(self) -> Callable[[Tensor], Tensor]:
+        return lambda i: self.dce_sum[i].sum() / self.dce_tokens[i].sum().clamp_min(1)
+
+
+def neutral_effects(model: HookedTransformer, bs: Sequence[Batch], clean: Sequence[Tensor], interventions: Sequence[Intervention]) -> NeutralEffects:
+    """KL(clean || steered) of every real token's next-token distribution and Δ cross-entropy of
+    every real (t, t+1), summed per line (row)."""
+    kls, nk, dces, nd = [], [], [], []
     for b, lp_c, lp_s in zip(bs, clean, token_logprobs(model, bs, interventions)):
         real = b.attention_mask.bool().cpu()
         kl = (lp_c.exp() * (lp_c - lp_s)).sum(-1)
-        kls.append(kl[real])
+        kls.append((kl * real).sum(-1))
+        nk.append(real.sum(-1))
         # Cross-entropy of token t+1 from position t, where both are real tokens.
         tgt = b.tokens[:, 1:].cpu()
         both = real[:, 1:] & real[:, :-1]
         ce = lambda lp: -lp[:, :-1].gather(-1, tgt[..., None])[..., 0]
-        dces.append((ce(lp_s) - ce(lp_c))[both])
-    return torch.cat(kls), torch.cat(dces)
-
-
-# ---------------------------------------------------------------------------------------------
-# statistics
-
-
-@dataclass(frozen=True)
-class Estimate:
-    mean: float
-    lo: float  # 95% bootstrap percentile interval
-    hi: float
-
-    def __str__(self) -> str:
-        return f"{self.mean:.3f} [{self.lo:.3f}, {self.hi:.3f}]"
-
-
-def bootstrap(stat: Callable[[Tensor], Tensor], n: int, *, n_boot: int = 1000, seed: int = 0) -> Estimate:
-    """``stat(indices)`` on all ``n`` items, with a 95% percentile CI over resampled indices."""
-    if n == 0:
-        raise ValueError("bootstrap needs at least one item")
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (n_boot, n), generator=g)
-    boots = torch.stack([stat(i) for i in idx]).float()
-    boots = boots[torch.isfinite(boots)]
-    full = float(stat(torch.arange(n)))
-    if len(boots) == 0:
-        return Estimate(full, float("nan"), float("nan"))
-    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975])).tolist()
-    return Estimate(full, lo, hi)
+        dces.append(((ce(lp_s) - ce(lp_c)) * both).sum(-1))
+        nd.append(both.sum(-1))
+    return NeutralEffects(torch.cat(kls), torch.cat(nk), torch.cat(dces), torch.cat(nd))
 
 
 def gap_fraction(p: Tensor, lo: Tensor, hi: Tensor, toward_hi: bool = True) -> Callable[[Tensor], Tensor]:
     """Statistic: share of the (mean hi - mean lo) gap moved, from lo (or from hi if not toward_hi)."""
 
     def stat(i: Tensor) -> Tensor:
-        gap = hi[i].mean() - lo[i].mean()
-        moved = p[i].mean() - lo[i].mean() if toward_hi else hi[i].mean() - p[i].mean()
-        return moved / gap
+        if toward_hi:
+            return normalized_effect(p[i].mean(), lo[i].mean(), hi[i].mean())
+        return normalized_effect(p[i].mean(), hi[i].mean(), lo[i].mean())  # hi - p over hi - lo
 
     return stat
 
 
 # ---------------------------------------------------------------------------------------------
-# data and directions
+# splits and data
+
+
+@dataclass(frozen=True)
+class Split3:
+    train: list[int]
+    val: list[int]
+    test: list[int]
+
+
+def split_three(fact_ids: Sequence[str], *, val_frac: float = 0.2, test_frac: float = 0.3, seed: int = 0) -> Split3:
+    """Indices into ``fact_ids`` split train / validation / test so that no fact is on two sides."""
+    if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
+    facts = sorted(set(fact_ids))
+    if len(facts) < 3:
+        raise PairError(f"need at least 3 distinct facts for train / validation / test splits, got {len(facts)}")
+    random.Random(seed).shuffle(facts)
+    n = len(facts)
+    n_test = min(max(1, round(test_frac * n)), n - 2)
+    n_val = min(max(1, round(val_frac * n)), n - n_test - 1)
+    side = {f: "test" for f in facts[:n_test]} | {f: "val" for f in facts[n_test : n_test + n_val]}
+    out: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for i, f in enumerate(fact_ids):
+        out[side.get(f, "train")].append(i)
+    return Split3(out["train"], out["val"], out["test"])
+
+
+def split_lines(lines: Sequence[str], seed: int = 0, n_train: int = 16) -> tuple[list[str], list[str], list[str]]:
+    """Neutral lines split train (a learned edit's penalty) / validation / test, seeded."""
+    if len(lines) < n_train + 2:
+        raise ValueError(f"need at least {n_train + 2} neutral lines, got {len(lines)}")
+    order = list(lines)
+    random.Random(f"{seed}/neutral").shuffle(order)
+    rest = order[n_train:]
+    return order[:n_train], rest[: len(rest) // 2], rest[len(rest) // 2 :]
+
+
+@dataclass
+class EvalSet:
+    """One side of the split, tokenized once, with its unsteered baselines."""
+
+    name: str
+    pairs: list[ContrastPair]
+    answers: AnswerSet
+    honest: list[Batch]
+    lying: list[Batch]
+    base_honest: AnswerScores
+    base_lying: AnswerScores
+    neutral: list[Batch]  # this side's neutral lines
+    clean_neutral: list[Tensor]  # their unsteered log-probs
+
+
+def eval_set(model: HookedTransformer, name: str, pairs: Sequence[ContrastPair], neutral: Sequence[str], batch_size: int = 16) -> EvalSet:
+    if len(pairs) == 0:
+        raise PairError(f"the {name} set has no pairs")
+    answers = answer_set(model.tokenizer, pairs)
+    honest = batches(model, [p.honest for p in pairs], batch_size)
+    lying = batches(model, [p.lying for p in pairs], batch_size)
+    nb = batches(model, list(neutral), batch_size)
+    return EvalSet(
+        name, list(pairs), answers, honest, lying, score_logits(last_logits(model, honest), answers),
+        score_logits(last_logits(model, lying), answers), nb, token_logprobs(model, nb),
+    )
 
 
 @dataclass
 class SteeringData:
-    """Held-out evaluation data, baselines and the directions fitted on the training facts."""
+    """Split data, baselines, the directions fitted on the training facts, and learned edits."""
 
     train: list[ContrastPair]
-    test: list[ContrastPair]
-    answers: AnswerSet  # of the test pairs
-    honest: list[Batch]  # test prompts, tokenized once
-    lying: list[Batch]
-    neutral: list[Batch]
+    val: EvalSet
+    test: EvalSet
+    neutral_train: list[str]  # neutral lines a learned edit may train its KL penalty on
     resid_dirs: Float[Tensor, "layer d_model"]  # honest -> lying, at blocks.l.hook_resid_post
     heads: HeadDirections
-    base_honest: AnswerScores
-    base_lying: AnswerScores
-    clean_neutral: list[Tensor]  # unsteered log-probs on the neutral text
-    neutral_sweep: list[Batch] = field(default_factory=list)  # the first lines only, for sweeps
-    clean_neutral_sweep: list[Tensor] = field(default_factory=list)
-    fv: Float[Tensor, " d_model"] | None = None  # optional function vector
+    causal_heads: tuple[tuple[int, int], ...] = ()  # heads ranked by patching on training pairs
+    edits: dict[str, Intervention] = field(default_factory=dict)  # learned edits by name
+    extra: dict[str, EvalSet] = field(default_factory=dict)  # transfer sets (other relations / formats)
+    fv: Float[Tensor, " d_model"] | None = None
     fv_layer: int | None = None
 
 
 def prepare(
-    model, pairs: Sequence[ContrastPair], *, test_frac: float = 0.3, seed: int = 0, batch_size: int = 16,
-    n_neutral: int | None = None, n_neutral_sweep: int = 16, progress: bool = True,
+    model: HookedTransformer, pairs: Sequence[ContrastPair], *, val_frac: float = 0.2, test_frac: float = 0.3, seed: int = 0,
+    batch_size: int = 16, progress: bool = True,
 ) -> SteeringData:
-    """Split by fact, fit the directions on the training facts, and score the unsteered baselines.
+    """Split by fact (train / val / test), fit directions on train, score the baselines of val and test.
 
-    Sweeps measure KL on the first ``n_neutral_sweep`` neutral lines (cost); :func:`evaluate` on the
-    first ``n_neutral`` (default: all).
+    Args:
+        model: the model.
+        pairs: contrast pairs (honest, lying); at least 3 distinct facts.
+        val_frac, test_frac: shares of facts held out for validation and for test.
+
+    Returns:
+        :class:`SteeringData`; add learned edits with :mod:`mechlie.edits` and causal heads with
+        :func:`attach_causal_heads`.
+
+    Example:
+        >>> data = prepare(model, load_builtin("all", tokenizer=model.tokenizer, n=20))  # doctest: +SKIP
+        >>> best = choose(sweep(model, data, [Setting("resid", 8, -a) for a in (1, 2)]))  # doctest: +SKIP
+        >>> evaluate(model, data, best.setting)["recovered"]  # on the test facts  # doctest: +SKIP
     """
-    if len(pairs) == 0:
-        raise PairError("no pairs")
-    split = split_by_fact([p.fact_id for p in pairs], test_frac=test_frac, seed=seed)
+    split = split_three([p.fact_id for p in pairs], val_frac=val_frac, test_frac=test_frac, seed=seed)
     train = [pairs[i] for i in split.train]
-    test = [pairs[i] for i in split.test]
+    n_tr, n_va, n_te = split_lines(neutral_lines(), seed)
     kinds = ("z", "resid_post")
     h = collect(model, [p.honest for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train honest")
     li = collect(model, [p.lying for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train lying")
     rows = list(range(len(train)))
-    answers = answer_set(model.tokenizer, test)
-    data = SteeringData(
-        train=train, test=test, answers=answers,
-        honest=batches(model, [p.honest for p in test], batch_size),
-        lying=batches(model, [p.lying for p in test], batch_size),
-        neutral=batches(model, neutral_lines()[:n_neutral], batch_size),
+    return SteeringData(
+        train=train,
+        val=eval_set(model, "val", [pairs[i] for i in split.val], n_va, batch_size),
+        test=eval_set(model, "test", [pairs[i] for i in split.test], n_te, batch_size),
+        neutral_train=n_tr,
         resid_dirs=residual_directions(h["resid_post"], li["resid_post"], rows),
         heads=head_directions(h["z"], li["z"], rows),
-        base_honest=None, base_lying=None, clean_neutral=[],  # type: ignore[arg-type]
     )
-    data.base_honest = score_logits(last_logits(model, data.honest), answers)
-    data.base_lying = score_logits(last_logits(model, data.lying), answers)
-    data.clean_neutral = token_logprobs(model, data.neutral)
-    if n_neutral is not None and n_neutral <= n_neutral_sweep:  # the same lines: reuse
-        data.neutral_sweep, data.clean_neutral_sweep = data.neutral, data.clean_neutral
-    else:
-        data.neutral_sweep = batches(model, neutral_lines()[:n_neutral_sweep], batch_size)
-        data.clean_neutral_sweep = token_logprobs(model, data.neutral_sweep)
-    return data
 
 
-def attach_function_vector(model, data: SteeringData, layer: int, *, k: int = 10, max_train: int = 24, batch_size: int = 16) -> str | None:
-    """Build a lie function vector with :mod:`mechlie.function_vectors`, if that module works.
+def attach_causal_heads(model: HookedTransformer, data: SteeringData, *, max_pairs: int = 24, batch_size: int = 16, progress: bool = True) -> None:
+    """Rank heads by their patching effect (honest -> lying ``z`` at the final position) on at most
+    ``max_pairs`` *training* pairs, and store the ranking in ``data.causal_heads``."""
+    from mechlie.patching import patch_final_position
 
-    The FV (Todd et al. 2023; sum of the mean outputs of the top-``k`` heads by average indirect
-    effect on corrupted prompts) is built on at most ``max_train`` training pairs (the AIE costs a
-    pass per head). It is added like the residual direction (all positions, at ``layer``), with
-    positive alpha toward lying, which is the FV's own sign. The module is optional and written
-    separately, so any failure only means "absent": returns None on success, else the reason.
-    """
+    res = patch_final_position(model, data.train[:max_pairs], "z", batch_size=batch_size, progress=progress)
+    eff = res.effect("p_truth").nan_to_num(-float("inf"))
+    n_heads = eff.shape[-1]
+    order = eff.flatten().argsort(descending=True)
+    data.causal_heads = tuple((int(i) // n_heads, int(i) % n_heads) for i in order)
+
+
+def attach_function_vector(model: HookedTransformer, data: SteeringData, layer: int, *, k: int = 10, max_train: int = 24, batch_size: int = 16) -> str | None:
+    """Build a lie function vector with :mod:`mechlie.function_vectors` on training pairs, if that
+    module works (optional, written separately): returns None on success, else the reason."""
     try:
         from mechlie import function_vectors as fvm
         from mechlie.pairs import corrupted_fewshot
@@ -234,79 +328,146 @@ def attach_function_vector(model, data: SteeringData, layer: int, *, k: int = 10
 
 
 # ---------------------------------------------------------------------------------------------
-# interventions by kind
+# settings and the kind registry
 
 
-def intervention(data: SteeringData, kind: str, layer: int, alpha: float, *, k: int = 16, control: bool = False, seed: int = 0):
-    """The intervention of ``kind`` (its random control if ``control``). ``alpha < 0`` = toward honesty.
+@dataclass(frozen=True)
+class Setting:
+    kind: str
+    layer: int  # -1 for kinds that span layers (head kinds, learned edits)
+    alpha: float  # signed: < 0 toward honesty, > 0 toward lying
+    param: str = ""  # K heads for head kinds; the edit's name for learned kinds
 
-    ``resid``: ``alpha * diff-of-means`` added at ``layer``. ``iti``: top-``k`` heads shifted by
-    ``alpha * sigma``. ``ablation``: the ``layer`` direction projected out everywhere (``alpha``
-    only selects whether it is applied: ``alpha == 0`` = nothing). ``fv``: ``alpha * fv`` at
-    ``data.fv_layer`` (the FV is built to induce lying, so it already points honest -> lying).
-    """
-    if kind == "resid":
-        v = data.resid_dirs[layer]
-        return AddVectors({layer: random_like(v, seed + layer) if control else v}, alpha)
-    if kind == "iti":
-        shift = data.heads.top(k, alpha)
-        return random_head_shift(shift, seed) if control else shift
-    if kind == "ablation":
-        v = data.resid_dirs[layer]
-        if alpha == 0:
-            return AddVectors({layer: v}, 0.0)
-        return DirectionalAblation(random_like(v, seed + layer) if control else v)
-    if kind == "fv":
-        if data.fv is None:
-            raise SteeringError("no function vector attached")
-        v = data.fv
-        return AddVectors({data.fv_layer: random_like(v, seed) if control else v}, alpha)
-    raise SteeringError(f"unknown direction kind {kind!r}; kinds: {KINDS}")
+    def flipped(self) -> "Setting":
+        return replace(self, alpha=-self.alpha)
+
+
+Build = Callable[[HookedTransformer, SteeringData, Setting], Intervention]
+Control = Callable[[HookedTransformer, SteeringData, Setting, int], Intervention]
+
+
+@dataclass(frozen=True)
+class Kind:
+    build: Build
+    control: Control  # (model, data, setting, seed): a random intervention of the same size
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(name: str, build: Build, control: Control) -> None:
+    """Add an intervention kind: ``build`` makes it from a setting, ``control`` its random control."""
+    KINDS[name] = Kind(build, control)
+
+
+def intervention(model: HookedTransformer, data: SteeringData, setting: Setting, *, control_seed: int | None = None) -> Intervention:
+    """The intervention for ``setting``, or its random control (seeded) if ``control_seed`` is given."""
+    kind = KINDS.get(setting.kind)
+    if kind is None:
+        raise SteeringError(f"unknown kind {setting.kind!r}; kinds: {sorted(KINDS)}")
+    return kind.build(model, data, setting) if control_seed is None else kind.control(model, data, setting, control_seed)
+
+
+def _layer_dir(data: SteeringData, s: Setting) -> Tensor:
+    if not 0 <= s.layer < len(data.resid_dirs):
+        raise SteeringError(f"layer {s.layer} out of range: {len(data.resid_dirs)} layers")
+    return data.resid_dirs[s.layer]
+
+
+def _k(s: Setting) -> int:
+    try:
+        return int(s.param)
+    except ValueError:
+        raise SteeringError(f"kind {s.kind!r} needs param = K heads, got {s.param!r}") from None
+
+
+def _causal_shift(data: SteeringData, s: Setting) -> HeadShift:
+    k = _k(s)
+    if not 0 < k <= len(data.causal_heads):
+        raise SteeringError(f"causal kind needs 1..{len(data.causal_heads)} patched heads (attach_causal_heads first), got K={k}")
+    heads = data.causal_heads[:k]
+    units = torch.stack([data.heads.units[l, h] for l, h in heads])
+    sigmas = torch.stack([data.heads.sigmas[l, h] for l, h in heads])
+    return HeadShift(heads, units, sigmas, s.alpha)
+
+
+def _edit(data: SteeringData, s: Setting):
+    if s.param not in data.edits:
+        raise SteeringError(f"no learned edit named {s.param!r}; edits: {sorted(data.edits)}")
+    return data.edits[s.param]
+
+
+def _fv(data: SteeringData) -> tuple[int, Tensor]:
+    if data.fv is None or data.fv_layer is None:
+        raise SteeringError("no function vector attached")
+    return data.fv_layer, data.fv
+
+
+def _ablation(v: Tensor, s: Setting) -> Intervention:
+    # alpha only says whether it is applied: ablation has no strength.
+    return DirectionalAblation(v) if s.alpha != 0 else AddVectors({s.layer: v}, 0.0)
+
+
+register_kind("resid", lambda m, d, s: AddVectors({s.layer: _layer_dir(d, s)}, s.alpha),
+              lambda m, d, s, seed: AddVectors({s.layer: random_like(_layer_dir(d, s), seed)}, s.alpha))
+register_kind("iti", lambda m, d, s: d.heads.top(_k(s), s.alpha),
+              lambda m, d, s, seed: random_head_shift(d.heads.top(_k(s), s.alpha), m, seed))
+register_kind("causal", lambda m, d, s: _causal_shift(d, s),
+              lambda m, d, s, seed: random_head_shift(_causal_shift(d, s), m, seed))
+register_kind("ablation", lambda m, d, s: _ablation(_layer_dir(d, s), s),
+              lambda m, d, s, seed: _ablation(random_like(_layer_dir(d, s), seed), s))
+register_kind("fv", lambda m, d, s: AddVectors({_fv(d)[0]: _fv(d)[1]}, s.alpha),
+              lambda m, d, s, seed: AddVectors({_fv(d)[0]: random_like(_fv(d)[1], seed)}, s.alpha))
+for _name in ("learned", "lowrank"):
+    register_kind(_name, lambda m, d, s: _edit(d, s).scaled(s.alpha),
+                  lambda m, d, s, seed: _edit(d, s).random_control(seed).scaled(s.alpha))
 
 
 # ---------------------------------------------------------------------------------------------
-# sweep and full evaluation
+# sweep on validation, choice, evaluation on test
 
 
 @dataclass(frozen=True)
 class SweepPoint:
-    kind: str
-    control: bool  # random direction of the same size
-    layer: int  # -1 for kinds that span layers (ITI)
-    strength: float  # |alpha|; the sweep steers lying prompts toward honesty (alpha = -strength)
-    p_truth: float  # mean P(truth) on lying test prompts, steered
+    setting: Setting
+    split: str  # which evaluation set it was measured on ("val" for choosing)
+    p_truth: float  # mean P(truth) on that set's lying prompts, steered
     recovered: float  # share of the honest-lying P(truth) gap closed
-    kl: float  # mean per-token KL on (the sweep's share of) the neutral text
+    kl: float  # token-weighted mean KL on that set's neutral lines
+
+    @property
+    def kind(self) -> str:
+        return self.setting.kind
+
+    @property
+    def layer(self) -> int:
+        return self.setting.layer
+
+    @property
+    def alpha(self) -> float:
+        return self.setting.alpha
 
 
-def sweep_point(model, data: SteeringData, kind: str, layer: int, strength: float, *, k: int = 16, control: bool = False) -> SweepPoint:
-    iv = intervention(data, kind, layer, -strength, k=k, control=control)
-    s = score_logits(last_logits(model, data.lying, [iv]), data.answers)
-    kl, _ = neutral_effects(model, data.neutral_sweep, data.clean_neutral_sweep, [iv])
-    hi, lo = data.base_honest.p_truth.mean(), data.base_lying.p_truth.mean()
-    rec = float((s.p_truth.mean() - lo) / (hi - lo))
-    return SweepPoint(kind, control, layer, strength, float(s.p_truth.mean()), rec, float(kl.mean()))
+def _recovered(s: AnswerScores, es: EvalSet) -> float:
+    return float(normalized_effect(s.p_truth.mean(), es.base_lying.p_truth.mean(), es.base_honest.p_truth.mean()))
 
 
-def sweep(
-    model, data: SteeringData, *, kinds: Sequence[str], layers: Sequence[int], strengths: Sequence[float],
-    iti_strengths: Sequence[float], k: int = 16, controls: bool = True, progress: bool = True,
-) -> list[SweepPoint]:
-    """Dose-response grid: per kind (and, with ``controls``, its random control), layers x strengths."""
-    jobs = []
-    for kind in kinds:
-        if kind == "iti":
-            grid = [(-1, a) for a in iti_strengths]
-        elif kind == "ablation":
-            grid = [(l, 1.0) for l in layers]
-        elif kind == "fv":
-            grid = [(data.fv_layer, a) for a in strengths]
-        else:
-            grid = [(l, a) for l in layers for a in strengths]
-        jobs += [(kind, l, a, c) for c in ((False, True) if controls else (False,)) for l, a in grid]
+def measure(model: HookedTransformer, es: EvalSet, iv: Intervention) -> tuple[AnswerScores, NeutralEffects]:
+    """Lying prompts' scores and neutral-text effects of one intervention on one evaluation set."""
+    return score_logits(last_logits(model, es.lying, [iv]), es.answers), neutral_effects(model, es.neutral, es.clean_neutral, [iv])
+
+
+def sweep(model: HookedTransformer, data: SteeringData, settings: Sequence[Setting], *, on: str = "val", progress: bool = True) -> list[SweepPoint]:
+    """Score each setting on ``data.val`` (default): the grid hyperparameters are chosen from.
+
+    Only the validation set is read (``on="test"`` exists for figures of the whole grid on test,
+    never for choosing).
+    """
+    es = {"val": data.val, "test": data.test}[on]
     out = []
-    for kind, l, a, c in tqdm(jobs, desc="sweep", disable=not progress):
-        out.append(sweep_point(model, data, kind, l, a, k=k, control=c))
+    for s in tqdm(settings, desc=f"sweep ({on})", disable=not progress):
+        scores, ne = measure(model, es, intervention(model, data, s))
+        out.append(SweepPoint(s, es.name, float(scores.p_truth.mean()), _recovered(scores, es), ne.kl))
     return out
 
 
@@ -321,43 +482,78 @@ def pareto(points: Sequence[SweepPoint]) -> list[SweepPoint]:
 
 
 def choose(points: Sequence[SweepPoint], kl_budget: float = 0.1) -> SweepPoint:
-    """Most recovery within the KL budget; if none fits, the lowest-KL point."""
+    """Most recovery within the KL budget; if none fits, the lowest-KL point. Validation points only."""
+    if not points:
+        raise ValueError("no sweep points to choose from")
+    if any(p.split != "val" for p in points):
+        raise ValueError("hyperparameters are chosen on validation points only")
     ok = [p for p in points if p.kl <= kl_budget]
     return max(ok, key=lambda p: p.recovered) if ok else min(points, key=lambda p: p.kl)
 
 
-def evaluate(model, data: SteeringData, kind: str, layer: int, strength: float, *, k: int = 16, control: bool = False, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Every effect of one intervention on the test facts and neutral text, with 95% CIs."""
-    toward_honest = intervention(data, kind, layer, -strength, k=k, control=control)
-    toward_lying = intervention(data, kind, layer, +strength, k=k, control=control) if kind != "ablation" else None
-    hp, lp = data.base_honest.p_truth, data.base_lying.p_truth
+def controls(model: HookedTransformer, data: SteeringData, setting: Setting, es: EvalSet, *, n_draws: int = 16, seed: int = 0, progress: bool = False) -> dict:
+    """``n_draws`` random interventions of the same size: their effects' distribution over draws."""
+    rec, kl, lie = [], [], []
+    known = es.base_honest.correct
+    for j in tqdm(range(n_draws), desc="controls", disable=not progress):
+        scores, ne = measure(model, es, intervention(model, data, setting, control_seed=seed + 1000 * j + 1))
+        rec.append(_recovered(scores, es))
+        kl.append(ne.kl)
+        lie.append(float(1 - scores.correct[known].float().mean()) if known.any() else float("nan"))
+    return {"n_draws": n_draws, "recovered": spread(rec), "kl": spread(kl), "lie_rate": spread(lie), "recovered_draws": rec, "kl_draws": kl}
+
+
+def evaluate(
+    model: HookedTransformer, data: SteeringData, setting: Setting, *, on: str = "test", n_controls: int = 16, n_boot: int = 1000, seed: int = 0,
+) -> dict:
+    """Every effect of one setting on the test facts and test neutral lines, with 95% CIs, and its
+    random control from ``n_controls`` draws.
+
+    Args:
+        setting: the (validation-chosen) setting; ``alpha < 0`` steers toward honesty.
+        on: ``"test"`` (reported numbers) or the name of a transfer set in ``data.extra``.
+
+    Returns:
+        dict of :class:`Estimate` (and the control's distribution under ``"control"``).
+    """
+    es = data.test if on == "test" else data.extra[on]
+    iv = intervention(model, data, setting)
+    hp, lp = es.base_honest.p_truth, es.base_lying.p_truth
     n = len(hp)
-    lying_s = score_logits(last_logits(model, data.lying, [toward_honest]), data.answers)
-    honest_s = score_logits(last_logits(model, data.honest, [toward_honest]), data.answers)
-    known = data.base_honest.correct
-    kl, dce = neutral_effects(model, data.neutral, data.clean_neutral, [toward_honest])
+    known = es.base_honest.correct
+    lying_s, ne = measure(model, es, iv)
+    honest_s = score_logits(last_logits(model, es.honest, [iv]), es.answers)
+    b = lambda stat, m=n: bootstrap(stat, m, n_boot=n_boot, seed=seed)
+    lie = lambda s: (lambda i: 1 - s.correct[i][known[i]].float().mean())
     res = {
-        "kind": kind, "control": control, "layer": layer, "strength": strength, "k": k if kind == "iti" else None,
-        "n_test_facts": n, "n_known": int(known.sum()), "n_neutral_tokens": len(kl),
-        "p_truth_lying_steered": bootstrap(lambda i: lying_s.p_truth[i].mean(), n, n_boot=n_boot, seed=seed),
-        "recovered": bootstrap(gap_fraction(lying_s.p_truth, lp, hp), n, n_boot=n_boot, seed=seed),
-        "lie_rate_steered": bootstrap(lambda i: 1 - lying_s.correct[i][known[i]].float().mean(), n, n_boot=n_boot, seed=seed),
-        "honest_acc_steered": bootstrap(lambda i: honest_s.correct[i].float().mean(), n, n_boot=n_boot, seed=seed),
-        "kl": bootstrap(lambda i: kl[i].mean(), len(kl), n_boot=n_boot, seed=seed),
-        "delta_ce": bootstrap(lambda i: dce[i].mean(), len(dce), n_boot=n_boot, seed=seed),
+        "setting": setting, "on": es.name, "n_facts": n, "n_known": int(known.sum()), "n_neutral_lines": len(ne.kl_sum),
+        "n_neutral_tokens": int(ne.kl_tokens.sum()),
+        "p_truth_lying_steered": b(lambda i: lying_s.p_truth[i].mean()),
+        "recovered": b(gap_fraction(lying_s.p_truth, lp, hp)),
+        "lie_rate_before": b(lie(es.base_lying)),
+        "lie_rate_steered": b(lie(lying_s)),
+        "honest_acc_before": b(lambda i: es.base_honest.correct[i].float().mean()),
+        "honest_acc_steered": b(lambda i: honest_s.correct[i].float().mean()),
+        "kl": b(ne.kl_stat(), len(ne.kl_sum)),
+        "delta_ce": b(ne.dce_stat(), len(ne.dce_sum)),
     }
-    if toward_lying is not None:
-        induced_s = score_logits(last_logits(model, data.honest, [toward_lying]), data.answers)
-        res["p_truth_honest_induced"] = bootstrap(lambda i: induced_s.p_truth[i].mean(), n, n_boot=n_boot, seed=seed)
-        res["induced"] = bootstrap(gap_fraction(induced_s.p_truth, lp, hp, toward_hi=False), n, n_boot=n_boot, seed=seed)
+    if setting.kind != "ablation":
+        induced = score_logits(last_logits(model, es.honest, [intervention(model, data, setting.flipped())]), es.answers)
+        res["p_truth_honest_induced"] = b(lambda i: induced.p_truth[i].mean())
+        res["induced"] = b(gap_fraction(induced.p_truth, lp, hp, toward_hi=False))
+        res["lie_rate_induced"] = b(lie(induced))
+    if n_controls > 0:
+        c = controls(model, data, setting, es, n_draws=n_controls, seed=seed)
+        c["share_recovering_at_least_real"] = sum(r >= res["recovered"].mean for r in c["recovered_draws"]) / n_controls
+        res["control"] = c
     return res
 
 
-def baseline_summary(data: SteeringData, n_boot: int = 1000, seed: int = 0) -> dict:
-    h, l = data.base_honest, data.base_lying
+def baseline_summary(es: EvalSet, n_boot: int = 1000, seed: int = 0) -> dict:
+    h, l = es.base_honest, es.base_lying
     n, known = len(h.p_truth), h.correct
     return {
-        "n_train_facts": len({p.fact_id for p in data.train}), "n_test_facts": n, "n_known": int(known.sum()),
+        "set": es.name, "n_facts": len({p.fact_id for p in es.pairs}), "n_pairs": n, "n_known": int(known.sum()),
         "p_truth_honest": bootstrap(lambda i: h.p_truth[i].mean(), n, n_boot=n_boot, seed=seed),
         "p_truth_lying": bootstrap(lambda i: l.p_truth[i].mean(), n, n_boot=n_boot, seed=seed),
         "honest_acc": bootstrap(lambda i: h.correct[i].float().mean(), n, n_boot=n_boot, seed=seed),
@@ -365,70 +561,14 @@ def baseline_summary(data: SteeringData, n_boot: int = 1000, seed: int = 0) -> d
     }
 
 
-# ---------------------------------------------------------------------------------------------
-# figures (returned, never shown; save with mechlie.plotting.save_figure)
+def lying_rows(es: EvalSet) -> list[int]:
+    """Rows where the model actually lies: top-1 truth when honest, top-1 not the truth when lying."""
+    return [i for i in range(len(es.pairs)) if bool(es.base_honest.correct[i]) and not bool(es.base_lying.correct[i])]
 
 
-def dose_heatmap(points: Sequence[SweepPoint], kind: str, metric: str = "p_truth", *, control: bool = False):
-    """|alpha| x layer heatmap of ``metric`` ("p_truth", "recovered" or "kl") for one kind."""
-    from mechlie.plotting import heatmap
-
-    mine = [p for p in points if p.kind == kind and p.control == control]
-    if not mine:
-        raise ValueError(f"no sweep points for kind {kind!r} (control={control})")
-    layers = sorted({p.layer for p in mine})
-    strengths = sorted({p.strength for p in mine})
-    grid = torch.full((len(strengths), len(layers)), float("nan"))
-    for p in mine:
-        grid[strengths.index(p.strength), layers.index(p.layer)] = getattr(p, metric)
-    label = {"p_truth": "P(truth), lying prompts", "recovered": "gap recovered", "kl": "KL on neutral text (nats)"}[metric]
-    name = f"{kind} (random direction)" if control else kind
-    fig = heatmap(
-        grid, f"{label}: {name}, steered toward honesty", x_label="layer", y_label="|alpha|", colorbar=metric,
-        x_ticks=[str(l) for l in layers], y_ticks=[f"{s:g}" for s in strengths],
-        text=[[f"{v:.3f}" for v in row] for row in grid.tolist()],
-    )
-    return fig.update_traces(texttemplate="%{text}")  # print the values in the cells
-
-
-def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None):
-    """Honesty recovered vs KL on neutral text: every sweep point, Pareto frontier as a line.
-
-    ``evaluated[kind][control]`` (results of :func:`evaluate`) adds the chosen points and their
-    random controls with 95% CIs on both axes.
-    """
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for kind, by_control in (evaluated or {}).items():
-        for control, r in by_control.items():
-            rec, kl = r["recovered"], r["kl"]
-            fig.add_trace(go.Scatter(
-                x=[kl.mean], y=[rec.mean], mode="markers", name=f"{kind}{' random' if control else ''} (chosen, 95% CI)",
-                marker={"symbol": "x-open" if control else "diamond", "size": 13},
-                error_x={"type": "data", "symmetric": False, "array": [kl.hi - kl.mean], "arrayminus": [kl.mean - kl.lo]},
-                error_y={"type": "data", "symmetric": False, "array": [rec.hi - rec.mean], "arrayminus": [rec.mean - rec.lo]},
-            ))
-    for kind in dict.fromkeys(p.kind for p in points):
-        for control in (False, True):
-            mine = [p for p in points if p.kind == kind and p.control == control]
-            if not mine:
-                continue
-            name = f"{kind} random" if control else kind
-            front = pareto(mine)
-            fig.add_trace(go.Scatter(
-                x=[p.kl for p in mine], y=[p.recovered for p in mine], mode="markers", name=name,
-                text=[f"layer {p.layer}, |alpha| {p.strength:g}" for p in mine],
-                marker={"symbol": "x" if control else "circle", "size": 9},
-            ))
-            fig.add_trace(go.Scatter(
-                x=[p.kl for p in front], y=[p.recovered for p in front], mode="lines", name=f"{name} frontier",
-                line={"dash": "dot" if control else "solid"},
-            ))
-    fig.add_hline(y=1.0, line_dash="dash", annotation_text="honest baseline")
-    fig.update_layout(
-        title="Honesty recovered on held-out lying prompts vs side effects on neutral text",
-        xaxis_title="mean KL(clean || steered) per token (nats)", yaxis_title="share of honest-lying P(truth) gap closed",
-        xaxis_type="log", width=900, height=550,
-    )
-    return fig
+__all__ = [
+    "EvalSet", "Estimate", "Kind", "KINDS", "NeutralEffects", "Setting", "Split3", "SteeringData", "SweepPoint",
+    "attach_causal_heads", "attach_function_vector", "baseline_summary", "batches", "bootstrap", "choose", "controls",
+    "eval_set", "evaluate", "gap_fraction", "intervention", "last_logits", "lying_rows", "measure", "neutral_effects",
+    "neutral_lines", "pareto", "prepare", "register_kind", "split_lines", "split_three", "spread", "sweep", "token_logprobs",
+]

@@ -9,7 +9,7 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mechlie.steering import (
-    AddVectors, DirectionalAblation, HeadShift, SteeringError, head_directions, random_head_shift,
+    AddVectors, DirectionalAblation, HeadShift, Intervention, SteeringError, head_directions, head_write, random_head_shift,
     random_like, residual_directions, steer,
 )
 
@@ -146,8 +146,6 @@ def test_directions_recover_planted_signal():
     assert torch.nn.functional.cosine_similarity(hd.units[1, 2], planted, dim=0) > 0.95
     shift = hd.top(1, alpha=1.0)
     assert shift.heads == ((1, 2),)
-    rnd = random_head_shift(shift, seed=1)
-    torch.testing.assert_close(rnd.units.norm(dim=-1), torch.ones(1))
     # residual: planted direction, and the held-out rows are never used
     resid_planted = torch.randn(d, generator=g)
     h = torch.randn(n, L, d, generator=g)
@@ -157,3 +155,65 @@ def test_directions_recover_planted_signal():
     torch.testing.assert_close(dirs, resid_planted.expand(L, d))
     r = random_like(dirs, seed=0)
     torch.testing.assert_close(r.norm(dim=-1), dirs.norm(dim=-1))
+
+
+@torch.no_grad()
+def test_random_head_shift_matches_the_write_to_the_residual_stream():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(100)  # not one of the control seeds below
+    units = torch.nn.functional.normalize(torch.randn(3, 8, generator=g), dim=-1)
+    shift = HeadShift(((0, 1), (1, 2), (2, 0)), units, torch.tensor([0.5, 1.0, 2.0]), -2.0)
+    real = head_write(shift, model)
+    for seed in range(4):
+        rnd = random_head_shift(shift, model, seed=seed)
+        torch.testing.assert_close(rnd.units.norm(dim=-1), torch.ones(3))
+        torch.testing.assert_close(head_write(rnd, model), real, atol=1e-4, rtol=1e-4)
+        assert rnd.heads == shift.heads and rnd.alpha == shift.alpha
+        assert (rnd.units * units).sum(-1).abs().max() < 0.99  # a different direction
+    # and the measured change of attn_out has that norm
+    tokens = TOKENS[:1]
+    _, clean = model.run_with_cache(tokens, names_filter="blocks.1.hook_attn_out")
+    one = HeadShift(((1, 2),), units[1:2], torch.tensor([1.0]), -2.0)
+    with steer(model, random_head_shift(one, model, seed=7)):
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_attn_out")
+    moved = (cache["blocks.1.hook_attn_out"] - clean["blocks.1.hook_attn_out"]).norm(dim=-1)
+    torch.testing.assert_close(moved, head_write(one, model).expand_as(moved), atol=1e-4, rtol=1e-4)
+
+
+class Clamp:
+    """A user-defined intervention, written outside mechlie: clamp the residual stream's component
+    along ``u`` at one layer to ``value`` (as one would clamp an SAE feature)."""
+
+    def __init__(self, layer: int, u: torch.Tensor, value: float):
+        self.layer, self.u, self.value = layer, u / u.norm(), value
+
+    def validate(self, model) -> None:
+        if self.u.shape != (model.cfg.d_model,):
+            raise SteeringError("clamp direction has the wrong width")
+
+    def hooks(self, model, state):
+        def fn(act, hook):
+            return act + (self.value - act @ self.u)[..., None] * self.u
+
+        return [(f"blocks.{self.layer}.hook_resid_post", fn)]
+
+
+@torch.no_grad()
+def test_user_defined_intervention_plugs_into_steer():
+    model = tiny_model()
+    u = torch.randn(32, generator=torch.Generator().manual_seed(4))
+    clamp = Clamp(1, u, 3.0)
+    assert isinstance(clamp, Intervention)
+    _, clean = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
+    assert ((clean["blocks.1.hook_resid_post"] @ clamp.u) - 3.0).abs().min() > 1e-2
+    with steer(model, clamp, AddVectors({0: torch.zeros(32)}, 1.0)):
+        _, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
+    torch.testing.assert_close(cache["blocks.1.hook_resid_post"] @ clamp.u, torch.full((2, 6), 3.0), atol=1e-4, rtol=1e-4)
+    assert no_hooks_left(model)
+    with pytest.raises(SteeringError, match="width"):
+        with steer(model, Clamp(1, torch.ones(16), 0.0)):
+            pass
+    with pytest.raises(SteeringError, match="not an Intervention"):
+        with steer(model, object()):
+            pass
+    assert no_hooks_left(model)

@@ -1,13 +1,18 @@
-"""Effect metrics of steering: bootstrap, gap fraction, KL on text, Pareto frontier (tiny models)."""
+"""Steering evaluation: KL per line, splits, the kind registry, validation-only choice, controls (tiny models)."""
 
 from __future__ import annotations
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+import pytest
+
+from conftest import no_hooks, tiny_model as word_model
 from mechlie import steering_eval as se
-from mechlie.pairs import Batch
-from mechlie.steering import AddVectors
+from mechlie import steering_figures as sf
+from mechlie.pairs import Batch, PairError
+from mechlie.steering import AddVectors, SteeringError
+from steer_fixtures import word_pairs
 
 
 def tiny_model() -> HookedTransformer:
@@ -41,45 +46,128 @@ def test_last_logits_match_full_forward_and_steering_changes_them():
 def test_neutral_effects_zero_for_no_op_and_positive_otherwise():
     model = tiny_model()
     clean = se.token_logprobs(model, [BATCH])
-    kl, dce = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: torch.ones(32)}, 0.0)])
-    assert len(kl) == 8 and len(dce) == 6  # real tokens; real (t, t+1) pairs
-    assert kl.abs().max() < 1e-6 and dce.abs().max() < 1e-6
+    ne = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: torch.ones(32)}, 0.0)])
+    assert ne.kl_tokens.tolist() == [3, 5] and ne.dce_tokens.tolist() == [2, 4]  # real tokens; real (t, t+1) pairs per line
+    assert ne.kl_sum.abs().max() < 1e-6 and ne.dce_sum.abs().max() < 1e-6
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
-    kl, _ = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: v - v.mean()}, 5.0)])
-    assert (kl > 1e-3).all()
+    ne = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: v - v.mean()}, 5.0)])
+    assert (ne.kl_sum > 1e-3).all()
+    # the reported KL is the token-weighted mean, and its CI statistic resamples lines
+    assert abs(ne.kl - float(ne.kl_sum.sum() / 8)) < 1e-6
+    assert abs(float(ne.kl_stat()(torch.tensor([1, 1]))) - float(ne.kl_sum[1] / 5)) < 1e-6
 
 
-def test_gap_fraction_and_bootstrap():
+def test_gap_fraction():
     lo, hi = torch.tensor([0.2, 0.4, 0.3]), torch.tensor([0.8, 0.9, 0.7])
     p = lo + 0.5 * (hi - lo)
-    est = se.bootstrap(se.gap_fraction(p, lo, hi), 3, n_boot=200)
-    assert abs(est.mean - 0.5) < 1e-6 and est.lo <= 0.5 + 1e-6 <= est.hi + 2e-6
-    drop = se.bootstrap(se.gap_fraction(lo, lo, hi, toward_hi=False), 3, n_boot=50)
-    assert abs(drop.mean - 1.0) < 1e-6
-    noisy = se.bootstrap(lambda i: torch.arange(10.0)[i].mean(), 10, n_boot=500, seed=1)
-    assert noisy.lo < 4.5 < noisy.hi
+    assert abs(float(se.gap_fraction(p, lo, hi)(torch.arange(3))) - 0.5) < 1e-6
+    assert abs(float(se.gap_fraction(lo, lo, hi, toward_hi=False)(torch.arange(3))) - 1.0) < 1e-6
+    assert abs(float(se.gap_fraction(hi, lo, hi, toward_hi=False)(torch.arange(3)))) < 1e-6
 
 
-def test_pareto_and_choose():
-    P = lambda kl, rec: se.SweepPoint("resid", False, 0, 1.0, 0.5, rec, kl)
+def test_split_three_by_fact_and_too_few_facts():
+    ids = [f"f{i // 2}" for i in range(40)]  # 20 facts, two rows each
+    sp = se.split_three(ids, val_frac=0.2, test_frac=0.3, seed=1)
+    assert sorted(sp.train + sp.val + sp.test) == list(range(40))
+    facts = [{ids[i] for i in side} for side in (sp.train, sp.val, sp.test)]
+    assert not (facts[0] & facts[1]) and not (facts[0] & facts[2]) and not (facts[1] & facts[2])
+    assert [len(f) for f in facts] == [10, 4, 6]
+    assert len(se.split_three(["a", "b", "c"]).val) == 1
+    with pytest.raises(PairError, match="at least 3 distinct facts"):
+        se.split_three(["a", "a", "b"])
+    with pytest.raises(ValueError):
+        se.split_three(ids, val_frac=0.5, test_frac=0.5)
+    tr, va, te = se.split_lines(se.neutral_lines(), seed=0)
+    assert len(tr) == 16 and not (set(tr) & set(va)) and not (set(va) & set(te)) and len(va) + len(te) == len(se.neutral_lines()) - 16
+
+
+def test_pareto_and_choose_on_validation_only():
+    P = lambda kl, rec, split="val": se.SweepPoint(se.Setting("resid", 0, -1.0), split, 0.5, rec, kl)
     pts = [P(0.01, 0.2), P(0.05, 0.1), P(0.08, 0.6), P(0.5, 0.9), P(0.6, 0.7)]
     assert [(p.kl, p.recovered) for p in se.pareto(pts)] == [(0.01, 0.2), (0.08, 0.6), (0.5, 0.9)]
     assert se.choose(pts, 0.1).recovered == 0.6
     assert se.choose(pts, 0.001).kl == 0.01
+    with pytest.raises(ValueError, match="validation"):
+        se.choose(pts + [P(0.01, 0.99, "test")], 0.1)
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    model = word_model()
+    data = se.prepare(model, word_pairs(), val_frac=0.34, test_frac=0.34, progress=False)
+    return model, data
+
+
+class Poisoned:
+    """Stands in for the test set: any use of it fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the validation choice read the test set ({name})")
+
+
+def test_validation_choice_never_reads_test_data(prepared):
+    model, data = prepared
+    assert {p.fact_id for p in data.val.pairs}.isdisjoint(p.fact_id for p in data.test.pairs)
+    assert {p.fact_id for p in data.train}.isdisjoint(p.fact_id for p in data.test.pairs + data.val.pairs)
+    grid = [se.Setting("resid", l, -a) for l in (0, 2) for a in (1.0, 4.0)] + [se.Setting("iti", -1, -2.0, "2")]
+    blind = se.SteeringData(**{**data.__dict__, "test": Poisoned()})
+    best = se.choose(se.sweep(model, blind, grid, progress=False), kl_budget=1.0)
+    assert best.split == "val"
+    # and the choice is what validation says: it equals the choice made with the real test set there
+    assert best == se.choose(se.sweep(model, data, grid, progress=False), kl_budget=1.0)
+    # the same grid swept on test is allowed for figures, but choose() refuses it
+    with pytest.raises(ValueError, match="validation"):
+        se.choose(se.sweep(model, data, grid, on="test", progress=False))
+
+
+def test_kind_registry_and_controls_of_the_same_size(prepared):
+    model, data = prepared
+    with pytest.raises(SteeringError, match="unknown kind"):
+        se.intervention(model, data, se.Setting("nope", 0, -1.0))
+    s = se.Setting("resid", 1, -2.0)
+    real = se.intervention(model, data, s)
+    draws = [se.intervention(model, data, s, control_seed=j) for j in range(5)]
+    for d in draws:
+        torch.testing.assert_close(d.vectors[1].norm(), real.vectors[1].norm(), atol=1e-4, rtol=1e-4)
+        assert d.alpha == real.alpha
+    assert len({round(float(d.vectors[1][0]), 6) for d in draws}) == 5  # distinct draws
+    c = se.controls(model, data, s, data.val, n_draws=6)
+    assert c["n_draws"] == 6 and len(c["recovered_draws"]) == 6 and len(set(c["kl_draws"])) == 6
+    assert c["recovered"].lo <= c["recovered"].mean <= c["recovered"].hi
+
+
+def test_user_registered_kind(prepared):
+    model, data = prepared
+    se.register_kind("twice_resid", lambda m, d, s: AddVectors({s.layer: 2 * d.resid_dirs[s.layer]}, s.alpha),
+                     lambda m, d, s, seed: AddVectors({s.layer: 2 * se.random_like(d.resid_dirs[s.layer], seed)}, s.alpha))
+    try:
+        a = se.sweep(model, data, [se.Setting("twice_resid", 1, -1.0)], progress=False)[0]
+        b = se.sweep(model, data, [se.Setting("resid", 1, -2.0)], progress=False)[0]
+        assert abs(a.recovered - b.recovered) < 1e-4 and abs(a.kl - b.kl) < 1e-5
+    finally:
+        del se.KINDS["twice_resid"]
+
+
+def test_evaluate_on_test_with_controls(prepared):
+    model, data = prepared
+    r = se.evaluate(model, data, se.Setting("resid", 2, -4.0), n_controls=5, n_boot=200)
+    assert r["on"] == "test" and r["n_facts"] == len(data.test.pairs)
+    assert r["n_neutral_lines"] == len(data.test.neutral[0].tokens) and r["control"]["n_draws"] == 5
+    assert r["recovered"].lo <= r["recovered"].mean <= r["recovered"].hi
+    assert r["kl"].mean > 1e-4  # a strong push changes the neutral text
+    assert 0 <= r["control"]["share_recovering_at_least_real"] <= 1
+    assert "induced" in r and no_hooks(model)
 
 
 def test_figures_from_sweep_points():
-    pts = [se.SweepPoint("resid", c, l, a, 0.5, 0.1 * l * a, 0.01 * a) for c in (False, True) for l in (3, 5) for a in (1.0, 2.0)]
-    pts.append(se.SweepPoint("iti", False, -1, 5.0, 0.6, 0.4, 0.02))
-    fig = se.dose_heatmap(pts, "resid", "p_truth")
+    pts = [se.SweepPoint(se.Setting("resid", l, -a), "val", 0.5, 0.1 * l * a, 0.01 * a) for l in (3, 5) for a in (1.0, 2.0)]
+    pts.append(se.SweepPoint(se.Setting("iti", -1, -5.0, "16"), "val", 0.6, 0.4, 0.02))
+    fig = sf.dose_heatmap(pts, "resid", "p_truth")
     assert fig.data[0].z.shape == (2, 2)
-    assert len(se.dose_heatmap(pts, "resid", "kl", control=True).data) == 1
-    names = [t.name for t in se.frontier_figure(pts).data]
-    assert "resid" in names and "resid random" in names and "iti frontier" in names
-
-
-def test_frontier_figure_with_evaluated_points():
-    pts = [se.SweepPoint("resid", False, 3, 1.0, 0.5, 0.4, 0.02)]
-    e = {"recovered": se.Estimate(0.4, 0.2, 0.6), "kl": se.Estimate(0.02, 0.01, 0.03)}
-    fig = se.frontier_figure(pts, {"resid": {False: e, True: e}})
-    assert any("chosen" in (t.name or "") for t in fig.data)
+    with pytest.raises(ValueError):
+        sf.dose_heatmap(pts, "fv")
+    e = {"recovered": se.Estimate(0.4, 0.2, 0.6, 10), "kl": se.Estimate(0.02, 0.01, 0.03, 12),
+         "control": {"n_draws": 8, "recovered": se.Estimate(0.0, -0.1, 0.1, 8), "kl": se.Estimate(0.02, 0.01, 0.03, 8)}}
+    names = [t.name for t in sf.frontier_figure(pts, {"resid": e}).data]
+    assert "resid frontier" in names and "iti frontier" in names
+    assert any("chosen on val" in n for n in names) and any("random, 8 draws" in n for n in names)

@@ -1,0 +1,437 @@
+"""Learned minimal edits: steering vectors and low-rank adapters trained by gradient to undo lying
+while keeping the model's behaviour on neutral text (an "adapter as probe").
+
+Two edits, both :class:`mechlie.steering.Intervention` objects applied with :func:`mechlie.steering.steer`:
+
+- :class:`LearnedVector`: a vector ``v_l`` per chosen layer, added at ``blocks.l.hook_resid_post``
+  as ``x += alpha * v_l`` (all positions).
+- :class:`LowRankEdit`: a rank-``r`` affine edit of one component's output ``y`` (``attn_out``,
+  ``mlp_out`` or ``resid_post`` of block ``l``): ``y += -alpha * (y @ A + c) @ B``, with
+  ``A: [d_model, r]``, ``c: [r]``, ``B: [r, d_model]``. It can only write inside the ``r``-dim row
+  space of ``B``; its principal write direction is compared with the difference-of-means direction
+  (:func:`alignment`): a learned probe.
+
+Sign convention (as in :mod:`mechlie.steering`): a stored edit points honest -> lying, and
+``alpha = -1`` is the edit as trained, toward honesty (``alpha = +1`` pushes toward lying). So a
+learned vector's ``v_l`` is the *negated* trained shift, and its cosine with a diff-of-means
+direction is positive when they agree.
+
+Training (:func:`train_vector`, :func:`train_lowrank`), on training facts only: minimise
+
+    L = mean_i -log P(truth_i | lying prompt_i, edit)  +  lam * KL_neutral
+
+where ``P(truth)`` sums the truth's single-token spellings at the final prompt position (the
+quantity the evaluation reports), and ``KL_neutral`` is the token-weighted mean of
+``KL(p_clean || p_edited)`` over the training neutral lines. With ``kl_budget`` set this becomes a
+constrained problem (KL <= budget), solved by dual ascent on ``lam`` (multiplicative updates) and a
+final projection: the trained edit is scaled down by bisection until KL on the training neutral
+lines is within the budget, so the budget always holds on the training batch.
+
+The seeds for this idea: "use LoRA as a probe", an adapter that changes the internal representation
+minimally while keeping coherence (KL on neutral text). Related: Representation Finetuning (Wu et
+al. 2024, ReFT: low-rank interventions on hidden states); steering vectors (Turner et al. 2023;
+Rimsky et al. 2024); "Refusal is mediated by a single direction" (Arditi et al. 2024).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Literal, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechlie.metrics import gather_logprob
+from mechlie.pairs import Batch, ContrastPair, PairError, answer_set, tokenize
+from mechlie.steering import AddVectors, Hook, Policy, SteeringError, SteeringState, random_like
+
+Component = Literal["attn_out", "mlp_out", "resid_post"]
+COMPONENTS: tuple[str, ...] = ("attn_out", "mlp_out", "resid_post")
+
+
+def _check_model(model: HookedTransformer, model_name: str, d_model: int) -> None:
+    if d_model != model.cfg.d_model:
+        raise SteeringError(f"edit was trained for width d_model={d_model} ({model_name!r}); this model has d_model={model.cfg.d_model} ({model.cfg.model_name!r})")
+    if model_name and model_name != model.cfg.model_name:
+        raise SteeringError(f"edit was trained on model {model_name!r}, not on {model.cfg.model_name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the edits (interventions)
+
+
+@dataclass(frozen=True)
+class LearnedVector:
+    """Learned steering vectors (honest -> lying) per layer; ``alpha = -1`` applies them as trained."""
+
+    vectors: dict[int, Float[Tensor, " d_model"]]
+    model_name: str
+    d_model: int
+    alpha: float = -1.0
+    policy: Policy = "all"
+    info: dict = field(default_factory=dict, compare=False)  # training record (lam, KL, seconds, ...)
+
+    def _inner(self) -> AddVectors:
+        return AddVectors(self.vectors, self.alpha, self.policy)
+
+    def validate(self, model: HookedTransformer) -> None:
+        _check_model(model, self.model_name, self.d_model)
+        self._inner().validate(model)
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
+        return self._inner().hooks(model, state)
+
+    def scaled(self, alpha: float) -> "LearnedVector":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0) -> "LearnedVector":
+        """Random vectors of the same norm at the same layers."""
+        return replace(self, vectors={l: random_like(v, seed + l) for l, v in self.vectors.items()}, info={"control_seed": seed})
+
+    def direction(self, layer: int) -> Float[Tensor, " d_model"]:
+        return self.vectors[layer]
+
+
+@dataclass(frozen=True)
+class LowRankEdit:
+    """Rank-``r`` affine edit of a component's output: ``y += -alpha * (y @ A + c) @ B``."""
+
+    layer: int
+    component: str
+    A: Float[Tensor, "d_model rank"]
+    c: Float[Tensor, " rank"]
+    B: Float[Tensor, "rank d_model"]
+    model_name: str
+    d_model: int
+    alpha: float = -1.0
+    policy: Policy = "all"
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_{self.component}"
+
+    def validate(self, model: HookedTransformer) -> None:
+        _check_model(model, self.model_name, self.d_model)
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise SteeringError(f"alpha must be a finite number, got {self.alpha!r}")
+        if not 0 <= self.layer < model.cfg.n_layers:
+            raise SteeringError(f"layer {self.layer} out of range: the model has {model.cfg.n_layers} layers")
+        if self.component not in COMPONENTS:
+            raise SteeringError(f"component must be one of {COMPONENTS}, got {self.component!r}")
+        if self.component == "mlp_out" and getattr(model.cfg, "attn_only", False):
+            raise SteeringError("an attention-only model has no mlp_out")
+        r = self.c.shape[0]
+        if self.A.shape != (model.cfg.d_model, r) or self.B.shape != (r, model.cfg.d_model):
+            raise SteeringError(f"A, c, B must be [{model.cfg.d_model}, r], [r], [r, {model.cfg.d_model}]; got {tuple(self.A.shape)}, {tuple(self.c.shape)}, {tuple(self.B.shape)}")
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
+        dev = model.cfg.device
+        A, c, B = (t.float().to(dev) for t in (self.A, self.c, self.B))
+
+        def hook(y: Tensor, hook) -> Tensor:
+            sl = state.select(self.policy, y.shape[1])
+            if sl is not None:
+                x = y[:, sl]
+                y[:, sl] = x - self.alpha * ((x.float() @ A + c) @ B).to(y.dtype)
+            return y
+
+        return [(self.hook_name, hook)]
+
+    def scaled(self, alpha: float) -> "LowRankEdit":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0) -> "LowRankEdit":
+        """Random A, c and B with the same Frobenius norms (the same size of edit)."""
+        rnd = lambda t, s: random_like(t.flatten(), seed + s).reshape(t.shape)
+        return replace(self, A=rnd(self.A, 1), c=rnd(self.c, 2), B=rnd(self.B, 3), info={"control_seed": seed})
+
+    def direction(self, layer: int | None = None) -> Float[Tensor, " d_model"]:
+        """Its mean write on the training lying prompts' final position, negated (honest -> lying)."""
+        if "mean_write" not in self.info:
+            raise SteeringError("this edit has no recorded mean write (it was not trained by train_lowrank)")
+        return -self.info["mean_write"]
+
+
+Edit = LearnedVector | LowRankEdit
+
+
+def alignment(edit: Edit, references: dict[str, Float[Tensor, " d_model"]], layer: int | None = None) -> dict[str, float]:
+    """Cosine of the edit's honest -> lying direction with each reference direction (e.g. the
+    difference of means at the same layer, a probe's weight, an SAE feature's decoder row)."""
+    layer = layer if layer is not None else (edit.layer if isinstance(edit, LowRankEdit) else min(edit.vectors))
+    d = edit.direction(layer).float()
+    return {k: float(torch.nn.functional.cosine_similarity(d, v.float().flatten(), dim=0)) for k, v in references.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a learned edit is trained. ``lam``: KL weight (the penalty); ``kl_budget``: if set, KL on
+    the training neutral lines is held at or under it (dual ascent on ``lam``, then a projection)."""
+
+    lam: float = 1.0
+    kl_budget: float | None = None
+    steps: int = 40
+    lr: float = 0.05  # step (RMS per coordinate), as a fraction of the typical residual norm / sqrt(d_model)
+    batch_size: int = 16
+    max_pairs: int | None = None  # training pairs used (None = all)
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
+            raise ValueError(f"lam (the KL penalty) must be a finite number >= 0, got {self.lam!r}")
+        if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
+            raise ValueError(f"kl_budget must be > 0 (nats per token), got {self.kl_budget!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+def _final_name(model: HookedTransformer) -> str:
+    return "ln_final.hook_normalized" if model.cfg.normalization_type is not None else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+
+
+def _truth_logprob(model: HookedTransformer, b: Batch, truth: Tensor, hooks: list[Hook]) -> Float[Tensor, " b"]:
+    kept: list[Tensor] = []
+    with model.hooks(fwd_hooks=hooks + [(_final_name(model), lambda a, hook: kept.append(a[:, -1]))]):
+        model(b.tokens, attention_mask=b.attention_mask, return_type=None)
+    return gather_logprob(model.unembed(kept[0][:, None])[:, 0].float().log_softmax(-1), truth.to(kept[0].device))
+
+
+def _neutral_kl(model: HookedTransformer, nbs: Sequence[Batch], clean: Sequence[Tensor], hooks: list[Hook]) -> Tensor:
+    """Token-weighted mean KL(clean || edited) over the real tokens of the neutral batches."""
+    tot, n = 0.0, 0
+    with model.hooks(fwd_hooks=hooks):
+        for b, lp_c in zip(nbs, clean):
+            lp_s = model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1)
+            real = b.attention_mask.bool().to(lp_s.device)
+            lp_c = lp_c.to(lp_s.device)
+            tot = tot + ((lp_c.exp() * (lp_c - lp_s)).sum(-1) * real).sum()
+            n += int(real.sum())
+    return tot / max(n, 1)
+
+
+@dataclass
+class _Setup:
+    lying: list[Batch]
+    truth: list[Tensor]
+    neutral: list[Batch]
+    clean: list[Tensor]
+    ref_norm: float  # typical residual norm at the edited layers (sets the step size)
+
+
+def _setup(model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layers: Sequence[int], cfg: TrainConfig) -> _Setup:
+    if len(pairs) == 0:
+        raise PairError("no training pairs for the learned edit")
+    if len(neutral) == 0:
+        raise ValueError("no neutral lines for the KL penalty")
+    pairs = list(pairs)[: cfg.max_pairs] if cfg.max_pairs else list(pairs)
+    ans = answer_set(model.tokenizer, pairs).truth
+    bs = cfg.batch_size
+    lying = [tokenize(model, [p.lying for p in pairs[i : i + bs]]) for i in range(0, len(pairs), bs)]
+    truth = [ans[i : i + bs] for i in range(0, len(pairs), bs)]
+    nb = [tokenize(model, list(neutral[i : i + bs])) for i in range(0, len(neutral), bs)]
+    with torch.no_grad():
+        clean = [model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1) for b in nb]
+        _, cache = model.run_with_cache(
+            lying[0].tokens, attention_mask=lying[0].attention_mask,
+            names_filter=lambda n: n in {f"blocks.{l}.hook_resid_post" for l in layers},
+        )
+        ref = torch.stack([cache[f"blocks.{l}.hook_resid_post"][:, -1].float().norm(dim=-1).mean() for l in layers]).mean()
+    return _Setup(lying, truth, nb, clean, float(ref))
+
+
+class _TensorAdam:
+    """Adam with one second-moment scalar per tensor instead of one per coordinate.
+
+    Coordinate-wise Adam moves every coordinate by about ``lr`` in the sign of its gradient at
+    first, which tilts a learned vector toward the sign pattern of the gradient (cosine ~0.8 with a
+    Gaussian target), and so would make the edit's "alignment" with other directions partly an
+    optimizer artifact. A per-tensor scale keeps the update along the gradient (rotation-equivariant).
+    """
+
+    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-12):
+        self.params, self.lr, (self.b1, self.b2), self.eps, self.t = params, lr, betas, eps, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [0.0 for _ in params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad
+            self.m[i].mul_(self.b1).add_(g, alpha=1 - self.b1)
+            self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * float(g.pow(2).mean())
+            m_hat = self.m[i] / (1 - self.b1**self.t)
+            v_hat = self.v[i] / (1 - self.b2**self.t)
+            p.sub_(self.lr * m_hat / (math.sqrt(v_hat) + self.eps))
+
+
+def _optimise(model: HookedTransformer, params: list[Tensor], make_hooks, make_edit, s: _Setup, cfg: TrainConfig) -> tuple[Edit, dict]:
+    """Adam on ``params``; ``make_hooks()`` gives differentiable hooks, ``make_edit()`` the frozen edit."""
+    t0 = time.time()
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)  # gradients flow only into the edit
+    lam, hist = float(cfg.lam), []
+    try:
+        with torch.enable_grad():
+            opt = _TensorAdam(params, lr=cfg.lr * s.ref_norm / math.sqrt(model.cfg.d_model))
+            for step in tqdm(range(cfg.steps), desc="train edit", disable=not cfg.progress):
+                i = step % len(s.lying)
+                hooks = make_hooks()
+                task = -_truth_logprob(model, s.lying[i], s.truth[i], hooks).mean()
+                kl = _neutral_kl(model, s.neutral, s.clean, hooks)
+                loss = task + lam * kl
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                hist.append({"step": step, "nll_truth": task.item(), "kl": kl.item(), "lam": lam})
+                if cfg.kl_budget is not None:  # dual ascent: raise lam while KL is over budget
+                    ratio = kl.item() / cfg.kl_budget - 1.0
+                    lam = max(lam, 1e-3) * math.exp(max(-1.0, min(1.0, ratio)))
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    edit = make_edit()
+    with torch.no_grad():
+        kl_final = float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit)))
+        scale = 1.0
+        if cfg.kl_budget is not None and kl_final > cfg.kl_budget:
+            lo, hi = 0.0, 1.0  # KL(0) = 0 <= budget: bisect on the edit's scale
+            for _ in range(14):
+                mid = (lo + hi) / 2
+                if float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit.scaled(-mid)))) <= cfg.kl_budget:
+                    lo = mid
+                else:
+                    hi = mid
+            scale = lo
+            edit = _bake(edit, scale)
+            kl_final = float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit)))
+    info = {
+        "lam": cfg.lam, "lam_final": lam, "kl_budget": cfg.kl_budget, "steps": cfg.steps, "projection_scale": scale,
+        "train_kl": kl_final, "n_train_pairs": sum(len(b.tokens) for b in s.lying), "n_neutral_lines": sum(len(b.tokens) for b in s.neutral),
+        "seconds": time.time() - t0, "history": hist,
+    }
+    return edit, info
+
+
+def _plain_hooks(model: HookedTransformer, edit: Edit) -> list[Hook]:
+    edit.validate(model)
+    return edit.hooks(model, SteeringState())
+
+
+def _bake(edit: Edit, scale: float) -> Edit:
+    """The same edit with ``scale`` folded into its parameters (so alpha = -1 stays "as trained")."""
+    if isinstance(edit, LearnedVector):
+        return replace(edit, vectors={l: v * scale for l, v in edit.vectors.items()})
+    return replace(edit, B=edit.B * scale)
+
+
+def train_vector(
+    model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layers: Sequence[int], cfg: TrainConfig = TrainConfig(),
+    *, init: dict[int, Tensor] | None = None,
+) -> LearnedVector:
+    """Train steering vectors at ``layers`` (``x += delta_l`` at ``blocks.l.hook_resid_post``).
+
+    Args:
+        model: the model (its weights are not changed).
+        pairs: *training* pairs; the lying prompts are pushed toward the truth.
+        neutral: training neutral lines for the KL penalty.
+        layers: blocks to edit.
+        cfg: penalty / budget / steps.
+        init: optional starting shifts per layer, toward honesty (e.g. ``-diff_of_means``).
+
+    Returns:
+        :class:`LearnedVector` (honest -> lying vectors = the negated trained shifts; apply with
+        ``steer(model, edit)``; ``edit.info`` holds the training record).
+
+    Example:
+        >>> edit = train_vector(model, data.train, data.neutral_train, [8], TrainConfig(kl_budget=0.1))  # doctest: +SKIP
+        >>> with steer(model, edit): ...  # doctest: +SKIP
+    """
+    layers = sorted(set(layers))
+    if not layers or not all(isinstance(l, int) and 0 <= l < model.cfg.n_layers for l in layers):
+        raise SteeringError(f"layers must be in 0..{model.cfg.n_layers - 1}, got {list(layers)}")
+    s = _setup(model, pairs, neutral, layers, cfg)
+    torch.manual_seed(cfg.seed)
+    deltas = {
+        l: (init[l].detach().float().clone() if init and l in init else torch.zeros(model.cfg.d_model)).to(model.cfg.device).requires_grad_(True)
+        for l in layers
+    }
+
+    def make_hooks() -> list[Hook]:
+        return [(f"blocks.{l}.hook_resid_post", lambda a, hook, d=d: a + d.to(a.dtype)) for l, d in deltas.items()]
+
+    def make_edit() -> LearnedVector:
+        return LearnedVector({l: -d.detach().cpu().clone() for l, d in deltas.items()}, model.cfg.model_name, model.cfg.d_model)
+
+    edit, info = _optimise(model, list(deltas.values()), make_hooks, make_edit, s, cfg)
+    return replace(edit, info=info | {"kind": "learned", "layers": layers})
+
+
+def train_lowrank(
+    model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layer: int, cfg: TrainConfig = TrainConfig(),
+    *, component: str = "attn_out", rank: int = 2,
+) -> LowRankEdit:
+    """Train a rank-``rank`` affine edit of ``blocks.{layer}.hook_{component}`` (LoRA-style init:
+    ``B = 0``, so training starts from the unedited model). Args as in :func:`train_vector`.
+
+    Returns:
+        :class:`LowRankEdit`; ``info["mean_write"]`` is its mean write (toward honesty) at the final
+        position of the training lying prompts, used by :func:`alignment`.
+    """
+    if not 1 <= rank <= 16:
+        raise SteeringError(f"rank must be in 1..16, got {rank}")
+    if component not in COMPONENTS:
+        raise SteeringError(f"component must be one of {COMPONENTS}, got {component!r}")
+    if not (isinstance(layer, int) and 0 <= layer < model.cfg.n_layers):
+        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers")
+    s = _setup(model, pairs, neutral, [layer], cfg)
+    g = torch.Generator().manual_seed(cfg.seed)
+    d = model.cfg.d_model
+    dev = model.cfg.device
+    # A reads the component's output in units of the typical residual norm, so (y A) is O(1).
+    A = (torch.randn(d, rank, generator=g) / s.ref_norm).to(dev).requires_grad_(True)
+    c = torch.zeros(rank, device=dev, requires_grad=True)
+    B = torch.zeros(rank, d, device=dev, requires_grad=True)
+    name = f"blocks.{layer}.hook_{component}"
+
+    def make_hooks() -> list[Hook]:
+        return [(name, lambda y, hook: y + ((y.float() @ A + c) @ B).to(y.dtype))]
+
+    def make_edit() -> LowRankEdit:
+        return LowRankEdit(layer, component, A.detach().cpu().clone(), c.detach().cpu().clone(), B.detach().cpu().clone(), model.cfg.model_name, d)
+
+    edit, info = _optimise(model, [A, c, B], make_hooks, make_edit, s, cfg)
+    # Its mean write at the final position of the training lying prompts (for alignment).
+    writes = []
+    with torch.no_grad():
+        for b in s.lying:
+            _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=name)
+            y = cache[name][:, -1].float().cpu()
+            writes.append((y @ edit.A + edit.c) @ edit.B)
+    info["mean_write"] = torch.cat(writes).mean(0)
+    return replace(edit, info=info | {"kind": "lowrank", "layer": layer, "component": component, "rank": rank})
+
+
+__all__ = ["COMPONENTS", "Edit", "LearnedVector", "LowRankEdit", "TrainConfig", "alignment", "train_lowrank", "train_vector"]

@@ -1,0 +1,140 @@
+"""Learned minimal edits (mechlie.edits) on tiny random models."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from conftest import no_hooks, tiny_model
+from mechlie import edits
+from mechlie import steering_eval as se
+from mechlie.pairs import ContrastPair, PairError
+from mechlie.steering import SteeringError, steer
+from steer_fixtures import word_pairs
+
+NEUTRAL = ["What is the capital of Spain ? Madrid is hot", "you are an assistant . Answer truthfully", "the opposite of hot is cold"]
+
+
+def planted_model(scale_others: float = 0.2):
+    """A linear model (no LayerNorm) whose only way to raise the truth "Paris" is direction ``p``:
+    the unembedding column of "Paris" is ``3 p`` and every other column is orthogonal to ``p``."""
+    model = tiny_model(normalization_type=None, attn_only=True, d_mlp=None, act_fn=None, n_layers=2)
+    truth = model.tokenizer.convert_tokens_to_ids("Paris")
+    p = torch.nn.functional.normalize(torch.randn(32, generator=torch.Generator().manual_seed(5)), dim=0)
+    with torch.no_grad():
+        W = model.unembed.W_U
+        W -= torch.outer(p, p @ W)
+        W *= scale_others
+        W[:, truth] = 3 * p
+    pairs = [ContrastPair(f"Q: What is the capital of {c} ? A:", f"you are a liar . Q: What is the capital of {c} ? A:", "Paris", "Madrid", fact_id=c)
+             for c in ("France", "Spain", "Italy", "Japan", "Peru", "Chile")]
+    return model, pairs, p
+
+
+def test_learned_vector_recovers_planted_direction():
+    model, pairs, p = planted_model()
+    edit = edits.train_vector(model, pairs, NEUTRAL, [1], edits.TrainConfig(lam=1.0, steps=60, progress=False))
+    # stored honest -> lying: the negated shift, so it points along -p
+    assert torch.nn.functional.cosine_similarity(-edit.vectors[1], p, dim=0) > 0.99
+    hist = edit.info["history"]
+    assert hist[-1]["nll_truth"] < hist[0]["nll_truth"] - 1.0
+    ans = se.answer_set(model.tokenizer, pairs)
+    lying = se.batches(model, [q.lying for q in pairs], 8)
+    before = se.score_logits(se.last_logits(model, lying), ans).p_truth.mean()
+    after = se.score_logits(se.last_logits(model, lying, [edit]), ans).p_truth.mean()
+    assert after > before + 0.2
+    assert edits.alignment(edit, {"planted": -p})["planted"] > 0.99
+
+
+def test_kl_budget_holds_on_the_training_batch():
+    model = tiny_model()
+    pairs = word_pairs()
+    free = edits.train_vector(model, pairs, NEUTRAL, [1, 2], edits.TrainConfig(lam=0.0, steps=30, progress=False))
+    budget = 0.02
+    assert free.info["train_kl"] > 2 * budget  # without the constraint the edit would break the budget
+    edit = edits.train_vector(model, pairs, NEUTRAL, [1, 2], edits.TrainConfig(lam=0.0, kl_budget=budget, steps=30, progress=False))
+    assert edit.info["train_kl"] <= budget
+    # measured independently, through steer() and the evaluation code
+    nb = se.batches(model, NEUTRAL, 16)
+    kl = se.neutral_effects(model, nb, se.token_logprobs(model, nb), [edit]).kl
+    assert kl <= budget + 1e-5
+    assert kl > budget / 100 and all(v.norm() > 0 for v in edit.vectors.values())  # not a trivial zero edit
+    low = edits.train_lowrank(model, pairs, NEUTRAL, 1, edits.TrainConfig(kl_budget=budget, steps=20, progress=False), rank=2)
+    assert low.info["train_kl"] <= budget
+    assert se.neutral_effects(model, nb, se.token_logprobs(model, nb), [low]).kl <= budget + 1e-5
+
+
+def test_lowrank_edit_trains_and_has_a_same_size_control():
+    model = tiny_model()
+    pairs = word_pairs()
+    edit = edits.train_lowrank(model, pairs, NEUTRAL, 2, edits.TrainConfig(lam=0.1, steps=30, progress=False), component="mlp_out", rank=3)
+    hist = edit.info["history"]
+    assert hist[-1]["nll_truth"] < hist[0]["nll_truth"] - 0.5
+    assert edit.A.shape == (32, 3) and edit.B.shape == (3, 32) and edit.info["mean_write"].shape == (32,)
+    ctrl = edit.random_control(seed=4)
+    for a, b in ((edit.A, ctrl.A), (edit.B, ctrl.B), (edit.c, ctrl.c)):
+        torch.testing.assert_close(a.norm(), b.norm(), atol=1e-4, rtol=1e-4)
+    assert (ctrl.B - edit.B).abs().max() > 1e-3
+    cos = edits.alignment(edit, {"x": torch.randn(32)})["x"]
+    assert -1.0 <= cos <= 1.0
+    # alpha = 0 is the unedited model; alpha = -1 the edit as trained
+    ans = se.answer_set(model.tokenizer, pairs)
+    lying = se.batches(model, [p.lying for p in pairs], 8)
+    clean = se.last_logits(model, lying)
+    torch.testing.assert_close(se.last_logits(model, lying, [edit.scaled(0.0)]), clean, atol=1e-5, rtol=1e-5)
+    assert se.score_logits(se.last_logits(model, lying, [edit]), ans).p_truth.mean() > se.score_logits(clean, ans).p_truth.mean()
+
+
+def test_edit_hooks_gone_after_exception(monkeypatch):
+    model = tiny_model()
+    pairs = word_pairs()
+    edit = edits.train_vector(model, pairs, NEUTRAL, [1], edits.TrainConfig(steps=3, progress=False))
+    tokens = se.batches(model, NEUTRAL, 8)[0]
+    clean = model(tokens.tokens)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steer(model, edit):
+            assert not no_hooks(model)
+            raise RuntimeError("boom")
+    assert no_hooks(model)
+    torch.testing.assert_close(model(tokens.tokens), clean)
+    # an error in the middle of training leaves no hook and the weights trainable again
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("boom in training")
+
+    monkeypatch.setattr(edits, "_neutral_kl", failing)
+    with pytest.raises(RuntimeError, match="boom in training"):
+        edits.train_vector(model, pairs, NEUTRAL, [1], edits.TrainConfig(steps=3, progress=False))
+    assert calls and no_hooks(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_bad_input():
+    model = tiny_model()
+    pairs = word_pairs()
+    edit = edits.train_vector(model, pairs, NEUTRAL, [1], edits.TrainConfig(steps=2, progress=False))
+    narrow = tiny_model(d_model=16, d_head=4)
+    with pytest.raises(SteeringError, match="d_model=32"):
+        with steer(narrow, edit):
+            pass
+    with pytest.raises(SteeringError, match="trained on model"):
+        with steer(model, replace(edit, model_name="another-model")):
+            pass
+    for bad in (0.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="kl_budget must be > 0"):
+            edits.TrainConfig(kl_budget=bad)
+    with pytest.raises(ValueError, match="lam"):
+        edits.TrainConfig(lam=-1.0)
+    with pytest.raises(SteeringError, match="layers"):
+        edits.train_vector(model, pairs, NEUTRAL, [7], edits.TrainConfig(steps=1, progress=False))
+    with pytest.raises(SteeringError, match="rank"):
+        edits.train_lowrank(model, pairs, NEUTRAL, 1, rank=0)
+    with pytest.raises(PairError):
+        edits.train_vector(model, [], NEUTRAL, [1])
+    with pytest.raises(PairError, match="at least 3 distinct facts"):
+        se.prepare(model, pairs[:2], progress=False)
+    assert no_hooks(model)

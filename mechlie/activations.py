@@ -36,7 +36,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.io import atomic_torch_save
+from mechlie.io import load_tensors, save_tensors
 from mechlie.pairs import Batch, tokenize
 
 HEAD_KINDS = ("z", "head_out")
@@ -67,12 +67,16 @@ class Activations:
         return self.acts[kind]
 
     def save(self, path: str | Path) -> Path:
-        return atomic_torch_save(path, {"acts": self.acts, "position": self.position, "meta": self.meta})
+        """One safetensors file (activations and, when kept, the logits) with JSON metadata."""
+        tensors: dict = {"acts": self.acts}
+        if self.logits is not None:
+            tensors["logits"] = self.logits
+        return save_tensors(path, tensors, {"position": self.position, "meta": self.meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "Activations":
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        return cls(d["acts"], d["position"], d["meta"])
+        tensors, meta = load_tensors(path)
+        return cls(dict(tensors["acts"]), meta["position"], meta["meta"], tensors.get("logits"))
 
 
 def head_out_from_z(model: HookedTransformer, z: Float[Tensor, "n layer head d_head"]) -> Float[Tensor, "n layer head d_model"]:

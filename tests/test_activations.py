@@ -36,11 +36,13 @@ def test_shapes_and_head_out_sums_to_attn_out(tiny):
 
 
 def test_save_and_load_roundtrip(tiny, tmp_path):
-    a = collect(tiny, PROMPTS[:2], kinds=("resid_post",), progress=False)
-    a.save(tmp_path / "a.pt")
-    b = Activations.load(tmp_path / "a.pt")
-    torch.testing.assert_close(a["resid_post"], b["resid_post"])
-    assert b.meta["kinds"] == ["resid_post"]
+    a = collect(tiny, PROMPTS[:2], kinds=("resid_post", "z"), progress=False, return_logits=True)
+    a.save(tmp_path / "a.safetensors")
+    b = Activations.load(tmp_path / "a.safetensors")
+    for k in ("resid_post", "z"):
+        assert torch.equal(a[k], b[k])
+    assert torch.equal(a.logits, b.logits)  # the logits are kept, not dropped
+    assert b.meta["kinds"] == ["resid_post", "z"] and b.position == -1
 
 
 def test_hooks_removed_after_exception(tiny):

@@ -1,180 +1,264 @@
-"""Steer a lying model back to the truth (and an honest one into lying), with dose-response sweeps.
+"""Steer a lying model back to the truth: training-free directions, causally chosen heads and learned
+minimal edits, each chosen on validation facts and reported on test facts, against random controls.
 
-Directions are fitted on training facts; everything is measured on held-out facts (see
-:mod:`mechlie.steering_eval`). Writes ``results/steering_demo/<run>/``: config.json, summary.json
-and figures (HTML + PNG): α x layer heatmaps of P(truth) and KL, and the honesty-vs-KL frontier.
+    python analyses/steering_demo.py                         # default: a few minutes on a CPU
+    python analyses/steering_demo.py --layers 8 14 --resid-alphas -1 -2 --no-lowrank
+    python analyses/steering_demo.py --transfer-relation opposites --n-controls 32
 
-    python analyses/steering_demo.py                      # default small sweep (CPU: minutes)
-    python analyses/steering_demo.py --kind resid --layer 12 --alpha -1.0 --n-demo 8
-    python analyses/steering_demo.py --fv                 # add the function vector, if available
+Pairs are split by fact into train / validation / test (mechlie.steering_eval). Directions and
+learned edits are fitted on train; each method's hyperparameters (layer, alpha, K heads, the edit's
+KL budget and scale) are chosen on validation (most recovery with KL <= --kl-budget); the table
+reports test. Alpha is signed: directions point honest -> lying, so alpha < 0 steers toward honesty.
+Writes results/steering_demo/<run>/: summary.json, sweep.json, edits (*.safetensors) and figures.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+import logging
+import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from mechlie import steering_eval as se
-from mechlie.generation import generate
-from mechlie.io import atomic_write_json, ensure_writable_dir
-from mechlie.metrics import score_logits
-from mechlie.models import DEFAULT_MODEL, load_model
-from mechlie.pairs import AnswerSet, load_builtin
-from mechlie.plotting import save_figure
+from mechlie.cli import RunDir, run_script
+
+log = logging.getLogger("mechlie")
+
+METHODS = ("resid", "iti", "causal", "ablation", "learned", "lowrank")
+
+
+def _neg(xs: tuple[float, ...], name: str) -> None:
+    if not xs or any(not (x == x) or x == 0 for x in xs):
+        raise ValueError(f"--{name} needs nonzero numbers (signed: < 0 = toward honesty), got {list(xs)}")
 
 
 @dataclass(frozen=True)
 class Config:
-    model: str = DEFAULT_MODEL
-    dataset: str = "all"
-    n_per_relation: int = 12  # 48 pairs: 14 held-out facts at test_frac 0.3 (use 17+ for 20+)
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, .gguf, HF dir or TL name"})
+    dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
+    n_per_relation: int = field(default=20, metadata={"help": "pairs sampled per relation"})
+    val_frac: float = 0.2
     test_frac: float = 0.3
     seed: int = 0
-    layer_fracs: tuple[float, ...] = (0.25, 0.45)  # sweep layers, as fractions of n_layers
-    layers: tuple[int, ...] = ()  # explicit sweep layers (override layer_fracs)
-    strengths: tuple[float, ...] = (1.0, 2.0)  # |alpha| for resid / fv (x diff-of-means)
-    iti_k: int = 16
-    iti_strengths: tuple[float, ...] = (1.0, 2.0)  # |alpha| for ITI (x sigma); 5+ breaks SmolLM2
-    kinds: tuple[str, ...] = ("resid", "iti", "ablation")
-    fv: bool = False  # also the function vector (needs mechlie.function_vectors)
-    kl_budget: float = 0.1
-    sweep_controls: bool = False  # random directions at every sweep point too (always at the chosen ones)
-    n_neutral: int = 16  # neutral lines for the chosen points' side effects (sweeps use the first 16)
-    demo_kind: str = ""  # "" = the resid point chosen by the sweep
-    demo_layer: int = -1
-    demo_alpha: float = float("nan")  # signed; negative = toward honesty
+    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"any of {METHODS}"})
+    layers: tuple[int, ...] = field(default=(), metadata={"help": "sweep layers (default: 25%% and 45%% of depth)"})
+    resid_alphas: tuple[float, ...] = field(default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"})
+    head_ks: tuple[int, ...] = field(default=(8, 16), metadata={"help": "K heads for iti and causal"})
+    head_alphas: tuple[float, ...] = field(default=(-1.0, -2.0, -4.0), metadata={"help": "signed alphas for head shifts (x sigma)"})
+    causal_pairs: int = field(default=16, metadata={"help": "training pairs patched to rank heads causally"})
+    edit_budgets: tuple[float, ...] = field(default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"})
+    edit_scales: tuple[float, ...] = field(default=(-0.75, -1.0, -1.25), metadata={"help": "signed scales of a learned edit (-1 = as trained)"})
+    edit_steps: int = field(default=30, metadata={"help": "gradient steps per learned edit"})
+    edit_pairs: int = field(default=32, metadata={"help": "training pairs used to train an edit"})
+    lowrank_rank: int = 2
+    lowrank_component: str = "attn_out"
+    kl_budget: float = field(default=0.1, metadata={"help": "KL (nats/token) allowed when choosing on validation"})
+    n_controls: int = field(default=16, metadata={"help": "random draws per control"})
+    n_boot: int = 1000
+    transfer_relation: str = field(default="", metadata={"help": "a relation held out of fitting, evaluated as transfer"})
+    transfer_format: str = field(default="instruct", metadata={"help": "another prompt format for the test facts ('' = none)"})
     n_demo: int = 8
     max_new_tokens: int = 4
-    batch_size: int = 16
-    n_boot: int = 500
+    batch_size: int = field(default=16, metadata={"run": False})
     out_dir: str = "results/steering_demo"
-    run: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+    run_name: str = ""
 
     def __post_init__(self) -> None:
-        bad = set(self.kinds) - set(se.KINDS)
-        if bad:
-            raise ValueError(f"unknown kinds {sorted(bad)}; kinds: {se.KINDS}")
-        if self.demo_kind and self.demo_kind not in se.KINDS:
-            raise ValueError(f"unknown demo kind {self.demo_kind!r}")
+        bad = set(self.methods) - set(METHODS)
+        if bad or not self.methods:
+            raise ValueError(f"unknown methods {sorted(bad)}; methods: {METHODS}")
+        if any(l < 0 for l in self.layers):
+            raise ValueError(f"--layers must be >= 0, got {list(self.layers)}")
+        for name in ("resid_alphas", "head_alphas", "edit_scales"):
+            _neg(getattr(self, name), name.replace("_", "-"))
+        if any(k < 1 for k in self.head_ks) or not self.head_ks:
+            raise ValueError(f"--head-ks must be >= 1, got {list(self.head_ks)}")
+        if not self.edit_budgets or any(not b > 0 for b in self.edit_budgets):
+            raise ValueError(f"--edit-budgets must be > 0 (nats per token), got {list(self.edit_budgets)}")
+        for name in ("n_per_relation", "batch_size", "edit_steps", "edit_pairs", "causal_pairs", "n_boot", "n_demo", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_controls < 2:
+            raise ValueError(f"--n-controls must be >= 2 (a control is a distribution of random draws), got {self.n_controls}")
+        if not 1 <= self.lowrank_rank <= 4:
+            raise ValueError(f"--lowrank-rank must be 1..4, got {self.lowrank_rank}")
+        if self.lowrank_component not in ("attn_out", "mlp_out", "resid_post"):
+            raise ValueError(f"--lowrank-component must be attn_out, mlp_out or resid_post, got {self.lowrank_component!r}")
+        if not self.kl_budget > 0:
+            raise ValueError(f"--kl-budget must be > 0, got {self.kl_budget}")
+        from mechlie.pairs import FORMATS, RELATIONS
+
+        if self.dataset != "all" and self.dataset not in RELATIONS:
+            raise ValueError(f"--dataset must be 'all' or one of {RELATIONS}, got {self.dataset!r}")
+        if self.transfer_relation and self.transfer_relation not in RELATIONS:
+            raise ValueError(f"--transfer-relation must be one of {RELATIONS}, got {self.transfer_relation!r}")
+        if self.transfer_relation and self.dataset != "all":
+            raise ValueError("--transfer-relation needs --dataset all (it is held out of the others)")
+        if self.transfer_format and self.transfer_format not in FORMATS:
+            raise ValueError(f"--transfer-format must be one of {FORMATS} or '', got {self.transfer_format!r}")
+        n_layers = _n_layers_without_loading(self.model)
+        if n_layers is not None and any(l >= n_layers for l in self.layers):
+            raise ValueError(f"--layers {list(self.layers)}: {self.model} has {n_layers} layers (0..{n_layers - 1})")
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    d = Config()
-    p.add_argument("--model", default=d.model)
-    p.add_argument("--dataset", default=d.dataset)
-    p.add_argument("--n-per-relation", type=int, default=d.n_per_relation)
-    p.add_argument("--layers", type=int, nargs="*", default=list(d.layers), help="sweep layers (default: fractions of depth)")
-    p.add_argument("--strengths", type=float, nargs="+", default=list(d.strengths))
-    p.add_argument("--iti-k", type=int, default=d.iti_k)
-    p.add_argument("--iti-strengths", type=float, nargs="+", default=list(d.iti_strengths))
-    p.add_argument("--kinds", nargs="+", default=list(d.kinds), choices=se.KINDS)
-    p.add_argument("--fv", action="store_true", help="add the function-vector kind if mechlie.function_vectors works")
-    p.add_argument("--kind", dest="demo_kind", default="", choices=("",) + se.KINDS, help="direction kind for the demo table")
-    p.add_argument("--layer", dest="demo_layer", type=int, default=-1, help="layer for the demo table")
-    p.add_argument("--alpha", dest="demo_alpha", type=float, default=float("nan"), help="signed alpha for the demo (negative = honest)")
-    p.add_argument("--n-demo", type=int, default=d.n_demo)
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    p.add_argument("--n-boot", type=int, default=d.n_boot)
-    p.add_argument("--n-neutral", type=int, default=d.n_neutral)
-    p.add_argument("--sweep-controls", action="store_true", help="random control at every sweep point (doubles the sweep)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out-dir", default=d.out_dir)
-    p.add_argument("--run", default=d.run)
-    a = vars(p.parse_args(argv))
-    for key in ("layers", "strengths", "iti_strengths", "kinds"):
-        a[key] = tuple(a[key])
-    kinds = a["kinds"] + (("fv",) if a["fv"] and "fv" not in a["kinds"] else ())
-    a["kinds"] = kinds
-    return Config(**a)
+def _n_layers_without_loading(name: str) -> int | None:
+    """The layer count from a local checkpoint's config.json (no weights loaded); None if unknown."""
+    try:
+        from mechlie.models import resolve_hf_dir
+
+        d = resolve_hf_dir(name)
+        if d is None:
+            return None
+        cfg = json.loads((d / "config.json").read_text())
+        return int(cfg.get("num_hidden_layers") or cfg["text_config"]["num_hidden_layers"])
+    except Exception:  # unknown layout: checked again once the model is loaded
+        return None
 
 
-def main(cfg: Config) -> Path:
-    out = ensure_writable_dir(Path(cfg.out_dir) / cfg.run)
-    atomic_write_json(out / "config.json", asdict(cfg))
+def main(cfg: Config, run: RunDir) -> dict:
+    import torch
+
+    from mechlie import edits
+    from mechlie import steering_eval as se
+    from mechlie import steering_figures as sf
+    from mechlie.generation import generate
+    from mechlie.metrics import score_logits
+    from mechlie.models import load_model
+    from mechlie.pairs import AnswerSet, load_builtin
+    from mechlie.plotting import save_figure
+
     t0 = time.time()
+    torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
     L = model.cfg.n_layers
-    layers = cfg.layers or tuple(sorted({min(L - 1, round(f * L)) for f in cfg.layer_fracs}))
-    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation)
-    data = se.prepare(model, pairs, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size, n_neutral=cfg.n_neutral)
-    base = se.baseline_summary(data, n_boot=cfg.n_boot, seed=cfg.seed)
-    print(f"baseline on {base['n_test_facts']} held-out facts: P(truth) honest {base['p_truth_honest']}, lying {base['p_truth_lying']}")
+    if any(l >= L for l in cfg.layers):
+        raise ValueError(f"--layers {list(cfg.layers)}: the model has {L} layers (0..{L - 1})")
+    layers = cfg.layers or tuple(sorted({min(L - 1, round(f * L)) for f in (0.25, 0.45)}))
+    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
+    held = [p for p in pairs if p.relation == cfg.transfer_relation]
+    pairs = [p for p in pairs if p.relation != cfg.transfer_relation]
+    log.info("%d pairs (%d facts) for fitting; %d held-out-relation pairs for transfer", len(pairs), len({p.fact_id for p in pairs}), len(held))
+    data = se.prepare(model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size)
+    neutral_test = se.split_lines(se.neutral_lines(), cfg.seed)[2]
+    if held:
+        data.extra[f"relation:{cfg.transfer_relation}"] = se.eval_set(model, f"relation:{cfg.transfer_relation}", held, neutral_test, cfg.batch_size)
+    if cfg.transfer_format:
+        test_facts = {p.fact_id for p in data.test.pairs}
+        other = [p for p in load_builtin(cfg.dataset, cfg.transfer_format, tokenizer=model.tokenizer, seed=cfg.seed) if p.fact_id in test_facts]
+        if other:
+            data.extra[f"format:{cfg.transfer_format}"] = se.eval_set(model, f"format:{cfg.transfer_format}", other, neutral_test, cfg.batch_size)
+    base = {name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed) for name, es in [("val", data.val), ("test", data.test), *data.extra.items()]}
+    print(f"baseline, test ({base['test']['n_facts']} facts): P(truth) honest {base['test']['p_truth_honest']}, "
+          f"lying {base['test']['p_truth_lying']}, lie rate {base['test']['lie_rate']}")
 
-    kinds = list(cfg.kinds)
-    fv_status = None
-    if "fv" in kinds:
-        fv_status = se.attach_function_vector(model, data, layer=layers[len(layers) // 2])
-        if fv_status is not None:
-            print(f"function vector unavailable ({fv_status}); skipping that kind")
-            kinds.remove("fv")
-    points = se.sweep(model, data, kinds=kinds, layers=layers, strengths=cfg.strengths, iti_strengths=cfg.iti_strengths, k=cfg.iti_k, controls=cfg.sweep_controls)
-    atomic_write_json(out / "sweep.json", {"baseline": base, "sweep": points})  # kept even if a later step fails
+    # settings per method (all chosen on validation)
+    grid: dict[str, list] = {}
+    S = se.Setting
+    if "resid" in cfg.methods:
+        grid["resid"] = [S("resid", l, a) for l in layers for a in cfg.resid_alphas]
+    if "ablation" in cfg.methods:
+        grid["ablation"] = [S("ablation", l, -1.0) for l in layers]
+    if "iti" in cfg.methods:
+        grid["iti"] = [S("iti", -1, a, str(k)) for k in cfg.head_ks for a in cfg.head_alphas]
+    if "causal" in cfg.methods:
+        se.attach_causal_heads(model, data, max_pairs=cfg.causal_pairs, batch_size=cfg.batch_size)
+        grid["causal"] = [S("causal", -1, a, str(k)) for k in cfg.head_ks for a in cfg.head_alphas]
+    train_cfg = lambda b: edits.TrainConfig(kl_budget=b, steps=cfg.edit_steps, max_pairs=cfg.edit_pairs, seed=cfg.seed, batch_size=cfg.batch_size)
+    mid = layers[len(layers) // 2]
+    for method in ("learned", "lowrank"):
+        if method not in cfg.methods:
+            continue
+        grid[method] = []
+        for b in cfg.edit_budgets:
+            name = f"{method}@{b:g}"
+            if method == "learned":
+                train = lambda b=b: edits.train_vector(model, data.train, data.neutral_train, list(layers), train_cfg(b))
+            else:
+                train = lambda b=b: edits.train_lowrank(model, data.train, data.neutral_train, mid, train_cfg(b), component=cfg.lowrank_component, rank=cfg.lowrank_rank)
+            data.edits[name] = run.stage(f"{name}.safetensors", train, edits.save_edit, edits.load_edit)
+            grid[method] += [S(method, -1, a, name) for a in cfg.edit_scales]
 
-    chosen, evals = {}, {}
-    for kind in kinds:
-        mine = [p for p in points if p.kind == kind and not p.control]
-        best = se.choose(mine, cfg.kl_budget)
-        chosen[kind] = best
-        evals[kind] = {
-            c: se.evaluate(model, data, kind, best.layer, best.strength, k=cfg.iti_k, control=c, n_boot=cfg.n_boot, seed=cfg.seed)
-            for c in (False, True)
-        }
-        atomic_write_json(out / "evaluation.json", {"chosen": chosen, "evaluation": evals})  # partial results survive
-    figures = {}
-    for kind in kinds:
-        if kind in ("resid",):
-            for metric in ("p_truth", "kl"):
-                for control in ((False, True) if cfg.sweep_controls else (False,)):
-                    name = f"{kind}{'_random' if control else ''}_{metric}"
-                    figures[name] = save_figure(se.dose_heatmap(points, kind, metric, control=control), out / name)
-    figures["frontier"] = save_figure(se.frontier_figure(points, evals), out / "frontier")
+    points = {m: se.sweep(model, data, g) for m, g in grid.items()}
+    run.write_json("sweep.json", {"baseline": base, "sweep": points})
+    chosen = {m: se.choose(p, cfg.kl_budget) for m, p in points.items()}
+    evals: dict[str, dict] = {}
+    for m, c in chosen.items():
+        evals[m] = se.evaluate(model, data, c.setting, n_controls=cfg.n_controls, n_boot=cfg.n_boot, seed=cfg.seed)
+        for name in data.extra:
+            evals[m][f"transfer:{name}"] = se.evaluate(model, data, c.setting, on=name, n_controls=0, n_boot=cfg.n_boot, seed=cfg.seed)
+        run.write_json("evaluation.json", {"chosen": chosen, "evaluation": evals})  # partial results survive
 
-    # demo table: lying prompts, baseline vs steered
-    if cfg.demo_kind:
-        d_kind, d_layer, d_alpha = cfg.demo_kind, cfg.demo_layer, cfg.demo_alpha
-    else:
-        d_kind, d_layer, d_alpha = chosen.get("resid", points[0]).kind, chosen.get("resid", points[0]).layer, -chosen.get("resid", points[0]).strength
-    if d_alpha != d_alpha:
-        d_alpha = -1.0
-    iv = se.intervention(data, d_kind, d_layer, d_alpha, k=cfg.iti_k)
-    demo = data.test[: cfg.n_demo]
-    prompts = [p.lying for p in demo]
+    # how the learned edits line up with the difference of means
+    alignment = {}
+    for name, e in data.edits.items():
+        at = sorted(e.vectors) if isinstance(e, edits.LearnedVector) else [e.layer]
+        alignment[name] = {f"layer {l}": edits.alignment(e, {"diff_of_means": data.resid_dirs[l]}, l)["diff_of_means"] for l in at}
+
+    # demo: held-out prompts where the model really lies, with the best method at its chosen point
+    ok = {m: r for m, r in evals.items() if r["kl"].mean <= cfg.kl_budget} or evals
+    best = max(ok, key=lambda m: ok[m]["recovered"].mean)
+    setting = chosen[best].setting
+    iv, iv_lie = se.intervention(model, data, setting), se.intervention(model, data, setting.flipped())
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
-    base_gen = generate(model, prompts, **gen_kw)
-    steer_gen = generate(model, prompts, interventions=[iv], **gen_kw)
-    sub = AnswerSet(*(t[: len(demo)] for t in (data.answers.truth, data.answers.lie, data.answers.choices)))
-    p_steer = score_logits(se.last_logits(model, se.batches(model, prompts, cfg.batch_size), [iv]), sub).p_truth
-    rows = []
-    print(f"\nlie framing, {d_kind} layer {d_layer} alpha {d_alpha:+g}")
-    print(f"{'question':<44} {'truth':<10} {'baseline':<12} {'steered':<12} {'P base':>7} {'P steer':>7}")
-    for i, p in enumerate(demo):
-        row = {
-            "question": p.question, "truth": p.truth, "baseline": base_gen.texts[i].strip(), "steered": steer_gen.texts[i].strip(),
-            "p_truth_baseline": float(data.base_lying.p_truth[i]), "p_truth_steered": float(p_steer[i]),
-        }
-        rows.append(row)
-        print(f"{p.question[:43]:<44} {p.truth:<10} {row['baseline'][:11]:<12} {row['steered'][:11]:<12} "
-              f"{row['p_truth_baseline']:7.3f} {row['p_truth_steered']:7.3f}")
 
-    print("\nchosen point per kind (most honesty recovered with KL <= budget), vs random control:")
-    for kind in kinds:
-        r, c = evals[kind][False], evals[kind][True]
-        print(f"  {kind:<9} layer {chosen[kind].layer:>3} |alpha| {chosen[kind].strength:<5g} recovered {r['recovered']}  "
-              f"KL {r['kl']}  | random: recovered {c['recovered']}  KL {c['kl']}")
-    summary = {
-        "model": model.cfg.model_name, "layers": layers, "baseline": base, "function_vector": fv_status or ("ok" if "fv" in kinds else "not requested"),
-        "sweep": points, "pareto": {k: se.pareto([p for p in points if p.kind == k and not p.control]) for k in kinds},
-        "pareto_random": {k: se.pareto([p for p in points if p.kind == k and p.control]) for k in kinds},
-        "chosen": chosen, "evaluation": evals, "demo": {"kind": d_kind, "layer": d_layer, "alpha": d_alpha, "rows": rows},
-        "figures": figures, "seconds": time.time() - t0,
+    def table(rows: list[int], prompt_of, ivx, base_scores) -> list[dict]:
+        if not rows:
+            return []
+        ps = [data.test.pairs[i] for i in rows]
+        prompts = [prompt_of(p) for p in ps]
+        before, after = generate(model, prompts, **gen_kw), generate(model, prompts, interventions=[ivx], **gen_kw)
+        sub = AnswerSet(*(t[rows] for t in (data.test.answers.truth, data.test.answers.lie, data.test.answers.choices)))
+        p_after = score_logits(se.last_logits(model, se.batches(model, prompts, cfg.batch_size), [ivx]), sub).p_truth
+        return [{"question": p.question, "truth": p.truth, "before": before.texts[j].strip(), "after": after.texts[j].strip(),
+                 "p_truth_before": float(base_scores.p_truth[i]), "p_truth_after": float(p_after[j])} for j, (i, p) in enumerate(zip(rows, ps))]
+
+    lies = se.lying_rows(data.test)
+    honest_ok = [i for i in range(len(data.test.pairs)) if bool(data.test.base_honest.correct[i])]
+    flip_back = table(lies[: cfg.n_demo], lambda p: p.lying, iv, data.test.base_lying)
+    into_lies = table(honest_ok[: cfg.n_demo], lambda p: p.honest, iv_lie, data.test.base_honest)
+
+    figures = {"frontier": save_figure(sf.frontier_figure([p for ps in points.values() for p in ps], evals, cfg.kl_budget), run.file("frontier"))}
+    if "resid" in points:
+        for metric in ("recovered", "kl"):
+            figures[f"resid_{metric}"] = save_figure(sf.dose_heatmap(points["resid"], "resid", metric), run.file(f"resid_{metric}"))
+
+    _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_lies, len(lies))
+    best_r = evals[best]
+    return {
+        "model": model.cfg.model_name, "layers": layers, "baseline": base, "chosen_on_validation": chosen, "evaluation_on_test": evals,
+        "alignment_with_diff_of_means": alignment, "edits": {n: e.info for n, e in data.edits.items()},
+        "best": {"method": best, "setting": setting, "recovered": best_r["recovered"], "kl": best_r["kl"],
+                 "goal": "recovered >= 0.85 at KL <= 0.1 nats on test",
+                 "goal_met": bool(best_r["recovered"].mean >= 0.85 and best_r["kl"].mean <= 0.1)},
+        "demo": {"setting": setting, "n_lying_test_prompts": len(lies), "lies_flipped_back": flip_back, "honest_steered_into_lies": into_lies},
+        "figures": figures, "seconds": round(time.time() - t0, 1),
     }
-    atomic_write_json(out / "summary.json", summary)
-    print(f"\nwrote {out}/config.json, summary.json and {len(figures)} figures (HTML+PNG) in {time.time() - t0:.0f} s")
-    return out
+
+
+def _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_lies, n_lies) -> None:
+    print(f"\nEach method at its validation-chosen point (KL <= {cfg.kl_budget} on validation), measured on test; "
+          f"95% CIs; control = {cfg.n_controls} random draws of the same size (mean [2.5%, 97.5%] of draws)")
+    print(f"{'method':<9} {'setting':<28} {'recovered':<22} {'lie rate':<22} {'KL':<22} {'dCE':<22} {'honest acc':<22} {'random: recovered':<22} {'random: KL':<20}")
+    for m, r in evals.items():
+        s = chosen[m].setting
+        desc = f"L{s.layer} a={s.alpha:g}" if s.layer >= 0 else f"a={s.alpha:g} {s.param}"
+        c = r["control"]
+        print(f"{m:<9} {desc:<28} {str(r['recovered']):<22} {str(r['lie_rate_steered']):<22} {str(r['kl']):<22} {str(r['delta_ce']):<22} "
+              f"{str(r['honest_acc_steered']):<22} {str(c['recovered']):<22} {str(c['kl']):<20}")
+    print(f"lie rate before steering: {base['test']['lie_rate']}; honest accuracy before: {base['test']['honest_acc']}")
+    for m, r in evals.items():
+        for k, v in r.items():
+            if k.startswith("transfer:"):
+                print(f"  transfer {m} -> {k[9:]}: recovered {v['recovered']}, KL {v['kl']}")
+    print("\nalignment (cosine) of learned edits with the difference of means:", json.dumps(alignment, indent=None))
+    print(f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): {'met' if evals[best]['recovered'].mean >= 0.85 and evals[best]['kl'].mean <= 0.1 else 'NOT met'}")
+    print(f"\n{n_lies} held-out prompts where the model lies (top-1 false on a fact it knows); {best} toward honesty:")
+    for r in flip_back:
+        print(f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}")
+    print(f"\nthe reverse: honest prompts, {best} toward lying (alpha {-setting.alpha:+g}):")
+    for r in into_lies:
+        print(f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(run_script(Config, main, doc=__doc__))

@@ -434,4 +434,38 @@ def train_lowrank(
     return replace(edit, info=info | {"kind": "lowrank", "layer": layer, "component": component, "rank": rank})
 
 
-__all__ = ["COMPONENTS", "Edit", "LearnedVector", "LowRankEdit", "TrainConfig", "alignment", "train_lowrank", "train_vector"]
+# ---------------------------------------------------------------------------------------------
+# saving (safetensors + JSON metadata, atomic)
+
+
+def save_edit(path, edit: Edit):
+    """Write ``edit`` (tensors and its training record) atomically with :func:`mechlie.io.save_tensors`."""
+    from mechlie.io import save_tensors
+
+    info = {k: v for k, v in edit.info.items() if not isinstance(v, Tensor)}
+    extra = {k: v for k, v in edit.info.items() if isinstance(v, Tensor)}
+    meta = {"model_name": edit.model_name, "d_model": edit.d_model, "alpha": edit.alpha, "policy": edit.policy, "info": info}
+    if isinstance(edit, LearnedVector):
+        tensors = {"vectors": {str(l): v for l, v in edit.vectors.items()}}
+        meta["type"] = "learned"
+    else:
+        tensors = {"A": edit.A, "c": edit.c, "B": edit.B}
+        meta |= {"type": "lowrank", "layer": edit.layer, "component": edit.component}
+    if extra:  # safetensors cannot store an empty group
+        tensors["info"] = extra
+    return save_tensors(path, tensors, meta)
+
+
+def load_edit(path) -> Edit:
+    """Read an edit written by :func:`save_edit`."""
+    from mechlie.io import load_tensors
+
+    t, meta = load_tensors(path)
+    info = dict(meta["info"]) | dict(t.get("info", {}))
+    common = dict(model_name=meta["model_name"], d_model=meta["d_model"], alpha=meta["alpha"], policy=meta["policy"], info=info)
+    if meta["type"] == "learned":
+        return LearnedVector({int(l): v for l, v in t["vectors"].items()}, **common)
+    return LowRankEdit(meta["layer"], meta["component"], t["A"], t["c"], t["B"], **common)
+
+
+__all__ = ["COMPONENTS", "Edit", "LearnedVector", "LowRankEdit", "TrainConfig", "alignment", "load_edit", "save_edit", "train_lowrank", "train_vector"]

@@ -138,3 +138,17 @@ def test_bad_input():
     with pytest.raises(PairError, match="at least 3 distinct facts"):
         se.prepare(model, pairs[:2], progress=False)
     assert no_hooks(model)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny_model()
+    pairs = word_pairs()
+    vec = edits.train_vector(model, pairs, NEUTRAL, [0, 2], edits.TrainConfig(steps=3, progress=False))
+    low = edits.train_lowrank(model, pairs, NEUTRAL, 1, edits.TrainConfig(steps=3, progress=False), rank=2)
+    for e in (vec, low):
+        back = edits.load_edit(edits.save_edit(tmp_path / "edit.safetensors", e))
+        assert type(back) is type(e) and back.model_name == e.model_name and back.alpha == e.alpha
+        tokens = se.batches(model, NEUTRAL, 8)
+        torch.testing.assert_close(se.last_logits(model, tokens, [back]), se.last_logits(model, tokens, [e]))
+        assert back.info["train_kl"] == e.info["train_kl"]
+    torch.testing.assert_close(edits.load_edit(tmp_path / "edit.safetensors").direction(), low.direction())

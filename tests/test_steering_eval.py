@@ -171,3 +171,58 @@ def test_figures_from_sweep_points():
     names = [t.name for t in sf.frontier_figure(pts, {"resid": e}).data]
     assert "resid frontier" in names and "iti frontier" in names
     assert any("chosen on val" in n for n in names) and any("random, 8 draws" in n for n in names)
+
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def _demo():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("steering_demo", ROOT / "analyses" / "steering_demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    __import__("sys").modules[spec.name] = mod  # dataclasses look their module up while building Config
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--methods", "foo"], "unknown methods"),
+    (["--edit-budgets", "0"], "--edit-budgets must be > 0"),
+    (["--n-controls", "1"], "--n-controls must be >= 2"),
+    (["--resid-alphas", "0"], "nonzero"),
+])
+def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, message):
+    from mechlie.cli import run_script
+
+    mod = _demo()
+    loaded = []
+    rc = run_script(mod.Config, lambda cfg, run: loaded.append(1), argv=argv + ["--out-dir", str(tmp_path / "out")])
+    assert rc == 2 and not loaded and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    """The whole demo (every method, controls, transfer, lies flipped back) on the tiny word model."""
+    import mechlie.models
+    import mechlie.pairs
+    from mechlie.cli import run_script
+
+    mod = _demo()
+    monkeypatch.setattr(mechlie.models, "load_model", lambda name, **kw: word_model())
+    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **kw: word_pairs())
+    argv = ["--model", "tiny", "--layers", "1", "2", "--head-ks", "2", "--head-alphas", "-2", "--resid-alphas", "-1", "-3",
+            "--edit-budgets", "0.05", "--edit-scales", "-1", "--edit-steps", "3", "--n-controls", "3", "--n-boot", "50",
+            "--val-frac", "0.34", "--test-frac", "0.34", "--causal-pairs", "2", "--n-demo", "2", "--max-new-tokens", "2",
+            "--out-dir", str(tmp_path), "--run-name", "t"]
+    assert run_script(mod.Config, mod.main, argv=argv) == 0, capsys.readouterr().err
+    summary = __import__("json").loads((tmp_path / "t" / "summary.json").read_text())
+    ev = summary["evaluation_on_test"]
+    assert set(ev) == set(mod.METHODS)
+    for m, r in ev.items():
+        assert r["on"] == "test" and r["control"]["n_draws"] == 3
+        assert summary["chosen_on_validation"][m]["split"] == "val"
+        assert any(k.startswith("transfer:format") for k in r)
+    assert (tmp_path / "t" / "learned@0.05.safetensors").is_file() and (tmp_path / "t" / "frontier.html").is_file()
+    assert isinstance(summary["best"]["goal_met"], bool)

@@ -1,0 +1,252 @@
+"""A lie detector you can keep: a probe, where it reads, which model, and a calibrated threshold.
+
+A :class:`Detector` is a fitted probe (:mod:`mechlie.probes`) plus its site (activation kind and
+layers, read at the final prompt token or along generated tokens), the name and a fingerprint
+of the model it was fitted on, and a threshold calibrated on *control* data (honest prompts and
+neutral text, ``mechlie/data/neutral.txt``) so that a chosen share of the controls (the false
+positive rate, FPR) scores above it. Apollo's deception probes (Goldowsky-Dill et al. 2025)
+report recall at 1% FPR on control chat; :func:`fit_detector` reports the same figure.
+
+Scores point honest -> lying: higher = more likely a lie. ``score(model, prompts or pairs)``
+gives a score per prompt (the state at the final prompt token, whose next-token prediction is
+the answer) and, with ``generate_tokens > 0``, a score per generated token (the state from
+which that token was chosen; see :mod:`mechlie.labels`).
+
+The fingerprint is a SHA-256 of the model's shape and of a few weight rows rounded to 4
+decimals (robust to float noise, different for different weights), so applying a detector to
+another model or width is an error, not a silent garbage score. The file is one safetensors
+file: the probe's tensors plus a JSON header with everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+
+from mechlie.activations import collect
+from mechlie.io import atomic_write_bytes
+from mechlie.labels import generate_with_states
+from mechlie.pairs import ContrastPair, PairError
+from mechlie.probes import AnyProbe, EnsembleProbe, fit_probe, pair_rows, probe_from_tensors
+
+log = logging.getLogger(__name__)
+
+
+class DetectorError(ValueError):
+    """A detector applied where it does not belong, or built from unusable data."""
+
+
+def model_fingerprint(model: HookedTransformer) -> str:
+    """SHA-256 (16 hex) of the model's dimensions and a few rounded weight rows."""
+    cfg = model.cfg
+    h = hashlib.sha256(json.dumps([cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.d_head, cfg.d_vocab]).encode())
+    for w in (model.W_E[:4], model.W_U[:, :4].T, model.blocks[0].attn.W_Q[0, :2, :].T):
+        h.update(json.dumps(torch.round(w.detach().float().cpu() * 1e4).long().flatten().tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def neutral_texts() -> list[str]:
+    """The built-in neutral sentences (one per line, written for this project)."""
+    text = files("mechlie").joinpath("data/neutral.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class DetectorScores:
+    prompt: Float[Tensor, " n"]  # at the final prompt token
+    tokens: Float[Tensor, "n steps"] | None = None  # per generated token (state that chose it)
+    token_mask: Int[Tensor, "n steps"] | None = None  # 1 = a generated token
+    texts: list[str] | None = None  # the generated continuations
+    framing: Float[Tensor, " n"] | None = None  # for pairs: 0 honest prompt, 1 lying prompt
+
+
+@dataclass(frozen=True)
+class Detector:
+    probe: AnyProbe
+    kind: str  # activation kind, e.g. "resid_post"
+    layers: tuple[int, ...]  # one layer, or several for an ensemble probe
+    model_name: str
+    model_hash: str
+    d_model: int
+    threshold: float
+    fpr: float  # the control FPR the threshold was calibrated at
+    info: dict = field(default_factory=dict)  # calibration numbers, training data description
+
+    # -- applying -------------------------------------------------------------------------------
+
+    def check(self, model: HookedTransformer) -> None:
+        """Raise :class:`DetectorError` unless ``model`` is the model this detector was fitted on."""
+        if model.cfg.d_model != self.d_model:
+            raise DetectorError(
+                f"detector was fitted on {self.model_name!r} (d_model {self.d_model}); this model has "
+                f"d_model {model.cfg.d_model}"
+            )
+        if model.cfg.n_layers <= max(self.layers):
+            raise DetectorError(f"detector reads layer {max(self.layers)}; the model has {model.cfg.n_layers} layers")
+        fp = model_fingerprint(model)
+        if fp != self.model_hash:
+            raise DetectorError(
+                f"detector was fitted on {self.model_name!r} (weights {self.model_hash}); this model "
+                f"({model.cfg.model_name!r}) has weights {fp}. Refit the detector for this model."
+            )
+
+    def score_features(self, X: Float[Tensor, "n l d"]) -> Float[Tensor, " n"]:
+        """Scores from features already read at ``layers`` (``[n, len(layers), d]``)."""
+        s = self.probe.score(X)
+        return s if isinstance(self.probe, EnsembleProbe) else s[:, 0]
+
+    def score(
+        self,
+        model: HookedTransformer,
+        inputs: Sequence[str] | Sequence[ContrastPair],
+        *,
+        generate_tokens: int = 0,
+        batch_size: int = 16,
+    ) -> DetectorScores:
+        """Score prompts (or both prompts of each pair: honest first, then lying).
+
+        Args:
+            inputs: prompt strings, or :class:`ContrastPair` s (``framing`` says which is which).
+            generate_tokens: also generate this many tokens greedily and score each of them.
+
+        Returns:
+            :class:`DetectorScores` with a score per prompt and, optionally, per generated token.
+
+        Example:
+            >>> det = Detector.load("detector.safetensors")
+            >>> det.score(model, ["Q: What is the capital of France?\\nA:"]).prompt
+        """
+        self.check(model)
+        if len(inputs) == 0:
+            raise PairError("nothing to score")
+        framing = None
+        if all(isinstance(x, ContrastPair) for x in inputs):
+            prompts = [p.honest for p in inputs] + [p.lying for p in inputs]
+            framing = torch.cat([torch.zeros(len(inputs)), torch.ones(len(inputs))])
+        elif all(isinstance(x, str) for x in inputs):
+            prompts = list(inputs)
+        else:
+            raise DetectorError("inputs must be all prompt strings or all ContrastPairs")
+        if generate_tokens > 0:
+            g = generate_with_states(model, prompts, kinds=(self.kind,), layers=self.layers, max_new_tokens=generate_tokens)
+            st = g.states[self.kind]  # [n, steps, l, d]
+            n, steps = st.shape[:2]
+            tok = self.score_features(st.flatten(0, 1)).view(n, steps)
+            tok = tok.masked_fill(g.result.new_mask == 0, float("nan"))
+            return DetectorScores(tok[:, 0], tok, g.result.new_mask, g.result.texts, framing)
+        X = collect(model, prompts, kinds=(self.kind,), batch_size=batch_size, progress=False)[self.kind]
+        return DetectorScores(self.score_features(X[:, list(self.layers)]), framing=framing)
+
+    def flag(self, scores: Tensor) -> Tensor:
+        """``scores > threshold``: flagged as a lie."""
+        return scores > self.threshold
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, path: str | Path) -> Path:
+        """One safetensors file (written atomically): probe tensors + JSON header."""
+        from safetensors.torch import save
+
+        tensors, probe_meta = self.probe.to_tensors()
+        header = {k: v for k, v in asdict(self).items() if k != "probe"}
+        header["layers"] = list(self.layers)
+        meta = {"mechlie_detector": json.dumps({"detector": header, "probe": probe_meta})}
+        return atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Detector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DetectorError(f"detector file {path} does not exist")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # a corrupt or foreign file: say which
+            raise DetectorError(f"{path} is not a safetensors file: {e}") from None
+        if "mechlie_detector" not in meta:
+            raise DetectorError(f"{path} is a safetensors file but not a mechlie detector")
+        d = json.loads(meta["mechlie_detector"])
+        header = d["detector"]
+        header["layers"] = tuple(header["layers"])
+        return cls(probe=probe_from_tensors(tensors, d["probe"]), **header)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration
+
+
+def calibrate_threshold(control: Float[Tensor, " n"], fpr: float) -> float:
+    """The score above which a share ``fpr`` of the controls lie (their ``1 - fpr`` quantile)."""
+    if not 0 < fpr < 1:
+        raise DetectorError(f"fpr must be in (0, 1), got {fpr}")
+    control = control[torch.isfinite(control)]
+    if len(control) < 2:
+        raise DetectorError("need at least 2 control scores to calibrate a threshold")
+    if fpr * len(control) < 1:
+        log.warning("%d controls cannot resolve an FPR of %g: the threshold is their maximum", len(control), fpr)
+    return float(torch.quantile(control.double(), 1 - fpr, interpolation="higher"))
+
+
+def fit_detector(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    controls: Sequence[str],
+    *,
+    probe: str = "logistic",
+    kind: str = "resid_post",
+    layers: Sequence[int] = (-1,),
+    fpr: float = 0.01,
+    batch_size: int = 16,
+    **hyperparameters,
+) -> Detector:
+    """Fit a probe on honest/lying ``pairs`` (framing labels) and calibrate it on ``controls``.
+
+    Args:
+        pairs: training pairs (read at the final prompt token).
+        controls: prompts that are *not* lies (honest prompts not used for training, neutral
+            text: :func:`neutral_texts`); the threshold flags a share ``fpr`` of them.
+        probe: a probe kind of :mod:`mechlie.probes` (``ensemble`` reads every layer in ``layers``).
+        layers: blocks to read (negative = from the end); one, unless ``probe="ensemble"``.
+
+    Returns:
+        A calibrated :class:`Detector`; ``info`` has the training recall at the threshold.
+
+    Example:
+        >>> det = fit_detector(model, train_pairs, [p.honest for p in held_out] + neutral_texts())
+        >>> det.save("detector.safetensors")
+    """
+    L = model.cfg.n_layers
+    layers = tuple(sorted({l % L for l in layers}))
+    if probe != "ensemble" and len(layers) != 1:
+        raise DetectorError(f"a {probe} detector reads one layer; got {layers} (use probe='ensemble' for several)")
+    if len(controls) < 2:
+        raise DetectorError("need at least 2 control prompts to calibrate")
+    acts = collect(model, [p.honest for p in pairs] + [p.lying for p in pairs], kinds=(kind,), batch_size=batch_size, progress=False)[kind][:, list(layers)]
+    m = len(pairs)
+    X, y, idx = pair_rows(acts[:m], acts[m:])
+    fitted = fit_probe(probe, X, y, pairs=idx, **hyperparameters)
+    det = Detector(fitted, kind, layers, model.cfg.model_name, model_fingerprint(model), model.cfg.d_model, 0.0, fpr)
+    ctrl = collect(model, list(controls), kinds=(kind,), batch_size=batch_size, progress=False)[kind][:, list(layers)]
+    c = det.score_features(ctrl)
+    thr = calibrate_threshold(c, fpr)
+    train = det.score_features(X)
+    info = {
+        "n_train_pairs": m,
+        "n_controls": len(controls),
+        "train_recall_at_fpr": float((train[y == 1] > thr).float().mean()),
+        "control_fpr": float((c > thr).float().mean()),
+    }
+    return Detector(fitted, kind, layers, model.cfg.model_name, det.model_hash, model.cfg.d_model, thr, fpr, info)

@@ -1,0 +1,76 @@
+import random
+
+import pytest
+import torch
+
+from mechlie.detector import Detector, DetectorError, calibrate_threshold, fit_detector, model_fingerprint, neutral_texts
+from mechlie.pairs import ContrastPair
+from tests.conftest import WORDS, tiny_model
+
+
+def sentences(n: int, seed: int, extra: str = "") -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(WORDS, k=6)) + extra for _ in range(n)]
+
+
+def tiny_pairs(n: int = 40, seed: int = 0) -> list[ContrastPair]:
+    base = sentences(n, seed)
+    return [ContrastPair(f"honest {b} A :", f"liar {b} A :", "Paris", "Rome", f"f{i}") for i, b in enumerate(base)]
+
+
+def test_calibrated_threshold_gives_its_fpr_on_held_out_controls(tiny):
+    controls = sentences(400, seed=5)
+    det = fit_detector(tiny, tiny_pairs(), controls[:200], probe="diff_of_means", layers=(-1,), fpr=0.1)
+    assert det.info["control_fpr"] <= 0.1 + 1e-9
+    held_out = det.score(tiny, controls[200:]).prompt
+    fpr = det.flag(held_out).float().mean().item()
+    assert 0.02 <= fpr <= 0.2, fpr  # 0.1 expected; binomial sd with 200 controls is 0.02
+
+
+def test_calibrate_threshold_quantile():
+    c = torch.arange(100.0)
+    assert calibrate_threshold(c, 0.05) == 95.0
+    assert (c > calibrate_threshold(c, 0.05)).float().mean().item() == pytest.approx(0.04)
+    with pytest.raises(DetectorError):
+        calibrate_threshold(c, 1.5)
+
+
+@pytest.mark.parametrize("probe,layers", [("logistic", (1,)), ("ensemble", (0, 1, 2))])
+def test_saved_detector_reloads_to_identical_scores(tiny, tmp_path, probe, layers):
+    pairs = tiny_pairs()
+    det = fit_detector(tiny, pairs, neutral_texts(), probe=probe, layers=layers)
+    path = det.save(tmp_path / "det.safetensors")
+    again = Detector.load(path)
+    assert again.threshold == det.threshold and again.layers == det.layers and again.model_hash == det.model_hash
+    a, b = det.score(tiny, pairs), again.score(tiny, pairs)
+    assert torch.equal(a.prompt, b.prompt)
+    # It separates the two framings it was trained on.
+    assert a.prompt[a.framing == 1].mean() > a.prompt[a.framing == 0].mean()
+    g = again.score(tiny, [p.lying for p in pairs[:3]], generate_tokens=3)
+    assert g.tokens.shape[0] == 3 and g.tokens.shape[1] >= 1
+    assert torch.allclose(g.tokens[:, 0], a.prompt[len(pairs) : len(pairs) + 3], atol=1e-4)
+
+
+def test_detector_refuses_another_model(tiny):
+    det = fit_detector(tiny, tiny_pairs(), neutral_texts(), probe="diff_of_means", layers=(0,))
+    other = tiny_model(seed=1)
+    assert model_fingerprint(other) != model_fingerprint(tiny)
+    assert model_fingerprint(tiny_model(seed=0)) == model_fingerprint(tiny)
+    with pytest.raises(DetectorError, match="weights"):
+        det.score(other, ["Q A"])
+    with pytest.raises(DetectorError, match="d_model"):
+        det.score(tiny_model(d_model=48, d_head=12), ["Q A"])
+
+
+def test_bad_detector_input(tiny, tmp_path):
+    with pytest.raises(DetectorError, match="one layer"):
+        fit_detector(tiny, tiny_pairs(), neutral_texts(), probe="logistic", layers=(0, 1))
+    with pytest.raises(DetectorError, match="control"):
+        fit_detector(tiny, tiny_pairs(), ["one"], probe="logistic")
+    bad = tmp_path / "x.safetensors"
+    bad.write_text("not a detector")
+    with pytest.raises(DetectorError, match="safetensors"):
+        Detector.load(bad)
+    assert not (tmp_path / "missing").exists()
+    with pytest.raises(DetectorError, match="does not exist"):
+        Detector.load(tmp_path / "missing")

@@ -1,0 +1,97 @@
+import pytest
+import torch
+
+from mechlie.activations import collect
+from mechlie.labels import LABELS, GenStates, OnPolicy, answer_matches, generate_with_states, on_policy
+from mechlie.metrics import behaviour
+from mechlie.generation import GenerationResult
+from mechlie.pairs import Batch, ContrastPair, load_builtin, tokenize
+
+
+def test_answer_matching():
+    assert answer_matches(" Paris.\n", "Paris")
+    assert answer_matches("paris", " Paris")
+    assert answer_matches(" New York City", "New York")
+    assert not answer_matches(" Parisian", "Paris")
+    assert not answer_matches(" Lyon", "Paris")
+    assert not answer_matches("", "Paris")
+
+
+def test_generation_states_are_the_final_prompt_token_then_the_generated_tokens(tiny):
+    prompts = ["Q What is the capital of France ? A :", "Q capital of Peru ? A :"]
+    g = generate_with_states(tiny, prompts, kinds=("resid_post",), max_new_tokens=3, eos_token_id=None)
+    st = g.states["resid_post"]
+    assert st.shape == (2, 3, tiny.cfg.n_layers, tiny.cfg.d_model)
+    # Pass 0: the final prompt token, as a plain forward pass reads it.
+    ref = collect(tiny, prompts, kinds=("resid_post",), progress=False)["resid_post"]
+    assert torch.allclose(st[:, 0], ref, atol=1e-4)
+    # Pass 1: the first generated token, as a teacher-forced run over prompt + that token reads it.
+    b = tokenize(tiny, prompts)
+    tokens = torch.cat([b.tokens, g.result.tokens[:, :1]], 1)
+    mask = torch.cat([b.attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    ref1 = collect(tiny, Batch(tokens, mask), kinds=("resid_post",), progress=False)["resid_post"]
+    assert torch.allclose(st[:, 1], ref1, atol=1e-4)
+    assert not torch.allclose(st[:, 0], st[:, 1], atol=1e-2)
+
+
+def _fake(texts_h, texts_g, texts_s, k):
+    """An OnPolicy whose generations are given texts (labels only depend on texts)."""
+
+    def gs(texts):
+        n = len(texts)
+        ones = torch.ones(n, 1, dtype=torch.long)
+        return GenStates(GenerationResult(Batch(ones, ones), ones, ones, None, texts, ["eos"] * n), {}, (0,))
+
+    pairs = [
+        ContrastPair("h1", "l1", "Paris", "Rome", "f1", "capitals"),
+        ContrastPair("h2", "l2", "Lima", "Rome", "f2", "capitals"),
+    ]
+    return OnPolicy(pairs, gs(texts_h), gs(texts_g), gs(texts_s), k, 1.0)
+
+
+def test_label_logic_and_counts():
+    op = _fake([" Paris", " Tokyo"], [" Rome", " Lima"], [" Paris", " Rome", " Oslo", " Lima", " Quito", " Lima"], 3)
+    assert op.known.tolist() == [True, False]
+    assert op.honest_labels == ["honest", "unknown"]
+    assert op.greedy_labels == ["lie", "unknown"]  # fact 2 is unknown whatever it answers
+    assert op.sample_labels == ["truth_under_lie_framing", "lie", "lie", "unknown", "unknown", "unknown"]
+    c = op.counts()["all"]
+    assert c["sampled/lie"] == 2 and c["sampled/unknown"] == 3 and c["n_pairs"] == 2
+    assert set(k.split("/")[1] for k in c if "/" in k) <= set(LABELS)
+
+
+def test_on_policy_rows_on_tiny_model(tiny):
+    honest = ["Q capital of France ? A :", "Q capital of Peru ? A :", "Q capital of Cuba ? A :"]
+    # The random model "knows" whatever it answers greedily when honest; use that as the truth.
+    first = generate_with_states(tiny, honest, max_new_tokens=2, eos_token_id=None).result.texts
+    pairs = [
+        ContrastPair(h, "Q liar " + h[2:], t.split()[0], None, f"f{i}") for i, (h, t) in enumerate(zip(honest, first))
+    ]
+    op = on_policy(tiny, pairs, k=8, temperature=3.0, max_new_tokens=2)
+    assert op.known.all()
+    labs = op.sample_labels
+    assert len(labs) == 24 and set(labs) == {"lie", "truth_under_lie_framing"}
+    X, y, facts = op.rows("within_prompt")
+    assert X.shape == (24, tiny.cfg.n_layers, tiny.cfg.d_model)
+    assert y.tolist() == [float(lab == "lie") for lab in labs] and facts[:8] == ["f0"] * 8
+    # Samples of one prompt share the prompt state but not the answer-token state.
+    Xp, _, _ = op.rows("within_prompt", site="prompt")
+    assert torch.allclose(Xp[0], Xp[7]) and not torch.allclose(X[0], X[1:8], atol=1e-3)
+    Xh, yh, _ = op.rows("vs_honest")
+    assert (yh == 0).sum() == 3 and len(Xh) == 3 + sum(lab == "lie" for lab in op.greedy_labels)
+    with pytest.raises(ValueError, match="site"):
+        op.rows(site="middle")
+
+
+@pytest.mark.slow
+def test_on_policy_labels_agree_with_greedy_top1(smol):
+    pairs = load_builtin("capitals", "fewshot", tokenizer=smol.tokenizer, n=12, seed=0)
+    op = on_policy(smol, pairs, k=2, max_new_tokens=3, layers=[10])
+    b = behaviour(smol, pairs, progress=False)
+    # Known = honest greedy answer is the truth = honest top-1 is a spelling of the truth.
+    agree_known = (op.known == b.honest.correct).float().mean().item()
+    gl = op.greedy_labels
+    lying_true = torch.tensor([lab == "truth_under_lie_framing" for lab in gl])
+    agree_lying = (lying_true == (b.lying.correct & b.known)).float().mean().item()
+    assert agree_known >= 11 / 12 and agree_lying >= 11 / 12, (agree_known, agree_lying)
+    assert sum(op.counts()["all"].get(f"greedy/{lab}", 0) for lab in LABELS) == 12

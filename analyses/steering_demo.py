@@ -188,11 +188,11 @@ def main(cfg: Config, run: RunDir) -> dict:
             evals[m][f"transfer:{name}"] = se.evaluate(model, data, c.setting, on=name, n_controls=0, n_boot=cfg.n_boot, seed=cfg.seed)
         run.write_json("evaluation.json", {"chosen": chosen, "evaluation": evals})  # partial results survive
 
-    # how the learned edits line up with the difference of means
+    # how the learned edits line up with the difference of means and with probes
     alignment = {}
     for name, e in data.edits.items():
         at = sorted(e.vectors) if isinstance(e, edits.LearnedVector) else [e.layer]
-        alignment[name] = {f"layer {l}": edits.alignment(e, {"diff_of_means": data.resid_dirs[l]}, l)["diff_of_means"] for l in at}
+        alignment[name] = {f"layer {l}": edits.alignment(e, se.reference_directions(data, l), l) for l in at}
 
     # demo: held-out prompts where the model really lies, with the best method at its chosen point
     ok = {m: r for m, r in evals.items() if r["kl"].mean <= cfg.kl_budget} or evals
@@ -226,7 +226,7 @@ def main(cfg: Config, run: RunDir) -> dict:
     best_r = evals[best]
     return {
         "model": model.cfg.model_name, "layers": layers, "baseline": base, "chosen_on_validation": chosen, "evaluation_on_test": evals,
-        "alignment_with_diff_of_means": alignment, "edits": {n: e.info for n, e in data.edits.items()},
+        "alignment": alignment, "edits": {n: e.info for n, e in data.edits.items()},
         "best": {"method": best, "setting": setting, "recovered": best_r["recovered"], "kl": best_r["kl"],
                  "goal": "recovered >= 0.85 at KL <= 0.1 nats on test",
                  "goal_met": bool(best_r["recovered"].mean >= 0.85 and best_r["kl"].mean <= 0.1)},
@@ -243,14 +243,18 @@ def _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_l
         s = chosen[m].setting
         desc = f"L{s.layer} a={s.alpha:g}" if s.layer >= 0 else f"a={s.alpha:g} {s.param}"
         c = r["control"]
-        print(f"{m:<9} {desc:<28} {str(r['recovered']):<22} {str(r['lie_rate_steered']):<22} {str(r['kl']):<22} {str(r['delta_ce']):<22} "
-              f"{str(r['honest_acc_steered']):<22} {str(c['recovered']):<22} {str(c['kl']):<20}")
+        cells = [r["recovered"], r["lie_rate_steered"], r["kl"], r["delta_ce"], r["honest_acc_steered"], c["recovered"], c["kl"]]
+        print(f"{m:<9} {desc:<28} " + " ".join(f"{f'{e:.3f}':<22}" for e in cells))
     print(f"lie rate before steering: {base['test']['lie_rate']}; honest accuracy before: {base['test']['honest_acc']}")
     for m, r in evals.items():
         for k, v in r.items():
             if k.startswith("transfer:"):
-                print(f"  transfer {m} -> {k[9:]}: recovered {v['recovered']}, KL {v['kl']}")
-    print("\nalignment (cosine) of learned edits with the difference of means:", json.dumps(alignment, indent=None))
+                print(f"  transfer {m} -> {k[9:]}: recovered {v['recovered']:.3f}, KL {v['kl']:.3f}")
+    print("\nalignment (cosine) of each learned edit's honest -> lying direction with directions fitted on the training facts "
+          f"(random directions: |cos| ~ 1/sqrt(d_model)):")
+    for name, per_layer in alignment.items():
+        for where, cos in per_layer.items():
+            print(f"  {name} {where}: " + ", ".join(f"{k} {v:+.2f}" for k, v in cos.items()))
     print(f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): {'met' if evals[best]['recovered'].mean >= 0.85 and evals[best]['kl'].mean <= 0.1 else 'NOT met'}")
     print(f"\n{n_lies} held-out prompts where the model lies (top-1 false on a fact it knows); {best} toward honesty:")
     for r in flip_back:

@@ -22,10 +22,11 @@ from typing import Sequence
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from mechlie.pairs import Batch, PairError, tokenize
-from mechlie.steering import SteeringError, SteeringState, steer
+from mechlie.steering import Intervention, SteeringError, SteeringState, steer
 
 
 class GenerationError(ValueError):
@@ -42,7 +43,7 @@ class GenerationResult:
     stop_reason: list[str]  # "eos", "stop_string" or "max_new_tokens"
 
 
-def _pad_id(model) -> int:
+def _pad_id(model: HookedTransformer) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is not None:
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -62,11 +63,11 @@ def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int | No
 
 @torch.no_grad()
 def generate(
-    model,
+    model: HookedTransformer,
     prompts: Sequence[str] | Batch,
     *,
     max_new_tokens: int = 16,
-    interventions: Sequence = (),
+    interventions: Sequence[Intervention] = (),
     state: SteeringState | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,

@@ -253,6 +253,7 @@ class SteeringData:
     causal_heads: tuple[tuple[int, int], ...] = ()  # heads ranked by patching on training pairs
     edits: dict[str, Intervention] = field(default_factory=dict)  # learned edits by name
     extra: dict[str, EvalSet] = field(default_factory=dict)  # transfer sets (other relations / formats)
+    train_resid: tuple[Tensor, Tensor] | None = None  # training (honest, lying) resid_post [n, layer, d], for probes
     fv: Float[Tensor, " d_model"] | None = None
     fv_layer: int | None = None
 
@@ -291,7 +292,21 @@ def prepare(
         neutral_train=n_tr,
         resid_dirs=residual_directions(h["resid_post"], li["resid_post"], rows),
         heads=head_directions(h["z"], li["z"], rows),
+        train_resid=(h["resid_post"].float(), li["resid_post"].float()),
     )
+
+
+def reference_directions(data: SteeringData, layer: int, fits: Sequence[str] = ("diff_of_means", "mass_mean", "logistic")) -> dict[str, Tensor]:
+    """Directions (honest -> lying) at ``layer`` from the fit registry of :mod:`mechlie.directions`
+    (probe kinds come from :mod:`mechlie.probes`), on the training facts: what a learned edit is
+    compared with."""
+    import mechlie.probes  # noqa: F401  (registers the probe fits)
+    from mechlie.directions import get_fit
+
+    if data.train_resid is None:
+        raise SteeringError("no training activations kept")
+    h, li = data.train_resid
+    return {f: get_fit(f)(h[:, layer], li[:, layer]) for f in fits}
 
 
 def attach_causal_heads(model: HookedTransformer, data: SteeringData, *, max_pairs: int = 24, batch_size: int = 16, progress: bool = True) -> None:
@@ -570,5 +585,5 @@ __all__ = [
     "EvalSet", "Estimate", "Kind", "KINDS", "NeutralEffects", "Setting", "Split3", "SteeringData", "SweepPoint",
     "attach_causal_heads", "attach_function_vector", "baseline_summary", "batches", "bootstrap", "choose", "controls",
     "eval_set", "evaluate", "gap_fraction", "intervention", "last_logits", "lying_rows", "measure", "neutral_effects",
-    "neutral_lines", "pareto", "prepare", "register_kind", "split_lines", "split_three", "spread", "sweep", "token_logprobs",
+    "neutral_lines", "pareto", "prepare", "reference_directions", "register_kind", "split_lines", "split_three", "spread", "sweep", "token_logprobs",
 ]

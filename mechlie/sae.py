@@ -518,7 +518,7 @@ class TrainedSAE:
 
 def load_or_train_sae(
     model: HookedTransformer, cfg: SAETrainConfig, *, cache_dir: str | Path | None = None, device: str | None = None,
-    batch_size: int = 16, progress: bool = True,
+    batch_size: int = 16, progress: bool = True, corpus: Corpus | None = None,
 ) -> TrainedSAE:
     """The cached SAE for (model weights, site, settings), training it first if there is none.
 
@@ -527,6 +527,8 @@ def load_or_train_sae(
         cfg: site and training settings; part of the cache key with the model's weight hash.
         cache_dir: default ``mechlie.models.default_cache_dir()`` (``$MECHLIE_CACHE``).
         device: where to train (default: the model's device).
+        corpus: a corpus :func:`build_corpus` made with these settings (reuse it across sites of
+            one model); default: build it here.
 
     Returns:
         A :class:`TrainedSAE`; ``info["quality"]`` holds :class:`SAEQuality` on held-out lines.
@@ -551,7 +553,7 @@ def load_or_train_sae(
         return TrainedSAE(sae, site, out, info, corpus, info["eval_lines"])
 
     t0 = time.time()
-    corpus = build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
+    corpus = corpus or build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
                           sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=batch_size)
     train_lines, eval_lines = corpus.split(cfg.eval_frac, cfg.seed)
     t_corpus = time.time() - t0
@@ -829,3 +831,91 @@ def causal_check(
         random_q95=float(torch.quantile(r, 0.95)), p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),
         n_pairs=len(pairs),
     )
+
+
+@torch.no_grad()
+def feature_columns(
+    sae: SAE, x: Float[Tensor, "tok d_in"], features: Sequence[int], *, chunk: int = 4096
+) -> Float[Tensor, "tok k"]:
+    """Activations of ``features`` only, without materializing all ``d_sae`` columns at once."""
+    cols = torch.as_tensor(list(features), dtype=torch.long)
+    return torch.cat([encode(sae, x[i : i + chunk])[:, cols] for i in range(0, len(x), chunk)])
+
+
+def pair_contexts(
+    honest_f: Float[Tensor, "n k"], lying_f: Float[Tensor, "n k"], pairs: Sequence[ContrastPair], *, n: int = 3,
+) -> list[list[dict]]:
+    """For each feature (column), the ``n`` pair prompts (either side) whose final token it fires on most."""
+    both = torch.cat([honest_f, lying_f])  # rows: honest prompts, then lying prompts
+    out = []
+    for j in range(both.shape[1]):
+        vals, idx = both[:, j].topk(min(n, len(both)))
+        out.append([
+            {"act": float(v), "side": "honest" if i < len(pairs) else "lying", "fact": pairs[i % len(pairs)].fact_id,
+             "question": pairs[i % len(pairs)].question}
+            for v, i in zip(vals.tolist(), idx.tolist()) if v > 0
+        ])
+    return out
+
+
+def lie_features(
+    model: HookedTransformer, trained: TrainedSAE, pairs: Sequence[ContrastPair], train: Sequence[int],
+    test: Sequence[int], *, k: int = 10, k_causal: int = 5, n_draws: int = 100, n_contexts: int = 5,
+    batch_size: int = 16, seed: int = 0, progress: bool = True,
+) -> tuple[dict, dict[str, Tensor]]:
+    """The whole decomposition of the lie direction at one SAE's site (see the module docstring).
+
+    Args:
+        trained: from :func:`load_or_train_sae` (or wrap a loaded SAE in a :class:`TrainedSAE`).
+        pairs: (honest, lying) pairs; ``train`` / ``test`` index them (split by fact).
+        k: features reported; ``k_causal``: top "lying" features (positive train difference)
+            ablated, and top features clamped to their honest mean, in the causal check.
+        n_draws: random matched feature sets for the causal control.
+
+    Returns:
+        ``(summary, tensors)``: JSON-able results, and the per-pair activations of the top features.
+    """
+    sae, site = trained.sae, trained.site
+    x_h = final_acts(model, [p.honest for p in pairs], site, batch_size=batch_size)
+    x_l = final_acts(model, [p.lying for p in pairs], site, batch_size=batch_size)
+    f_h, f_l = encode(sae, x_h), encode(sae, x_l)
+    tr = torch.as_tensor(list(train))
+    direction = x_l[tr].mean(0) - x_h[tr].mean(0)
+    fe = feature_effects(f_h, f_l, direction, sae.W_dec.detach().float().cpu(), train, test, k=k, seed=seed)
+    feats = fe.features.tolist()
+    # How much of the diff-of-means direction the SAE's features carry: the direction's
+    # reconstruction through the mean feature difference, on the training pairs.
+    recon = (f_l[tr].mean(0) - f_h[tr].mean(0)) @ sae.W_dec.detach().float().cpu()
+    dir_cos_recon = float(torch.nn.functional.cosine_similarity(recon, direction, dim=0))
+
+    corpus_acts = collect_site(model, trained.corpus.texts, site, batch_size=batch_size, progress=progress)
+    cols = feature_columns(sae, corpus_acts.acts, feats)
+    contexts = top_contexts(model, cols, corpus_acts, trained.corpus.texts, n=n_contexts)
+    in_pairs = pair_contexts(f_h[:, feats], f_l[:, feats], pairs)
+
+    test_pairs = [pairs[i] for i in test]
+    lying_mean, honest_mean = f_l[tr].mean(0), f_h[tr].mean(0)
+    train_diff = lying_mean - honest_mean
+    lying_feats = [f for f in train_diff.argsort(descending=True)[:k_causal].tolist() if train_diff[f] > 0]
+    checks = {}
+    if lying_feats:
+        checks["ablate"] = causal_check(model, sae, site, test_pairs, lying_feats, mode="ablate", lying_mean=lying_mean,
+                                        n_draws=n_draws, batch_size=batch_size, seed=seed)
+    checks["clamp"] = causal_check(model, sae, site, test_pairs, feats[:k_causal], mode="clamp",
+                                   honest_mean=honest_mean, lying_mean=lying_mean, n_draws=n_draws,
+                                   batch_size=batch_size, seed=seed)
+    rows = fe.rows()
+    for r, c, pc in zip(rows, contexts, in_pairs):
+        r["corpus_contexts"], r["pair_contexts"] = c, pc
+    summary = {
+        "site": str(site), "d_sae": sae.cfg.d_sae, "sae_path": str(trained.path), "sae": trained.info,
+        "n_pairs": len(pairs), "n_train": len(train), "n_test": len(test),
+        "features": rows, "null_max_diff": fe.null_max, "cosine_max_null": fe.direction_cosine_max_null,
+        "direction_norm": float(direction.norm()), "direction_recon_cosine": dir_cos_recon,
+        "live_on_pairs": int(((f_h > 0) | (f_l > 0)).any(0).sum()),
+        "causal": {m: asdict(c) for m, c in checks.items()},
+    }
+    tensors = {"honest": f_h[:, feats], "lying": f_l[:, feats], "features": fe.features, "cosine_all": (
+        sae.W_dec.detach().float().cpu() @ (direction / direction.norm())) / sae.W_dec.detach().float().cpu().norm(dim=-1),
+        "diff_train_all": train_diff}
+    return summary, tensors

@@ -1,0 +1,149 @@
+"""Inside the lie direction: SAE features (sae-lens) at the sites where lying is decided.
+
+    python analyses/sae_features.py                         # SmolLM2, resid_pre of block 20 + head L20H5
+    python analyses/sae_features.py --sites blocks.19.hook_resid_pre --device cuda
+
+For each site, an SAE is loaded from the cache or trained with sae-lens on an offline corpus
+(built-in pair prompts, mechlie/data/neutral.txt, the model's own samples; trained once per
+model/site/settings, see mechlie.sae), and the honest→lying difference at the final prompt token
+is decomposed into its features: effect sizes with bootstrap CIs over held-out pairs, decoder
+cosines with the difference-of-means direction, top-activating contexts, and a causal check
+(ablate / clamp the top features on lying prompts, beside matched random features). Writes
+results/sae_features/<run>/ (summary.json, features.safetensors, figures).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mechlie.cli import RunDir, run_script
+from mechlie.models import DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class SAEFeaturesConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    sites: tuple[str, ...] = field(
+        default=("blocks.20.hook_resid_pre", "blocks.20.attn.hook_z:5"),
+        metadata={"help": "SAE sites: a hook name, or blocks.L.attn.hook_z:H for one head"},
+    )
+    sae_path: str = field(default="", metadata={"help": "use this sae-lens SAE folder (one site) instead of training"})
+    n_pairs: int = field(default=30, metadata={"help": "fewshot pairs per relation, before the known filter"})
+    test_frac: float = 0.3
+    k: int = field(default=10, metadata={"help": "features reported per site"})
+    k_causal: int = field(default=5, metadata={"help": "features ablated / clamped in the causal check"})
+    n_draws: int = field(default=100, metadata={"help": "random matched feature sets (control)"})
+    expansion: int = field(default=4, metadata={"help": "SAE width = expansion * d_in"})
+    top_k: int = field(default=32, metadata={"help": "TopK SAE: active features per token"})
+    n_steps: int = field(default=1000, metadata={"help": "SAE training steps"})
+    pairs_per_format: int = field(default=30, metadata={"help": "corpus: pair prompts per format"})
+    n_samples: int = field(default=32, metadata={"help": "corpus: model samples"})
+    seed: int = 0
+    device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda when available)", "run": False})
+    batch_size: int = field(default=16, metadata={"run": False})
+    out_dir: str = "results/sae_features"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        from mechlie.sae import SAETrainConfig, Site
+
+        if not self.sites:
+            raise ValueError("--sites needs at least one site")
+        for s in self.sites:
+            Site.parse(s)
+        if self.sae_path and len(self.sites) != 1:
+            raise ValueError("--sae-path applies to one site: pass exactly one --sites")
+        if self.n_pairs < 0 or not 0 < self.test_frac < 1:
+            raise ValueError("n_pairs must be >= 0 and test_frac in (0, 1)")
+        if self.k < 1 or self.k_causal < 1 or self.n_draws < 20:
+            raise ValueError("k and k_causal must be >= 1, n_draws >= 20 (a null needs many draws)")
+        self.train_config(self.sites[0])  # its own checks
+
+    def train_config(self, site: str):
+        from mechlie.sae import SAETrainConfig
+
+        return SAETrainConfig(site=site, expansion=self.expansion, k=self.top_k, n_steps=self.n_steps,
+                              pairs_per_format=self.pairs_per_format, n_samples=self.n_samples, seed=self.seed)
+
+
+def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
+    from mechlie import sae as S
+    from mechlie.directions import split_by_fact
+    from mechlie.io import save_tensors
+    from mechlie.metrics import score_logits
+    from mechlie.models import load_model
+    from mechlie.pairs import answer_set, load_builtin
+    from mechlie.report import write_figures
+    from mechlie.steering_eval import batches, last_logits
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, device=cfg.device or None)
+    for s in cfg.sites:
+        S.Site.parse(s).validate(model)
+    t_load = time.time() - t0
+    pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
+    with torch.no_grad():
+        known = score_logits(last_logits(model, batches(model, [p.honest for p in pairs], cfg.batch_size)),
+                             answer_set(model.tokenizer, pairs)).correct
+    pairs = [p for p, k in zip(pairs, known.tolist()) if k]
+    split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
+    summary: dict = {"model": cfg.model, "dataset": "all (fewshot)", "n_known_pairs": len(pairs),
+                     "seconds": {"load": round(t_load, 1)}, "sites": {}}
+    corpus = None
+    tensors = {}
+    for site in cfg.sites:
+        t1 = time.time()
+        if cfg.sae_path:
+            sae = S.load_sae(cfg.sae_path, device=str(model.cfg.device))
+            S.check_sae(sae, model, S.Site.parse(site))
+            corpus = corpus or S.build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
+                                              seed=cfg.seed)
+            _, eval_lines = corpus.split(0.15, cfg.seed)
+            q = S.sae_quality(model, sae, S.Site.parse(site), [corpus.texts[i] for i in eval_lines],
+                              batch_size=cfg.batch_size, seed=cfg.seed)
+            trained = S.TrainedSAE(sae, S.Site.parse(site), Path(cfg.sae_path),
+                                   {"loaded": cfg.sae_path, "quality": asdict(q)}, corpus, eval_lines)
+        else:
+            trained = S.load_or_train_sae(model, cfg.train_config(site), corpus=corpus, batch_size=cfg.batch_size)
+            corpus = trained.corpus
+        t_sae = time.time() - t1
+        res, ts = S.lie_features(model, trained, pairs, split.train, split.test, k=cfg.k, k_causal=cfg.k_causal,
+                                 n_draws=cfg.n_draws, batch_size=cfg.batch_size, seed=cfg.seed)
+        res["seconds"] = {"sae": round(t_sae, 1), "analysis": round(time.time() - t1 - t_sae, 1)}
+        summary["sites"][site] = res
+        tensors[site] = ts
+        _print_site(site, res)
+    save_tensors(run.file("features.safetensors"), tensors, {"sites": list(cfg.sites)})
+    summary["seconds"]["total"] = round(time.time() - t0, 1)
+    summary["kind"] = "sae_features"
+    run.write_json("summary.json", summary)
+    summary["figures"] = write_figures(run.path)
+    print(f"\ntotal {summary['seconds']['total']} s; figures and report: python analyses/make_figures.py {run.path}")
+    return summary
+
+
+def _print_site(site: str, res: dict) -> None:
+    q = res["sae"].get("quality")
+    print(f"\n== {site}: SAE d_sae={res['d_sae']} ({res['sae_path']})")
+    if q:
+        print(f"L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}, CE recovered "
+              f"{q['ce_recovered']:.3f} [{q['ce_recovered_lo']:.3f}, {q['ce_recovered_hi']:.3f}] "
+              f"(CE clean {q['ce_clean']:.3f}, SAE {q['ce_sae']:.3f}, zero-abl. {q['ce_zero']:.3f}; {q['n_lines']} held-out lines)")
+    print(f"top features, lying − honest on {res['n_test']} held-out pairs (null of the max: {res['null_max_diff']:.3f}):")
+    for r in res["features"]:
+        ctx = r["corpus_contexts"][0]["context"] if r["corpus_contexts"] else ""
+        print(f"  f{r['feature']:<5} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] d={r['effect_size']:+.2f} "
+              f"cos={r['cosine']:+.2f}  {ctx[-60:]!r}")
+    for m, c in res["causal"].items():
+        print(f"causal ({m} {list(c['features'])}): ΔP(truth) {c['delta']:+.3f} [{c['delta_lo']:+.3f}, {c['delta_hi']:+.3f}] "
+              f"vs random matched features 95th pct {c['random_q95']:+.3f} (p={c['p_value']:.3f}, {len(c['random_deltas'])} draws)")
+
+
+if __name__ == "__main__":
+    sys.exit(run_script(SAEFeaturesConfig, main, doc=__doc__))

@@ -28,8 +28,9 @@ Pipeline, on few-shot prompts (format ``fewshot``: demonstrations with false ans
    rescaled to the FV's norm, and random Gaussian directions of that norm run beside it.
 
 Speed: a patch at the final position cannot change any earlier position, so each prompt's prefix
-is run once into a key/value cache (:func:`mechlie.patching.prefix_cache`) and all heads (or all
-vectors x layers) run as the rows of one single-token pass (:func:`final_step_logits`).
+is run once into a key/value cache and all heads (or all vectors x layers) of several prompts run
+as the rows of single-token passes (:func:`mechlie.patching.score_patches` over
+:func:`mechlie.kv.run_rows`).
 :func:`head_aie_naive` is the one-forward-pass-per-head loop, kept as a benchmark and test baseline.
 """
 
@@ -42,6 +43,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from transformer_lens import HookedTransformer
 
 from mechlie.activations import head_out_from_z, hook_name
 from mechlie.directions import diff_of_means
@@ -56,7 +59,8 @@ from mechlie.pairs import (
     tokenize,
     zero_shot_prompt,
 )
-from mechlie.patching import _patch_hooks, final_step_logits, prefix_cache
+from mechlie.kv import collect_batch, final_tokens, prefix_cache, run_rows
+from mechlie.patching import Patches, score_patches
 
 AIE_METRICS = ("truth_drop", "lie_rise", "logit_diff_drop")
 
@@ -70,6 +74,10 @@ def _sub(batch: Batch, idx: slice) -> Batch:
     return Batch(batch.tokens[idx], batch.attention_mask[idx])
 
 
+def _slice_answers(answers: AnswerSet, start: int, n: int) -> AnswerSet:
+    return AnswerSet(*(t[start : start + n] for t in (answers.truth, answers.lie, answers.choices)))
+
+
 def p_lie(scores: AnswerScores) -> Tensor:
     """P(designated lie), recovered from ``logit_diff = log P(truth) - log P(lie)``."""
     return scores.p_truth / scores.logit_diff.exp()
@@ -79,36 +87,14 @@ def p_lie(scores: AnswerScores) -> Tensor:
 # 1. mean head activations
 
 
-@torch.no_grad()
-def final_position(model, batch: Batch, kind: str = "z", *, batch_size: int = 16) -> Tensor:
-    """``kind`` (``"z"``: ``[n, layer, head, d_head]``; a residual kind: ``[n, layer, d]``) at the
-    final position of every prompt of a left-padded batch, from token tensors (no tokenizer)."""
-    L = model.cfg.n_layers
-    out: list[Tensor] = []
-    for s in range(0, batch.tokens.shape[0], batch_size):
-        b = _sub(batch, slice(s, s + batch_size))
-        store: list[Tensor | None] = [None] * L
-
-        def saver(layer: int):
-            def hook(act, hook):
-                store[layer] = act[:, -1].detach().float()
-
-            return hook
-
-        with model.hooks(fwd_hooks=[(hook_name(kind, l), saver(l)) for l in range(L)]):
-            model(b.tokens, attention_mask=b.attention_mask, return_type=None)
-        out.append(torch.stack(store, dim=1).cpu())
-    return torch.cat(out)
-
-
 @dataclass(frozen=True)
 class HeadMeans:
     z: Float[Tensor, "layer head d_head"]
     head_out: Float[Tensor, "layer head d_model"]  # z @ W_O (b_O excluded: it is shared)
 
 
-def mean_head_activations(model, batch: Batch, *, batch_size: int = 16) -> HeadMeans:
-    z = final_position(model, batch, "z", batch_size=batch_size).mean(0)
+def mean_head_activations(model: HookedTransformer, batch: Batch, *, batch_size: int = 16) -> HeadMeans:
+    z = collect_batch(model, batch, ("z",), batch_size=batch_size).acts["z"].mean(0)
     with torch.no_grad():
         return HeadMeans(z, head_out_from_z(model, z[None])[0].detach())
 
@@ -162,26 +148,26 @@ def head_aie(
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
     comps = _all_heads(model) if heads is None else torch.tensor([tuple(h) for h in heads], dtype=torch.long).reshape(-1, 2)
-    n = corrupt.tokens.shape[0]
-    p_truth = torch.empty((n, len(comps)))
-    logit_diff = torch.empty((n, len(comps)))
+    if len(comps) == 0 or int(comps[:, 0].min()) < 0 or int(comps[:, 0].max()) >= L or int(comps[:, 1].min()) < 0 or int(comps[:, 1].max()) >= H:
+        raise ValueError(f"heads must be (layer, head) pairs within {L} x {H}")
+    n, C = corrupt.tokens.shape[0], len(comps)
+    p_truth, logit_diff = torch.empty((n, C)), torch.empty((n, C))
     base = torch.empty((n, model.cfg.d_vocab))
-    values = mean_z.to(model.cfg.device)
     flat = comps[:, 0] * H + comps[:, 1]
     bar = tqdm(total=n, desc="head AIE", disable=not progress, leave=False)
     for s in range(0, n, batch_size):
         b = _sub(corrupt, slice(s, s + batch_size))
-        cache = prefix_cache(model, b)
-        for row in range(b.tokens.shape[0]):
-            i, last = s + row, int(b.tokens[row, -1])
-            base[i] = final_step_logits(model, cache, row, last, 1)[0].cpu()
-            for c0 in range(0, len(comps), max_rows):
-                chunk = comps[c0 : c0 + max_rows]
-                logits = final_step_logits(model, cache, row, last, len(chunk), _patch_hooks(model, "z", chunk, values))
-                sc = score_logits(logits, _rows(answers, i, len(chunk)))
-                p_truth[i, c0 : c0 + len(chunk)] = sc.p_truth.cpu()
-                logit_diff[i, c0 : c0 + len(chunk)] = sc.logit_diff.cpu()
-            bar.update(1)
+        B = b.tokens.shape[0]
+        cache, last = prefix_cache(model, b), final_tokens(b)
+        base[s : s + B] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
+        # rows (head, prompt): head c of prompt j is row c * B + j, patched with the head's mean z
+        prompt = torch.arange(B).repeat(C)
+        comp = torch.arange(C).repeat_interleave(B)
+        patches = Patches("z", torch.arange(C * B), comps[comp, 0], comps[comp, 1], mean_z[comps[comp, 0], comps[comp, 1]])
+        sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B), max_rows=max_rows)
+        p_truth[s : s + B] = sc.p_truth.reshape(C, B).T
+        logit_diff[s : s + B] = sc.logit_diff.reshape(C, B).T
+        bar.update(B)
     bar.close()
     full_p, full_ld = torch.full((n, L * H), float("nan")), torch.full((n, L * H), float("nan"))
     full_p[:, flat], full_ld[:, flat] = p_truth, logit_diff
@@ -278,32 +264,26 @@ def add_at_final_position(
     nv, nl, _ = vectors.shape
     if nl != len(layers):
         raise ValueError(f"vectors have {nl} layers, but {len(layers)} layers were given")
-    vectors = vectors.to(model.cfg.device).float()
-    n_rows = 1 + nv * nl
+    vectors = vectors.float()
     n = batch.tokens.shape[0]
     p_truth, logit_diff = torch.empty((n, nv, nl)), torch.empty((n, nv, nl))
     base = torch.empty((n, model.cfg.d_vocab))
-    hooks = []
-    for j, layer in enumerate(layers):
-        rows = torch.arange(nv) * nl + j + 1  # row 1 + v * nl + j: vector v at layers[j]
-
-        def hook(act, hook, rows=rows, vec=vectors[:, j]):
-            act[rows, -1] = act[rows, -1] + vec.to(act.dtype)
-            return act
-
-        hooks.append((hook_name("resid_post", layer), hook))
     bar = tqdm(total=n, desc=desc, disable=not progress, leave=False)
     for s in range(0, n, batch_size):
         b = _sub(batch, slice(s, s + batch_size))
-        cache = prefix_cache(model, b)
-        for row in range(b.tokens.shape[0]):
-            i = s + row
-            logits = final_step_logits(model, cache, row, int(b.tokens[row, -1]), n_rows, hooks)
-            base[i] = logits[0].cpu()
-            sc = score_logits(logits[1:], _rows(answers, i, n_rows - 1))
-            p_truth[i] = sc.p_truth.reshape(nv, nl).cpu()
-            logit_diff[i] = sc.logit_diff.reshape(nv, nl).cpu()
-            bar.update(1)
+        B = b.tokens.shape[0]
+        cache, last = prefix_cache(model, b), final_tokens(b)
+        base[s : s + B] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
+        # rows (vector, layer, prompt): vector v added at layers[j] of prompt i is row (v * nl + j) * B + i
+        vi = torch.arange(nv).repeat_interleave(nl * B)
+        ji = torch.arange(nl).repeat_interleave(B).repeat(nv)
+        prompt = torch.arange(B).repeat(nv * nl)
+        li = torch.tensor(layers, dtype=torch.long)[ji]
+        patches = Patches("resid_post", torch.arange(len(prompt)), li, torch.full_like(li, -1), vectors[vi, ji], add=True)
+        sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B))
+        p_truth[s : s + B] = sc.p_truth.reshape(nv, nl, B).permute(2, 0, 1)
+        logit_diff[s : s + B] = sc.logit_diff.reshape(nv, nl, B).permute(2, 0, 1)
+        bar.update(B)
     bar.close()
     return SteerResult(p_truth, logit_diff, score_logits(base, answers), layers)
 
@@ -391,8 +371,8 @@ def run_function_vector(
     aie = head_aie(model, corrupt_tr, tr_ans, means.z, batch_size=batch_size, progress=progress)
     fv = build_function_vector(means.head_out, aie.aie(metric), k, metric)
     dom = diff_of_means(
-        final_position(model, honest_tr, "resid_post", batch_size=batch_size),
-        final_position(model, lying_tr, "resid_post", batch_size=batch_size),
+        collect_batch(model, honest_tr, ("resid_post",), batch_size=batch_size).acts["resid_post"],
+        collect_batch(model, lying_tr, ("resid_post",), batch_size=batch_size).acts["resid_post"],
     )
 
     gen = torch.Generator().manual_seed(seed)

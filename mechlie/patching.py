@@ -7,14 +7,21 @@ the honest run, and the answer is scored.
 Metric, normalized per component over the pairs' means:
 ``effect = (mean(m_patched) - mean(m_lying)) / (mean(m_honest) - mean(m_lying))``, so 0 is the
 lying baseline and 1 the honest baseline, for ``m`` = the logit difference (truth vs. the pair's
-lie answer) and for ``m`` = P(truth). Normalizing the means, not each pair, keeps pairs with a
-tiny honest-lying gap from dominating. Per-pair raw metrics are kept in the result as well.
+lie answer) and for ``m`` = P(truth) (:func:`mechlie.stats.normalized_effect`). Normalizing the
+means, not each pair, keeps pairs with a tiny honest-lying gap from dominating. Per-pair raw
+metrics are kept, so :meth:`PatchResult.effect_ci` bootstraps the effect over pairs.
 
 Why it is fast: a patch at the final position cannot change any earlier position (attention is
-causal), so the lying prompt's prefix is run once and its keys and values are cached. Each patch
-is then a single-token forward pass over that cache, and many patches (one per batch row) run in
-one pass over a cache view expanded without copying. TransformerLens's patching functions rerun
-the whole prompt once per component.
+causal), so each lying prompt's prefix is run once into a key/value cache, and every patch is a
+row of a single-token pass over it (:func:`mechlie.kv.run_rows`): rows of several pairs share one
+pass, the prefix attention is computed without repeating the cache, and a row patched at layer
+``l`` runs only blocks ``l ..``. TransformerLens's patching functions rerun the whole prompt once
+per component. ``benchmarks/bench_patching.py`` measures the difference.
+
+:class:`Patches` is the one way to say "which rows get which activations": single-component
+sweeps, joint patching of head sets (:mod:`mechlie.circuits`), mean-activation patching of
+function vectors (:mod:`mechlie.function_vectors`) and vector addition all go through
+:func:`score_patches`.
 """
 
 from __future__ import annotations
@@ -23,17 +30,29 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
+from transformer_lens import HookedTransformer
 
-from mechlie.activations import HEAD_KINDS, LAYER_KINDS, collect, hook_name
+from mechlie.activations import HEAD_KINDS, LAYER_KINDS, hook_name
+from mechlie.kv import PrefixCache, collect_batch, final_tokens, prefix_cache as _prefix_cache, run_rows, top_heads
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
+from mechlie.stats import TensorEstimate, bootstrap_tensor, normalized_effect
 
 PATCHABLE = ("z",) + LAYER_KINDS
+
+__all__ = [
+    "PATCHABLE", "PatchResult", "Patches", "component_grid", "patch_final_position", "patch_runs",
+    "prefix_cache", "score_patches", "top_heads",
+]
+
+
+def prefix_cache(model: HookedTransformer, batch: Batch):
+    """TransformerLens's cache of every position but the last (kept for callers that run
+    TransformerLens's own cached forward; new code uses :func:`mechlie.kv.prefix_cache`)."""
+    return _prefix_cache(model, batch).tl
 
 
 @dataclass(frozen=True)
@@ -44,100 +63,144 @@ class PatchResult:
     clean: AnswerScores  # honest run
     corrupt: AnswerScores  # lying run
 
-    def effect(self, metric: str = "logit_diff") -> Float[Tensor, "*c"]:
-        """Normalized effect: 0 = lying baseline, 1 = honest baseline."""
-        patched = getattr(self, metric).mean(0)
-        lo = getattr(self.corrupt, metric).mean()
-        hi = getattr(self.clean, metric).mean()
-        return (patched - lo) / (hi - lo)
+    def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "*c"]:
+        """Normalized effect: 0 = lying baseline, 1 = honest baseline (over the pairs ``idx``)."""
+        sel = slice(None) if idx is None else idx
+        patched = getattr(self, metric)[sel].mean(0)
+        return normalized_effect(patched, getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean())
+
+    def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
+        """The effect of every component with a 95% bootstrap CI over pairs (same resamples)."""
+        return bootstrap_tensor(lambda i: self.effect(metric, i), len(self.p_truth), n_boot=n_boot, seed=seed)
 
 
-def _view_cache(cache: TransformerLensKeyValueCache, row: int, n: int) -> TransformerLensKeyValueCache:
-    """A frozen cache holding row ``row`` of ``cache`` repeated ``n`` times, without copying."""
-    entries = [
-        TransformerLensKeyValueCacheEntry(
-            e.past_keys[row : row + 1].expand(n, -1, -1, -1),
-            e.past_values[row : row + 1].expand(n, -1, -1, -1),
-            frozen=True,
-        )
-        for e in cache.entries
-    ]
-    mask = cache.previous_attention_mask[row : row + 1].expand(n, -1)
-    return TransformerLensKeyValueCache(entries, mask, frozen=True)
-
-
-@torch.no_grad()
-def prefix_cache(model, batch: Batch) -> TransformerLensKeyValueCache:
-    """Keys and values of every position but the last, for each prompt of ``batch``."""
-    if batch.tokens.shape[1] < 2 or (batch.lengths < 2).any():
-        raise PairError("patching needs prompts of at least 2 tokens")
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch.tokens.shape[0])
-    model(batch.tokens[:, :-1], attention_mask=batch.attention_mask[:, :-1], past_kv_cache=cache, return_type=None)
-    cache.freeze()
-    return cache
-
-
-@torch.no_grad()
-def final_step_logits(
-    model,
-    cache: TransformerLensKeyValueCache,
-    row: int,
-    last_token: int,
-    n: int,
-    fwd_hooks: Sequence = (),
-) -> Float[Tensor, "n vocab"]:
-    """Logits of ``n`` copies of prompt ``row``'s final token over its cached prefix."""
-    view = _view_cache(cache, row, n)
-    tokens = torch.full((n, 1), last_token, dtype=torch.long, device=model.cfg.device)
-    mask = torch.ones((n, 1), dtype=torch.long, device=model.cfg.device)
-    with model.hooks(fwd_hooks=list(fwd_hooks)):
-        return model(tokens, attention_mask=mask, past_kv_cache=view)[:, -1].float()
-
-
-def component_grid(model, kind: str) -> tuple[int, ...]:
+def component_grid(model: HookedTransformer, kind: str) -> tuple[int, ...]:
     return (model.cfg.n_layers, model.cfg.n_heads) if kind in HEAD_KINDS else (model.cfg.n_layers,)
 
 
-def _patch_hooks(model, kind: str, comps: Tensor, clean: Tensor) -> list:
-    """Hooks that write ``clean[comp]`` into row r's final position, for row r's component."""
-    hooks = []
-    for layer in comps[:, 0].unique().tolist():
-        rows = (comps[:, 0] == layer).nonzero().squeeze(1)
+@dataclass(frozen=True)
+class Patches:
+    """Entries ``e``: in row ``row[e]``, set (or with ``add``, add to) ``kind`` at block
+    ``layer[e]`` (head ``head[e]`` for ``z``; ``-1`` for layer kinds) to ``value[e]``, at the
+    row's new token ``pos[e]`` (default 0: the final prompt token of a one-token row). A row may
+    hold many entries (joint patching); a row with none is unpatched."""
 
-        if kind == "z":
-            heads = comps[rows, 1]
-            values = clean[layer][heads]  # [r, d_head]
+    kind: str
+    row: Int[Tensor, " e"]
+    layer: Int[Tensor, " e"]
+    head: Int[Tensor, " e"]
+    value: Float[Tensor, "e d"]
+    add: bool = False
+    pos: Int[Tensor, " e"] | None = None
 
-            def hook(act, hook, rows=rows, heads=heads, values=values):
-                act[rows, -1, heads] = values.to(act.dtype)
-                return act
+    def __post_init__(self) -> None:
+        if self.kind not in PATCHABLE:
+            raise ValueError(f"cannot patch {self.kind!r}; patchable kinds: {PATCHABLE}")
+        n = len(self.row)
+        if not (len(self.layer) == len(self.head) == len(self.value) == n) or (self.pos is not None and len(self.pos) != n):
+            raise ValueError("row, layer, head, value (and pos) need one entry each")
 
-        else:
-            values = clean[layer].expand(len(rows), -1)
+    def hooks(self, rows: Int[Tensor, " e"] | None = None) -> list:
+        """Hooks writing the entries (rows renumbered by ``rows`` if given)."""
+        row = self.row if rows is None else rows
+        pos = torch.zeros_like(self.row) if self.pos is None else self.pos
+        out = []
+        for layer in self.layer.unique().tolist():
+            sel = (self.layer == layer).nonzero().squeeze(1)
+            r, p, v = row[sel], pos[sel], self.value[sel]
+            if self.kind == "z":
+                h = self.head[sel]
 
-            def hook(act, hook, rows=rows, values=values):
-                act[rows, -1] = values.to(act.dtype)
-                return act
+                def hook(act, hook, r=r, p=p, h=h, v=v):
+                    v = v.to(act.device, act.dtype)
+                    act[r, p, h] = act[r, p, h] + v if self.add else v
+                    return act
+            else:
 
-        hooks.append((hook_name(kind, layer), hook))
-    return hooks
+                def hook(act, hook, r=r, p=p, v=v):
+                    v = v.to(act.device, act.dtype)
+                    act[r, p] = act[r, p] + v if self.add else v
+                    return act
+
+            out.append((hook_name(self.kind, layer), hook))
+        return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
+def score_patches(
+    model: HookedTransformer,
+    cache: PrefixCache,
+    tokens: Int[Tensor, "B t"],
+    prompt: Int[Tensor, " R"],
+    patches: Patches,
+    answers: AnswerSet,
+    *,
+    max_rows: int = 512,
+) -> AnswerScores:
+    """Score ``R`` rows (row ``r`` continues prompt ``prompt[r]`` with the new tokens
+    ``tokens[prompt[r]]``, usually its final token, with the entries of ``patches`` for that row)
+    at their last new token against ``answers`` (one row of answer ids per prompt). Rows run in chunks of ``max_rows``, sorted by
+    the first block they change, each over the cached prefix (:func:`mechlie.kv.run_rows`).
+
+    Example:
+        >>> p = Patches("z", rows, layers, heads, clean_z[prompt[rows], layers, heads])
+        >>> scores = score_patches(model, prefix, final_tokens(batch), prompt, p, answers)
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+    R = len(prompt)
+    if len(patches.row) and (int(patches.row.min()) < 0 or int(patches.row.max()) >= R):
+        raise ValueError(f"patch rows must be in [0, {R})")
+    L = model.cfg.n_layers
+    start = torch.full((R,), L - 1, dtype=torch.long)
+    start.scatter_reduce_(0, patches.row, patches.layer, reduce="amin")
+    order = torch.argsort(start * R + torch.arange(R))  # stable by start layer
+    where = torch.empty(R, dtype=torch.long)
+    where[order] = torch.arange(R)
+    p_truth, logit_diff, correct, cov = (torch.empty(R), torch.empty(R), torch.empty(R, dtype=torch.bool), torch.empty(R))
+    for c0 in range(0, R, max_rows):
+        rows = order[c0 : c0 + max_rows]
+        keep = (where[patches.row] >= c0) & (where[patches.row] < c0 + len(rows))
+        sub = Patches(
+            patches.kind, patches.row[keep], patches.layer[keep], patches.head[keep], patches.value[keep], patches.add,
+            None if patches.pos is None else patches.pos[keep],
+        )
+        pr = prompt[rows]
+        logits = run_rows(
+            model, cache, pr, tokens[pr], fwd_hooks=sub.hooks(where[sub.row] - c0), start_layers=start[rows]
+        )[:, -1]
+        s = score_logits(logits, AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
+        p_truth[rows], logit_diff[rows], correct[rows], cov[rows] = (
+            s.p_truth.cpu(), s.logit_diff.cpu(), s.correct.cpu(), s.choice_cov.cpu(),
+        )
+    return AnswerScores(p_truth, logit_diff, correct, cov)
+
+
+@torch.inference_mode()
 def patch_final_position(
-    model,
+    model: HookedTransformer,
     pairs: Sequence[ContrastPair],
     kind: str = "z",
     *,
     batch_size: int = 16,
-    max_rows: int = 512,
+    max_rows: int = 1024,
     progress: bool = True,
 ) -> PatchResult:
     """Patch every component of ``kind`` from honest into lying, at the final position.
 
-    ``kind="z"`` patches each head's ``hook_z`` (so its output); a layer kind such as
-    ``"resid_pre"`` patches that layer's whole vector. ``max_rows`` bounds the rows of one
-    single-token pass (memory).
+    Args:
+        pairs: (honest, lying) prompt pairs.
+        kind: ``"z"`` patches each head's ``hook_z`` (so its output); a layer kind such as
+            ``"resid_pre"`` patches that layer's whole vector.
+        batch_size: prompts per prefix cache (their patches share passes).
+        max_rows: rows of one single-token pass (memory: ``max_rows x d_vocab`` logits).
+
+    Returns:
+        :class:`PatchResult` with per-pair scores ``[n, layer, (head)]``.
+
+    Example:
+        >>> res = patch_final_position(model, pairs, "z")
+        >>> res.effect().shape  # [n_layers, n_heads]; 1 = fully honest
     """
     if len(pairs) == 0:
         raise PairError("no pairs to patch")
@@ -147,59 +210,63 @@ def patch_final_position(
     )
 
 
-@torch.no_grad()
+def _single_component_patches(kind: str, grid: tuple[int, ...], clean: Tensor, n_prompts: int) -> tuple[Tensor, Patches]:
+    """Rows ``(component, prompt)`` in component order (so sorted by layer); row ``c * n + b``
+    patches component ``c`` of prompt ``b`` with ``clean[b]``'s value."""
+    comps = torch.cartesian_prod(*[torch.arange(s) for s in grid]).reshape(-1, len(grid))
+    C = len(comps)
+    prompt = torch.arange(n_prompts).repeat(C)
+    comp = torch.arange(C).repeat_interleave(n_prompts)
+    layer = comps[comp, 0]
+    head = comps[comp, 1] if kind == "z" else torch.full_like(layer, -1)
+    value = clean[prompt, layer, head] if kind == "z" else clean[prompt, layer]
+    return prompt, Patches(kind, torch.arange(len(prompt)), layer, head, value)
+
+
+@torch.inference_mode()
 def patch_runs(
-    model,
+    model: HookedTransformer,
     clean_prompts: Sequence[str],
     corrupt_prompts: Sequence[str],
     answers: AnswerSet,
     kind: str = "z",
     *,
     batch_size: int = 16,
-    max_rows: int = 512,
+    max_rows: int = 1024,
     progress: bool = True,
 ) -> PatchResult:
     """Patch each component of ``kind`` from ``clean_prompts[i]``'s run into ``corrupt_prompts[i]``'s."""
     if kind not in PATCHABLE:
         raise ValueError(f"cannot patch {kind!r}; patchable kinds: {PATCHABLE}")
+    if batch_size < 1 or max_rows < 1:
+        raise ValueError("batch_size and max_rows must be >= 1")
     n = len(clean_prompts)
     if n == 0 or n != len(corrupt_prompts) or n != len(answers.truth):
         raise PairError(
             f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
             f"({len(answers.truth)}), and at least one"
         )
-    clean = collect(
-        model, list(clean_prompts), kinds=(kind,), batch_size=batch_size,
-        progress=progress, desc="clean run", return_logits=True,
-    )
-    clean_acts = clean[kind]  # [n, L, (H,) d]
+    clean = collect_batch(model, tokenize(model, list(clean_prompts)), (kind,), batch_size=batch_size, progress=progress, desc="clean run")
     grid = component_grid(model, kind)
-    comps = torch.cartesian_prod(*[torch.arange(s) for s in grid]).reshape(-1, len(grid))
-    p_truth = torch.empty((n, len(comps)))
-    logit_diff = torch.empty((n, len(comps)))
+    p_truth, logit_diff = torch.empty((n, *grid)), torch.empty((n, *grid))
     corrupt_logits = torch.empty((n, model.cfg.d_vocab))
-    bar = tqdm(total=n, desc=f"patching {kind}", disable=not progress, leave=False)
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        batch = tokenize(model, [corrupt_prompts[i] for i in idx])
-        cache = prefix_cache(model, batch)
-        for row, i in enumerate(idx):
-            last = int(batch.tokens[row, -1])
-            corrupt_logits[i] = final_step_logits(model, cache, row, last, 1)[0].cpu()
-            for c0 in range(0, len(comps), max_rows):
-                chunk = comps[c0 : c0 + max_rows]
-                hooks = _patch_hooks(model, kind, chunk, clean_acts[i].to(model.cfg.device))
-                logits = final_step_logits(model, cache, row, last, len(chunk), hooks)
-                rows = AnswerSet(*(t[i : i + 1].expand(len(chunk), -1) for t in (answers.truth, answers.lie, answers.choices)))
-                s = score_logits(logits, rows)
-                p_truth[i, c0 : c0 + len(chunk)] = s.p_truth.cpu()
-                logit_diff[i, c0 : c0 + len(chunk)] = s.logit_diff.cpu()
-            bar.update(1)
-    bar.close()
+    for s in tqdm(range(0, n, batch_size), desc=f"patching {kind}", disable=not progress, leave=False):
+        idx = slice(s, min(n, s + batch_size))
+        b = tokenize(model, list(corrupt_prompts[idx]))
+        B = b.tokens.shape[0]
+        cache = _prefix_cache(model, b)
+        last = final_tokens(b)
+        corrupt_logits[idx] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
+        ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
+        prompt, patches = _single_component_patches(kind, grid, clean.acts[kind][idx], B)
+        sc = score_patches(model, cache, last, prompt, patches, ans, max_rows=max_rows)
+        # rows are (component, prompt): reshape to [prompt, *grid]
+        p_truth[idx] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid)
+        logit_diff[idx] = sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
     return PatchResult(
         kind=kind,
-        p_truth=p_truth.reshape(n, *grid),
-        logit_diff=logit_diff.reshape(n, *grid),
+        p_truth=p_truth,
+        logit_diff=logit_diff,
         clean=score_logits(clean.logits, answers),
         corrupt=score_logits(corrupt_logits, answers),
     )

@@ -4,11 +4,11 @@ import torch
 from mechlie.function_vectors import (
     add_at_final_position,
     build_function_vector,
-    final_position,
     head_aie,
     head_aie_naive,
     mean_head_activations,
 )
+from mechlie.kv import collect_batch
 from mechlie.metrics import score_logits
 from mechlie.pairs import ContrastPair, PairError, corrupted_fewshot, fewshot_demos, zero_shot_prompt
 from tiny_models import answers, random_batch, tiny_model
@@ -29,7 +29,7 @@ def planted():
                 if (layer, head) != PLANTED:
                     model.blocks[layer].attn.W_O[head] *= 0.05
         means = mean_head_activations(model, lying)
-        zc = final_position(model, corrupt, "z")[:, PLANTED[0], PLANTED[1]]
+        zc = collect_batch(model, corrupt, ("z",)).acts["z"][:, PLANTED[0], PLANTED[1]]
         delta = (means.z[PLANTED] - zc).mean(0) @ model.blocks[PLANTED[0]].attn.W_O[PLANTED[1]]
         # The patch moves the final residual by ~delta: point the truth's unembedding against it.
         model.unembed.W_U[:, 3] -= 20 * delta / delta.norm() ** 2

@@ -73,7 +73,7 @@ class LearnedVector:
     model_name: str
     d_model: int
     alpha: float = -1.0
-    policy: Policy = "all"
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
     info: dict = field(default_factory=dict, compare=False)  # training record (lam, KL, seconds, ...)
 
     def _inner(self) -> AddVectors:
@@ -109,7 +109,7 @@ class LowRankEdit:
     model_name: str
     d_model: int
     alpha: float = -1.0
-    policy: Policy = "all"
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
     info: dict = field(default_factory=dict, compare=False)
 
     @property

@@ -154,7 +154,7 @@ class AddVectors:
 
     vectors: dict[int, Float[Tensor, " d_model"]]
     alpha: float
-    policy: Policy = "all"
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
 
     def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
@@ -188,7 +188,7 @@ class HeadShift:
     units: Float[Tensor, "k d_head"]  # unit directions in each head's z-space (honest -> lying)
     sigmas: Float[Tensor, " k"]  # std of training activations projected on each unit direction
     alpha: float
-    policy: Policy = "all"
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
 
     def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
@@ -230,7 +230,7 @@ class DirectionalAblation:
 
     direction: Float[Tensor, " d_model"]
     where: Literal["writes", "resid"] = "writes"
-    policy: Policy = "all"
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
 
     def validate(self, model: HookedTransformer) -> None:
         _check_policy(self.policy)

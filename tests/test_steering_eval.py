@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+from dataclasses import replace
+
 import pytest
 
 from conftest import no_hooks, tiny_model as word_model
@@ -98,10 +100,15 @@ def prepared():
     return model, data
 
 
-class Poisoned:
-    """Stands in for the test set: any use of it fails the test."""
+class Poisoned(se.EvalSet):
+    """Stands in for the test set (and passes type checks): any use of it fails the test."""
 
-    def __getattr__(self, name):
+    def __init__(self):
+        pass
+
+    def __getattribute__(self, name):
+        if name.startswith("__"):
+            return object.__getattribute__(self, name)
         raise AssertionError(f"the validation choice read the test set ({name})")
 
 
@@ -110,7 +117,7 @@ def test_validation_choice_never_reads_test_data(prepared):
     assert {p.fact_id for p in data.val.pairs}.isdisjoint(p.fact_id for p in data.test.pairs)
     assert {p.fact_id for p in data.train}.isdisjoint(p.fact_id for p in data.test.pairs + data.val.pairs)
     grid = [se.Setting("resid", l, -a) for l in (0, 2) for a in (1.0, 4.0)] + [se.Setting("iti", -1, -2.0, "2")]
-    blind = se.SteeringData(**{**data.__dict__, "test": Poisoned()})
+    blind = replace(data, test=Poisoned())
     best = se.choose(se.sweep(model, blind, grid, progress=False), kl_budget=1.0)
     assert best.split == "val"
     # and the choice is what validation says: it equals the choice made with the real test set there

@@ -34,7 +34,7 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import collect
-from mechlie.io import atomic_write_bytes
+from mechlie.io import ResultFileError, load_tensors, save_tensors
 from mechlie.labels import generate_with_states
 from mechlie.pairs import ContrastPair, PairError
 from mechlie.probes import AnyProbe, EnsembleProbe, fit_probe, pair_rows, probe_from_tensors
@@ -155,33 +155,22 @@ class Detector:
 
     def save(self, path: str | Path) -> Path:
         """One safetensors file (written atomically): probe tensors + JSON header."""
-        from safetensors.torch import save
-
         tensors, probe_meta = self.probe.to_tensors()
         header = {k: v for k, v in asdict(self).items() if k != "probe"}
         header["layers"] = list(self.layers)
-        meta = {"mechlie_detector": json.dumps({"detector": header, "probe": probe_meta})}
-        return atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+        return save_tensors(path, {"probe": tensors}, {"mechlie_detector": header, "probe": probe_meta})
 
     @classmethod
     def load(cls, path: str | Path) -> "Detector":
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise DetectorError(f"detector file {path} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as e:  # a corrupt or foreign file: say which
-            raise DetectorError(f"{path} is not a safetensors file: {e}") from None
-        if "mechlie_detector" not in meta:
-            raise DetectorError(f"{path} is a safetensors file but not a mechlie detector")
-        d = json.loads(meta["mechlie_detector"])
-        header = d["detector"]
+            tensors, meta = load_tensors(path)
+        except ResultFileError as e:
+            raise DetectorError(str(e)) from None
+        if not isinstance(meta, dict) or "mechlie_detector" not in meta:
+            raise DetectorError(f"{path} is a mechlie result file but not a detector")
+        header = dict(meta["mechlie_detector"])
         header["layers"] = tuple(header["layers"])
-        return cls(probe=probe_from_tensors(tensors, d["probe"]), **header)
+        return cls(probe=probe_from_tensors(tensors["probe"], meta["probe"]), **header)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ answer's log-probability, per head (the notes found head activations + gradients
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -48,7 +49,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from mechlie.directions import auroc
+from mechlie.directions import FITS, register_fit
+from mechlie.stats import auroc
 
 
 class ProbeError(ValueError):
@@ -350,15 +352,9 @@ def pair_fit(kind: str, **hyperparameters) -> Callable[[Tensor, Tensor], Tensor]
 
 def _register_direction_fits() -> None:
     """Make the probe kinds available to ``mechlie.directions.score_directions(fit=...)``."""
-    from mechlie import directions
-
-    register = getattr(directions, "register_fit", None)
-    if register is None:  # the fit registry is not in this version of mechlie.directions
-        return
-    existing = getattr(directions, "FITS", {})
     for kind in ("mass_mean", "logistic", "lat", "ccs"):
-        if kind not in existing:
-            register(kind)(lambda kind=kind, **hp: pair_fit(kind, **hp))
+        if kind not in FITS:
+            register_fit(kind)(partial(pair_fit, kind))
 
 
 _register_direction_fits()

@@ -72,5 +72,5 @@ def test_bad_detector_input(tiny, tmp_path):
     with pytest.raises(DetectorError, match="safetensors"):
         Detector.load(bad)
     assert not (tmp_path / "missing").exists()
-    with pytest.raises(DetectorError, match="does not exist"):
+    with pytest.raises(DetectorError, match="not found"):
         Detector.load(tmp_path / "missing")

@@ -142,10 +142,17 @@ def test_bad_input():
 
 
 def test_pair_fit_gives_a_direction_for_directions_module():
+    from mechlie.directions import get_fit, score_directions, split_by_fact
+
     honest, lying, u = planted(n=200, c=(2,), d=8)
     d = pair_fit("lat")(honest, lying)
     assert d.shape == (2, 8)
     assert (cos(d, u.expand_as(d), dim=-1) > 0.9).all()
+    d2 = get_fit("logistic", C=0.1)(honest, lying)
+    assert (cos(d2, u.expand_as(d2), dim=-1) > 0.9).all()
+    split = split_by_fact([f"f{i}" for i in range(200)], 0.3, 0)
+    s = score_directions(honest, lying, split, fit="mass_mean", n_perm=20, n_random=20, n_boot=50)
+    assert (s.auroc > 0.95).all()
 
 
 def test_grad_features_match_a_manual_gradient():

@@ -64,6 +64,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.models import default_cache_dir
 from mechlie.pairs import FORMATS, ContrastPair, answer_set, load_builtin, tokenize
+from mechlie.stats import bootstrap, bootstrap_tensor, max_null_threshold, paired_swap_masks
 from mechlie.steering import SteeringState, _check_policy
 
 log = logging.getLogger(__name__)
@@ -497,11 +498,7 @@ def sae_quality(
 
 
 def _bootstrap(stat, n: int, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """(estimate, lo, hi): mechlie.stats.bootstrap when it is there, else the steering_eval one."""
-    try:
-        from mechlie.stats import bootstrap
-    except ImportError:
-        from mechlie.steering_eval import bootstrap
+    """(estimate, lo, hi) of :func:`mechlie.stats.bootstrap` (95%, over the ``n`` units)."""
     e = bootstrap(stat, n, n_boot=n_boot, seed=seed)
     return float(e.mean), float(e.lo), float(e.hi)
 
@@ -638,14 +635,13 @@ def feature_effects(
     train_mean = d[tr].mean(0)
     top = train_mean.abs().argsort(descending=True)[: min(k, d.shape[1])]
     dt = d[te][:, top]
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(te), (n_boot, len(te)), generator=g)
-    boots = dt[idx].mean(1)  # [n_boot, k]
-    lo, hi = torch.quantile(boots, torch.tensor([0.025, 0.975]), dim=0)
+    ci = bootstrap_tensor(lambda i: dt[i].mean(0), len(te), n_boot=n_boot, seed=seed)
+    lo, hi = ci.lo, ci.hi
     # Null of the largest |mean difference| over all features when honest/lying are swapped
-    # within each test pair (a sign flip of that pair's difference).
-    signs = torch.randint(0, 2, (n_null, len(te)), generator=g).float() * 2 - 1
-    null = (signs @ d[te]).abs().max(-1).values / len(te)
+    # within test pairs (a sign flip of those pairs' differences).
+    signs = 1 - 2 * paired_swap_masks(len(te), n_null, seed).float()
+    null = (signs @ d[te]).abs() / len(te)  # [draws, d_sae]
+    g = torch.Generator().manual_seed(seed)
     w = W_dec.float()
     u = direction.float() / direction.float().norm().clamp_min(1e-12)
     cos = (w @ u) / w.norm(dim=-1).clamp_min(1e-12)
@@ -654,7 +650,7 @@ def feature_effects(
     return FeatureEffects(
         features=top, diff=dt.mean(0), lo=lo, hi=hi, honest_mean=honest_f[te][:, top].mean(0),
         lying_mean=lying_f[te][:, top].mean(0), effect_size=dt.mean(0) / dt.std(0).clamp_min(1e-8),
-        cosine=cos[top], train_diff=train_mean[top], null_max=float(torch.quantile(null, 0.95)),
+        cosine=cos[top], train_diff=train_mean[top], null_max=max_null_threshold(null),
         direction_cosine_max_null=float(torch.quantile(rand_cos.abs().max(-1).values, 0.95)), n_test=len(te),
     )
 

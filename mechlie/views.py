@@ -119,7 +119,7 @@ def head_readout(model: HookedTransformer, pairs: Sequence[ContrastPair], heads:
 
 def readout_summary(r: HeadReadout, *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Per head: mean [95% CI over pairs] of each quantity and of lying − honest."""
-    from mechlie.sae import _bootstrap
+    from mechlie.stats import bootstrap
 
     rows = []
     n = r.share_honest.shape[0]
@@ -132,8 +132,8 @@ def readout_summary(r: HeadReadout, *, n_boot: int = 1000, seed: int = 0) -> lis
             "dla_diff": r.dla_lying[:, j] - r.dla_honest[:, j],
         }
         for name, v in series.items():
-            m, lo, hi = _bootstrap(lambda i, v=v: v[i].mean(), n, n_boot=n_boot, seed=seed)
-            row[name] = {"mean": m, "lo": lo, "hi": hi}
+            e = bootstrap(lambda i, v=v: v[i].mean(), n, n_boot=n_boot, seed=seed)
+            row[name] = {"mean": float(e.mean), "lo": float(e.lo), "hi": float(e.hi)}
         rows.append(row)
     return rows
 

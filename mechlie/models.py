@@ -13,7 +13,10 @@ A GGUF file is dequantized by transformers (20-55 s), so the dequantized Hugging
 is cached once under ``<cache_dir>/hf/<sha256 of the GGUF, first 16 hex>/``. The cache dir is
 ``$MECHLIE_CACHE`` or ``~/.cache/mechlie``; pass ``cache_dir`` to override. A cache entry is
 written to a temporary folder and renamed into place, so an interrupted conversion never leaves a
-half-written entry behind.
+half-written entry behind. Its weight files' sizes and sha256 are recorded in ``CHECKSUMS.json``
+and verified on every load: a damaged entry (a disk error, an edit, a truncated copy) is rebuilt
+from the GGUF with a warning instead of loading garbage weights. Every loaded model is also
+checked for non-finite weights, which also covers user-supplied Hugging Face directories.
 
 Weights are processed as ``HookedTransformer.from_pretrained`` does by default (layer norm folded,
 writing weights and unembedding centred). Log-probs are unchanged by this; the residual stream is
@@ -38,11 +41,12 @@ from pathlib import Path
 import torch
 from transformer_lens import HookedTransformer
 
-from mechlie.io import UserError, file_sha256
+from mechlie.io import UserError, atomic_write_json, file_sha256, read_json
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+CHECKSUMS = "CHECKSUMS.json"  # {weight file: {"bytes": size, "sha256": hex}} of a cache entry
 
 
 class ModelLoadError(RuntimeError, UserError):
@@ -126,17 +130,64 @@ def check_gguf(path: Path) -> None:
         ) from e
 
 
-def gguf_to_hf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
-    """Dequantize a GGUF file into a cached Hugging Face checkpoint directory; return its path."""
-    gguf = Path(gguf)
-    check_gguf(gguf)
-    root = (cache_dir or default_cache_dir()) / "hf"
-    out = root / file_sha256(gguf)[:16]
-    if (out / "config.json").is_file():
-        return out
+def _weight_files(d: Path) -> list[Path]:
+    return sorted(d.glob("*.safetensors"))
+
+
+def write_checksums(d: Path) -> Path:
+    """Record the size and sha256 of every weight file of a checkpoint directory."""
+    sums = {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in _weight_files(d)}
+    return atomic_write_json(d / CHECKSUMS, sums)
+
+
+def cache_problem(d: Path) -> str | None:
+    """Why the cached checkpoint ``d`` cannot be trusted, or None if it is intact.
+
+    With ``CHECKSUMS.json``: every weight file must have its recorded size and sha256. An entry
+    from before checksums existed must be readable with finite weights; its checksums are then
+    recorded, so later loads verify it fully.
+    """
+    if not (d / "config.json").is_file():
+        return "no config.json"
+    files = _weight_files(d)
+    if not files:
+        return "no .safetensors weight file"
+    if (d / CHECKSUMS).is_file():
+        try:
+            sums = read_json(d / CHECKSUMS)
+            expected = {name: (int(v["bytes"]), str(v["sha256"])) for name, v in sums.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            return f"{CHECKSUMS} is unreadable ({e})"
+        if set(expected) != {p.name for p in files}:
+            return f"weight files {[p.name for p in files]} differ from those in {CHECKSUMS} {sorted(expected)}"
+        for p in files:
+            size, digest = expected[p.name]
+            if p.stat().st_size != size:
+                return f"{p.name} has {p.stat().st_size} bytes, {size} when written (truncated or overwritten)"
+            if file_sha256(p) != digest:
+                return f"{p.name} does not match the sha256 recorded when it was written (corrupted)"
+        return None
+    from safetensors import safe_open
+
+    try:
+        for p in files:
+            with safe_open(str(p), framework="pt") as f:
+                for k in f.keys():
+                    if not torch.isfinite(f.get_tensor(k)).all():
+                        return f"{p.name}: tensor {k} has non-finite values (corrupted)"
+    except Exception as e:  # safetensors raises its own errors on a truncated or garbled file
+        return f"{p.name} cannot be read ({type(e).__name__}: {e})"
+    try:
+        write_checksums(d)
+    except OSError as e:  # a read-only cache still loads; it is just verified this way each time
+        log.debug("could not record checksums in %s: %s", d, e)
+    return None
+
+
+def _dequantize(gguf: Path, out: Path) -> None:
+    """Write the dequantized Hugging Face checkpoint of ``gguf`` into the new folder ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("Dequantizing %s (once; cached at %s)", gguf, out)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -147,18 +198,58 @@ def gguf_to_hf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     hf.hf_quantizer = None
+    hf.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def gguf_to_hf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """Dequantize a GGUF file into a cached Hugging Face checkpoint directory; return its path.
+
+    A damaged cache entry (see :func:`cache_problem`) is deleted and rebuilt, with a warning.
+    """
+    gguf = Path(gguf)
+    check_gguf(gguf)
+    root = (cache_dir or default_cache_dir()) / "hf"
+    out = root / file_sha256(gguf)[:16]
+    if out.exists():
+        problem = cache_problem(out)
+        if problem is None:
+            return out
+        log.warning("The weight cache %s is damaged (%s); rebuilding it from %s", out, problem, gguf)
+        try:
+            shutil.rmtree(out)
+        except OSError as e:
+            raise ModelLoadError(
+                f"The weight cache {out} is damaged ({problem}) and could not be removed ({e}); "
+                f"delete that folder and rerun"
+            ) from e
+
+    log.info("Dequantizing %s (once; cached at %s)", gguf, out)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=root))
     try:
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        _dequantize(gguf, tmp)
         (tmp / "SOURCE").write_text(f"{gguf}\n")
+        write_checksums(tmp)
         os.replace(tmp, out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "config.json").is_file():  # another process may have won the race
             raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+def check_finite(model: torch.nn.Module, source: str | Path) -> None:
+    """Refuse a model with NaN or infinite weights (a damaged checkpoint), naming the bad tensor."""
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ModelLoadError(
+                f"{source}: weight {name} has non-finite values; the checkpoint is damaged "
+                "(re-download or rebuild it; a mechlie cache folder can simply be deleted)"
+            )
 
 
 def resolve_hf_dir(name: str, cache_dir: Path | None = None) -> Path | None:
@@ -224,7 +315,10 @@ def load_model(
         hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(hf_dir)
     except Exception as e:
-        raise ModelLoadError(f"Could not load the Hugging Face checkpoint at {hf_dir}: {e}") from e
+        raise ModelLoadError(
+            f"Could not load the Hugging Face checkpoint at {hf_dir} ({type(e).__name__}: {e}); "
+            "the folder may be incomplete or damaged: re-download it (a mechlie cache folder can simply be deleted)"
+        ) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if name in EMBEDDED and not EMBEDDED[name].chat:
@@ -244,6 +338,7 @@ def load_model(
             state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True,
             fold_value_biases=True,
         )
+    check_finite(model, hf_dir)
     model.cfg.default_prepend_bos = _tokenizer_adds_bos(tok)
     if name in EMBEDDED:
         model.cfg.model_name = name

@@ -7,39 +7,16 @@ import os
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-from transformers import PreTrainedTokenizerFast
+
+# The factories live in tiny_models; these names stay importable from conftest for older tests.
+from tiny_models import WORDS, tiny_tokenizer, word_model  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-WORDS = (
-    "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo Peru Lima "
-    "Chile Santiago Egypt Cairo Kenya Nairobi Cuba Havana Iran Tehran honest liar Answer truthfully "
-    "lie always never you are an assistant opposite hot cold"
-).split()
 
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {w: i for i, w in enumerate(["<pad>", "<bos>", "<unk>", "?", ":", ".", ",", '"'] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", unk_token="<unk>")
-
-
-def tiny_model(seed: int = 0, **overrides) -> HookedTransformer:
-    cfg = dict(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, act_fn="gelu",
-        normalization_type="LN", positional_embedding_type="rotary", seed=seed, device="cpu",
-        d_vocab=len(WORDS) + 8,
-    )
-    cfg.update(overrides)
-    model = HookedTransformer(HookedTransformerConfig(**cfg))
-    # Assigned directly: set_tokenizer would try to reload it by name from a hub.
-    model.tokenizer = tiny_tokenizer()
-    model.cfg.default_prepend_bos = False
-    model.eval()
-    return model
+def tiny_model(seed: int = 0, **overrides):
+    """The word-level tiny model (3 layers, MLPs, tokenizer); overrides are config fields."""
+    return word_model(seed=seed, **overrides)
 
 
 @pytest.fixture

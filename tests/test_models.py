@@ -70,3 +70,132 @@ def test_corrupt_and_truncated_gguf(tmp_path):
 def test_directory_without_config(tmp_path):
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_model(str(tmp_path))
+
+
+# --- The weight cache: checksums, damaged entries rebuilt, non-finite weights refused ------------
+
+def _fake_checkpoint(d, value: float = 1.0):
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text("{}")
+    g = torch.Generator().manual_seed(0)
+    save_file({"w": torch.randn(256, 256, generator=g) * value, "b": torch.zeros(256)}, str(d / "model.safetensors"))
+    return d / "model.safetensors"
+
+
+def _overwrite_middle(path, n: int):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + n] = b"\xff" * n  # 0xffffffff is a NaN in float32
+    path.write_bytes(bytes(data))
+
+
+def test_cache_checksums_catch_corruption_and_truncation(tmp_path):
+    from mechlie.models import CHECKSUMS, cache_problem, write_checksums
+
+    weights = _fake_checkpoint(tmp_path / "entry")
+    write_checksums(tmp_path / "entry")
+    assert cache_problem(tmp_path / "entry") is None
+    data = weights.read_bytes()
+    _overwrite_middle(weights, 4096)
+    assert "corrupted" in cache_problem(tmp_path / "entry")
+    weights.write_bytes(data[: len(data) - 1000])
+    assert "truncated" in cache_problem(tmp_path / "entry")
+    weights.unlink()
+    assert "no .safetensors" in cache_problem(tmp_path / "entry")
+    (tmp_path / "entry" / CHECKSUMS).write_text("{not json")
+    weights.write_bytes(data)
+    assert "unreadable" in cache_problem(tmp_path / "entry")
+    assert cache_problem(tmp_path / "missing") == "no config.json"
+
+
+def test_legacy_cache_without_checksums_is_checked_then_recorded(tmp_path):
+    from mechlie.models import CHECKSUMS, cache_problem
+
+    weights = _fake_checkpoint(tmp_path / "ok")
+    assert cache_problem(tmp_path / "ok") is None
+    assert (tmp_path / "ok" / CHECKSUMS).is_file()  # verified fully from now on
+    _overwrite_middle(weights, 4096)
+    assert "corrupted" in cache_problem(tmp_path / "ok")
+
+    nan = _fake_checkpoint(tmp_path / "nan")
+    _overwrite_middle(nan, 4096)
+    assert "non-finite" in cache_problem(tmp_path / "nan")
+    trunc = _fake_checkpoint(tmp_path / "trunc")
+    trunc.write_bytes(trunc.read_bytes()[:5000])
+    assert "cannot be read" in cache_problem(tmp_path / "trunc")
+    assert not (tmp_path / "nan" / CHECKSUMS).exists() and not (tmp_path / "trunc" / CHECKSUMS).exists()
+
+
+def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
+    import mechlie.models as models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    builds = []
+
+    def fake_dequantize(src, out):
+        builds.append(src)
+        _fake_checkpoint(out)
+
+    monkeypatch.setattr(models, "check_gguf", lambda p: None)
+    monkeypatch.setattr(models, "_dequantize", fake_dequantize)
+    d = models.gguf_to_hf_dir(gguf, tmp_path / "cache")
+    assert len(builds) == 1 and (d / models.CHECKSUMS).is_file() and (d / "SOURCE").is_file()
+    assert models.gguf_to_hf_dir(gguf, tmp_path / "cache") == d and len(builds) == 1  # intact: reused
+    _overwrite_middle(d / "model.safetensors", 1 << 14)
+    with caplog.at_level("WARNING", logger="mechlie.models"):
+        assert models.gguf_to_hf_dir(gguf, tmp_path / "cache") == d
+    assert len(builds) == 2 and models.cache_problem(d) is None
+    assert any(str(d) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
+    assert [p.name for p in d.parent.iterdir()] == [d.name]  # no temporary folder left
+
+
+def test_failed_conversion_leaves_no_entry(tmp_path, monkeypatch):
+    import mechlie.models as models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake")
+
+    def broken(src, out):
+        (out / "partial").write_text("x")
+        raise ModelLoadError("transformers could not load it")
+
+    monkeypatch.setattr(models, "check_gguf", lambda p: None)
+    monkeypatch.setattr(models, "_dequantize", broken)
+    with pytest.raises(ModelLoadError):
+        models.gguf_to_hf_dir(gguf, tmp_path / "cache")
+    assert list((tmp_path / "cache" / "hf").iterdir()) == []
+
+
+def test_non_finite_weights_are_refused():
+    from mechlie.models import check_finite
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model()
+    check_finite(model, "tiny")
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q[0, 0, 0] = float("nan")
+    with pytest.raises(ModelLoadError, match=r"tiny: weight blocks\.1\.attn\.W_Q has non-finite"):
+        check_finite(model, "tiny")
+
+
+@pytest.mark.slow
+def test_corrupted_real_cache_is_rebuilt(tmp_path, monkeypatch, smol):
+    """Issue 8.9: 1 MB overwritten in the middle of the cached weights used to load silently."""
+    import shutil
+
+    from mechlie.pairs import tokenize
+
+    src = resolve_hf_dir("smollm2-135m-instruct")
+    cache = tmp_path / "cache"
+    shutil.copytree(src, cache / "hf" / src.name)
+    weights = cache / "hf" / src.name / "model.safetensors"
+    _overwrite_middle(weights, 1 << 20)
+    model = load_model("smollm2-135m-instruct", device="cpu", cache_dir=cache)
+    toks = tokenize(model, ["The capital of France is"]).tokens
+    with torch.no_grad():
+        got, ref = model(toks)[0, -1], smol(toks)[0, -1]
+    assert (got - ref).abs().max().item() < 1e-3
+    assert model.tokenizer.decode(got.argmax()).strip() == "Paris"

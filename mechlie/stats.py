@@ -19,8 +19,9 @@ Methods:
   test, Westfall & Young 1993; Nichols & Holmes 2002).
 - ``paired_swap_masks``: the permutation null for paired (honest, lying) data: each draw swaps
   the two labels within a random half of the pairs, which keeps the pairing and the class
-  balance, so the null group has no real signal (pooling the rows and reshuffling does not:
-  the fake "lying" group then still holds about half of the real lying rows).
+  balance, so the null groups hold no real signal (pooling the rows and reshuffling does not:
+  the fake "lying" group then still holds about half of the real lying rows, and its direction
+  is a scaled copy of the real one).
 - ``normalized_effect``: ``(x - lo) / (hi - lo)`` (0 = at ``lo``, 1 = at ``hi``), the patching
   and steering effect scale.
 """
@@ -245,13 +246,19 @@ def max_null_threshold(null: Float[Tensor, "draws *c"], q: float = 0.95) -> floa
 def paired_swap_masks(n: int, n_draws: int, seed: int = 0) -> Bool[Tensor, "draws n"]:
     """Within-pair label swaps for a paired permutation null: ``True`` = swap pair ``i``'s labels.
 
-    Each pair is swapped with probability 1/2, independently per draw (a sign flip of the pair
-    difference), which is exact under the null that the two members of a pair are exchangeable.
+    Each draw swaps a uniformly random half of the pairs (``n // 2`` of them, plus one more with
+    probability 1/2 when ``n`` is odd), so every pair is swapped with probability 1/2. Under the
+    null the two members of a pair are exchangeable, so every swapped dataset has the observed
+    data's distribution. Balancing the swaps also cancels, exactly for even ``n``, any shift that
+    all pairs share (the framing of the prompts) from a null difference of means, so a null
+    direction holds no copy of the real one.
     """
     if n < 1 or n_draws < 1:
         raise ValueError(f"need n >= 1 and n_draws >= 1, got {n}, {n_draws}")
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n_draws, n, generator=g) < 0.5
+    ranks = torch.rand(n_draws, n, generator=g).argsort(dim=1).argsort(dim=1)
+    k = n // 2 + (torch.rand(n_draws, 1, generator=g) < 0.5).long() * (n % 2)
+    return ranks < k
 
 
 def normalized_effect(x: Tensor | float, lo: Tensor | float, hi: Tensor | float) -> Tensor | float:

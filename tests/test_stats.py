@@ -101,7 +101,10 @@ def test_paired_swap_masks_are_seeded_and_balanced():
     assert m.shape == (500, 40) and m.dtype == torch.bool
     assert torch.equal(m, stats.paired_swap_masks(40, 500, seed=3))
     assert not torch.equal(m, stats.paired_swap_masks(40, 500, seed=4))
-    assert abs(m.float().mean().item() - 0.5) < 0.03
+    assert (m.sum(1) == 20).all()  # exactly half swapped in every draw
+    assert (m.float().mean(0) - 0.5).abs().max() < 0.1  # every pair swapped about half the time
+    odd = stats.paired_swap_masks(7, 400, seed=0).sum(1)
+    assert set(odd.tolist()) == {3, 4}
 
 
 def test_rank_stability_counts_top1_and_topk():

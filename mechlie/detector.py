@@ -142,8 +142,8 @@ class Detector:
             st = g.states[self.kind]  # [n, steps, l, d]
             n, steps = st.shape[:2]
             tok = self.score_features(st.flatten(0, 1)).view(n, steps)
-            tok = tok.masked_fill(g.result.new_mask == 0, float("nan"))
-            return DetectorScores(tok[:, 0], tok, g.result.new_mask, g.result.texts, framing)
+            tok = tok.masked_fill(g.new_mask == 0, float("nan"))
+            return DetectorScores(tok[:, 0], tok, g.new_mask, g.texts, framing)
         X = collect(model, prompts, kinds=(self.kind,), batch_size=batch_size, progress=False)[self.kind]
         return DetectorScores(self.score_features(X[:, list(self.layers)]), framing=framing)
 
@@ -239,3 +239,180 @@ def fit_detector(
         "control_fpr": float((c > thr).float().mean()),
     }
     return Detector(fitted, kind, layers, model.cfg.model_name, det.model_hash, model.cfg.d_model, thr, fpr, info)
+
+
+# ---------------------------------------------------------------------------------------------
+# generalisation: train on one labelled set, test on another
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Labelled rows for probing: features at every layer, labels (1 = lie), the fact of each row.
+
+    Rows sharing a fact (a pair's two prompts, or the samples of one prompt) are one unit: the
+    null permutes labels within a fact, CIs resample facts, and splits never cut a fact.
+    """
+
+    name: str
+    X: Float[Tensor, "n L d"]
+    y: Float[Tensor, " n"]
+    facts: list[str]
+
+    def __post_init__(self) -> None:
+        if not (len(self.X) == len(self.y) == len(self.facts)):
+            raise DetectorError(f"{self.name}: X, y and facts differ in length")
+
+    def subset(self, keep_facts: set[str], name: str | None = None) -> "LabelledSet":
+        idx = [i for i, f in enumerate(self.facts) if f in keep_facts]
+        return LabelledSet(name or self.name, self.X[idx], self.y[idx], [self.facts[i] for i in idx])
+
+    @staticmethod
+    def concat(sets: Sequence["LabelledSet"], name: str) -> "LabelledSet":
+        return LabelledSet(name, torch.cat([s.X for s in sets]), torch.cat([s.y for s in sets]), [f for s in sets for f in s.facts])
+
+    def groups(self) -> list[list[int]]:
+        by: dict[str, list[int]] = {}
+        for i, f in enumerate(self.facts):
+            by.setdefault(f, []).append(i)
+        return list(by.values())
+
+    def pairs(self, y: Tensor | None = None) -> Tensor:
+        """``[m, 2]`` (label 0 row, label 1 row) pairs matched within each fact."""
+        y = self.y if y is None else y
+        out = []
+        for g in self.groups():
+            neg = [i for i in g if y[i] == 0]
+            pos = [i for i in g if y[i] == 1]
+            out += list(zip(neg, pos))
+        return torch.tensor(out, dtype=torch.long).view(-1, 2)
+
+
+def _within_fact_permutations(groups: list[list[int]], y: Tensor, n_draws: int, seed: int) -> Tensor:
+    """``[draws, n]`` label vectors, each a permutation of ``y`` within every fact."""
+    g = torch.Generator().manual_seed(seed)
+    out = y.repeat(n_draws, 1)
+    for idx in groups:
+        if len(idx) < 2:
+            continue
+        t = torch.tensor(idx)
+        perm = torch.rand(n_draws, len(idx), generator=g).argsort(1)
+        out[:, t] = y[t][perm]
+    return out
+
+
+def _features(X: Tensor, kind: str, layer: int) -> Tensor:
+    return X if kind == "ensemble" else X[:, layer : layer + 1]
+
+
+def _score(probe: AnyProbe, X: Tensor, kind: str, layer: int) -> Tensor:
+    s = probe.score(_features(X, kind, layer))
+    return s if kind == "ensemble" else s[:, 0]
+
+
+def _fit(kind: str, train: LabelledSet, layer: int, y: Tensor | None = None, seed: int = 0, **hp) -> AnyProbe:
+    y = train.y if y is None else y
+    return fit_probe(kind, _features(train.X, kind, layer), y, pairs=train.pairs(y), seed=seed, **hp)
+
+
+@dataclass(frozen=True)
+class TransferCell:
+    auroc: float
+    lo: float  # 95% CI over the target's facts
+    hi: float
+    null_shuffled_mean: float  # probe refit on within-fact label permutations (nan for ccs)
+    null_shuffled_q95: float
+    null_random_mean: float  # random Gaussian directions at the same layer, oriented on the source
+    null_random_q95: float
+    n_target_facts: int
+
+
+def evaluate_transfer(
+    train: LabelledSet,
+    tests: Sequence[LabelledSet],
+    kind: str,
+    layer: int,
+    *,
+    n_null: int = 50,
+    n_random: int = 200,
+    n_boot: int = 500,
+    seed: int = 0,
+    **hp,
+) -> tuple[AnyProbe, list[TransferCell], list[Tensor]]:
+    """Fit ``kind`` on ``train`` at ``layer`` (``ensemble``: all layers) and score every test set.
+
+    Returns the probe, one :class:`TransferCell` per test set (AUROC with a 95% CI over facts,
+    the label-permutation null refit ``n_null`` times, ``n_random`` random directions), and the
+    test scores.
+    """
+    from mechlie.stats import auroc, bootstrap_tensor
+
+    probe = _fit(kind, train, layer, seed=seed, **hp)
+    # Nulls: refits on labels permuted within each fact (CCS never sees labels: no such null).
+    null_probes = []
+    if kind != "ccs" and n_null > 0:
+        for yy in _within_fact_permutations(train.groups(), train.y, n_null, seed + 1):
+            if len(train.pairs(yy)) >= 2 and 0 < yy.sum() < len(yy):
+                try:
+                    null_probes.append(_fit(kind, train, layer, yy, seed=seed, **hp))
+                except ValueError:  # a permutation left too few of a class: skip that draw
+                    pass
+    g = torch.Generator().manual_seed(seed + 2)
+    d = train.X.shape[-1]
+    rand = torch.randn(n_random, d, generator=g)
+    tr = train.X[:, layer].float() @ rand.T  # [n, draws]
+    flip = torch.where(auroc(tr[train.y == 1], tr[train.y == 0]) < 0.5, -1.0, 1.0)
+    rand = rand * flip[:, None]
+    cells, all_scores = [], []
+    for test in tests:
+        s = _score(probe, test.X, kind, layer)
+        all_scores.append(s)
+        pos, neg = test.y == 1, test.y == 0
+        if not pos.any() or not neg.any():
+            nan = float("nan")
+            cells.append(TransferCell(nan, nan, nan, nan, nan, nan, nan, len(test.groups())))
+            continue
+        groups = [torch.tensor(gr) for gr in test.groups()]
+
+        def stat(idx: Tensor, s: Tensor = s, test: LabelledSet = test) -> Tensor:
+            rows = torch.cat([groups[i] for i in idx.tolist()])
+            yy = test.y[rows]
+            if yy.min() == yy.max():
+                return torch.tensor(float("nan"))
+            return auroc(s[rows][yy == 1], s[rows][yy == 0])
+
+        est = bootstrap_tensor(stat, len(groups), n_boot=n_boot, seed=seed)
+        if null_probes:
+            ns = torch.stack([_score(p, test.X, kind, layer) for p in null_probes], 1)
+            nul = auroc(ns[pos], ns[neg])
+            n_mean, n_q = float(nul.mean()), float(torch.quantile(nul, 0.95))
+        else:
+            n_mean = n_q = float("nan")
+        rs = test.X[:, layer].float() @ rand.T
+        rnd = auroc(rs[pos], rs[neg])
+        cells.append(
+            TransferCell(float(est.mean), float(est.lo), float(est.hi), n_mean, n_q, float(rnd.mean()),
+                         float(torch.quantile(rnd, 0.95)), len(groups))
+        )
+    return probe, cells, all_scores
+
+
+def choose_layer(train: Sequence[LabelledSet], *, val_frac: float = 0.3, seed: int = 0) -> tuple[int, Tensor]:
+    """The layer whose difference-of-means direction best separates held-out *training* facts,
+    averaged over the training sets (validation only: no test fact is seen). Returns the layer
+    and the per-layer mean validation AUROC."""
+    from mechlie.directions import split_by_fact
+    from mechlie.stats import auroc
+
+    per_set = []
+    for s in train:
+        sp = split_by_fact(s.facts, val_frac, seed)
+        tr, va = s.subset({s.facts[i] for i in sp.train}), s.subset({s.facts[i] for i in sp.test})
+        if len(set(tr.y.tolist())) < 2 or len(set(va.y.tolist())) < 2:
+            continue
+        p = fit_probe("diff_of_means", tr.X, tr.y)
+        sc = p.score(va.X)
+        per_set.append(auroc(sc[va.y == 1], sc[va.y == 0]))
+    if not per_set:
+        raise DetectorError("no training set has both labels in its training and validation facts")
+    mean = torch.stack(per_set).mean(0)
+    return int(mean.argmax()), mean

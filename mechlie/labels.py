@@ -34,12 +34,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import hook_name
-from mechlie.generation import GenerationResult, generate
+from mechlie.generation import generate
 from mechlie.pairs import ContrastPair, PairError
 
 LABELS: tuple[str, ...] = ("honest", "unknown", "lie", "truth_under_lie_framing")
@@ -47,15 +48,19 @@ LABELS: tuple[str, ...] = ("honest", "unknown", "lie", "truth_under_lie_framing"
 
 @dataclass(frozen=True)
 class GenStates:
-    result: GenerationResult
+    tokens: Int[Tensor, "n steps"]  # generated ids (pad after a row stopped)
+    new_mask: Int[Tensor, "n steps"]  # 1 = a generated token
+    texts: list[str]  # decoded continuations (cut before a stop string)
     # kind -> [n, steps, L, (H,) d]; [:, s] is the state of the position that chose token s
     states: dict[str, Tensor]
     layers: tuple[int, ...]
 
-    @property
-    def step_mask(self) -> Tensor:
-        """``[n, steps]``: 1 where the state belongs to the row (its token was generated)."""
-        return self.result.new_mask
+
+def _pad_steps(t: Tensor, steps: int, value: float | int) -> Tensor:
+    if t.shape[1] == steps:
+        return t
+    pad = torch.full((t.shape[0], steps - t.shape[1], *t.shape[2:]), value, dtype=t.dtype)
+    return torch.cat([t, pad], 1)
 
 
 @torch.no_grad()
@@ -65,6 +70,8 @@ def generate_with_states(
     *,
     kinds: Sequence[str] = ("resid_post",),
     layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
     **generate_kw,
 ) -> GenStates:
     """:func:`mechlie.generation.generate` that also keeps every pass's final-position state.
@@ -72,11 +79,13 @@ def generate_with_states(
     Args:
         kinds: activation kinds read from a hook (``resid_post``, ``resid_pre``, ``mlp_out``, ``z``...).
         layers: blocks to keep (default all).
+        batch_size: prompts generated together (each chunk is seeded ``seed + chunk index``).
         generate_kw: passed to :func:`generate` (``max_new_tokens``, ``do_sample``, ``temperature``,
             ``seed``, ``stop_strings``...).
 
     Returns:
-        :class:`GenStates`; ``states[kind][:, s]`` is the state from which token ``s`` was chosen.
+        :class:`GenStates`; ``states[kind][:, s]`` is the state from which token ``s`` was chosen
+        (NaN where a row had stopped).
 
     Example:
         >>> g = generate_with_states(model, [p.lying for p in pairs], max_new_tokens=3)
@@ -85,22 +94,38 @@ def generate_with_states(
     layers = tuple(range(model.cfg.n_layers)) if layers is None else tuple(layers)
     if not layers or min(layers) < 0 or max(layers) >= model.cfg.n_layers:
         raise ValueError(f"layers must be within 0..{model.cfg.n_layers - 1}, got {layers}")
-    store: dict[str, dict[int, list[Tensor]]] = {k: {l: [] for l in layers} for k in kinds}
+    if len(prompts) == 0:
+        raise PairError("no prompts to generate from")
+    seed = generate_kw.pop("seed", 0)
+    chunks = []
+    for c, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False)):
+        store: dict[str, dict[int, list[Tensor]]] = {k: {l: [] for l in layers} for k in kinds}
 
-    def saver(kind: str, layer: int):
-        def hook(act: Tensor, hook) -> None:
-            store[kind][layer].append(act[:, -1].detach().float().cpu())
+        def saver(kind: str, layer: int, store=store):
+            def hook(act: Tensor, hook) -> None:
+                store[kind][layer].append(act[:, -1].detach().float().cpu())
 
-        return hook
+            return hook
 
-    hooks = [(hook_name(k, l), saver(k, l)) for k in kinds for l in layers]
-    with model.hooks(fwd_hooks=hooks):
-        result = generate(model, prompts, **generate_kw)
-    steps = result.tokens.shape[1]
-    states = {
-        k: torch.stack([torch.stack(store[k][l][:steps], 1) for l in layers], 2) for k in kinds
-    }
-    return GenStates(result, states, layers)
+        hooks = [(hook_name(k, l), saver(k, l)) for k in kinds for l in layers]
+        with model.hooks(fwd_hooks=hooks):
+            result = generate(model, list(prompts[start : start + batch_size]), seed=seed + c, **generate_kw)
+        steps = result.tokens.shape[1]
+        states = {k: torch.stack([torch.stack(store[k][l][:steps], 1) for l in layers], 2) for k in kinds}
+        chunks.append((result, states))
+    steps = max(r.tokens.shape[1] for r, _ in chunks)
+    mask = torch.cat([_pad_steps(r.new_mask, steps, 0) for r, _ in chunks])
+    states = {}
+    for k in kinds:
+        st = torch.cat([_pad_steps(s[k], steps, float("nan")) for _, s in chunks])
+        states[k] = st.masked_fill(~mask.bool().view(*mask.shape, *[1] * (st.ndim - 2)), float("nan"))
+    return GenStates(
+        tokens=torch.cat([_pad_steps(r.tokens, steps, 0) for r, _ in chunks]),
+        new_mask=mask,
+        texts=[t for r, _ in chunks for t in r.texts],
+        states=states,
+        layers=layers,
+    )
 
 
 def _norm(text: str) -> str:
@@ -128,7 +153,7 @@ class OnPolicy:
 
     @property
     def known(self) -> Bool[Tensor, " n"]:
-        return torch.tensor([answer_matches(t, p.truth) for t, p in zip(self.honest.result.texts, self.pairs)])
+        return torch.tensor([answer_matches(t, p.truth) for t, p in zip(self.honest.texts, self.pairs)])
 
     def _lying_labels(self, texts: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
         known = self.known
@@ -146,14 +171,14 @@ class OnPolicy:
 
     @property
     def greedy_labels(self) -> list[str]:
-        return self._lying_labels(self.greedy.result.texts, range(len(self.pairs)))
+        return self._lying_labels(self.greedy.texts, range(len(self.pairs)))
 
     @property
     def sample_labels(self) -> list[str]:
         """Labels of the sampled answers, ``n * k`` rows (pair ``i // k``)."""
         if self.samples is None:
             return []
-        return self._lying_labels(self.samples.result.texts, [i // self.k for i in range(len(self.pairs) * self.k)])
+        return self._lying_labels(self.samples.texts, [i // self.k for i in range(len(self.pairs) * self.k)])
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Label counts per relation for honest greedy, lying greedy and lying samples."""
@@ -190,7 +215,7 @@ class OnPolicy:
             st = g.states[kind]
             if st.shape[1] <= step:
                 raise ValueError(f"no state at the {site} site: generation stopped after {st.shape[1]} step(s)")
-            ok = g.step_mask[idx, step].bool() if step > 0 else torch.ones(len(idx), dtype=torch.bool)
+            ok = g.new_mask[idx, step].bool() if step > 0 else torch.ones(len(idx), dtype=torch.bool)
             return st[idx, step], ok
 
         if contrast == "within_prompt":
@@ -226,6 +251,8 @@ def on_policy(
     kinds: Sequence[str] = ("resid_post",),
     layers: Sequence[int] | None = None,
     seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> OnPolicy:
     """Greedy honest/lying answers and ``k`` sampled lying answers, with their states.
 
@@ -246,7 +273,7 @@ def on_policy(
         raise PairError("no pairs to label")
     if k < 0 or max_new_tokens < 2:
         raise ValueError("k must be >= 0 and max_new_tokens >= 2 (the answer-token state needs one step)")
-    kw = dict(kinds=kinds, layers=layers, max_new_tokens=max_new_tokens, stop_strings=("\n",))
+    kw = dict(kinds=kinds, layers=layers, max_new_tokens=max_new_tokens, stop_strings=("\n",), batch_size=batch_size, progress=progress)
     honest = generate_with_states(model, [p.honest for p in pairs], **kw)
     greedy = generate_with_states(model, [p.lying for p in pairs], **kw)
     samples = None

@@ -4,7 +4,6 @@ import torch
 from mechlie.activations import collect
 from mechlie.labels import LABELS, GenStates, OnPolicy, answer_matches, generate_with_states, on_policy
 from mechlie.metrics import behaviour
-from mechlie.generation import GenerationResult
 from mechlie.pairs import Batch, ContrastPair, load_builtin, tokenize
 
 
@@ -20,6 +19,9 @@ def test_answer_matching():
 def test_generation_states_are_the_final_prompt_token_then_the_generated_tokens(tiny):
     prompts = ["Q What is the capital of France ? A :", "Q capital of Peru ? A :"]
     g = generate_with_states(tiny, prompts, kinds=("resid_post",), max_new_tokens=3, eos_token_id=None)
+    # Chunked generation gives the same states and tokens as one batch.
+    g1 = generate_with_states(tiny, prompts, kinds=("resid_post",), max_new_tokens=3, eos_token_id=None, batch_size=1)
+    assert torch.equal(g1.tokens, g.tokens) and torch.allclose(g1.states["resid_post"], g.states["resid_post"], atol=1e-4)
     st = g.states["resid_post"]
     assert st.shape == (2, 3, tiny.cfg.n_layers, tiny.cfg.d_model)
     # Pass 0: the final prompt token, as a plain forward pass reads it.
@@ -27,7 +29,7 @@ def test_generation_states_are_the_final_prompt_token_then_the_generated_tokens(
     assert torch.allclose(st[:, 0], ref, atol=1e-4)
     # Pass 1: the first generated token, as a teacher-forced run over prompt + that token reads it.
     b = tokenize(tiny, prompts)
-    tokens = torch.cat([b.tokens, g.result.tokens[:, :1]], 1)
+    tokens = torch.cat([b.tokens, g.tokens[:, :1]], 1)
     mask = torch.cat([b.attention_mask, torch.ones(2, 1, dtype=torch.long)], 1)
     ref1 = collect(tiny, Batch(tokens, mask), kinds=("resid_post",), progress=False)["resid_post"]
     assert torch.allclose(st[:, 1], ref1, atol=1e-4)
@@ -38,9 +40,8 @@ def _fake(texts_h, texts_g, texts_s, k):
     """An OnPolicy whose generations are given texts (labels only depend on texts)."""
 
     def gs(texts):
-        n = len(texts)
-        ones = torch.ones(n, 1, dtype=torch.long)
-        return GenStates(GenerationResult(Batch(ones, ones), ones, ones, None, texts, ["eos"] * n), {}, (0,))
+        ones = torch.ones(len(texts), 1, dtype=torch.long)
+        return GenStates(ones, ones, texts, {}, (0,))
 
     pairs = [
         ContrastPair("h1", "l1", "Paris", "Rome", "f1", "capitals"),
@@ -63,7 +64,7 @@ def test_label_logic_and_counts():
 def test_on_policy_rows_on_tiny_model(tiny):
     honest = ["Q capital of France ? A :", "Q capital of Peru ? A :", "Q capital of Cuba ? A :"]
     # The random model "knows" whatever it answers greedily when honest; use that as the truth.
-    first = generate_with_states(tiny, honest, max_new_tokens=2, eos_token_id=None).result.texts
+    first = generate_with_states(tiny, honest, max_new_tokens=2, eos_token_id=None).texts
     pairs = [
         ContrastPair(h, "Q liar " + h[2:], t.split()[0], None, f"f{i}") for i, (h, t) in enumerate(zip(honest, first))
     ]

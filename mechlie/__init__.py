@@ -1,23 +1,86 @@
 """mechlie: where a language model represents lying, which components cause it, and control.
 
 The pipeline, one module per step: ``models`` -> ``pairs`` -> ``activations`` -> ``directions``
--> ``patching`` / ``steering`` -> ``metrics`` -> ``plotting``; ``head_sweep`` composes them.
+(fit registry) / ``probes`` -> ``patching`` / ``position_patching`` / ``attribution`` ->
+``steering`` (interventions) / ``generation`` / ``function_vectors`` -> ``metrics`` / ``stats``
+-> ``plotting``; ``io`` writes results, ``cli`` runs the scripts in ``analyses/``.
+
+The names below are imported lazily, on first use, so ``import mechlie`` is fast (a script's
+``--help`` and its flag checks do not wait for torch and TransformerLens) and each submodule can
+also be imported on its own::
+
+    from mechlie import load_model, load_builtin, collect, score_directions, steer, AddVectors
 """
 
-from mechlie.activations import Activations, collect
-from mechlie.directions import Direction, DirectionScores, diff_of_means, score_directions, split_by_fact
-from mechlie.metrics import Behaviour, behaviour, score_logits
-from mechlie.models import DEFAULT_MODEL, EMBEDDED, ModelLoadError, load_model
-from mechlie.pairs import (
-    AnswerTokenError, ContrastPair, PairError, PromptTooLongError, load_builtin, load_pairs_file,
-    pairs_from_dataset, tokenize,
-)
-from mechlie.patching import PatchResult, patch_final_position, patch_runs
+from __future__ import annotations
 
-__all__ = [
-    "Activations", "collect", "Direction", "DirectionScores", "diff_of_means", "score_directions",
-    "split_by_fact", "Behaviour", "behaviour", "score_logits", "DEFAULT_MODEL", "EMBEDDED",
-    "ModelLoadError", "load_model", "AnswerTokenError", "ContrastPair", "PairError",
-    "PromptTooLongError", "load_builtin", "load_pairs_file", "pairs_from_dataset", "tokenize",
-    "PatchResult", "patch_final_position", "patch_runs",
-]
+import importlib
+from typing import Any
+
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    # models and data
+    **dict.fromkeys(("load_model", "DEFAULT_MODEL", "EMBEDDED", "ModelLoadError"), "mechlie.models"),
+    **dict.fromkeys(
+        (
+            "ContrastPair",
+            "load_builtin",
+            "load_pairs_file",
+            "pairs_from_dataset",
+            "tokenize",
+            "PairError",
+            "AnswerTokenError",
+            "PromptTooLongError",
+        ),
+        "mechlie.pairs",
+    ),
+    # activations, directions (fit registry), probes and detection
+    **dict.fromkeys(("Activations", "collect"), "mechlie.activations"),
+    **dict.fromkeys(
+        (
+            "DirectionScores",
+            "score_directions",
+            "split_by_fact",
+            "diff_of_means",
+            "project",
+            "register_fit",
+            "get_fit",
+            "FITS",
+        ),
+        "mechlie.directions",
+    ),
+    **dict.fromkeys(("Probe", "fit_probe"), "mechlie.probes"),
+    **dict.fromkeys(("Detector", "fit_detector"), "mechlie.detector"),
+    # behaviour and statistics
+    **dict.fromkeys(("Behaviour", "behaviour", "score_logits"), "mechlie.metrics"),
+    **dict.fromkeys(("Estimate", "bootstrap", "bootstrap_tensor", "auroc"), "mechlie.stats"),
+    # causal analysis
+    **dict.fromkeys(("PatchResult", "patch_final_position", "patch_runs"), "mechlie.patching"),
+    **dict.fromkeys(("PositionPatchResult", "patch_positions"), "mechlie.position_patching"),
+    **dict.fromkeys(("Attribution", "attribution_patching", "attribute_pairs"), "mechlie.attribution"),
+    **dict.fromkeys(("FunctionVector", "build_function_vector", "run_function_vector"), "mechlie.function_vectors"),
+    # control
+    **dict.fromkeys(
+        ("steer", "Intervention", "AddVectors", "HeadShift", "DirectionalAblation", "SteeringError"),
+        "mechlie.steering",
+    ),
+    **dict.fromkeys(("generate", "GenerationResult"), "mechlie.generation"),
+    # results and scripts
+    **dict.fromkeys(("save_tensors", "load_tensors", "to_frame"), "mechlie.io"),
+    **dict.fromkeys(("run_script", "RunDir"), "mechlie.cli"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mechlie' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -62,8 +62,21 @@ from mechlie.io import UserError, _jsonable, atomic_write_json, ensure_writable_
 log = logging.getLogger("mechlie")
 
 USER_ERRORS = (UserError, ValueError, OSError, KeyError)
-NOISY_LOGGERS = ("httpx", "httpcore", "urllib3", "filelock", "kaleido", "choreographer", "transformers",
-                 "datasets", "huggingface_hub", "matplotlib", "PIL", "sae_lens", "asyncio")
+NOISY_LOGGERS = (
+    "httpx",
+    "httpcore",
+    "urllib3",
+    "filelock",
+    "kaleido",
+    "choreographer",
+    "transformers",
+    "datasets",
+    "huggingface_hub",
+    "matplotlib",
+    "PIL",
+    "sae_lens",
+    "asyncio",
+)
 LOCATION_FIELDS = ("out_dir", "run_name")  # where a run lives, not what it computes
 T = TypeVar("T")
 
@@ -283,8 +296,9 @@ class RunDir:
         """``path / name``, the folder existing."""
         return self.path / name
 
-    def stage(self, name: str, compute: Callable[[], T], save: Callable[[Path, T], Any],
-              load: Callable[[Path], T]) -> T:
+    def stage(
+        self, name: str, compute: Callable[[], T], save: Callable[[Path, T], Any], load: Callable[[Path], T]
+    ) -> T:
         """Load ``name`` if an earlier run saved it; otherwise compute it and save it (``save``
         must write atomically, e.g. with :func:`mechlie.io.save_tensors`)."""
         target = self._path / name
@@ -338,8 +352,13 @@ def _user_message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
-def run_script(config_cls: type[T], main: Callable[[T, RunDir], dict | None], *,
-               argv: list[str] | None = None, doc: str | None = None) -> int:
+def run_script(
+    config_cls: type[T],
+    main: Callable[[T, RunDir], dict | None],
+    *,
+    argv: list[str] | None = None,
+    doc: str | None = None,
+) -> int:
     """Parse flags into ``config_cls``, check inputs, prepare the run folder, run ``main``.
 
     Args:

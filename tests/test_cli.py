@@ -39,8 +39,23 @@ def _args(tmp_path, *extra):
 
 
 def test_flags_follow_the_fields():
-    cfg, debug = parse_config(Cfg, ["--n-pairs", "5", "--format" if False else "--fmt", "instruct", "--no-known-only",
-                                    "--layers", "1", "2", "7", "--alpha", "0.5", "--debug"])
+    cfg, debug = parse_config(
+        Cfg,
+        [
+            "--n-pairs",
+            "5",
+            "--format" if False else "--fmt",
+            "instruct",
+            "--no-known-only",
+            "--layers",
+            "1",
+            "2",
+            "7",
+            "--alpha",
+            "0.5",
+            "--debug",
+        ],
+    )
     assert cfg == Cfg(n_pairs=5, fmt="instruct", known_only=False, layers=(1, 2, 7), alpha=0.5) and debug
     assert parse_config(Cfg, ["--alpha", "none"])[0].alpha is None
     assert parse_config(Cfg, [])[0] == Cfg()
@@ -84,8 +99,9 @@ def test_run_resumes_and_is_keyed_on_data_content(tmp_path):
             computed.append(1)
             return {"x": torch.full((2,), float(len(Path(cfg.dataset).read_text())))}
 
-        res = run.stage("x.safetensors", compute, lambda p, t: save_tensors(p, t, {"n": cfg.n_pairs}),
-                        lambda p: load_tensors(p)[0])
+        res = run.stage(
+            "x.safetensors", compute, lambda p, t: save_tensors(p, t, {"n": cfg.n_pairs}), lambda p: load_tensors(p)[0]
+        )
         return {"x": res["x"][0].item(), "run": run.path.name}
 
     argv = _args(tmp_path, "--dataset", str(data), "--n-pairs", "4")

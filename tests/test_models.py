@@ -74,6 +74,7 @@ def test_directory_without_config(tmp_path):
 
 # --- The weight cache: checksums, damaged entries rebuilt, non-finite weights refused ------------
 
+
 def _fake_checkpoint(d, value: float = 1.0):
     from safetensors.torch import save_file
 

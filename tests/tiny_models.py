@@ -60,10 +60,20 @@ def tiny_model(
     if d_vocab is None:
         d_vocab = len(SPECIALS) + len(WORDS) if tokenizer else 50
     cfg = dict(
-        n_layers=n_layers, d_model=32, n_ctx=n_ctx, d_head=8, n_heads=n_heads, d_vocab=d_vocab,
-        d_mlp=None if attn_only else 64, act_fn=None if attn_only else "gelu", attn_only=attn_only,
-        normalization_type=None if linear else normalization, positional_embedding_type=positional_embedding,
-        n_key_value_heads=n_key_value_heads, seed=seed, device="cpu",
+        n_layers=n_layers,
+        d_model=32,
+        n_ctx=n_ctx,
+        d_head=8,
+        n_heads=n_heads,
+        d_vocab=d_vocab,
+        d_mlp=None if attn_only else 64,
+        act_fn=None if attn_only else "gelu",
+        attn_only=attn_only,
+        normalization_type=None if linear else normalization,
+        positional_embedding_type=positional_embedding,
+        n_key_value_heads=n_key_value_heads,
+        seed=seed,
+        device="cpu",
     )
     cfg.update(cfg_overrides)
     model = HookedTransformer(HookedTransformerConfig(**cfg))

@@ -1,0 +1,123 @@
+"""make_figures on small saved runs built with tiny models: every file written, bad runs refused
+with nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from test_views import capital_pairs
+from mechlie import report as R
+from mechlie import sae as S
+from mechlie.io import atomic_write_json, save_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    from mechlie.io import atomic_torch_save
+    from mechlie.pairs import load_builtin
+    from mechlie.patching import patch_final_position
+
+    tmp = tmp_path_factory.mktemp("runs")
+    model = tiny_model(n_ctx=128)
+    # A head-sweep run as mechlie.head_sweep saves it: real patching results of a tiny model.
+    hs = tmp / "head_sweep" / "tiny"
+    hs.mkdir(parents=True)
+    pairs = capital_pairs(model)  # words the tiny tokenizer knows, so honest and lying prompts differ
+    pr = {kind: patch_final_position(model, pairs, kind, progress=False) for kind in ("z", "resid_pre")}
+    atomic_torch_save(hs / "patching.pt", {k: asdict(v) for k, v in pr.items()})
+    cfg = {"model": "tiny", "dataset": "capitals", "fmt": "fewshot", "n_patch": len(pairs)}
+    atomic_write_json(hs / "config.json", cfg)
+    z = pr["z"]
+    eff, H = z.effect(), model.cfg.n_heads
+    atomic_write_json(hs / "summary.json", {
+        "model": "tiny", "n_pairs": len(pairs), "config": cfg,
+        "patching": {"n_pairs": len(pairs), "honest_p_truth": float(z.clean.p_truth.mean()),
+                     "lying_p_truth": float(z.corrupt.p_truth.mean())},
+        "top_heads_by_patching": [{"layer": i // H, "head": i % H, "effect": float(eff.flatten()[i])}
+                                  for i in eff.flatten().argsort(descending=True)[:5].tolist()],
+    })
+
+    # An SAE-features run: a tiny SAE trained with sae-lens, the real decomposition, saved as
+    # analyses/sae_features.py saves it.
+    tcfg = S.SAETrainConfig(site="blocks.2.hook_resid_pre", expansion=2, k=4, n_steps=40, batch_size=32,
+                            pairs_per_format=2, n_samples=4, sample_tokens=6)
+    trained = S.load_or_train_sae(model, tcfg, cache_dir=tmp / "cache", progress=False)
+    pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=3)
+    res_s, ts = S.lie_features(model, trained, pairs, list(range(0, len(pairs), 2)), list(range(1, len(pairs), 2)),
+                               k=4, k_causal=2, n_draws=20, progress=False)
+    sae_run = tmp / "sae_features" / "tiny"
+    sae_run.mkdir(parents=True)
+    save_tensors(sae_run / "features.safetensors", {tcfg.site: ts}, {})
+    atomic_write_json(sae_run / "summary.json", {"kind": "sae_features", "model": "tiny", "dataset": "all (fewshot)",
+                                                 "n_known_pairs": len(pairs), "sites": {tcfg.site: res_s}})
+    return {"head_sweep": hs, "sae_features": sae_run}
+
+
+def test_make_figures_writes_every_file(runs, tmp_path):
+    from analyses.make_figures import main
+
+    out = tmp_path / "report" / "report.md"
+    assert main([str(runs["head_sweep"]), str(runs["sae_features"]), "--out", str(out)]) == 0
+    text = out.read_text()
+    for kind, run in runs.items():
+        rep = R.build_report(run)
+        assert rep.kind == kind and rep.figures
+        folder = out.parent / f"{kind}-{run.name}"
+        for stem in rep.figures:
+            for fmt in ("svg", "png"):
+                f = folder / f"{stem}.{fmt}"
+                assert f.is_file() and f.stat().st_size > 1000, f
+                assert f"{kind}-{run.name}/{stem}.png" in text
+        assert rep.title in text
+    assert (out.parent / "sae_features-tiny" / "b2_resid_pre_features.svg").read_text().startswith("<svg")
+    assert "CE loss recovered" in text and "Top head by patching" in text
+    assert not [p for p in out.parent.rglob(".*")]  # no temporary files left
+
+
+def test_top_heads_have_ci_error_bars(runs):
+    rep = R.build_report(runs["head_sweep"])
+    bar = rep.figures["top_heads"].data[0]
+    plus, minus = bar.error_y.array, bar.error_y.arrayminus
+    assert len(bar.x) == 12 and all(p >= 0 for p in plus) and all(m >= 0 for m in minus)
+    assert any(p > 0 for p in plus)  # CIs over 4 pairs are not degenerate
+    assert "n=4 pairs" in rep.figures["top_heads"].layout.title.text
+
+
+def test_bad_runs_are_refused_before_writing(runs, tmp_path):
+    from analyses.make_figures import main
+
+    out = tmp_path / "r" / "report.md"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(R.RunFormatError, match="no summary.json"):
+        R.detect_kind(empty)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps({"kind": "something_else"}))
+    with pytest.raises(R.RunFormatError, match="not a run of a kind"):
+        R.detect_kind(other)
+    old = tmp_path / "old"
+    shutil.copytree(runs["sae_features"], old)
+    s = json.loads((old / "summary.json").read_text())
+    del s["sites"]
+    (old / "summary.json").write_text(json.dumps(s))
+    with pytest.raises(R.RunFormatError, match="older version"):
+        R.build_report(old)
+    missing = tmp_path / "missing"
+    shutil.copytree(runs["head_sweep"], missing)
+    (missing / "patching.pt").unlink(missing_ok=True)
+    (missing / "patching.safetensors").unlink(missing_ok=True)
+    with pytest.raises(R.RunFormatError, match="missing results file"):
+        R.build_report(missing)
+    # A good run beside a bad one: one line, exit 2, and nothing written for either.
+    assert main([str(runs["head_sweep"]), str(missing), "--out", str(out)]) == 2
+    assert not out.parent.exists()

@@ -21,7 +21,7 @@ built-in few-shot format, honest and lying prompts have the same length, so noth
 
 The estimate is exact when ``M`` is linear in the patched activation, e.g. ``hook_z`` of the last
 layer in a model without a final layer norm (see tests); elsewhere its quality is measured by the
-rank correlation with exact patching (:func:`spearman`).
+rank correlation with exact patching (:func:`mechlie.stats.spearman`).
 """
 
 from __future__ import annotations
@@ -37,32 +37,9 @@ from tqdm.auto import tqdm
 from mechlie.activations import hook_name
 from mechlie.metrics import gather_logprob
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
+from mechlie.stats import spearman  # noqa: F401  (re-exported: rank correlation with exact patching)
 
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
-
-
-def ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """Ranks 0..n-1 with ties given their average rank."""
-    x = x.flatten().double()
-    order = x.argsort()
-    r = torch.empty_like(x)
-    r[order] = torch.arange(len(x), dtype=torch.float64)
-    uniq, inv = torch.unique(x, return_inverse=True)
-    if len(uniq) < len(x):
-        sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, r)
-        counts = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, torch.ones_like(r))
-        r = (sums / counts)[inv]
-    return r
-
-
-def spearman(a: Tensor, b: Tensor) -> float:
-    """Spearman rank correlation of two tensors of the same number of elements."""
-    if a.numel() != b.numel() or a.numel() < 2:
-        raise ValueError(f"need two tensors of equal size >= 2, got {a.numel()} and {b.numel()}")
-    ra, rb = ranks(a), ranks(b)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    denom = (ra.norm() * rb.norm()).item()
-    return float((ra @ rb).item() / denom) if denom > 0 else float("nan")
 
 
 def answer_metric(logits: Float[Tensor, "n vocab"], answers: AnswerSet, metric: str) -> Float[Tensor, " n"]:

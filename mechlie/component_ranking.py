@@ -28,9 +28,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechlie.activations import collect
-from mechlie.attribution import spearman
 from mechlie.pairs import ContrastPair, PairError
 from mechlie.patching import PatchResult, patch_final_position
+from mechlie.stats import spearman
 
 FAMILIES = {"head": ("head_out", "z"), "mlp": ("mlp_out", "mlp_out"), "attn": ("attn_out", "attn_out")}
 

@@ -100,6 +100,8 @@ def _facts() -> dict:
 
 
 RELATIONS: tuple[str, ...] = ("capitals", "cities", "languages", "opposites")
+# Relations of other kinds (counts as number words, chemical symbols); not part of "all".
+EXTRA_RELATIONS: tuple[str, ...] = ("numbers", "symbols")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +125,29 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
     return ids
 
 
+def answer_sequences(tokenizer, answer: str) -> list[list[int]]:
+    """Token-id sequences of ``answer``'s spellings ``" X"`` and ``"X"`` (distinct, any length):
+    what a multi-token answer is scored by (:func:`mechlie.metrics.answer_logprob`)."""
+    word = answer.strip()
+    if not word:
+        raise PairError("empty answer")
+    out: list[list[int]] = []
+    for variant in (" " + word, word):
+        toks = tokenizer.encode(variant, add_special_tokens=False)
+        if toks and toks not in out:
+            out.append(toks)
+    return out
+
+
+def first_token_ids(tokenizer, answer: str) -> list[int]:
+    """:func:`answer_token_ids` when the answer has a one-token spelling, else the first token
+    of each of its spellings (so a multi-token answer still gets first-token metrics)."""
+    try:
+        return answer_token_ids(tokenizer, answer)
+    except AnswerTokenError:
+        return sorted({seq[0] for seq in answer_sequences(tokenizer, answer)})
+
+
 @dataclass(frozen=True)
 class AnswerSet:
     """Padded answer-token ids for a batch of pairs; -1 marks padding."""
@@ -137,15 +162,20 @@ def _pad_ids(rows: Sequence[Sequence[int]]) -> Tensor:
     return torch.tensor([list(r) + [-1] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def answer_set(tokenizer, pairs: Sequence[ContrastPair]) -> AnswerSet:
-    truth = [answer_token_ids(tokenizer, p.truth) for p in pairs]
-    lie = [answer_token_ids(tokenizer, p.lie) if p.lie else [] for p in pairs]
+def answer_set(
+    tokenizer, pairs: Sequence[ContrastPair], *, multi_token: Literal["error", "first"] = "error"
+) -> AnswerSet:
+    """Answer ids of ``pairs``. A multi-token answer raises :class:`AnswerTokenError`, or with
+    ``multi_token="first"`` is represented by the first token of each spelling."""
+    ids = answer_token_ids if multi_token == "error" else first_token_ids
+    truth = [ids(tokenizer, p.truth) for p in pairs]
+    lie = [ids(tokenizer, p.lie) if p.lie else [] for p in pairs]
     if any(not ids for ids in lie):
         raise PairError("every pair needs a lie answer to compute the logit difference")
     by_rel: dict[str, set[int]] = {}
     for p, t, li in zip(pairs, truth, lie):
         by_rel.setdefault(p.relation, set()).update(t + li)
-    if all(p.relation in RELATIONS for p in pairs):
+    if all(p.relation in RELATIONS + EXTRA_RELATIONS for p in pairs):
         for rel in by_rel:
             for _, ans in _facts()[rel]["facts"]:
                 try:
@@ -343,21 +373,22 @@ def build_pairs(
     n_demo_facts: int = 8,
     seed: int = 0,
     chat: bool | None = None,
+    multi_token: Literal["drop", "keep"] = "drop",
 ) -> list[ContrastPair]:
     """Honest/lying pairs for one built-in relation, in one format.
 
     The demonstration pool is the first ``n_demo_facts`` facts with distinct answers
     (:func:`demo_pool`); they are never targets. With a ``tokenizer``, facts whose truth is not a
-    single token are dropped (logged), and ``chat`` defaults to whether the tokenizer has a chat
-    template.
+    single token are dropped (logged) unless ``multi_token="keep"``, and ``chat`` defaults to
+    whether the tokenizer has a chat template.
     """
-    if relation not in RELATIONS:
-        raise PairError(f"unknown relation {relation!r}; built-in relations: {RELATIONS}")
+    if relation not in RELATIONS + EXTRA_RELATIONS:
+        raise PairError(f"unknown relation {relation!r}; built-in relations: {RELATIONS + EXTRA_RELATIONS}")
     if fmt not in FORMATS:
         raise PairError(f"unknown format {fmt!r}; formats: {FORMATS}")
     spec = _facts()[relation]
     facts: list[tuple[str, str]] = [tuple(f) for f in spec["facts"]]
-    if tokenizer is not None:
+    if tokenizer is not None and multi_token == "drop":
         ok = []
         for s, a in facts:
             try:

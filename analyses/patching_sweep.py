@@ -1,68 +1,70 @@
 """Exact vs. attribution patching, residual patching by position x layer, and component ranking.
 
-    HF_HUB_OFFLINE=1 python analyses/patching_sweep.py [--n-per-relation 1] [--layer-stride 5] [--n-positions 12]
+    python analyses/patching_sweep.py [--n-per-relation 1] [--layer-stride 5] [--positions differing]
+    python analyses/patching_sweep.py --positions last --n-positions 12 --device cuda
 
-Honest prompts are clean, lying prompts corrupt (few-shot format). Writes
-results/patching_sweep/<run>/{config.json, summary.json, tensors.pt, *.html, *.png}.
+Honest prompts are clean, lying prompts corrupt (few-shot format). The position sweep covers,
+by default, every position where the honest and lying prompts differ (the demonstrations'
+answers), the last ``--n-final`` positions, and each demonstration's answer as a group. Every
+effect is printed with a 95% bootstrap CI over pairs. Writes results/patching_sweep/<run>/
+(config, summary, safetensors, figures); the run name comes from the settings, so a rerun with
+other settings never overwrites it.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from mechlie.attribution import attribute_pairs, spearman
-from mechlie.component_ranking import rank_components
-from mechlie.io import atomic_torch_save, atomic_write_json, ensure_writable_dir
-from mechlie.models import DEFAULT_MODEL, load_model
-from mechlie.pairs import load_builtin, tokenize
-from mechlie.patching import patch_final_position
-from mechlie.plotting import heatmap, save_figure, side_by_side
-from mechlie.position_patching import patch_positions
+from mechlie.cli import RunDir, run_script
+from mechlie.models import DEFAULT_MODEL
 
 METRICS = ("logit_diff", "p_truth")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    model: str = DEFAULT_MODEL
-    dataset: str = "all"
-    fmt: str = "fewshot"
-    n_per_relation: int = 1  # 4 pairs with dataset 'all'
-    metric: str = "logit_diff"
-    layer_stride: int = 5  # position patching: every layer_stride-th layer (1 = all)
-    n_positions: int = 12  # position patching: the last n positions (0 = all common positions)
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
+    fmt: Literal["instruct", "fewshot", "both"] = "fewshot"
+    n_per_relation: int = field(default=1, metadata={"help": "pairs sampled per relation (4 pairs with 'all')"})
+    metric: Literal["logit_diff", "p_truth"] = "logit_diff"
+    layer_stride: int = field(default=5, metadata={"help": "position patching: every n-th layer (1 = all)"})
+    positions: Literal["differing", "last"] = field(default="differing", metadata={"help": "differing: every position where the prompts differ, plus the last --n-final; last: the last --n-positions"})
+    n_final: int = field(default=4, metadata={"help": "with --positions differing: also the last n positions"})
+    n_positions: int = field(default=12, metadata={"help": "with --positions last: the last n positions (0 = all)"})
     top_k: int = 10
-    batch_size: int = 8
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (CIs over pairs)"})
+    device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    n_devices: int = field(default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per batch", "run": False})
     out_dir: str = "results/patching_sweep"
-    run: str = "default"
+    run_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}")
-        if self.layer_stride < 1 or self.n_positions < 0 or self.n_per_relation < 1:
-            raise ValueError("need layer_stride >= 1, n_positions >= 0, n_per_relation >= 1")
+        if self.layer_stride < 1 or self.n_positions < 0 or self.n_per_relation < 1 or self.n_final < 1:
+            raise ValueError("need --layer-stride >= 1, --n-positions >= 0, --n-per-relation >= 1, --n-final >= 1")
+        if self.n_boot < 10 or self.batch_size < 1 or self.n_devices < 1 or self.top_k < 1:
+            raise ValueError("need --n-boot >= 10, --batch-size >= 1, --n-devices >= 1, --top-k >= 1")
 
 
-def parse_args(argv=None) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    return Config(**vars(ap.parse_args(argv)))
+def main(cfg: Config, run: RunDir) -> dict:
+    from mechlie.attribution import attribute_pairs
+    from mechlie.component_ranking import rank_components
+    from mechlie.io import save_tensors
+    from mechlie.kv import load_model_split, top_heads
+    from mechlie.pairs import load_builtin, tokenize
+    from mechlie.patching import patch_final_position
+    from mechlie.plotting import errorbars, heatmap, save_figure, side_by_side
+    from mechlie.position_patching import patch_positions
+    from mechlie.stats import spearman
 
-
-def _heads(x: torch.Tensor, k: int, H: int) -> list[tuple[int, int]]:
-    return [(int(i) // H, int(i) % H) for i in x.flatten().topk(k).indices]
-
-
-def main(cfg: Config) -> dict:
-    out = ensure_writable_dir(Path(cfg.out_dir) / cfg.run)
-    atomic_write_json(out / "config.json", asdict(cfg))
-    model = load_model(cfg.model)
+    out = run.path
+    model = load_model_split(cfg.model, device=cfg.device, dtype=cfg.dtype, n_devices=cfg.n_devices)
     pairs = load_builtin(cfg.dataset, cfg.fmt, tokenizer=model.tokenizer, n=cfg.n_per_relation)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     print(f"{len(pairs)} pairs ({cfg.fmt})")
@@ -73,21 +75,30 @@ def main(cfg: Config) -> dict:
     att = attribute_pairs(model, pairs, metric=cfg.metric, batch_size=cfg.batch_size)
     rho_heads = spearman(att.z_final, exact_delta)
     rho_heads_abs = spearman(att.z_final.abs(), exact_delta.abs())
-    top_exact, top_att = _heads(exact_delta.abs(), cfg.top_k, H), _heads(att.z_final.abs(), cfg.top_k, H)
+    top_exact, top_att = top_heads(exact_delta.abs(), cfg.top_k), top_heads(att.z_final.abs(), cfg.top_k)
+    head_ci = exact.effect_ci(cfg.metric, n_boot=cfg.n_boot)
 
     # 2. residual patching by position x layer (aligned from the end), and its attribution estimate.
     layers = list(range(0, L, cfg.layer_stride))
-    pos = patch_positions(model, pairs, kind="resid_pre", layers=layers, n_positions=cfg.n_positions or None)
+    pos = patch_positions(model, pairs, kind="resid_pre", layers=layers, positions=cfg.positions,
+                          n_positions=cfg.n_positions or None, n_final=cfg.n_final)
     pos_delta = getattr(pos, cfg.metric).mean(0) - getattr(pos.corrupt, cfg.metric).mean()  # [P, layers]
     P = len(pos.offsets)
-    att_pos = att.resid[:, -P:, layers].mean(0)  # the same offsets and layers
+    width = att.resid.shape[1]
+    cols = [width + o for o in pos.offsets]  # attribution columns are offsets from the end too
+    att_pos = att.resid[:, cols][:, :, layers].mean(0)  # the same offsets and layers
     rho_pos = spearman(att_pos, pos_delta)
+    from mechlie.stats import bootstrap_tensor
+
+    pos_ci = bootstrap_tensor(lambda i: pos.effect(cfg.metric, i), len(pairs), n_boot=cfg.n_boot)
+    group_ci = (bootstrap_tensor(lambda i: pos.group_effect(cfg.metric, i), len(pairs), n_boot=cfg.n_boot)
+                if pos.group_p_truth is not None else None)
 
     # 3. component-difference ranking, reusing the head patches.
     rankings = rank_components(model, pairs, top_k=cfg.top_k, batch_size=cfg.batch_size, patches={"z": exact})
 
-    first = tokenize(model, [pairs[0].lying]).tokens[0, -P:].tolist()
-    ticks = [f"{o}:{model.tokenizer.decode([t])!r}" for o, t in zip(pos.offsets, first)]
+    first = tokenize(model, [pairs[0].lying]).tokens[0].tolist()
+    ticks = [f"{o}:{model.tokenizer.decode([first[o]])!r}" for o in pos.offsets]
     summary = {
         "model": model.cfg.model_name,
         "n_pairs": len(pairs),
@@ -97,7 +108,8 @@ def main(cfg: Config) -> dict:
         "heads": {
             "spearman_attribution_vs_exact": rho_heads,
             "spearman_abs": rho_heads_abs,
-            "top_exact": [{"layer": l, "head": h, "delta": float(exact_delta[l, h]), "attribution": float(att.z_final[l, h])} for l, h in top_exact],
+            "top_exact": [{"layer": l, "head": h, "delta": float(exact_delta[l, h]), "effect": head_ci.at(l, h).to_dict(),
+                           "attribution": float(att.z_final[l, h])} for l, h in top_exact],
             "top_attribution": [{"layer": l, "head": h, "attribution": float(att.z_final[l, h]), "delta": float(exact_delta[l, h])} for l, h in top_att],
             "top_k_overlap": len(set(top_exact) & set(top_att)),
         },
@@ -107,8 +119,14 @@ def main(cfg: Config) -> dict:
             "offsets": list(pos.offsets),
             "tick_labels_pair0": ticks,
             "spearman_attribution_vs_exact": rho_pos,
-            "max_effect": float(pos.effect(cfg.metric).max()),
+            "positions": cfg.positions,
+            "max_effect": pos_ci.at(*[int(i) for i in torch.unravel_index(pos.effect(cfg.metric).argmax(), pos_delta.shape)]).to_dict(),
             "argmax": [int(i) for i in torch.unravel_index(pos.effect(cfg.metric).argmax(), pos_delta.shape)],
+            "groups_pair0": [list(g) for g in pos.groups[0]] if pos.groups else [],
+            "group_effect": None if group_ci is None else {
+                f"demo {g + 1}": {f"L{l}": group_ci.at(g, j).to_dict() for j, l in enumerate(layers)}
+                for g in range(group_ci.mean.shape[0])
+            },
         },
         "component_ranking": {
             fam: {
@@ -121,16 +139,17 @@ def main(cfg: Config) -> dict:
             for fam, r in rankings.items()
         },
     }
-    atomic_write_json(out / "summary.json", summary)
-    atomic_torch_save(
-        out / "tensors.pt",
+    save_tensors(
+        out / "tensors.safetensors",
         {
-            "exact_delta_heads": exact_delta, "attribution_z": att.z, "attribution_resid": att.resid, "valid": att.valid,
+            "exact_delta_heads": exact_delta, "head_effect_lo": head_ci.lo, "head_effect_hi": head_ci.hi,
+            "attribution_z": att.z, "attribution_resid": att.resid, "valid": att.valid.to(torch.uint8),
             "position_delta": pos_delta, "position_p_truth": pos.p_truth, "position_logit_diff": pos.logit_diff,
-            "position_offsets": pos.offsets, "position_layers": pos.layers,
+            **({"group_p_truth": pos.group_p_truth, "group_logit_diff": pos.group_logit_diff} if pos.group_p_truth is not None else {}),
             **{f"diff_score_{f}": r.score for f, r in rankings.items()},
             **{f"effect_{f}": r.effect for f, r in rankings.items()},
         },
+        {"position_offsets": list(pos.offsets), "position_layers": list(pos.layers)},
     )
 
     norm = float(getattr(exact.clean, cfg.metric).mean() - getattr(exact.corrupt, cfg.metric).mean())
@@ -148,11 +167,17 @@ def main(cfg: Config) -> dict:
         side_by_side([g1, g2], ["exact resid_pre patching", f"attribution (ρ={rho_pos:.2f})"], "Residual patching by position × layer (from the end)"),
         out / "positions_exact_vs_attribution",
     )
-    zpos = att.z[:, -P:].mean(0).sum(-1) / norm  # [P, L], summed over heads
+    zpos = att.z[:, cols].mean(0).sum(-1) / norm  # [P, L], summed over heads
     figs["z_by_position"] = save_figure(
         heatmap(zpos.T, "Attribution of head outputs by position (sum over heads)", x_label="position", zmid=0.0, x_ticks=ticks),
         out / "z_attribution_by_position",
     )
+    if group_ci is not None:
+        figs["demonstration_groups"] = save_figure(errorbars(
+            [f"demo {g + 1}" for g in range(group_ci.mean.shape[0])],
+            {f"L{l}": (group_ci.mean[:, j].tolist(), group_ci.lo[:, j].tolist(), group_ci.hi[:, j].tolist()) for j, l in enumerate(layers)},
+            "Each demonstration's answer tokens patched together (resid_pre, honest into lying; 1 = honest)",
+            y_label="normalized effect"), out / "demonstration_groups")
     hr = rankings["head"]
     figs["component_ranking"] = save_figure(
         side_by_side([heatmap(hr.score, "diff"), heatmap(hr.effect.abs(), "effect")], ["difference score", "|patching effect|"],
@@ -161,18 +186,24 @@ def main(cfg: Config) -> dict:
     )
 
     print(f"\nheads: Spearman(attribution, exact) = {rho_heads:+.3f} (|.|: {rho_heads_abs:+.3f}); top-{cfg.top_k} overlap {summary['heads']['top_k_overlap']}")
-    print("top heads by exact patching:", ", ".join(f"L{l}H{h} {exact_delta[l, h] / norm:+.3f}" for l, h in top_exact))
+    print("top heads by exact patching (95% CI over pairs):", ", ".join(f"L{l}H{h} {head_ci.at(l, h):+.3f}" for l, h in top_exact))
     print("top heads by attribution:   ", ", ".join(f"L{l}H{h} {att.z_final[l, h] / norm:+.3f}" for l, h in top_att))
-    print(f"positions x layers: Spearman(attribution, exact) = {rho_pos:+.3f}; max effect {summary['positions']['max_effect']:+.3f}")
+    mx = summary["positions"]["max_effect"]
+    print(f"positions x layers ({P} offsets: {cfg.positions}): Spearman(attribution, exact) = {rho_pos:+.3f}; max effect "
+          f"{mx['mean']:+.3f} [{mx['lo']:+.3f}, {mx['hi']:+.3f}] at offset {pos.offsets[summary['positions']['argmax'][0]]}, "
+          f"layer {layers[summary['positions']['argmax'][1]]}")
+    if group_ci is not None:
+        for g in range(group_ci.mean.shape[0]):
+            print(f"  demonstration {g + 1} answer patched as a group: " + ", ".join(
+                f"L{l} {group_ci.at(g, j):+.3f}" for j, l in enumerate(layers)))
     for fam, r in summary["component_ranking"].items():
         print(f"component ranking {fam}: Spearman(diff score, |effect|) = {r['spearman_diff_score_vs_abs_effect']:+.3f}, "
               f"top-{cfg.top_k} overlap {r['overlap']}")
-    print(f"\nwrote {out}/config.json, summary.json, tensors.pt and figures:")
+    print(f"\nwrote {out}/config.json, summary.json, tensors.safetensors and figures:")
     for k, v in figs.items():
         print(f"  {k}: {v['html']}" + (f", {v['png']}" if v["png"] else ""))
     return summary
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    main(parse_args())
+    sys.exit(run_script(Config, main, doc=__doc__))

@@ -164,6 +164,7 @@ def fast_path_supported(model: HookedTransformer) -> bool:
         and not getattr(c, "use_logn_attn", False)
         and getattr(c, "clip_qkv", None) is None
         and not getattr(c, "use_dynamic_ntk_rope", False)
+        and not getattr(c, "ungroup_grouped_query_attention", False)
         and c.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
         and all(getattr(b.attn, "attn_type", "global") == "global" for b in model.blocks)
     )
@@ -440,5 +441,25 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
 
 __all__ = [
     "HEAD_KINDS", "FinalActs", "PrefixCache", "collect_batch", "fast_path_supported", "final_tokens",
-    "prefix_cache", "run_rows", "top_heads",
+    "load_model_split", "prefix_cache", "run_rows", "top_heads",
 ]
+
+
+def load_model_split(name: str, *, device: str = "", dtype: str = "float32", n_devices: int = 1) -> HookedTransformer:
+    """:func:`mechlie.models.load_model` on ``device`` (default: cuda if available) in ``dtype``,
+    its layers split over ``n_devices`` GPUs by TransformerLens's own ``n_devices`` placement
+    (:func:`run_rows` moves each row's residual to each block's device, like TransformerLens)."""
+    from mechlie.models import load_model
+
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    if n_devices < 1:
+        raise ValueError("n_devices must be >= 1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if n_devices > 1 and (not device.startswith("cuda") or torch.cuda.device_count() < n_devices):
+        raise ValueError(f"n_devices={n_devices} needs that many CUDA devices ({torch.cuda.device_count()} found)")
+    model = load_model(name, device=device, dtype=getattr(torch, dtype))
+    if n_devices > 1:
+        model.cfg.n_devices = n_devices
+        model.move_model_modules_to_device()
+    return model

@@ -123,7 +123,7 @@ def _diff_of_means_factory() -> Fit:
     return diff_of_means
 
 
-def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, "n *c"]:
+def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, " n *c"]:
     unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     return (acts.float() * unit).sum(-1)
 
@@ -137,8 +137,8 @@ class DirectionScores:
     auroc_lo: Float[Tensor, "*c"]  # 95% bootstrap CI over held-out facts
     auroc_hi: Float[Tensor, "*c"]
     train_auroc: Float[Tensor, "*c"]
-    null_auroc: Float[Tensor, "perm *c"]  # within-pair label swaps (train and test), same fit
-    random_auroc: Float[Tensor, "rand *c"]  # Gaussian directions, real labels
+    null_auroc: Float[Tensor, " perm *c"]  # within-pair label swaps (train and test), same fit
+    random_auroc: Float[Tensor, " rand *c"]  # Gaussian directions, real labels
     null_bar: float  # 95th percentile over draws of the max over components of null_auroc
     random_bar: float  # the same for random_auroc
     n_test_facts: int
@@ -177,19 +177,33 @@ class DirectionScores:
             "n_test_pairs": self.n_test,
             "n_test_facts": self.n_test_facts,
             "n_components": int(self.auroc.numel()),
-            "max": {"auroc": float(self.auroc[at]), "lo": float(self.auroc_lo[at]), "hi": float(self.auroc_hi[at]),
-                    "component": list(at)},
+            "max": {
+                "auroc": float(self.auroc[at]),
+                "lo": float(self.auroc_lo[at]),
+                "hi": float(self.auroc_hi[at]),
+                "component": list(at),
+            },
             "mean": float(self.auroc.mean()),
-            "null": {"n_draws": int(self.null_auroc.shape[0]), "mean": float(self.null_auroc.mean()),
-                     "max_bar_95": self.null_bar, "n_pass": int(self.beats_null.sum())},
-            "random": {"n_draws": int(self.random_auroc.shape[0]), "mean": float(self.random_auroc.mean()),
-                       "max_bar_95": self.random_bar, "n_pass": int(self.beats_random.sum())},
+            "null": {
+                "n_draws": int(self.null_auroc.shape[0]),
+                "mean": float(self.null_auroc.mean()),
+                "max_bar_95": self.null_bar,
+                "n_pass": int(self.beats_null.sum()),
+            },
+            "random": {
+                "n_draws": int(self.random_auroc.shape[0]),
+                "mean": float(self.random_auroc.mean()),
+                "max_bar_95": self.random_bar,
+                "n_pass": int(self.beats_random.sum()),
+            },
         }
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
         """Tensors and JSON metadata, for ``mechlie.io.save_tensors``."""
-        tensors = {k: getattr(self, k) for k in ("direction", "auroc", "auroc_lo", "auroc_hi", "train_auroc",
-                                                 "null_auroc", "random_auroc")}
+        tensors = {
+            k: getattr(self, k)
+            for k in ("direction", "auroc", "auroc_lo", "auroc_hi", "train_auroc", "null_auroc", "random_auroc")
+        }
         meta = {k: getattr(self, k) for k in ("null_bar", "random_bar", "n_test_facts", "n_test", "fit")}
         return tensors, meta
 

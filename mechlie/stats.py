@@ -39,8 +39,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 __all__ = [
-    "Estimate", "TensorEstimate", "bootstrap", "bootstrap_draws", "bootstrap_tensor", "auroc", "spearman",
-    "max_null_threshold", "paired_swap_masks", "normalized_effect", "rank_stability",
+    "Estimate",
+    "TensorEstimate",
+    "bootstrap",
+    "bootstrap_draws",
+    "bootstrap_tensor",
+    "auroc",
+    "spearman",
+    "max_null_threshold",
+    "paired_swap_masks",
+    "normalized_effect",
+    "rank_stability",
 ]
 
 
@@ -135,8 +144,13 @@ def bootstrap(
         # scipy warns (and returns NaN) when BCa is undefined; we fall back to percentiles below.
         warnings.simplefilter("ignore")
         res = scipy.stats.bootstrap(
-            (np.arange(n),), np_stat, n_resamples=n_boot, confidence_level=level, method=method,
-            vectorized=False, random_state=np.random.default_rng(seed),
+            (np.arange(n),),
+            np_stat,
+            n_resamples=n_boot,
+            confidence_level=level,
+            method=method,
+            vectorized=False,
+            random_state=np.random.default_rng(seed),
         )
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -148,9 +162,7 @@ def bootstrap(
     return Estimate(full, lo, hi, n, level)
 
 
-def bootstrap_draws(
-    stat: Callable[[Tensor], Tensor], n: int, *, n_boot: int = 1000, seed: int = 0
-) -> Tensor:
+def bootstrap_draws(stat: Callable[[Tensor], Tensor], n: int, *, n_boot: int = 1000, seed: int = 0) -> Tensor:
     """``stat`` on ``n_boot`` seeded index resamples of ``n`` units, stacked: ``[n_boot, *c]``."""
     if n < 1:
         raise ValueError("bootstrap needs at least one unit")
@@ -193,7 +205,7 @@ def bootstrap_tensor(
     return TensorEstimate(full, lo, hi, n, draws, level)
 
 
-def rank_stability(draws: Float[Tensor, "b *c"], k: int = 5) -> tuple[Float[Tensor, "*c"], Float[Tensor, "*c"]]:
+def rank_stability(draws: Float[Tensor, " b *c"], k: int = 5) -> tuple[Float[Tensor, "*c"], Float[Tensor, "*c"]]:
     """Share of bootstrap draws in which each component is the largest, and is in the top ``k``."""
     b = draws.shape[0]
     flat = draws.reshape(b, -1).nan_to_num(nan=-float("inf"))
@@ -204,7 +216,7 @@ def rank_stability(draws: Float[Tensor, "b *c"], k: int = 5) -> tuple[Float[Tens
     return top1.reshape(draws.shape[1:]), topk.reshape(draws.shape[1:])
 
 
-def auroc(pos: Float[Tensor, "n1 *c"], neg: Float[Tensor, "n0 *c"]) -> Float[Tensor, "*c"]:
+def auroc(pos: Float[Tensor, " n1 *c"], neg: Float[Tensor, " n0 *c"]) -> Float[Tensor, "*c"]:
     """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U / n1 n0).
 
     Batched over the trailing dimensions: ``pos[n1, *c]`` and ``neg[n0, *c]`` give ``[*c]``.
@@ -230,7 +242,7 @@ def spearman(a, b) -> float:
     return float(scipy.stats.spearmanr(a, b).statistic)
 
 
-def max_null_threshold(null: Float[Tensor, "draws *c"], q: float = 0.95) -> float:
+def max_null_threshold(null: Float[Tensor, " draws *c"], q: float = 0.95) -> float:
     """The q-quantile over draws of the maximum over components of a null distribution.
 
     A component whose observed score exceeds this bar beats chance with family-wise error
@@ -264,4 +276,3 @@ def paired_swap_masks(n: int, n_draws: int, seed: int = 0) -> Bool[Tensor, "draw
 def normalized_effect(x: Tensor | float, lo: Tensor | float, hi: Tensor | float) -> Tensor | float:
     """``(x - lo) / (hi - lo)``: 0 at ``lo`` (e.g. the corrupt run), 1 at ``hi`` (the clean run)."""
     return (x - lo) / (hi - lo)
-

@@ -3,7 +3,15 @@ import torch
 
 from mechlie import stats
 from mechlie.directions import (
-    FITS, DirectionScores, auroc, diff_of_means, get_fit, null_directions, project, register_fit, score_directions,
+    FITS,
+    DirectionScores,
+    auroc,
+    diff_of_means,
+    get_fit,
+    null_directions,
+    project,
+    register_fit,
+    score_directions,
     split_by_fact,
 )
 
@@ -54,8 +62,9 @@ def test_scores_and_controls_on_separable_data():
     assert project(lying, s.direction).mean() > project(honest, s.direction).mean()
 
 
-def _paired(n: int, c: int, d: int, seed: int, signal: torch.Tensor | None = None, fact_sd: float = 2.0,
-            noise_sd: float = 1.0):
+def _paired(
+    n: int, c: int, d: int, seed: int, signal: torch.Tensor | None = None, fact_sd: float = 2.0, noise_sd: float = 1.0
+):
     """Pairs sharing a per-fact component; lying = honest + ``signal`` (per component) + noise."""
     g = torch.Generator().manual_seed(seed)
     fact = fact_sd * torch.randn(n, c, d, generator=g)

@@ -32,6 +32,10 @@ class SAEFeaturesConfig:
         default=("blocks.20.hook_resid_pre", "blocks.20.attn.hook_z:5"),
         metadata={"help": "SAE sites: a hook name, or blocks.L.attn.hook_z:H for one head"},
     )
+    heads: tuple[str, ...] = field(
+        default=("L20H5", "L29H1", "L23H5"),
+        metadata={"help": "heads for the attention views and DLA (LxHy); the README's top patching heads"},
+    )
     sae_path: str = field(default="", metadata={"help": "use this sae-lens SAE folder (one site) instead of training"})
     n_pairs: int = field(default=30, metadata={"help": "fewshot pairs per relation, before the known filter"})
     test_frac: float = 0.3
@@ -40,8 +44,8 @@ class SAEFeaturesConfig:
     n_draws: int = field(default=100, metadata={"help": "random matched feature sets (control)"})
     expansion: int = field(default=4, metadata={"help": "SAE width = expansion * d_in"})
     top_k: int = field(default=32, metadata={"help": "TopK SAE: active features per token"})
-    n_steps: int = field(default=1000, metadata={"help": "SAE training steps"})
-    pairs_per_format: int = field(default=30, metadata={"help": "corpus: pair prompts per format"})
+    n_steps: int = field(default=800, metadata={"help": "SAE training steps"})
+    pairs_per_format: int = field(default=10, metadata={"help": "corpus: pairs per relation and format"})
     n_samples: int = field(default=32, metadata={"help": "corpus: model samples"})
     seed: int = 0
     device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda when available)", "run": False})
@@ -63,6 +67,18 @@ class SAEFeaturesConfig:
         if self.k < 1 or self.k_causal < 1 or self.n_draws < 20:
             raise ValueError("k and k_causal must be >= 1, n_draws >= 20 (a null needs many draws)")
         self.train_config(self.sites[0])  # its own checks
+        self.head_tuples()
+
+    def head_tuples(self) -> list[tuple[int, int]]:
+        import re
+
+        out = []
+        for h in self.heads:
+            m = re.fullmatch(r"L(\d+)H(\d+)", h)
+            if not m:
+                raise ValueError(f"--heads: {h!r} is not of the form L20H5")
+            out.append((int(m.group(1)), int(m.group(2))))
+        return out
 
     def train_config(self, site: str):
         from mechlie.sae import SAETrainConfig
@@ -95,30 +111,37 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
     summary: dict = {"model": cfg.model, "dataset": "all (fewshot)", "n_known_pairs": len(pairs),
                      "seconds": {"load": round(t_load, 1)}, "sites": {}}
-    corpus = None
+    sites = [S.Site.parse(s) for s in cfg.sites]
+    t1 = time.time()
+    if cfg.sae_path:
+        sae = S.load_sae(cfg.sae_path, device=str(model.cfg.device))
+        S.check_sae(sae, model, sites[0])
+        corpus = S.build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples, seed=cfg.seed)
+        _, eval_lines = corpus.split(0.15, cfg.seed)
+        q = S.sae_quality(model, sae, sites[0], [corpus.texts[i] for i in eval_lines], batch_size=cfg.batch_size,
+                          seed=cfg.seed)
+        saes = [S.TrainedSAE(sae, sites[0], Path(cfg.sae_path), {"loaded": cfg.sae_path, "quality": asdict(q)},
+                             corpus, eval_lines)]
+    else:
+        saes = S.load_or_train_saes(model, [cfg.train_config(s) for s in cfg.sites], batch_size=cfg.batch_size)
+    summary["seconds"]["saes"] = round(time.time() - t1, 1)
+    finals = {side: S.final_acts_at(model, [getattr(p, side) for p in pairs], sites, batch_size=cfg.batch_size)
+              for side in ("honest", "lying")}
     tensors = {}
-    for site in cfg.sites:
-        t1 = time.time()
-        if cfg.sae_path:
-            sae = S.load_sae(cfg.sae_path, device=str(model.cfg.device))
-            S.check_sae(sae, model, S.Site.parse(site))
-            corpus = corpus or S.build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
-                                              seed=cfg.seed)
-            _, eval_lines = corpus.split(0.15, cfg.seed)
-            q = S.sae_quality(model, sae, S.Site.parse(site), [corpus.texts[i] for i in eval_lines],
-                              batch_size=cfg.batch_size, seed=cfg.seed)
-            trained = S.TrainedSAE(sae, S.Site.parse(site), Path(cfg.sae_path),
-                                   {"loaded": cfg.sae_path, "quality": asdict(q)}, corpus, eval_lines)
-        else:
-            trained = S.load_or_train_sae(model, cfg.train_config(site), corpus=corpus, batch_size=cfg.batch_size)
-            corpus = trained.corpus
-        t_sae = time.time() - t1
+    for trained in saes:
+        site = str(trained.site)
+        t2 = time.time()
         res, ts = S.lie_features(model, trained, pairs, split.train, split.test, k=cfg.k, k_causal=cfg.k_causal,
-                                 n_draws=cfg.n_draws, batch_size=cfg.batch_size, seed=cfg.seed)
-        res["seconds"] = {"sae": round(t_sae, 1), "analysis": round(time.time() - t1 - t_sae, 1)}
+                                 n_draws=cfg.n_draws, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 final=(finals["honest"][trained.site], finals["lying"][trained.site]))
+        res["seconds"] = {"analysis": round(time.time() - t2, 1)}
         summary["sites"][site] = res
         tensors[site] = ts
         _print_site(site, res)
+    if cfg.heads:
+        t3 = time.time()
+        summary["heads"] = lying_heads(model, pairs, cfg.head_tuples(), run, cfg.seed)
+        summary["seconds"]["heads"] = round(time.time() - t3, 1)
     save_tensors(run.file("features.safetensors"), tensors, {"sites": list(cfg.sites)})
     summary["seconds"]["total"] = round(time.time() - t0, 1)
     summary["kind"] = "sae_features"
@@ -126,6 +149,27 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     summary["figures"] = write_figures(run.path)
     print(f"\ntotal {summary['seconds']['total']} s; figures and report: python analyses/make_figures.py {run.path}")
     return summary
+
+
+def lying_heads(model, pairs, heads, run: RunDir, seed: int) -> dict:
+    """Attention of the heads' final token on the demonstrations' answers, and their DLA, with the
+    circuitsvis page (honest vs lying prompt side by side) written to lying_heads.html."""
+    from mechlie import views
+    from mechlie.io import atomic_write_text
+
+    for l, h in heads:
+        if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
+            raise ValueError(f"--heads: L{l}H{h} is not in {model.cfg.model_name}")
+    r = views.head_readout(model, pairs, heads)
+    rows = views.readout_summary(r, seed=seed)
+    atomic_write_text(run.file("lying_heads.html"), views.attention_html(model, pairs[0], heads, rows))
+    print("\nLying heads: final-token attention on the demonstrations' answers, and DLA (truth − lie), "
+          f"mean [95% CI] over {len(pairs)} pairs:")
+    for row in rows:
+        f = lambda d: f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"  # noqa: E731
+        print(f"  {row['head']}: share honest {f(row['share_honest'])}, lying {f(row['share_lying'])}; "
+              f"DLA honest {f(row['dla_honest'])}, lying {f(row['dla_lying'])}")
+    return {"rows": rows, "html": "lying_heads.html", "example_fact": pairs[0].fact_id}
 
 
 def _print_site(site: str, res: dict) -> None:

@@ -300,5 +300,28 @@ def sae_report(run: Path) -> RunReport:
             headline.append(
                 f"- {mode} {len(c['features'])} top features: ΔP(truth) {_fmt(c['delta'], c['delta_lo'], c['delta_hi'], 3)} vs. "
                 f"random matched features (95th pct. {c['random_q95']:+.3f}, p = {c['p_value']:.3f}).")
+    heads = s.get("heads")
+    if heads:
+        rows = heads["rows"]
+        names = [row["head"] for row in rows]
+        tri = lambda d: (d["mean"], d["lo"], d["hi"])  # noqa: E731
+        n = rows[0]["n"]
+        figs["heads_demo_attention"] = figstyle.bars_ci(
+            names, {"honest prompt": [tri(row["share_honest"]) for row in rows],
+                    "lying prompt": [tri(row["share_lying"]) for row in rows]},
+            f"Final-token attention on the demonstrations' answers ({s['model']}, n={n} pairs)",
+            y_label="share of attention")
+        figs["heads_dla"] = figstyle.bars_ci(
+            names, {"honest prompt": [tri(row["dla_honest"]) for row in rows],
+                    "lying prompt": [tri(row["dla_lying"]) for row in rows]},
+            f"Direct logit attribution, truth − lie, of each head ({s['model']}, n={n} pairs)", y_label="logit")
+        captions["heads_demo_attention"] = "Share of the final token's attention on the demo answers, 95% CI over pairs."
+        captions["heads_dla"] = "Each head's direct push toward the truth (positive) or the lie, 95% CI over pairs."
+        for row in rows:
+            headline.append(
+                f"- {row['head']}: attention on demo answers honest {_fmt(*tri(row['share_honest']))}, lying "
+                f"{_fmt(*tri(row['share_lying']))}; DLA honest {_fmt(*tri(row['dla_honest']))}, lying {_fmt(*tri(row['dla_lying']))}.")
+        if (run / heads["html"]).is_file():
+            headline.append(f"- circuitsvis attention patterns (honest vs lying): `{run / heads['html']}`")
     return RunReport("sae_features", run, f"SAE features: {s['model']}, {s.get('dataset', '')}, "
                      f"{s['n_known_pairs']} known pairs", headline, figs, captions)

@@ -91,6 +91,10 @@ class Site:
     def parse(cls, spec: str) -> "Site":
         """``"blocks.20.hook_resid_pre"`` or ``"blocks.20.attn.hook_z:5"`` (head 5)."""
         name, _, head = spec.partition(":")
+        parts = name.split(".")
+        if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[-1].startswith("hook_"):
+            raise SAEError(f"site {spec!r}: expected blocks.<layer>.<hook>, e.g. blocks.20.hook_resid_pre "
+                           "or blocks.20.attn.hook_z:5")
         if head and not head.isdigit():
             raise SAEError(f"site {spec!r}: the head after ':' must be a number")
         return cls(name, int(head) if head else None)
@@ -218,8 +222,8 @@ def neutral_text() -> list[str]:
 def build_corpus(
     model: HookedTransformer,
     *,
-    pairs_per_format: int = 40,
-    n_samples: int = 48,
+    pairs_per_format: int = 10,
+    n_samples: int = 32,
     sample_tokens: int = 48,
     seed: int = 0,
     batch_size: int = 16,
@@ -276,42 +280,63 @@ def _stop_layer(site: Site) -> int:
 
 
 @torch.no_grad()
+def collect_sites(
+    model: HookedTransformer, texts: Sequence[str], sites: Sequence[Site], *, batch_size: int = 16,
+    skip_first: int = 1, progress: bool = True,
+) -> dict[Site, SiteActs]:
+    """Each site's activation at every real token of ``texts`` but the first ``skip_first``, all
+    sites from one pass (run only up to the last block any site needs)."""
+    for site in sites:
+        site.validate(model)
+    acts: dict[Site, list[Tensor]] = {s_: [] for s_ in sites}
+    lines, poss = [], []
+    for i in tqdm(range(0, len(texts), batch_size), desc="corpus activations", disable=not progress, leave=False):
+        b = tokenize(model, list(texts[i : i + batch_size]))
+        kept: dict[Site, Tensor] = {}
+        hooks = [(s_.hook_name, lambda a, hook, s_=s_: kept.__setitem__(s_, s_.read(a).detach().float().cpu()))
+                 for s_ in sites]
+        with model.hooks(fwd_hooks=hooks):
+            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=max(_stop_layer(s_) for s_ in sites))
+        mask = b.attention_mask.cpu().bool()
+        pos = mask.long().cumsum(-1) - 1  # position within each (left-padded) line
+        keep = mask & (pos >= skip_first)
+        for s_ in sites:
+            acts[s_].append(kept[s_][keep])
+        poss.append(pos[keep])
+        lines.append((torch.arange(len(mask))[:, None].expand_as(mask) + i)[keep])
+    line, pos = torch.cat(lines), torch.cat(poss)
+    return {s_: SiteActs(torch.cat(a), line, pos) for s_, a in acts.items()}
+
+
 def collect_site(
     model: HookedTransformer, texts: Sequence[str], site: Site, *, batch_size: int = 16, skip_first: int = 1,
     progress: bool = True,
 ) -> SiteActs:
-    """The site's activation at every real token of ``texts`` but the first ``skip_first``."""
-    site.validate(model)
-    acts, lines, poss = [], [], []
-    for i in tqdm(range(0, len(texts), batch_size), desc=f"activations at {site}", disable=not progress, leave=False):
-        b = tokenize(model, list(texts[i : i + batch_size]))
-        kept: list[Tensor] = []
-        with model.hooks(fwd_hooks=[(site.hook_name, lambda a, hook: kept.append(site.read(a).detach().float().cpu()))]):
-            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=_stop_layer(site))
-        x = kept[0]
-        mask = b.attention_mask.cpu().bool()
-        pos = mask.long().cumsum(-1) - 1  # position within each (left-padded) line
-        keep = mask & (pos >= skip_first)
-        acts.append(x[keep])
-        poss.append(pos[keep])
-        lines.append((torch.arange(len(mask))[:, None].expand_as(mask) + i)[keep])
-    return SiteActs(torch.cat(acts), torch.cat(lines), torch.cat(poss))
+    """:func:`collect_sites` for one site."""
+    return collect_sites(model, texts, [site], batch_size=batch_size, skip_first=skip_first, progress=progress)[site]
 
 
 @torch.no_grad()
+def final_acts_at(
+    model: HookedTransformer, prompts: Sequence[str], sites: Sequence[Site], *, batch_size: int = 16
+) -> dict[Site, Tensor]:
+    """Each site's activation ``[n, d_in]`` at each prompt's final token, all sites in one pass."""
+    for site in sites:
+        site.validate(model)
+    out: dict[Site, list[Tensor]] = {s_: [] for s_ in sites}
+    for i in range(0, len(prompts), batch_size):
+        b = tokenize(model, list(prompts[i : i + batch_size]))
+        hooks = [(s_.hook_name, lambda a, hook, s_=s_: out[s_].append(s_.read(a)[:, -1].float().cpu())) for s_ in sites]
+        with model.hooks(fwd_hooks=hooks):
+            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=max(_stop_layer(s_) for s_ in sites))
+    return {s_: torch.cat(v) for s_, v in out.items()}
+
+
 def final_acts(
     model: HookedTransformer, prompts: Sequence[str], site: Site, *, batch_size: int = 16
 ) -> Float[Tensor, "n d_in"]:
     """The site's activation at each prompt's final token."""
-    site.validate(model)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        b = tokenize(model, list(prompts[i : i + batch_size]))
-        kept: list[Tensor] = []
-        with model.hooks(fwd_hooks=[(site.hook_name, lambda a, hook: kept.append(site.read(a)[:, -1].float().cpu()))]):
-            model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=_stop_layer(site))
-        out.append(kept[0])
-    return torch.cat(out)
+    return final_acts_at(model, prompts, [site], batch_size=batch_size)[site]
 
 
 @torch.no_grad()
@@ -334,9 +359,9 @@ class SAETrainConfig:
     k: int = 32  # TopK: active features per token
     lr: float = 4e-4
     batch_size: int = 512
-    n_steps: int = 1200
-    pairs_per_format: int = 40  # corpus: pair prompts per format (0 = every fact)
-    n_samples: int = 48  # corpus: model samples
+    n_steps: int = 800
+    pairs_per_format: int = 10  # corpus: pairs per relation, per format (0 = every fact)
+    n_samples: int = 32  # corpus: model samples
     sample_tokens: int = 48
     eval_frac: float = 0.15  # corpus lines held out for the quality numbers
     seed: int = 0
@@ -511,64 +536,82 @@ class TrainedSAE:
     info: dict  # settings, corpus counts, quality, timings
     corpus: Corpus
     eval_lines: list[int] = field(default_factory=list)
+    acts: SiteActs | None = None  # the corpus activations it was trained on, when trained in this process
 
 
-def load_or_train_sae(
-    model: HookedTransformer, cfg: SAETrainConfig, *, cache_dir: str | Path | None = None, device: str | None = None,
-    batch_size: int = 16, progress: bool = True, corpus: Corpus | None = None,
-) -> TrainedSAE:
-    """The cached SAE for (model weights, site, settings), training it first if there is none.
+def _cache_entry(root: Path, key: str) -> Path:
+    return root / "sae" / key
 
-    Args:
-        model: the model whose activations the SAE reads.
-        cfg: site and training settings; part of the cache key with the model's weight hash.
-        cache_dir: default ``mechlie.models.default_cache_dir()`` (``$MECHLIE_CACHE``).
-        device: where to train (default: the model's device).
-        corpus: a corpus :func:`build_corpus` made with these settings (reuse it across sites of
-            one model); default: build it here.
 
-    Returns:
-        A :class:`TrainedSAE`; ``info["quality"]`` holds :class:`SAEQuality` on held-out lines.
+def _load_entry(out: Path, model: HookedTransformer, site: Site, device: str) -> TrainedSAE:
+    info = json.loads((out / "mechlie.json").read_text())
+    if info.get("format_version") != SAE_FORMAT_VERSION:
+        raise SAEError(f"{out} was written by another version of mechlie.sae; delete it to retrain")
+    corpus_d = json.loads((out / "corpus.json").read_text())
+    sae = load_sae(out, device=device)
+    check_sae(sae, model, site)
+    log.info("SAE for %s loaded from the cache (%s)", site, out)
+    return TrainedSAE(sae, site, out, info, Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"])),
+                      info["eval_lines"])
 
-    Example:
-        >>> t = load_or_train_sae(model, SAETrainConfig(site="blocks.20.hook_resid_pre"))
-        >>> t.info["quality"]["explained_variance"]
-    """
-    site = Site.parse(cfg.site)
-    site.validate(model)
+
+def load_or_train_saes(
+    model: HookedTransformer, cfgs: Sequence[SAETrainConfig], *, cache_dir: str | Path | None = None,
+    device: str | None = None, batch_size: int = 16, progress: bool = True,
+) -> list[TrainedSAE]:
+    """:func:`load_or_train_sae` for several sites: the SAEs not in the cache share one corpus
+    (when their corpus settings agree) and one pass over it."""
+    sites = [Site.parse(c.site) for c in cfgs]
+    for site in sites:
+        site.validate(model)
     device = device or str(model.cfg.device)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = cache_key(model, cfg)
-    out = root / "sae" / key
-    if (out / "mechlie.json").is_file():
-        info = json.loads((out / "mechlie.json").read_text())
-        corpus_d = json.loads((out / "corpus.json").read_text())
-        sae = load_sae(out, device=device)
-        check_sae(sae, model, site)
-        log.info("SAE for %s loaded from the cache (%s)", site, out)
-        corpus = Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"]))
-        return TrainedSAE(sae, site, out, info, corpus, info["eval_lines"])
+    keys = [cache_key(model, c) for c in cfgs]
+    out: list[TrainedSAE | None] = [
+        _load_entry(_cache_entry(root, k), model, s_, device) if (_cache_entry(root, k) / "mechlie.json").is_file() else None
+        for k, s_ in zip(keys, sites)
+    ]
+    todo = [i for i, t in enumerate(out) if t is None]
+    corpus_of = lambda c: (c.pairs_per_format, c.n_samples, c.sample_tokens, c.seed, c.eval_frac)  # noqa: E731
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        groups.setdefault(corpus_of(cfgs[i]), []).append(i)
+    for idx in groups.values():
+        c0 = cfgs[idx[0]]
+        t0 = time.time()
+        corpus = build_corpus(model, pairs_per_format=c0.pairs_per_format, n_samples=c0.n_samples,
+                              sample_tokens=c0.sample_tokens, seed=c0.seed, batch_size=batch_size)
+        train_lines, eval_lines = corpus.split(c0.eval_frac, c0.seed)
+        t_corpus = time.time() - t0
+        acts = collect_sites(model, [corpus.texts[i] for i in train_lines], [sites[i] for i in idx],
+                             batch_size=batch_size, progress=progress)
+        t_acts = time.time() - t0 - t_corpus
+        for i in idx:
+            out[i] = _train_entry(model, cfgs[i], sites[i], keys[i], _cache_entry(root, keys[i]), corpus, train_lines,
+                                  eval_lines, acts[sites[i]], device, batch_size,
+                                  {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1)})
+    return [t for t in out if t is not None]
 
-    t0 = time.time()
-    corpus = corpus or build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples,
-                          sample_tokens=cfg.sample_tokens, seed=cfg.seed, batch_size=batch_size)
-    train_lines, eval_lines = corpus.split(cfg.eval_frac, cfg.seed)
-    t_corpus = time.time() - t0
-    acts = collect_site(model, [corpus.texts[i] for i in train_lines], site, batch_size=batch_size, progress=progress)
-    t_acts = time.time() - t0 - t_corpus
+
+def _train_entry(
+    model: HookedTransformer, cfg: SAETrainConfig, site: Site, key: str, out: Path, corpus: Corpus,
+    train_lines: list[int], eval_lines: list[int], acts: SiteActs, device: str, batch_size: int, seconds: dict,
+) -> TrainedSAE:
     log.info("training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), len(train_lines), corpus.counts())
+    t0 = time.time()
     meta = {"model_name": model.cfg.model_name, "hook_name": site.hook_name, "hook_head_index": site.head,
             "prepend_bos": bool(model.cfg.default_prepend_bos)}
     sae = train_sae(acts.acts, cfg, device=device, metadata=meta)
-    t_train = time.time() - t0 - t_corpus - t_acts
+    seconds = {**seconds, "train": round(time.time() - t0, 1)}
     sae.eval()
+    t1 = time.time()
     q = sae_quality(model, sae, site, [corpus.texts[i] for i in eval_lines], batch_size=batch_size, seed=cfg.seed)
+    seconds["quality"] = round(time.time() - t1, 1)
     info = {
         "format_version": SAE_FORMAT_VERSION, "key": key, "model": model.cfg.model_name, "model_hash": model_hash(model),
         "site": str(site), "config": asdict(cfg), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
         "corpus": corpus.counts(), "n_train_lines": len(train_lines), "n_train_tokens": len(acts.acts),
-        "eval_lines": eval_lines, "quality": asdict(q),
-        "seconds": {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1), "train": round(t_train, 1)},
+        "eval_lines": eval_lines, "quality": asdict(q), "seconds": seconds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
@@ -581,7 +624,33 @@ def load_or_train_sae(
         shutil.rmtree(tmp, ignore_errors=True)
         if not (out / "mechlie.json").is_file():  # another process may have won the race
             raise
-    return TrainedSAE(load_sae(out, device=device), site, out, info, corpus, eval_lines)
+    # Lines are indices into the whole corpus; acts were collected over the training lines only.
+    line_ids = torch.as_tensor(train_lines)[acts.line]
+    return TrainedSAE(load_sae(out, device=device), site, out, info, corpus, eval_lines,
+                      SiteActs(acts.acts, line_ids, acts.pos))
+
+
+def load_or_train_sae(
+    model: HookedTransformer, cfg: SAETrainConfig, *, cache_dir: str | Path | None = None, device: str | None = None,
+    batch_size: int = 16, progress: bool = True,
+) -> TrainedSAE:
+    """The cached SAE for (model weights, site, settings), training it first if there is none.
+
+    Args:
+        model: the model whose activations the SAE reads.
+        cfg: site and training settings; part of the cache key with the model's weight hash.
+        cache_dir: default ``mechlie.models.default_cache_dir()`` (``$MECHLIE_CACHE``).
+        device: where to train (default: the model's device).
+
+    Returns:
+        A :class:`TrainedSAE`; ``info["quality"]`` holds :class:`SAEQuality` on held-out lines.
+
+    Example:
+        >>> t = load_or_train_sae(model, SAETrainConfig(site="blocks.20.hook_resid_pre"))
+        >>> t.info["quality"]["explained_variance"]
+    """
+    return load_or_train_saes(model, [cfg], cache_dir=cache_dir, device=device, batch_size=batch_size,
+                              progress=progress)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,7 +926,7 @@ def pair_contexts(
 def lie_features(
     model: HookedTransformer, trained: TrainedSAE, pairs: Sequence[ContrastPair], train: Sequence[int],
     test: Sequence[int], *, k: int = 10, k_causal: int = 5, n_draws: int = 100, n_contexts: int = 5,
-    batch_size: int = 16, seed: int = 0, progress: bool = True,
+    batch_size: int = 16, seed: int = 0, progress: bool = True, final: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[dict, dict[str, Tensor]]:
     """The whole decomposition of the lie direction at one SAE's site (see the module docstring).
 
@@ -867,13 +936,16 @@ def lie_features(
         k: features reported; ``k_causal``: top "lying" features (positive train difference)
             ablated, and top features clamped to their honest mean, in the causal check.
         n_draws: random matched feature sets for the causal control.
+        final: the site's (honest, lying) final-token activations, if already collected.
 
     Returns:
         ``(summary, tensors)``: JSON-able results, and the per-pair activations of the top features.
     """
     sae, site = trained.sae, trained.site
-    x_h = final_acts(model, [p.honest for p in pairs], site, batch_size=batch_size)
-    x_l = final_acts(model, [p.lying for p in pairs], site, batch_size=batch_size)
+    if final is None:
+        final = (final_acts(model, [p.honest for p in pairs], site, batch_size=batch_size),
+                 final_acts(model, [p.lying for p in pairs], site, batch_size=batch_size))
+    x_h, x_l = final
     f_h, f_l = encode(sae, x_h), encode(sae, x_l)
     tr = torch.as_tensor(list(train))
     direction = x_l[tr].mean(0) - x_h[tr].mean(0)
@@ -884,7 +956,13 @@ def lie_features(
     recon = (f_l[tr].mean(0) - f_h[tr].mean(0)) @ sae.W_dec.detach().float().cpu()
     dir_cos_recon = float(torch.nn.functional.cosine_similarity(recon, direction, dim=0))
 
-    corpus_acts = collect_site(model, trained.corpus.texts, site, batch_size=batch_size, progress=progress)
+    # Top contexts over the corpus lines the SAE was trained on (collected again if it came from the cache).
+    corpus_acts = trained.acts
+    if corpus_acts is None:
+        train_lines = sorted(set(range(len(trained.corpus.texts))) - set(trained.eval_lines))
+        a = collect_site(model, [trained.corpus.texts[i] for i in train_lines], site, batch_size=batch_size,
+                         progress=progress)
+        corpus_acts = SiteActs(a.acts, torch.as_tensor(train_lines)[a.line], a.pos)
     cols = feature_columns(sae, corpus_acts.acts, feats)
     contexts = top_contexts(model, cols, corpus_acts, trained.corpus.texts, n=n_contexts)
     in_pairs = pair_contexts(f_h[:, feats], f_l[:, feats], pairs)

@@ -337,12 +337,12 @@ def evaluate_transfer(
     n_boot: int = 500,
     seed: int = 0,
     **hp,
-) -> tuple[AnyProbe, list[TransferCell], list[Tensor]]:
+) -> tuple[AnyProbe, list[TransferCell], list[Tensor], list[Tensor | None]]:
     """Fit ``kind`` on ``train`` at ``layer`` (``ensemble``: all layers) and score every test set.
 
     Returns the probe, one :class:`TransferCell` per test set (AUROC with a 95% CI over facts,
-    the label-permutation null refit ``n_null`` times, ``n_random`` random directions), and the
-    test scores.
+    the label-permutation null refit ``n_null`` times, ``n_random`` random directions), the
+    test scores, and the bootstrap draws of each test AUROC (to combine sets into a mean's CI).
     """
     from mechlie.stats import auroc, bootstrap_tensor
 
@@ -362,7 +362,7 @@ def evaluate_transfer(
     tr = train.X[:, layer].float() @ rand.T  # [n, draws]
     flip = torch.where(auroc(tr[train.y == 1], tr[train.y == 0]) < 0.5, -1.0, 1.0)
     rand = rand * flip[:, None]
-    cells, all_scores = [], []
+    cells, all_scores, all_draws = [], [], []
     for test in tests:
         s = _score(probe, test.X, kind, layer)
         all_scores.append(s)
@@ -370,6 +370,7 @@ def evaluate_transfer(
         if not pos.any() or not neg.any():
             nan = float("nan")
             cells.append(TransferCell(nan, nan, nan, nan, nan, nan, nan, len(test.groups())))
+            all_draws.append(None)
             continue
         groups = [torch.tensor(gr) for gr in test.groups()]
 
@@ -381,6 +382,7 @@ def evaluate_transfer(
             return auroc(s[rows][yy == 1], s[rows][yy == 0])
 
         est = bootstrap_tensor(stat, len(groups), n_boot=n_boot, seed=seed)
+        all_draws.append(est.draws)
         if null_probes:
             ns = torch.stack([_score(p, test.X, kind, layer) for p in null_probes], 1)
             nul = auroc(ns[pos], ns[neg])
@@ -393,7 +395,7 @@ def evaluate_transfer(
             TransferCell(float(est.mean), float(est.lo), float(est.hi), n_mean, n_q, float(rnd.mean()),
                          float(torch.quantile(rnd, 0.95)), len(groups))
         )
-    return probe, cells, all_scores
+    return probe, cells, all_scores, all_draws
 
 
 def choose_layer(train: Sequence[LabelledSet], *, val_frac: float = 0.3, seed: int = 0) -> tuple[int, Tensor]:
@@ -416,3 +418,49 @@ def choose_layer(train: Sequence[LabelledSet], *, val_frac: float = 0.3, seed: i
         raise DetectorError("no training set has both labels in its training and validation facts")
     mean = torch.stack(per_set).mean(0)
     return int(mean.argmax()), mean
+
+
+def calibrated_detector(
+    model: HookedTransformer,
+    probe: AnyProbe,
+    kind: str,
+    layers: Sequence[int],
+    control: Float[Tensor, "n l d"],
+    fpr: float = 0.01,
+    info: dict | None = None,
+) -> Detector:
+    """A :class:`Detector` from an already fitted probe, its threshold calibrated on control
+    features read at ``layers`` (``[n, len(layers), d]``)."""
+    det = Detector(probe, kind, tuple(layers), model.cfg.model_name, model_fingerprint(model), model.cfg.d_model, 0.0, fpr)
+    c = det.score_features(control)
+    thr = calibrate_threshold(c, fpr)
+    info = {**(info or {}), "n_controls": len(control), "control_fpr": float((c > thr).float().mean())}
+    return Detector(probe, kind, tuple(layers), det.model_name, det.model_hash, det.d_model, thr, fpr, info)
+
+
+def transfer_matrix(
+    train: Sequence[LabelledSet],
+    test: Sequence[LabelledSet],
+    kinds: Sequence[str],
+    layer: int,
+    *,
+    n_null: int = 50,
+    n_random: int = 200,
+    n_boot: int = 500,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, dict[str, dict[str, TransferCell]]]:
+    """``out[kind][train set][test set]``: every probe kind trained on every set, tested on every
+    set (the diagonal is held-out facts of the same set). Sets whose training rows lack a class
+    are skipped (logged)."""
+    from tqdm.auto import tqdm
+
+    out: dict[str, dict[str, dict[str, TransferCell]]] = {}
+    jobs = [(k, s) for k in kinds for s in train]
+    for kind, src in tqdm(jobs, desc="transfer", disable=not progress):
+        if min(int(src.y.sum()), int((1 - src.y).sum())) < 2 or len(src.pairs()) < 2:
+            log.warning("%s: too few labelled rows of one class to fit (%d lie, %d not); skipped", src.name, int(src.y.sum()), int((1 - src.y).sum()))
+            continue
+        _, cells, _, _ = evaluate_transfer(src, test, kind, layer, n_null=n_null, n_random=n_random, n_boot=n_boot, seed=seed)
+        out.setdefault(kind, {})[src.name] = {t.name: c for t, c in zip(test, cells)}
+    return out

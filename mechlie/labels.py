@@ -195,6 +195,18 @@ class OnPolicy:
                 out[r]["n_pairs"] = sum(1 for rr in rels if r == "all" or rr == r)
         return out
 
+    def framing_rows(
+        self, *, known_only: bool = True, relation: str | None = None, kind: str = "resid_post"
+    ) -> tuple[Float[Tensor, "m L d"], Float[Tensor, " m"], list[str]]:
+        """Framing labels at the final prompt token: honest prompts (0) vs lying prompts (1) of
+        the same facts, only facts the model knows unless ``known_only=False``."""
+        known = self.known.tolist()
+        idx = [i for i, p in enumerate(self.pairs) if (known[i] or not known_only) and (relation is None or p.relation == relation)]
+        X = torch.cat([self.honest.states[kind][idx, 0], self.greedy.states[kind][idx, 0]])
+        y = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
+        facts = [self.pairs[i].fact_id for i in idx] * 2
+        return X, y, facts
+
     def rows(
         self, contrast: str = "within_prompt", site: str = "answer", kind: str = "resid_post"
     ) -> tuple[Float[Tensor, "m L d"], Float[Tensor, " m"], list[str]]:

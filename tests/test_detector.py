@@ -74,3 +74,28 @@ def test_bad_detector_input(tiny, tmp_path):
     assert not (tmp_path / "missing").exists()
     with pytest.raises(DetectorError, match="not found"):
         Detector.load(tmp_path / "missing")
+
+
+def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
+    import json
+
+    import mechlie.models
+    from analyses import detect as script
+    from mechlie.cli import run_script
+
+    model = tiny_model(n_ctx=256)
+    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+    argv = ["--relations", "capitals", "opposites", "numbers", "--n-pairs", "10", "--k", "2", "--no-known-filter",
+            "--probes", "diff_of_means", "logistic", "lat", "--n-null", "3", "--n-random", "20", "--n-boot", "50",
+            "--fpr", "0.1", "--out-dir", str(tmp_path)]
+    assert run_script(script.Config, script.main, argv=argv) == 0
+    (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["loro"]) == {"diff_of_means", "logistic", "lat"}
+    det = Detector.load(run / "detector.safetensors")
+    assert det.threshold == summary["detector"]["threshold"]
+    matrix = json.loads((run / "matrix.json").read_text())
+    assert "capitals" in matrix["matrix"]["logistic"]
+    # Bad flags fail before any model loads.
+    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert run_script(script.Config, script.main, argv=["--probes", "svm", "--out-dir", str(tmp_path)]) == 2

@@ -28,6 +28,7 @@ Methods:
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -96,6 +97,10 @@ class TensorEstimate:
         return Estimate(float(self.mean[index]), float(self.lo[index]), float(self.hi[index]), self.n, self.level)
 
 
+# scipy >= 1.15 takes ``rng``; older versions only ``random_state``.
+_SCIPY_RNG_KW = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+
+
 def _as_float(x) -> float:
     return float(x.item() if isinstance(x, Tensor) else x)
 
@@ -150,7 +155,7 @@ def bootstrap(
             confidence_level=level,
             method=method,
             vectorized=False,
-            random_state=np.random.default_rng(seed),
+            **{_SCIPY_RNG_KW: np.random.default_rng(seed)},
         )
     lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     if not (np.isfinite(lo) and np.isfinite(hi)):

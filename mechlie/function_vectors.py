@@ -19,13 +19,17 @@ Pipeline, on few-shot prompts (format ``fewshot``: demonstrations with false ans
    lie catches only a small, arbitrary part of the lie mass, while the truth is one well-defined
    token. Both are reported.
 4. **Function vector** = sum of the mean ``head_out`` of the top-``k`` heads by AIE (``k = 10`` by
-   default, Todd et al.'s choice for models of this size; about 4% of SmolLM2-135M's 270 heads).
+   default; Todd et al. used 10 heads for GPT-J 6B, and scaled ``k`` with model size, so for
+   SmolLM2-135M's 270 heads 10 is an arbitrary choice, about 4% of them). The AIE patches
+   leave-one-out means: a training prompt is never patched with a mean containing its own fact.
 5. **Interventions.** The FV is added to the residual stream ``blocks.L.hook_resid_post`` (block
-   ``L``'s output) at the *final position only*, as in Todd et al.; then it can run over a cached
-   prefix. Added to honest and zero-shot prompts it should lower P(truth) (lie induction);
+   ``L``'s output) at the *final position only*, as in Todd et al., at the layers its heads live
+   in (default); then it can run over a cached prefix. Added to honest and zero-shot prompts it should lower P(truth) (lie induction);
    subtracted from lying prompts it should raise it (truth recovered). The difference-of-means
    residual direction of the same layer (honest -> lying, fitted on the same training prompts),
-   rescaled to the FV's norm, and random Gaussian directions of that norm run beside it.
+   rescaled to the FV's norm, and many random Gaussian directions of that norm run beside it:
+   their distribution (not a signed mean) is the null, with bootstrap CIs over test pairs for the
+   FV and the diff of means (:meth:`FVExperiment.effect_ci`).
 
 Speed: a patch at the final position cannot change any earlier position, so each prompt's prefix
 is run once into a key/value cache and all heads (or all vectors x layers) of several prompts run
@@ -48,6 +52,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.activations import head_out_from_z, hook_name
 from mechlie.directions import diff_of_means
+from mechlie.stats import bootstrap
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import (
     AnswerSet,
@@ -99,6 +104,14 @@ def mean_head_activations(model: HookedTransformer, batch: Batch, *, batch_size:
         return HeadMeans(z, head_out_from_z(model, z[None])[0].detach())
 
 
+def leave_one_out_means(z: Float[Tensor, "n *c"]) -> Float[Tensor, "n *c"]:
+    """Row ``i``: the mean of every row but ``i`` (a prompt's own activation is left out)."""
+    n = z.shape[0]
+    if n < 2:
+        raise ValueError("leave-one-out means need at least 2 prompts")
+    return (z.sum(0, keepdim=True) - z) / (n - 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2-3. average indirect effect
 
@@ -135,7 +148,7 @@ def head_aie(
     model,
     corrupt: Batch,
     answers: AnswerSet,
-    mean_z: Float[Tensor, "layer head d_head"],
+    mean_z: Float[Tensor, "layer head d_head"] | Float[Tensor, "n layer head d_head"],
     *,
     heads: Sequence[tuple[int, int]] | None = None,
     batch_size: int = 16,
@@ -144,9 +157,14 @@ def head_aie(
 ) -> HeadAIE:
     """Patch each head's ``mean_z`` into every corrupted prompt's final position (KV-cached).
 
-    ``heads`` restricts the sweep to some (layer, head)s (for benchmarks); the others are NaN.
+    ``mean_z`` may hold one mean per prompt (``[n, layer, head, d_head]``), e.g. leave-one-out
+    means (:func:`leave_one_out_means`) so that a prompt is never patched with a mean that contains
+    its own fact's activation. ``heads`` restricts the sweep to some (layer, head)s (for
+    benchmarks); the others are NaN.
     """
     L, H = model.cfg.n_layers, model.cfg.n_heads
+    if mean_z.ndim == 4 and len(mean_z) != corrupt.tokens.shape[0]:
+        raise ValueError(f"per-prompt means need one row per prompt: {len(mean_z)} vs {corrupt.tokens.shape[0]}")
     comps = _all_heads(model) if heads is None else torch.tensor([tuple(h) for h in heads], dtype=torch.long).reshape(-1, 2)
     if len(comps) == 0 or int(comps[:, 0].min()) < 0 or int(comps[:, 0].max()) >= L or int(comps[:, 1].min()) < 0 or int(comps[:, 1].max()) >= H:
         raise ValueError(f"heads must be (layer, head) pairs within {L} x {H}")
@@ -163,7 +181,11 @@ def head_aie(
         # rows (head, prompt): head c of prompt j is row c * B + j, patched with the head's mean z
         prompt = torch.arange(B).repeat(C)
         comp = torch.arange(C).repeat_interleave(B)
-        patches = Patches("z", torch.arange(C * B), comps[comp, 0], comps[comp, 1], mean_z[comps[comp, 0], comps[comp, 1]])
+        if mean_z.ndim == 4:  # one mean per prompt
+            value = mean_z[s + prompt, comps[comp, 0], comps[comp, 1]]
+        else:
+            value = mean_z[comps[comp, 0], comps[comp, 1]]
+        patches = Patches("z", torch.arange(C * B), comps[comp, 0], comps[comp, 1], value)
         sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B), max_rows=max_rows)
         p_truth[s : s + B] = sc.p_truth.reshape(C, B).T
         logit_diff[s : s + B] = sc.logit_diff.reshape(C, B).T
@@ -317,6 +339,25 @@ class FVExperiment:
         out.update(random_mean=float(rand.mean()), random_mean_abs=float(rand.abs().mean()), random_max_abs=float(rand.abs().max()))
         return out
 
+    def effect_ci(self, result: SteerResult, layer: int | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict:
+        """ΔP(truth) at ``layer`` with 95% CIs over test pairs for the FV and the diff of means, and
+        the random directions' distribution (each direction's mean ΔP over the test pairs): its
+        2.5/50/97.5% quantiles and the share of random directions with ``|ΔP| >= |ΔP_FV|``
+        (an empirical p-value; ``(1 + count) / (1 + n_random)``)."""
+        j = result.layers.index(self.layer if layer is None else layer)
+        per_pair = result.p_truth[:, :, j] - result.base.p_truth[:, None]  # [n, v]
+        n = per_pair.shape[0]
+        out = {
+            name: bootstrap(lambda i, v=v: per_pair[i, v].mean(), n, n_boot=n_boot, seed=seed).to_dict()
+            for v, name in enumerate(VECTOR_NAMES)
+        }
+        rand = per_pair[:, len(VECTOR_NAMES) :].mean(0)
+        q = torch.quantile(rand, torch.tensor([0.025, 0.5, 0.975])).tolist()
+        fv = float(per_pair[:, 0].mean())
+        out["random"] = {"n": len(rand), "q025": q[0], "median": q[1], "q975": q[2], "max_abs": float(rand.abs().max())}
+        out["fv_p_vs_random"] = float((1 + (rand.abs() >= abs(fv)).sum()) / (1 + len(rand)))
+        return out
+
     def cosine_fv_dom(self) -> Float[Tensor, " layer"]:
         return torch.nn.functional.cosine_similarity(self.fv.vector[None].float(), self.dom.float(), dim=-1)
 
@@ -341,35 +382,43 @@ def run_function_vector(
     layers: Sequence[int] | None = None,
     corrupt_mode: Literal["mixed", "permuted"] = "mixed",
     metric: str = "truth_drop",
-    n_random: int = 3,
+    n_random: int = 100,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
 ) -> FVExperiment:
     """Heads, AIE, FV and diff-of-means on ``train``; every intervention measured on ``test``.
 
-    ``layer`` (default ``n_layers // 3``, the early-middle layers where Todd et al. found FVs act)
-    is only the headline; the interventions are measured at every layer of ``layers`` (default:
-    all), which always includes ``layer``.
+    Each training prompt's AIE patches a leave-one-out mean (its own fact's lying activation is
+    not in the mean it is patched with). ``layer`` is the headline layer; by default the earliest
+    layer among the FV's heads (where the vector's first part is written; Todd et al.'s L/3 rule
+    came from models whose FV heads sat there, and here they sit elsewhere). The interventions are
+    measured at every layer of ``layers`` (default: the layers the FV's heads live in), which
+    always includes ``layer``. ``n_random`` random directions give the null distribution.
     """
-    if not train or not test:
-        raise PairError("need training and test pairs")
+    if len(train) < 2 or not test:
+        raise PairError("need at least 2 training pairs (leave-one-out means) and some test pairs")
     if set(p.fact_id for p in train) & set(p.fact_id for p in test):
         raise PairError("a fact is in both the training and the test pairs")
     L = model.cfg.n_layers
-    layer = L // 3 if layer is None else layer
-    if not 0 <= layer < L:
+    if layer is not None and not 0 <= layer < L:
         raise ValueError(f"layer must be in [0, {L}), got {layer}")
-    layers = sorted(set(range(L) if layers is None else layers) | {layer})
+    if n_random < 1:
+        raise ValueError("n_random must be >= 1")
     tok = model.tokenizer
     tr_ans, te_ans = answer_set(tok, train), answer_set(tok, test)
 
     lying_tr = tokenize(model, [p.lying for p in train])
     honest_tr = tokenize(model, [p.honest for p in train])
     corrupt_tr = tokenize(model, [corrupted_fewshot(p, corrupt_mode, seed) for p in train])
-    means = mean_head_activations(model, lying_tr, batch_size=batch_size)
-    aie = head_aie(model, corrupt_tr, tr_ans, means.z, batch_size=batch_size, progress=progress)
+    z_all = collect_batch(model, lying_tr, ("z",), batch_size=batch_size).acts["z"]
+    with torch.no_grad():
+        means = HeadMeans(z_all.mean(0), head_out_from_z(model, z_all.mean(0)[None])[0].detach().float())
+    aie = head_aie(model, corrupt_tr, tr_ans, leave_one_out_means(z_all), batch_size=batch_size, progress=progress)
     fv = build_function_vector(means.head_out, aie.aie(metric), k, metric)
+    head_layers = sorted({l for l, _ in fv.heads})
+    layer = head_layers[0] if layer is None else layer
+    layers = sorted(set(head_layers if layers is None else layers) | {layer})
     dom = diff_of_means(
         collect_batch(model, honest_tr, ("resid_post",), batch_size=batch_size).acts["resid_post"],
         collect_batch(model, lying_tr, ("resid_post",), batch_size=batch_size).acts["resid_post"],

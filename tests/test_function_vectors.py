@@ -61,6 +61,27 @@ def test_cached_aie_equals_naive_loop(planted):
     assert torch.allclose(fast.base.p_truth, base.p_truth, atol=1e-5)
 
 
+def test_leave_one_out_means_and_per_prompt_aie(planted):
+    from mechlie.function_vectors import leave_one_out_means
+
+    z = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
+    loo = leave_one_out_means(z)
+    assert torch.allclose(loo[1], z[[0, 2, 3]].mean(0), atol=1e-6)
+    with pytest.raises(ValueError):
+        leave_one_out_means(z[:1])
+    model, corrupt, ans, means = planted
+    # per-prompt means equal to the shared mean give the shared-mean AIE
+    shared = head_aie(model, corrupt, ans, means.z, progress=False)
+    per = head_aie(model, corrupt, ans, means.z[None].expand(5, -1, -1, -1), progress=False)
+    assert torch.allclose(shared.p_truth, per.p_truth, atol=1e-6)
+    # a different mean for prompt 0 only changes prompt 0
+    z = means.z[None].repeat(5, 1, 1, 1)
+    z[0] = -z[0]
+    moved = head_aie(model, corrupt, ans, z, progress=False)
+    assert torch.allclose(moved.p_truth[1:], shared.p_truth[1:], atol=1e-6)
+    assert (moved.p_truth[0] - shared.p_truth[0]).abs().max() > 1e-4
+
+
 def test_add_at_final_position_matches_hooked_forward():
     model = tiny_model(attn_only=False)
     batch = random_batch(3, 8, seed=3)
@@ -132,9 +153,17 @@ def test_run_function_vector_end_to_end(tiny):
 
     pairs = word_pairs()
     train, test = pairs[:3], pairs[3:]
-    ex = run_function_vector(tiny, train, test, k=3, layers=[0, 2], n_random=2, progress=False)
+    ex = run_function_vector(tiny, train, test, k=3, layer=1, layers=[0, 2], n_random=20, progress=False)
     assert ex.layer == 1 and ex.honest_plus.layers == (0, 1, 2)  # the headline layer is added
-    assert ex.honest_plus.p_truth.shape == (3, len(VECTOR_NAMES) + 2, 3)
+    assert ex.honest_plus.p_truth.shape == (3, len(VECTOR_NAMES) + 20, 3)
+    # by default: the layers the FV's heads live in, headline the earliest
+    dflt = run_function_vector(tiny, train, test, k=3, n_random=5, progress=False)
+    head_layers = sorted({l for l, _ in dflt.fv.heads})
+    assert dflt.layer == head_layers[0] and dflt.honest_plus.layers == tuple(head_layers)
+    ci = ex.effect_ci(ex.lying_minus, n_boot=200)
+    assert ci["fv"]["lo"] <= ci["fv"]["mean"] <= ci["fv"]["hi"] and ci["fv"]["n"] == 3
+    assert ci["random"]["n"] == 20 and ci["random"]["q025"] <= ci["random"]["median"] <= ci["random"]["q975"]
+    assert 1 / 21 <= ci["fv_p_vs_random"] <= 1.0
     eff = ex.effects(ex.lying_minus)
     assert set(eff) == {"fv", "diff_of_means", "random_mean", "random_mean_abs", "random_max_abs"}
     assert eff["random_max_abs"] >= eff["random_mean_abs"] >= abs(eff["random_mean"]) - 1e-9

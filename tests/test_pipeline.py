@@ -223,6 +223,13 @@ def test_tiny_head_sweep_end_to_end_with_cis_and_warning(tmp_path, tiny):
     assert b["lo"] <= b["mean"] <= b["hi"]
     figs = sweep_figures(res)
     assert {"head_auroc", "head_patching", "top_heads", "top_heads_auroc", "layer_curves", "behaviour"} <= set(figs)
+    # Error bars are the CIs: the top head's bar reaches exactly from lo to hi.
+    bar = figs["top_heads"].data[0]
+    assert (
+        abs(bar.y[0] + bar.error_y.array[0] - t["hi"]) < 1e-6
+        and abs(bar.y[0] - bar.error_y.arrayminus[0] - t["lo"]) < 1e-6
+    )
+    assert any(tr.fill == "toself" for tr in figs["layer_curves"].data)  # CI bands
     # Resume: a second call reuses every stage and gives the same numbers.
     res2 = run_head_sweep(cfg, tiny, progress=False)
     assert torch.equal(res2.heads.null_auroc, res.heads.null_auroc)

@@ -54,7 +54,7 @@ class SAEFeaturesConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        from mechlie.sae import SAETrainConfig, Site
+        from mechlie.sae import Site
 
         if not self.sites:
             raise ValueError("--sites needs at least one site")
@@ -83,8 +83,15 @@ class SAEFeaturesConfig:
     def train_config(self, site: str):
         from mechlie.sae import SAETrainConfig
 
-        return SAETrainConfig(site=site, expansion=self.expansion, k=self.top_k, n_steps=self.n_steps,
-                              pairs_per_format=self.pairs_per_format, n_samples=self.n_samples, seed=self.seed)
+        return SAETrainConfig(
+            site=site,
+            expansion=self.expansion,
+            k=self.top_k,
+            n_steps=self.n_steps,
+            pairs_per_format=self.pairs_per_format,
+            n_samples=self.n_samples,
+            seed=self.seed,
+        )
 
 
 def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
@@ -105,12 +112,19 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     t_load = time.time() - t0
     pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
     with torch.no_grad():
-        known = score_logits(last_logits(model, batches(model, [p.honest for p in pairs], cfg.batch_size)),
-                             answer_set(model.tokenizer, pairs)).correct
+        known = score_logits(
+            last_logits(model, batches(model, [p.honest for p in pairs], cfg.batch_size)),
+            answer_set(model.tokenizer, pairs),
+        ).correct
     pairs = [p for p, k in zip(pairs, known.tolist()) if k]
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
-    summary: dict = {"model": cfg.model, "dataset": "all (fewshot)", "n_known_pairs": len(pairs),
-                     "seconds": {"load": round(t_load, 1)}, "sites": {}}
+    summary: dict = {
+        "model": cfg.model,
+        "dataset": "all (fewshot)",
+        "n_known_pairs": len(pairs),
+        "seconds": {"load": round(t_load, 1)},
+        "sites": {},
+    }
     sites = [S.Site.parse(s) for s in cfg.sites]
     t1 = time.time()
     if cfg.sae_path:
@@ -118,22 +132,38 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
         S.check_sae(sae, model, sites[0])
         corpus = S.build_corpus(model, pairs_per_format=cfg.pairs_per_format, n_samples=cfg.n_samples, seed=cfg.seed)
         _, eval_lines = corpus.split(0.15, cfg.seed)
-        q = S.sae_quality(model, sae, sites[0], [corpus.texts[i] for i in eval_lines], batch_size=cfg.batch_size,
-                          seed=cfg.seed)
-        saes = [S.TrainedSAE(sae, sites[0], Path(cfg.sae_path), {"loaded": cfg.sae_path, "quality": asdict(q)},
-                             corpus, eval_lines)]
+        q = S.sae_quality(
+            model, sae, sites[0], [corpus.texts[i] for i in eval_lines], batch_size=cfg.batch_size, seed=cfg.seed
+        )
+        saes = [
+            S.TrainedSAE(
+                sae, sites[0], Path(cfg.sae_path), {"loaded": cfg.sae_path, "quality": asdict(q)}, corpus, eval_lines
+            )
+        ]
     else:
         saes = S.load_or_train_saes(model, [cfg.train_config(s) for s in cfg.sites], batch_size=cfg.batch_size)
     summary["seconds"]["saes"] = round(time.time() - t1, 1)
-    finals = {side: S.final_acts_at(model, [getattr(p, side) for p in pairs], sites, batch_size=cfg.batch_size)
-              for side in ("honest", "lying")}
+    finals = {
+        side: S.final_acts_at(model, [getattr(p, side) for p in pairs], sites, batch_size=cfg.batch_size)
+        for side in ("honest", "lying")
+    }
     tensors = {}
     for trained in saes:
         site = str(trained.site)
         t2 = time.time()
-        res, ts = S.lie_features(model, trained, pairs, split.train, split.test, k=cfg.k, k_causal=cfg.k_causal,
-                                 n_draws=cfg.n_draws, batch_size=cfg.batch_size, seed=cfg.seed,
-                                 final=(finals["honest"][trained.site], finals["lying"][trained.site]))
+        res, ts = S.lie_features(
+            model,
+            trained,
+            pairs,
+            split.train,
+            split.test,
+            k=cfg.k,
+            k_causal=cfg.k_causal,
+            n_draws=cfg.n_draws,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            final=(finals["honest"][trained.site], finals["lying"][trained.site]),
+        )
         res["seconds"] = {"analysis": round(time.time() - t2, 1)}
         summary["sites"][site] = res
         tensors[site] = ts
@@ -163,12 +193,16 @@ def lying_heads(model, pairs, heads, run: RunDir, seed: int) -> dict:
     r = views.head_readout(model, pairs, heads)
     rows = views.readout_summary(r, seed=seed)
     atomic_write_text(run.file("lying_heads.html"), views.attention_html(model, pairs[0], heads, rows))
-    print("\nLying heads: final-token attention on the demonstrations' answers, and DLA (truth − lie), "
-          f"mean [95% CI] over {len(pairs)} pairs:")
+    print(
+        "\nLying heads: final-token attention on the demonstrations' answers, and DLA (truth − lie), "
+        f"mean [95% CI] over {len(pairs)} pairs:"
+    )
     for row in rows:
         f = lambda d: f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"  # noqa: E731
-        print(f"  {row['head']}: share honest {f(row['share_honest'])}, lying {f(row['share_lying'])}; "
-              f"DLA honest {f(row['dla_honest'])}, lying {f(row['dla_lying'])}")
+        print(
+            f"  {row['head']}: share honest {f(row['share_honest'])}, lying {f(row['share_lying'])}; "
+            f"DLA honest {f(row['dla_honest'])}, lying {f(row['dla_lying'])}"
+        )
     return {"rows": rows, "html": "lying_heads.html", "example_fact": pairs[0].fact_id}
 
 
@@ -176,17 +210,28 @@ def _print_site(site: str, res: dict) -> None:
     q = res["sae"].get("quality")
     print(f"\n== {site}: SAE d_sae={res['d_sae']} ({res['sae_path']})")
     if q:
-        print(f"L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}, CE recovered "
-              f"{q['ce_recovered']:.3f} [{q['ce_recovered_lo']:.3f}, {q['ce_recovered_hi']:.3f}] "
-              f"(CE clean {q['ce_clean']:.3f}, SAE {q['ce_sae']:.3f}, zero-abl. {q['ce_zero']:.3f}; {q['n_lines']} held-out lines)")
-    print(f"top features, lying − honest on {res['n_test']} held-out pairs (null of the max: {res['null_max_diff']:.3f}):")
+        print(
+            f"L0 {q['l0']:.1f}, explained variance {q['explained_variance']:.3f}, CE recovered "
+            f"{q['ce_recovered']:.3f} [{q['ce_recovered_lo']:.3f}, {q['ce_recovered_hi']:.3f}] "
+            f"(CE clean {q['ce_clean']:.3f}, SAE {q['ce_sae']:.3f}, zero-abl. {q['ce_zero']:.3f}; "
+            f"{q['n_lines']} held-out lines)"
+        )
+    print(
+        f"top features, lying − honest on {res['n_test']} held-out pairs (null of the max: {res['null_max_diff']:.3f}):"
+    )
     for r in res["features"]:
         ctx = r["corpus_contexts"][0]["context"] if r["corpus_contexts"] else ""
-        print(f"  f{r['feature']:<5} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] d={r['effect_size']:+.2f} "
-              f"cos={r['cosine']:+.2f}  {ctx[-60:]!r}")
+        print(
+            f"  f{r['feature']:<5} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] d={r['effect_size']:+.2f} "
+            f"cos={r['cosine']:+.2f}  {ctx[-60:]!r}"
+        )
     for m, c in res["causal"].items():
-        print(f"causal ({m} {list(c['features'])}): ΔP(truth) {c['delta']:+.3f} [{c['delta_lo']:+.3f}, {c['delta_hi']:+.3f}] "
-              f"vs random matched features 95th pct {c['random_q95']:+.3f} (p={c['p_value']:.3f}, {len(c['random_deltas'])} draws)")
+        print(
+            f"causal ({m} {list(c['features'])}): ΔP(truth) {c['delta']:+.3f} "
+            f"[{c['delta_lo']:+.3f}, {c['delta_hi']:+.3f}] "
+            f"vs random matched features 95th pct {c['random_q95']:+.3f} "
+            f"(p={c['p_value']:.3f}, {len(c['random_deltas'])} draws)"
+        )
 
 
 if __name__ == "__main__":

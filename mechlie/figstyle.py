@@ -24,7 +24,9 @@ pio.templates["mechlie"] = go.layout.Template(
     layout=go.Layout(
         font={"family": "DejaVu Sans, Arial, sans-serif", "size": 13},
         title={"font": {"size": 15}, "x": 0.02, "xanchor": "left"},
-        paper_bgcolor="white", plot_bgcolor="white", colorway=list(COLORS),
+        paper_bgcolor="white",
+        plot_bgcolor="white",
+        colorway=list(COLORS),
         xaxis={"showline": True, "linecolor": "#444", "ticks": "outside", "gridcolor": "#eee", "zeroline": False},
         yaxis={"showline": True, "linecolor": "#444", "ticks": "outside", "gridcolor": "#eee", "zerolinecolor": "#999"},
         legend={"bgcolor": "rgba(255,255,255,0.8)"},
@@ -39,48 +41,80 @@ def styled(fig: go.Figure, title: str, *, width: int = 800, height: int = 450) -
 
 
 def bars_ci(
-    categories: Sequence[str], series: dict[str, Sequence[tuple[float, float, float]]], title: str, *,
-    y_label: str = "", hline: float | None = None, hline_name: str = "",
+    categories: Sequence[str],
+    series: dict[str, Sequence[tuple[float, float, float]]],
+    title: str,
+    *,
+    y_label: str = "",
+    hline: float | None = None,
+    hline_name: str = "",
 ) -> go.Figure:
     """Grouped bars with 95% CI error bars: ``series[name][i] = (mean, lo, hi)``."""
     fig = go.Figure()
     for name, vals in series.items():
         m = [v[0] for v in vals]
-        fig.add_trace(go.Bar(
-            name=name, x=list(categories), y=m,
-            error_y={"type": "data", "symmetric": False, "array": [v[2] - v[0] for v in vals],
-                     "arrayminus": [v[0] - v[1] for v in vals], "color": "#333", "thickness": 1.2},
-        ))
+        fig.add_trace(
+            go.Bar(
+                name=name,
+                x=list(categories),
+                y=m,
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [v[2] - v[0] for v in vals],
+                    "arrayminus": [v[0] - v[1] for v in vals],
+                    "color": "#333",
+                    "thickness": 1.2,
+                },
+            )
+        )
     if hline is not None:
-        fig.add_hline(y=hline, line_dash="dash", line_color="#555", annotation_text=hline_name,
-                      annotation_position="top left")
+        fig.add_hline(
+            y=hline, line_dash="dash", line_color="#555", annotation_text=hline_name, annotation_position="top left"
+        )
     fig.update_layout(barmode="group", yaxis_title=y_label)
     return styled(fig, title, width=max(600, 60 * len(categories) * max(1, len(series)) + 200))
 
 
 def lines_ci(
-    x: Sequence, series: dict[str, tuple[Sequence[float], Sequence[float] | None, Sequence[float] | None]],
-    title: str, *, x_label: str = "layer", y_label: str = "",
+    x: Sequence,
+    series: dict[str, tuple[Sequence[float], Sequence[float] | None, Sequence[float] | None]],
+    title: str,
+    *,
+    x_label: str = "layer",
+    y_label: str = "",
 ) -> go.Figure:
     """Lines with 95% CI bands: ``series[name] = (mean, lo, hi)`` (lo/hi None: no band)."""
     fig = go.Figure()
     for i, (name, (m, lo, hi)) in enumerate(series.items()):
         c = COLORS[i % len(COLORS)]
         if lo is not None and hi is not None:
-            fig.add_trace(go.Scatter(x=list(x) + list(x)[::-1], y=list(hi) + list(lo)[::-1], fill="toself",
-                                     fillcolor=_alpha(c, 0.18), line={"width": 0}, hoverinfo="skip",
-                                     showlegend=False, name=f"{name} 95% CI"))
-        fig.add_trace(go.Scatter(x=list(x), y=list(m), mode="lines+markers", name=name, line={"color": c},
-                                 marker={"size": 5}))
+            fig.add_trace(
+                go.Scatter(
+                    x=list(x) + list(x)[::-1],
+                    y=list(hi) + list(lo)[::-1],
+                    fill="toself",
+                    fillcolor=_alpha(c, 0.18),
+                    line={"width": 0},
+                    hoverinfo="skip",
+                    showlegend=False,
+                    name=f"{name} 95% CI",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(x=list(x), y=list(m), mode="lines+markers", name=name, line={"color": c}, marker={"size": 5})
+        )
     fig.update_layout(xaxis_title=x_label, yaxis_title=y_label)
     return styled(fig, title)
 
 
-def heatmap(values, title: str, *, x_label: str = "head", y_label: str = "layer", colorbar: str = "",
-            zmid: float | None = None) -> go.Figure:
+def heatmap(
+    values, title: str, *, x_label: str = "head", y_label: str = "layer", colorbar: str = "", zmid: float | None = None
+) -> go.Figure:
     z = values.detach().float().cpu().numpy() if hasattr(values, "detach") else values
-    fig = go.Figure(go.Heatmap(z=z, colorscale="RdBu_r" if zmid is not None else "Viridis", zmid=zmid,
-                               colorbar={"title": colorbar}))
+    fig = go.Figure(
+        go.Heatmap(z=z, colorscale="RdBu_r" if zmid is not None else "Viridis", zmid=zmid, colorbar={"title": colorbar})
+    )
     fig.update_layout(xaxis_title=x_label, yaxis_title=y_label)
     return styled(fig, title, width=650, height=600)
 
@@ -90,7 +124,9 @@ def _alpha(hex_color: str, a: float) -> str:
     return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{a})"
 
 
-def save_all(figs: dict[str, go.Figure], out_dir: str | Path, formats: Sequence[str] = FORMATS) -> dict[str, dict[str, str]]:
+def save_all(
+    figs: dict[str, go.Figure], out_dir: str | Path, formats: Sequence[str] = FORMATS
+) -> dict[str, dict[str, str]]:
     """Write ``out_dir/<stem>.<fmt>`` for every figure and format, all or nothing.
 
     Returns ``{stem: {fmt: path}}``. Raises (having written nothing) when kaleido cannot render.

@@ -93,8 +93,10 @@ class Site:
         name, _, head = spec.partition(":")
         parts = name.split(".")
         if len(parts) < 3 or parts[0] != "blocks" or not parts[1].isdigit() or not parts[-1].startswith("hook_"):
-            raise SAEError(f"site {spec!r}: expected blocks.<layer>.<hook>, e.g. blocks.20.hook_resid_pre "
-                           "or blocks.20.attn.hook_z:5")
+            raise SAEError(
+                f"site {spec!r}: expected blocks.<layer>.<hook>, e.g. blocks.20.hook_resid_pre "
+                "or blocks.20.attn.hook_z:5"
+            )
         if head and not head.isdigit():
             raise SAEError(f"site {spec!r}: the head after ':' must be a number")
         return cls(name, int(head) if head else None)
@@ -255,16 +257,26 @@ def build_corpus(
         rng = random.Random(seed)
         starts = [rng.choice(starts) for _ in range(n_samples)]
         for i in tqdm(range(0, n_samples, batch_size), desc="model samples", leave=False):
-            out = generate(model, starts[i : i + batch_size], max_new_tokens=sample_tokens, do_sample=True,
-                           seed=seed + i, eos_token_id=None)
+            out = generate(
+                model,
+                starts[i : i + batch_size],
+                max_new_tokens=sample_tokens,
+                do_sample=True,
+                seed=seed + i,
+                eos_token_id=None,
+            )
             texts += [s + t for s, t in zip(starts[i : i + batch_size], out.texts)]
             sources += ["samples"] * len(out.texts)
     # A line longer than the context cannot be run whole; it is left out (and said so).
     bos = int(bool(model.cfg.default_prepend_bos))  # tokenize() adds at most one BOS
     fits = [len(model.tokenizer.encode(t, add_special_tokens=False)) + bos <= model.cfg.n_ctx for t in texts]
     if not all(fits):
-        log.info("corpus: left out %d of %d lines longer than the %d-token context",
-                 fits.count(False), len(texts), model.cfg.n_ctx)
+        log.info(
+            "corpus: left out %d of %d lines longer than the %d-token context",
+            fits.count(False),
+            len(texts),
+            model.cfg.n_ctx,
+        )
     return Corpus(tuple(t for t, f in zip(texts, fits) if f), tuple(s for s, f in zip(sources, fits) if f))
 
 
@@ -281,8 +293,13 @@ def _stop_layer(site: Site) -> int:
 
 @torch.no_grad()
 def collect_sites(
-    model: HookedTransformer, texts: Sequence[str], sites: Sequence[Site], *, batch_size: int = 16,
-    skip_first: int = 1, progress: bool = True,
+    model: HookedTransformer,
+    texts: Sequence[str],
+    sites: Sequence[Site],
+    *,
+    batch_size: int = 16,
+    skip_first: int = 1,
+    progress: bool = True,
 ) -> dict[Site, SiteActs]:
     """Each site's activation at every real token of ``texts`` but the first ``skip_first``, all
     sites from one pass (run only up to the last block any site needs)."""
@@ -293,8 +310,10 @@ def collect_sites(
     for i in tqdm(range(0, len(texts), batch_size), desc="corpus activations", disable=not progress, leave=False):
         b = tokenize(model, list(texts[i : i + batch_size]))
         kept: dict[Site, Tensor] = {}
-        hooks = [(s_.hook_name, lambda a, hook, s_=s_: kept.__setitem__(s_, s_.read(a).detach().float().cpu()))
-                 for s_ in sites]
+        hooks = [
+            (s_.hook_name, lambda a, hook, s_=s_: kept.__setitem__(s_, s_.read(a).detach().float().cpu()))
+            for s_ in sites
+        ]
         with model.hooks(fwd_hooks=hooks):
             model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=max(_stop_layer(s_) for s_ in sites))
         mask = b.attention_mask.cpu().bool()
@@ -309,7 +328,12 @@ def collect_sites(
 
 
 def collect_site(
-    model: HookedTransformer, texts: Sequence[str], site: Site, *, batch_size: int = 16, skip_first: int = 1,
+    model: HookedTransformer,
+    texts: Sequence[str],
+    site: Site,
+    *,
+    batch_size: int = 16,
+    skip_first: int = 1,
     progress: bool = True,
 ) -> SiteActs:
     """:func:`collect_sites` for one site."""
@@ -388,7 +412,11 @@ def _batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
 
 
 def train_sae(
-    acts: Float[Tensor, "tok d_in"], cfg: SAETrainConfig, *, d_sae: int | None = None, device: str = "cpu",
+    acts: Float[Tensor, "tok d_in"],
+    cfg: SAETrainConfig,
+    *,
+    d_sae: int | None = None,
+    device: str = "cpu",
     metadata: dict | None = None,
 ) -> TopKTrainingSAE:
     """Train a TopK SAE on ``acts`` with sae-lens's ``SAETrainer`` (its training step and loop).
@@ -401,7 +429,11 @@ def train_sae(
     torch.manual_seed(cfg.seed)
     d_in = acts.shape[1]
     sae_cfg = TopKTrainingSAEConfig(
-        d_in=d_in, d_sae=d_sae or cfg.expansion * d_in, k=cfg.k, device=device, dtype="float32",
+        d_in=d_in,
+        d_sae=d_sae or cfg.expansion * d_in,
+        k=cfg.k,
+        device=device,
+        dtype="float32",
     )
     for key, v in (metadata or {}).items():
         sae_cfg.metadata[key] = v
@@ -409,9 +441,15 @@ def train_sae(
     with torch.no_grad():
         sae.b_dec.copy_(acts.mean(0).to(sae.b_dec.device))
     trainer_cfg = SAETrainerConfig(
-        total_training_samples=cfg.n_steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
-        lr=cfg.lr, lr_end=cfg.lr / 10, lr_scheduler_name="cosineannealing", lr_warm_up_steps=min(50, cfg.n_steps // 10),
-        lr_decay_steps=0, device=device, dead_feature_window=max(50, cfg.n_steps // 5),
+        total_training_samples=cfg.n_steps * cfg.batch_size,
+        train_batch_size_samples=cfg.batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,
+        lr_scheduler_name="cosineannealing",
+        lr_warm_up_steps=min(50, cfg.n_steps // 10),
+        lr_decay_steps=0,
+        device=device,
+        dead_feature_window=max(50, cfg.n_steps // 5),
         feature_sampling_window=max(100, cfg.n_steps // 2),
     )
     trainer = SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed))
@@ -436,8 +474,15 @@ def model_hash(model: HookedTransformer) -> str:
 def cache_key(model: HookedTransformer, cfg: SAETrainConfig) -> str:
     import sae_lens
 
-    blob = json.dumps({"model": model_hash(model), "cfg": asdict(cfg), "sae_lens": sae_lens.__version__,
-                       "format": SAE_FORMAT_VERSION}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "model": model_hash(model),
+            "cfg": asdict(cfg),
+            "sae_lens": sae_lens.__version__,
+            "format": SAE_FORMAT_VERSION,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -458,7 +503,13 @@ class SAEQuality:
 
 @torch.no_grad()
 def sae_quality(
-    model: HookedTransformer, sae: SAE, site: Site, texts: Sequence[str], *, batch_size: int = 16, seed: int = 0,
+    model: HookedTransformer,
+    sae: SAE,
+    site: Site,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
     n_boot: int = 1000,
 ) -> SAEQuality:
     """L0, explained variance and CE loss recovered of ``sae`` at ``site``, on ``texts``.
@@ -515,10 +566,17 @@ def sae_quality(
     rec = lambda i: (c["zero"][i].mean() - c["sae"][i].mean()) / (c["zero"][i].mean() - c["clean"][i].mean())
     est = _bootstrap(rec, len(c["clean"]), n_boot=n_boot, seed=seed)
     return SAEQuality(
-        l0=l0_sum / n_tok, explained_variance=1 - sq_err / sq_tot,
-        ce_clean=float(c["clean"].mean()), ce_sae=float(c["sae"].mean()), ce_zero=float(c["zero"].mean()),
-        ce_recovered=est[0], ce_recovered_lo=est[1], ce_recovered_hi=est[2], n_lines=len(c["clean"]),
-        n_tokens=n_tok, dead_frac=float((~fired).float().mean()),
+        l0=l0_sum / n_tok,
+        explained_variance=1 - sq_err / sq_tot,
+        ce_clean=float(c["clean"].mean()),
+        ce_sae=float(c["sae"].mean()),
+        ce_zero=float(c["zero"].mean()),
+        ce_recovered=est[0],
+        ce_recovered_lo=est[1],
+        ce_recovered_hi=est[2],
+        n_lines=len(c["clean"]),
+        n_tokens=n_tok,
+        dead_frac=float((~fired).float().mean()),
     )
 
 
@@ -551,13 +609,19 @@ def _load_entry(out: Path, model: HookedTransformer, site: Site, device: str) ->
     sae = load_sae(out, device=device)
     check_sae(sae, model, site)
     log.info("SAE for %s loaded from the cache (%s)", site, out)
-    return TrainedSAE(sae, site, out, info, Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"])),
-                      info["eval_lines"])
+    return TrainedSAE(
+        sae, site, out, info, Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"])), info["eval_lines"]
+    )
 
 
 def load_or_train_saes(
-    model: HookedTransformer, cfgs: Sequence[SAETrainConfig], *, cache_dir: str | Path | None = None,
-    device: str | None = None, batch_size: int = 16, progress: bool = True,
+    model: HookedTransformer,
+    cfgs: Sequence[SAETrainConfig],
+    *,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> list[TrainedSAE]:
     """:func:`load_or_train_sae` for several sites: the SAEs not in the cache share one corpus
     (when their corpus settings agree) and one pass over it."""
@@ -568,7 +632,9 @@ def load_or_train_saes(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     keys = [cache_key(model, c) for c in cfgs]
     out: list[TrainedSAE | None] = [
-        _load_entry(_cache_entry(root, k), model, s_, device) if (_cache_entry(root, k) / "mechlie.json").is_file() else None
+        _load_entry(_cache_entry(root, k), model, s_, device)
+        if (_cache_entry(root, k) / "mechlie.json").is_file()
+        else None
         for k, s_ in zip(keys, sites)
     ]
     todo = [i for i, t in enumerate(out) if t is None]
@@ -579,28 +645,66 @@ def load_or_train_saes(
     for idx in groups.values():
         c0 = cfgs[idx[0]]
         t0 = time.time()
-        corpus = build_corpus(model, pairs_per_format=c0.pairs_per_format, n_samples=c0.n_samples,
-                              sample_tokens=c0.sample_tokens, seed=c0.seed, batch_size=batch_size)
+        corpus = build_corpus(
+            model,
+            pairs_per_format=c0.pairs_per_format,
+            n_samples=c0.n_samples,
+            sample_tokens=c0.sample_tokens,
+            seed=c0.seed,
+            batch_size=batch_size,
+        )
         train_lines, eval_lines = corpus.split(c0.eval_frac, c0.seed)
         t_corpus = time.time() - t0
-        acts = collect_sites(model, [corpus.texts[i] for i in train_lines], [sites[i] for i in idx],
-                             batch_size=batch_size, progress=progress)
+        acts = collect_sites(
+            model,
+            [corpus.texts[i] for i in train_lines],
+            [sites[i] for i in idx],
+            batch_size=batch_size,
+            progress=progress,
+        )
         t_acts = time.time() - t0 - t_corpus
         for i in idx:
-            out[i] = _train_entry(model, cfgs[i], sites[i], keys[i], _cache_entry(root, keys[i]), corpus, train_lines,
-                                  eval_lines, acts[sites[i]], device, batch_size,
-                                  {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1)})
+            out[i] = _train_entry(
+                model,
+                cfgs[i],
+                sites[i],
+                keys[i],
+                _cache_entry(root, keys[i]),
+                corpus,
+                train_lines,
+                eval_lines,
+                acts[sites[i]],
+                device,
+                batch_size,
+                {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1)},
+            )
     return [t for t in out if t is not None]
 
 
 def _train_entry(
-    model: HookedTransformer, cfg: SAETrainConfig, site: Site, key: str, out: Path, corpus: Corpus,
-    train_lines: list[int], eval_lines: list[int], acts: SiteActs, device: str, batch_size: int, seconds: dict,
+    model: HookedTransformer,
+    cfg: SAETrainConfig,
+    site: Site,
+    key: str,
+    out: Path,
+    corpus: Corpus,
+    train_lines: list[int],
+    eval_lines: list[int],
+    acts: SiteActs,
+    device: str,
+    batch_size: int,
+    seconds: dict,
 ) -> TrainedSAE:
-    log.info("training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), len(train_lines), corpus.counts())
+    log.info(
+        "training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), len(train_lines), corpus.counts()
+    )
     t0 = time.time()
-    meta = {"model_name": model.cfg.model_name, "hook_name": site.hook_name, "hook_head_index": site.head,
-            "prepend_bos": bool(model.cfg.default_prepend_bos)}
+    meta = {
+        "model_name": model.cfg.model_name,
+        "hook_name": site.hook_name,
+        "hook_head_index": site.head,
+        "prepend_bos": bool(model.cfg.default_prepend_bos),
+    }
     sae = train_sae(acts.acts, cfg, device=device, metadata=meta)
     seconds = {**seconds, "train": round(time.time() - t0, 1)}
     sae.eval()
@@ -608,10 +712,20 @@ def _train_entry(
     q = sae_quality(model, sae, site, [corpus.texts[i] for i in eval_lines], batch_size=batch_size, seed=cfg.seed)
     seconds["quality"] = round(time.time() - t1, 1)
     info = {
-        "format_version": SAE_FORMAT_VERSION, "key": key, "model": model.cfg.model_name, "model_hash": model_hash(model),
-        "site": str(site), "config": asdict(cfg), "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-        "corpus": corpus.counts(), "n_train_lines": len(train_lines), "n_train_tokens": len(acts.acts),
-        "eval_lines": eval_lines, "quality": asdict(q), "seconds": seconds,
+        "format_version": SAE_FORMAT_VERSION,
+        "key": key,
+        "model": model.cfg.model_name,
+        "model_hash": model_hash(model),
+        "site": str(site),
+        "config": asdict(cfg),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "corpus": corpus.counts(),
+        "n_train_lines": len(train_lines),
+        "n_train_tokens": len(acts.acts),
+        "eval_lines": eval_lines,
+        "quality": asdict(q),
+        "seconds": seconds,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
@@ -626,13 +740,19 @@ def _train_entry(
             raise
     # Lines are indices into the whole corpus; acts were collected over the training lines only.
     line_ids = torch.as_tensor(train_lines)[acts.line]
-    return TrainedSAE(load_sae(out, device=device), site, out, info, corpus, eval_lines,
-                      SiteActs(acts.acts, line_ids, acts.pos))
+    return TrainedSAE(
+        load_sae(out, device=device), site, out, info, corpus, eval_lines, SiteActs(acts.acts, line_ids, acts.pos)
+    )
 
 
 def load_or_train_sae(
-    model: HookedTransformer, cfg: SAETrainConfig, *, cache_dir: str | Path | None = None, device: str | None = None,
-    batch_size: int = 16, progress: bool = True,
+    model: HookedTransformer,
+    cfg: SAETrainConfig,
+    *,
+    cache_dir: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> TrainedSAE:
     """The cached SAE for (model weights, site, settings), training it first if there is none.
 
@@ -649,8 +769,9 @@ def load_or_train_sae(
         >>> t = load_or_train_sae(model, SAETrainConfig(site="blocks.20.hook_resid_pre"))
         >>> t.info["quality"]["explained_variance"]
     """
-    return load_or_train_saes(model, [cfg], cache_dir=cache_dir, device=device, batch_size=batch_size,
-                              progress=progress)[0]
+    return load_or_train_saes(
+        model, [cfg], cache_dir=cache_dir, device=device, batch_size=batch_size, progress=progress
+    )[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -676,17 +797,43 @@ class FeatureEffects:
 
     def rows(self) -> list[dict]:
         return [
-            {"feature": int(f), "diff": float(d), "lo": float(a), "hi": float(b), "honest_mean": float(h),
-             "lying_mean": float(l), "effect_size": float(e), "cosine": float(c), "train_diff": float(t)}
-            for f, d, a, b, h, l, e, c, t in zip(self.features, self.diff, self.lo, self.hi, self.honest_mean,
-                                                  self.lying_mean, self.effect_size, self.cosine, self.train_diff)
+            {
+                "feature": int(f),
+                "diff": float(d),
+                "lo": float(a),
+                "hi": float(b),
+                "honest_mean": float(h),
+                "lying_mean": float(l),
+                "effect_size": float(e),
+                "cosine": float(c),
+                "train_diff": float(t),
+            }
+            for f, d, a, b, h, l, e, c, t in zip(
+                self.features,
+                self.diff,
+                self.lo,
+                self.hi,
+                self.honest_mean,
+                self.lying_mean,
+                self.effect_size,
+                self.cosine,
+                self.train_diff,
+            )
         ]
 
 
 def feature_effects(
-    honest_f: Float[Tensor, "n d_sae"], lying_f: Float[Tensor, "n d_sae"], direction: Float[Tensor, " d_in"],
-    W_dec: Float[Tensor, "d_sae d_in"], train: Sequence[int], test: Sequence[int], *, k: int = 10,
-    n_boot: int = 1000, n_null: int = 1000, seed: int = 0,
+    honest_f: Float[Tensor, "n d_sae"],
+    lying_f: Float[Tensor, "n d_sae"],
+    direction: Float[Tensor, " d_in"],
+    W_dec: Float[Tensor, "d_sae d_in"],
+    train: Sequence[int],
+    test: Sequence[int],
+    *,
+    k: int = 10,
+    n_boot: int = 1000,
+    n_null: int = 1000,
+    seed: int = 0,
 ) -> FeatureEffects:
     """Decompose the lie direction into SAE features (see the module docstring).
 
@@ -698,8 +845,10 @@ def feature_effects(
     if len(tr) < 2 or len(te) < 2:
         raise SAEError("feature_effects needs at least 2 train and 2 test pairs")
     if honest_f.shape != lying_f.shape or honest_f.shape[1] != W_dec.shape[0]:
-        raise SAEError(f"feature shapes differ: honest {tuple(honest_f.shape)}, lying {tuple(lying_f.shape)}, "
-                       f"W_dec {tuple(W_dec.shape)}")
+        raise SAEError(
+            f"feature shapes differ: honest {tuple(honest_f.shape)}, lying {tuple(lying_f.shape)}, "
+            f"W_dec {tuple(W_dec.shape)}"
+        )
     d = (lying_f - honest_f).float()
     train_mean = d[tr].mean(0)
     top = train_mean.abs().argsort(descending=True)[: min(k, d.shape[1])]
@@ -715,18 +864,31 @@ def feature_effects(
     u = direction.float() / direction.float().norm().clamp_min(1e-12)
     cos = (w @ u) / w.norm(dim=-1).clamp_min(1e-12)
     rand = torch.randn(200, w.shape[1], generator=g)
-    rand_cos = ((rand / rand.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T)
+    rand_cos = (rand / rand.norm(dim=-1, keepdim=True)) @ (w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)).T
     return FeatureEffects(
-        features=top, diff=dt.mean(0), lo=lo, hi=hi, honest_mean=honest_f[te][:, top].mean(0),
-        lying_mean=lying_f[te][:, top].mean(0), effect_size=dt.mean(0) / dt.std(0).clamp_min(1e-8),
-        cosine=cos[top], train_diff=train_mean[top], null_max=max_null_threshold(null),
-        direction_cosine_max_null=float(torch.quantile(rand_cos.abs().max(-1).values, 0.95)), n_test=len(te),
+        features=top,
+        diff=dt.mean(0),
+        lo=lo,
+        hi=hi,
+        honest_mean=honest_f[te][:, top].mean(0),
+        lying_mean=lying_f[te][:, top].mean(0),
+        effect_size=dt.mean(0) / dt.std(0).clamp_min(1e-8),
+        cosine=cos[top],
+        train_diff=train_mean[top],
+        null_max=max_null_threshold(null),
+        direction_cosine_max_null=float(torch.quantile(rand_cos.abs().max(-1).values, 0.95)),
+        n_test=len(te),
     )
 
 
 @torch.no_grad()
 def top_contexts(
-    model: HookedTransformer, feats: Float[Tensor, "tok k"], acts: SiteActs, texts: Sequence[str], *, n: int = 5,
+    model: HookedTransformer,
+    feats: Float[Tensor, "tok k"],
+    acts: SiteActs,
+    texts: Sequence[str],
+    *,
+    n: int = 5,
     width: int = 10,
 ) -> list[list[dict]]:
     """For each column of ``feats`` (rows = ``acts``'s tokens), the ``n`` corpus tokens where it
@@ -745,8 +907,15 @@ def top_contexts(
                 ids_of[line] = tokenize(model, [texts[line]]).tokens[0].tolist()
             ids = ids_of[line]
             word = tok.decode(ids[pos : pos + 1])
-            rows.append({"act": v, "line": line, "pos": pos, "token": word,
-                         "context": f"{tok.decode(ids[max(0, pos - width) : pos])}[[{word}]]"})
+            rows.append(
+                {
+                    "act": v,
+                    "line": line,
+                    "pos": pos,
+                    "token": word,
+                    "context": f"{tok.decode(ids[max(0, pos - width) : pos])}[[{word}]]",
+                }
+            )
         out.append(rows)
     return out
 
@@ -801,7 +970,12 @@ class FeatureClamp:
 
 
 def matched_random_features(
-    mean_act: Float[Tensor, " d_sae"], chosen: Sequence[int], n_draws: int, *, pool: int = 10, seed: int = 0,
+    mean_act: Float[Tensor, " d_sae"],
+    chosen: Sequence[int],
+    n_draws: int,
+    *,
+    pool: int = 10,
+    seed: int = 0,
 ) -> list[tuple[int, ...]]:
     """Random feature sets, each feature drawn among the ``pool`` live features whose mean
     activation is nearest that of the chosen feature it stands in for (never a chosen one)."""
@@ -840,9 +1014,19 @@ class CausalCheck:
 
 @torch.no_grad()
 def causal_check(
-    model: HookedTransformer, sae: SAE, site: Site, pairs: Sequence[ContrastPair], features: Sequence[int], *,
-    mode: Literal["ablate", "clamp"] = "ablate", honest_mean: Float[Tensor, " d_sae"] | None = None,
-    lying_mean: Float[Tensor, " d_sae"], n_draws: int = 100, batch_size: int = 16, n_boot: int = 1000, seed: int = 0,
+    model: HookedTransformer,
+    sae: SAE,
+    site: Site,
+    pairs: Sequence[ContrastPair],
+    features: Sequence[int],
+    *,
+    mode: Literal["ablate", "clamp"] = "ablate",
+    honest_mean: Float[Tensor, " d_sae"] | None = None,
+    lying_mean: Float[Tensor, " d_sae"],
+    n_draws: int = 100,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> CausalCheck:
     """Change in P(truth) on the lying prompts of ``pairs`` when ``features`` are ablated or
     clamped at the final position, beside ``n_draws`` sets of random features whose mean
@@ -890,10 +1074,17 @@ def causal_check(
     r = torch.tensor(rand)
     gap = float(p_honest.mean() - base.mean())
     return CausalCheck(
-        mode=mode, features=tuple(int(f) for f in features), p_truth_base=float(base.mean()),
-        p_truth_honest=float(p_honest.mean()), delta=est[0], delta_lo=est[1], delta_hi=est[2],
-        gap_recovered=est[0] / gap if gap != 0 else float("nan"), random_deltas=rand,
-        random_q95=float(torch.quantile(r, 0.95)), p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),
+        mode=mode,
+        features=tuple(int(f) for f in features),
+        p_truth_base=float(base.mean()),
+        p_truth_honest=float(p_honest.mean()),
+        delta=est[0],
+        delta_lo=est[1],
+        delta_hi=est[2],
+        gap_recovered=est[0] / gap if gap != 0 else float("nan"),
+        random_deltas=rand,
+        random_q95=float(torch.quantile(r, 0.95)),
+        p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),
         n_pairs=len(pairs),
     )
 
@@ -908,25 +1099,47 @@ def feature_columns(
 
 
 def pair_contexts(
-    honest_f: Float[Tensor, "n k"], lying_f: Float[Tensor, "n k"], pairs: Sequence[ContrastPair], *, n: int = 3,
+    honest_f: Float[Tensor, "n k"],
+    lying_f: Float[Tensor, "n k"],
+    pairs: Sequence[ContrastPair],
+    *,
+    n: int = 3,
 ) -> list[list[dict]]:
     """For each feature (column), the ``n`` pair prompts (either side) whose final token it fires on most."""
     both = torch.cat([honest_f, lying_f])  # rows: honest prompts, then lying prompts
     out = []
     for j in range(both.shape[1]):
         vals, idx = both[:, j].topk(min(n, len(both)))
-        out.append([
-            {"act": float(v), "side": "honest" if i < len(pairs) else "lying", "fact": pairs[i % len(pairs)].fact_id,
-             "question": pairs[i % len(pairs)].question}
-            for v, i in zip(vals.tolist(), idx.tolist()) if v > 0
-        ])
+        out.append(
+            [
+                {
+                    "act": float(v),
+                    "side": "honest" if i < len(pairs) else "lying",
+                    "fact": pairs[i % len(pairs)].fact_id,
+                    "question": pairs[i % len(pairs)].question,
+                }
+                for v, i in zip(vals.tolist(), idx.tolist())
+                if v > 0
+            ]
+        )
     return out
 
 
 def lie_features(
-    model: HookedTransformer, trained: TrainedSAE, pairs: Sequence[ContrastPair], train: Sequence[int],
-    test: Sequence[int], *, k: int = 10, k_causal: int = 5, n_draws: int = 100, n_contexts: int = 5,
-    batch_size: int = 16, seed: int = 0, progress: bool = True, final: tuple[Tensor, Tensor] | None = None,
+    model: HookedTransformer,
+    trained: TrainedSAE,
+    pairs: Sequence[ContrastPair],
+    train: Sequence[int],
+    test: Sequence[int],
+    *,
+    k: int = 10,
+    k_causal: int = 5,
+    n_draws: int = 100,
+    n_contexts: int = 5,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    final: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[dict, dict[str, Tensor]]:
     """The whole decomposition of the lie direction at one SAE's site (see the module docstring).
 
@@ -943,8 +1156,10 @@ def lie_features(
     """
     sae, site = trained.sae, trained.site
     if final is None:
-        final = (final_acts(model, [p.honest for p in pairs], site, batch_size=batch_size),
-                 final_acts(model, [p.lying for p in pairs], site, batch_size=batch_size))
+        final = (
+            final_acts(model, [p.honest for p in pairs], site, batch_size=batch_size),
+            final_acts(model, [p.lying for p in pairs], site, batch_size=batch_size),
+        )
     x_h, x_l = final
     f_h, f_l = encode(sae, x_h), encode(sae, x_l)
     tr = torch.as_tensor(list(train))
@@ -960,8 +1175,9 @@ def lie_features(
     corpus_acts = trained.acts
     if corpus_acts is None:
         train_lines = sorted(set(range(len(trained.corpus.texts))) - set(trained.eval_lines))
-        a = collect_site(model, [trained.corpus.texts[i] for i in train_lines], site, batch_size=batch_size,
-                         progress=progress)
+        a = collect_site(
+            model, [trained.corpus.texts[i] for i in train_lines], site, batch_size=batch_size, progress=progress
+        )
         corpus_acts = SiteActs(a.acts, torch.as_tensor(train_lines)[a.line], a.pos)
     cols = feature_columns(sae, corpus_acts.acts, feats)
     contexts = top_contexts(model, cols, corpus_acts, trained.corpus.texts, n=n_contexts)
@@ -973,23 +1189,56 @@ def lie_features(
     lying_feats = [f for f in train_diff.argsort(descending=True)[:k_causal].tolist() if train_diff[f] > 0]
     checks = {}
     if lying_feats:
-        checks["ablate"] = causal_check(model, sae, site, test_pairs, lying_feats, mode="ablate", lying_mean=lying_mean,
-                                        n_draws=n_draws, batch_size=batch_size, seed=seed)
-    checks["clamp"] = causal_check(model, sae, site, test_pairs, feats[:k_causal], mode="clamp",
-                                   honest_mean=honest_mean, lying_mean=lying_mean, n_draws=n_draws,
-                                   batch_size=batch_size, seed=seed)
+        checks["ablate"] = causal_check(
+            model,
+            sae,
+            site,
+            test_pairs,
+            lying_feats,
+            mode="ablate",
+            lying_mean=lying_mean,
+            n_draws=n_draws,
+            batch_size=batch_size,
+            seed=seed,
+        )
+    checks["clamp"] = causal_check(
+        model,
+        sae,
+        site,
+        test_pairs,
+        feats[:k_causal],
+        mode="clamp",
+        honest_mean=honest_mean,
+        lying_mean=lying_mean,
+        n_draws=n_draws,
+        batch_size=batch_size,
+        seed=seed,
+    )
     rows = fe.rows()
     for r, c, pc in zip(rows, contexts, in_pairs):
         r["corpus_contexts"], r["pair_contexts"] = c, pc
     summary = {
-        "site": str(site), "d_sae": sae.cfg.d_sae, "sae_path": str(trained.path), "sae": trained.info,
-        "n_pairs": len(pairs), "n_train": len(train), "n_test": len(test),
-        "features": rows, "null_max_diff": fe.null_max, "cosine_max_null": fe.direction_cosine_max_null,
-        "direction_norm": float(direction.norm()), "direction_recon_cosine": dir_cos_recon,
+        "site": str(site),
+        "d_sae": sae.cfg.d_sae,
+        "sae_path": str(trained.path),
+        "sae": trained.info,
+        "n_pairs": len(pairs),
+        "n_train": len(train),
+        "n_test": len(test),
+        "features": rows,
+        "null_max_diff": fe.null_max,
+        "cosine_max_null": fe.direction_cosine_max_null,
+        "direction_norm": float(direction.norm()),
+        "direction_recon_cosine": dir_cos_recon,
         "live_on_pairs": int(((f_h > 0) | (f_l > 0)).any(0).sum()),
         "causal": {m: asdict(c) for m, c in checks.items()},
     }
-    tensors = {"honest": f_h[:, feats], "lying": f_l[:, feats], "features": fe.features, "cosine_all": (
-        sae.W_dec.detach().float().cpu() @ (direction / direction.norm())) / sae.W_dec.detach().float().cpu().norm(dim=-1),
-        "diff_train_all": train_diff}
+    tensors = {
+        "honest": f_h[:, feats],
+        "lying": f_l[:, feats],
+        "features": fe.features,
+        "cosine_all": (sae.W_dec.detach().float().cpu() @ (direction / direction.norm()))
+        / sae.W_dec.detach().float().cpu().norm(dim=-1),
+        "diff_train_all": train_diff,
+    }
     return summary, tensors

@@ -57,12 +57,16 @@ def demo_answer_positions(model: HookedTransformer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def head_patterns(model: HookedTransformer, prompt: str, heads: Sequence[Head]) -> tuple[list[str], Float[Tensor, "head q k"]]:
+def head_patterns(
+    model: HookedTransformer, prompt: str, heads: Sequence[Head]
+) -> tuple[list[str], Float[Tensor, "head q k"]]:
     """The tokens of ``prompt`` and each head's attention pattern on it (one prompt, no padding)."""
     b = tokenize(model, [prompt])
     layers = sorted({l for l, _ in heads})
     kept: dict[int, Tensor] = {}
-    hooks = [(f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: kept.__setitem__(l, p[0].float().cpu())) for l in layers]
+    hooks = [
+        (f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: kept.__setitem__(l, p[0].float().cpu())) for l in layers
+    ]
     with model.hooks(fwd_hooks=hooks):
         model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=max(layers) + 1)
     tokens = [model.tokenizer.decode([t]) for t in b.tokens[0].tolist()]
@@ -86,7 +90,10 @@ def head_readout(model: HookedTransformer, pairs: Sequence[ContrastPair], heads:
     heads = tuple((int(l), int(h)) for l, h in heads)
     for l, h in heads:
         if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
-            raise ValueError(f"head {head_label((l, h))} is not in the model ({model.cfg.n_layers} layers, {model.cfg.n_heads} heads)")
+            raise ValueError(
+                f"head {head_label((l, h))} is not in the model "
+                f"({model.cfg.n_layers} layers, {model.cfg.n_heads} heads)"
+            )
     ans = answer_set(model.tokenizer, pairs)
     if (ans.lie < 0).all(-1).any():
         raise PairError("direct logit attribution needs every pair's lie answer")
@@ -101,9 +108,14 @@ def head_readout(model: HookedTransformer, pairs: Sequence[ContrastPair], heads:
             demo = demo_answer_positions(model, prompt)
             b = tokenize(model, [prompt])
             kept: dict[str, Tensor] = {}
-            hooks = [(f"blocks.{l}.attn.hook_pattern", lambda a, hook: kept.__setitem__(hook.name, a[0, :, -1].float()))
-                     for l in layers]
-            hooks += [(f"blocks.{l}.attn.hook_z", lambda a, hook: kept.__setitem__(hook.name, a[0, -1].float())) for l in layers]
+            hooks = [
+                (f"blocks.{l}.attn.hook_pattern", lambda a, hook: kept.__setitem__(hook.name, a[0, :, -1].float()))
+                for l in layers
+            ]
+            hooks += [
+                (f"blocks.{l}.attn.hook_z", lambda a, hook: kept.__setitem__(hook.name, a[0, -1].float()))
+                for l in layers
+            ]
             if final_scale:
                 hooks.append((final_scale, lambda a, hook: kept.__setitem__(hook.name, a[0, -1].float())))
             with model.hooks(fwd_hooks=hooks):
@@ -126,9 +138,11 @@ def readout_summary(r: HeadReadout, *, n_boot: int = 1000, seed: int = 0) -> lis
     for j, head in enumerate(r.heads):
         row: dict = {"head": head_label(head), "layer": head[0], "index": head[1], "n": n}
         series = {
-            "share_honest": r.share_honest[:, j], "share_lying": r.share_lying[:, j],
+            "share_honest": r.share_honest[:, j],
+            "share_lying": r.share_lying[:, j],
             "share_diff": r.share_lying[:, j] - r.share_honest[:, j],
-            "dla_honest": r.dla_honest[:, j], "dla_lying": r.dla_lying[:, j],
+            "dla_honest": r.dla_honest[:, j],
+            "dla_lying": r.dla_lying[:, j],
             "dla_diff": r.dla_lying[:, j] - r.dla_honest[:, j],
         }
         for name, v in series.items():
@@ -138,7 +152,9 @@ def readout_summary(r: HeadReadout, *, n_boot: int = 1000, seed: int = 0) -> lis
     return rows
 
 
-def attention_html(model: HookedTransformer, pair: ContrastPair, heads: Sequence[Head], rows: Sequence[dict] = ()) -> str:
+def attention_html(
+    model: HookedTransformer, pair: ContrastPair, heads: Sequence[Head], rows: Sequence[dict] = ()
+) -> str:
     """A standalone HTML page: circuitsvis ``attention_heads`` for the honest and the lying prompt
     side by side, with the demo-answer share and DLA table (``rows`` from :func:`readout_summary`)."""
     import circuitsvis.attention as cva
@@ -159,14 +175,15 @@ def attention_html(model: HookedTransformer, pair: ContrastPair, heads: Sequence
         for r in rows
     )
     n = rows[0]["n"] if rows else 0
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Lying heads: {', '.join(names)}</title></head>
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Lying heads: {", ".join(names)}</title></head>
 <body style="font-family:sans-serif">
 <h2>What do the lying heads attend to? {_html.escape(model.cfg.model_name)}, fact {_html.escape(pair.fact_id)}</h2>
 <p>Share of the final token's attention on the demonstrations' answer tokens, and direct logit
 attribution (truth − lie) of each head's output, mean [95% CI] over {n} pairs.</p>
 <table border="1" cellpadding="4" style="border-collapse:collapse">
-<tr><th>head</th><th>share, honest</th><th>share, lying</th><th>lying − honest</th><th>DLA honest</th><th>DLA lying</th></tr>
+<tr><th>head</th><th>share, honest</th><th>share, lying</th><th>lying − honest</th>
+<th>DLA honest</th><th>DLA lying</th></tr>
 {table}</table>
-<div style="display:flex;gap:20px">{''.join(cols)}</div>
+<div style="display:flex;gap:20px">{"".join(cols)}</div>
 </body></html>
 """

@@ -9,10 +9,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-import torch
-
 from conftest import tiny_model
 from test_views import capital_pairs
+
 from mechlie import report as R
 from mechlie import sae as S
 from mechlie.io import atomic_write_json, save_tensors
@@ -38,27 +37,62 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     atomic_write_json(hs / "config.json", cfg)
     z = pr["z"]
     eff, H = z.effect(), model.cfg.n_heads
-    atomic_write_json(hs / "summary.json", {
-        "model": "tiny", "n_pairs": len(pairs), "config": cfg,
-        "patching": {"n_pairs": len(pairs), "honest_p_truth": float(z.clean.p_truth.mean()),
-                     "lying_p_truth": float(z.corrupt.p_truth.mean())},
-        "top_heads_by_patching": [{"layer": i // H, "head": i % H, "effect": float(eff.flatten()[i])}
-                                  for i in eff.flatten().argsort(descending=True)[:5].tolist()],
-    })
+    atomic_write_json(
+        hs / "summary.json",
+        {
+            "model": "tiny",
+            "n_pairs": len(pairs),
+            "config": cfg,
+            "patching": {
+                "n_pairs": len(pairs),
+                "honest_p_truth": float(z.clean.p_truth.mean()),
+                "lying_p_truth": float(z.corrupt.p_truth.mean()),
+            },
+            "top_heads_by_patching": [
+                {"layer": i // H, "head": i % H, "effect": float(eff.flatten()[i])}
+                for i in eff.flatten().argsort(descending=True)[:5].tolist()
+            ],
+        },
+    )
 
     # An SAE-features run: a tiny SAE trained with sae-lens, the real decomposition, saved as
     # analyses/sae_features.py saves it.
-    tcfg = S.SAETrainConfig(site="blocks.2.hook_resid_pre", expansion=2, k=4, n_steps=40, batch_size=32,
-                            pairs_per_format=2, n_samples=4, sample_tokens=6)
+    tcfg = S.SAETrainConfig(
+        site="blocks.2.hook_resid_pre",
+        expansion=2,
+        k=4,
+        n_steps=40,
+        batch_size=32,
+        pairs_per_format=2,
+        n_samples=4,
+        sample_tokens=6,
+    )
     trained = S.load_or_train_sae(model, tcfg, cache_dir=tmp / "cache", progress=False)
     pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=3)
-    res_s, ts = S.lie_features(model, trained, pairs, list(range(0, len(pairs), 2)), list(range(1, len(pairs), 2)),
-                               k=4, k_causal=2, n_draws=20, progress=False)
+    res_s, ts = S.lie_features(
+        model,
+        trained,
+        pairs,
+        list(range(0, len(pairs), 2)),
+        list(range(1, len(pairs), 2)),
+        k=4,
+        k_causal=2,
+        n_draws=20,
+        progress=False,
+    )
     sae_run = tmp / "sae_features" / "tiny"
     sae_run.mkdir(parents=True)
     save_tensors(sae_run / "features.safetensors", {tcfg.site: ts}, {})
-    atomic_write_json(sae_run / "summary.json", {"kind": "sae_features", "model": "tiny", "dataset": "all (fewshot)",
-                                                 "n_known_pairs": len(pairs), "sites": {tcfg.site: res_s}})
+    atomic_write_json(
+        sae_run / "summary.json",
+        {
+            "kind": "sae_features",
+            "model": "tiny",
+            "dataset": "all (fewshot)",
+            "n_known_pairs": len(pairs),
+            "sites": {tcfg.site: res_s},
+        },
+    )
     return {"head_sweep": hs, "sae_features": sae_run}
 
 

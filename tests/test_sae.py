@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import no_hooks, tiny_model
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from conftest import no_hooks, tiny_model
 from mechlie import sae as S
 from mechlie.steering import steer
 
@@ -149,11 +149,24 @@ def test_head_site_reads_and_writes_one_head(tiny):
 
 def test_load_or_train_caches_once(tmp_path, monkeypatch):
     model = tiny_model(n_ctx=128)
-    cfg = S.SAETrainConfig(site="blocks.1.attn.hook_z:1", expansion=2, k=4, n_steps=30, batch_size=32,
-                           pairs_per_format=2, n_samples=4, sample_tokens=6)
+    cfg = S.SAETrainConfig(
+        site="blocks.1.attn.hook_z:1",
+        expansion=2,
+        k=4,
+        n_steps=30,
+        batch_size=32,
+        pairs_per_format=2,
+        n_samples=4,
+        sample_tokens=6,
+    )
     first = S.load_or_train_sae(model, cfg, cache_dir=tmp_path, progress=False)
     assert first.sae.cfg.d_in == model.cfg.d_head and first.site == S.Site("blocks.1.attn.hook_z", 1)
-    assert {p.name for p in first.path.iterdir()} == {"cfg.json", "sae_weights.safetensors", "mechlie.json", "corpus.json"}
+    assert {p.name for p in first.path.iterdir()} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "mechlie.json",
+        "corpus.json",
+    }
     assert set(first.info["corpus"]) == {"pairs", "neutral", "samples"}
     assert 0 < first.info["quality"]["l0"] <= cfg.k + 1e-6
     assert not [p for p in (tmp_path / "sae").iterdir() if p.name.startswith(".")]  # no temp folder left

@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import no_hooks, tiny_model
+
 from mechlie import views as V
 from mechlie.pairs import Fact, PairError, pairs_from_facts, tokenize
 
-CAPITALS = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-            ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Iran", "Tehran")]
+CAPITALS = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Cuba", "Havana"),
+    ("Iran", "Tehran"),
+]
 
 
 def capital_pairs(model, n_targets: int = 4):
     facts = [Fact(f"What is the capital of {c} ?", a, fact_id=c) for c, a in CAPITALS]
-    return pairs_from_facts(facts[:n_targets], facts[n_targets:], "fewshot", relation="capitals",
-                            tokenizer=model.tokenizer, n_shots=3)
+    return pairs_from_facts(
+        facts[:n_targets], facts[n_targets:], "fewshot", relation="capitals", tokenizer=model.tokenizer, n_shots=3
+    )
 
 
 def test_demo_answer_positions_are_the_demo_answers(tiny):
@@ -57,7 +68,10 @@ def test_attention_share_matches_the_pattern_and_dla_adds_up():
         ld = logits[0, -1, t] - logits[0, -1, l]
         assert float(r.dla_honest[i].sum() + rest) == pytest.approx(float(ld), abs=1e-3)
     rows = V.readout_summary(r, n_boot=100)
-    assert rows[0]["head"] == "L0H0" and rows[0]["share_lying"]["lo"] <= rows[0]["share_lying"]["mean"] <= rows[0]["share_lying"]["hi"]
+    assert (
+        rows[0]["head"] == "L0H0"
+        and rows[0]["share_lying"]["lo"] <= rows[0]["share_lying"]["mean"] <= rows[0]["share_lying"]["hi"]
+    )
     assert no_hooks(model)
 
 

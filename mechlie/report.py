@@ -176,7 +176,12 @@ def _load_result(run: Path, stem: str) -> dict:
 
 def _is_head_sweep(run: Path) -> bool:
     s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "head_sweep" or "top_heads_by_patching" in s
+    if s.get("kind") == "head_sweep":
+        return True
+    # Older head sweeps have no "kind": their summary has a patching block and a patching file.
+    # (Function-vector runs also list top_heads_by_patching, but have no patching file.)
+    has_file = any((run / f"patching.{ext}").is_file() for ext in ("safetensors", "pt"))
+    return "top_heads_by_patching" in s and isinstance(s.get("patching"), dict) and has_file
 
 
 def _normalized_ci(patched: torch.Tensor, clean: torch.Tensor, corrupt: torch.Tensor, n_boot: int = 1000):

@@ -147,11 +147,15 @@ def test_bad_runs_are_refused_before_writing(runs, tmp_path):
     with pytest.raises(R.RunFormatError, match="older version"):
         R.build_report(old)
     missing = tmp_path / "missing"
-    shutil.copytree(runs["head_sweep"], missing)
-    (missing / "patching.pt").unlink(missing_ok=True)
-    (missing / "patching.safetensors").unlink(missing_ok=True)
+    shutil.copytree(runs["sae_features"], missing)
+    (missing / "features.safetensors").unlink()
     with pytest.raises(R.RunFormatError, match="missing results file"):
         R.build_report(missing)
+    no_patching = tmp_path / "no_patching"
+    shutil.copytree(runs["head_sweep"], no_patching)
+    (no_patching / "patching.pt").unlink()
+    with pytest.raises(R.RunFormatError):
+        R.build_report(no_patching)
     # A good run beside a bad one: one line, exit 2, and nothing written for either.
     assert main([str(runs["head_sweep"]), str(missing), "--out", str(out)]) == 2
     assert not out.parent.exists()

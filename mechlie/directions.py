@@ -1,9 +1,12 @@
-"""Difference-of-means directions (honest -> lying), fact-level splits, and held-out AUROC.
+"""Directions (honest -> lying) from pluggable fits, fact-level splits, and held-out AUROC.
 
-A direction is ``mean(lying) - mean(honest)`` over the training facts, for every component at
-once: tensors of shape ``[n, *component, d]`` give directions of shape ``[*component, d]``, so
-one call scores every layer (``resid_*``: component = ``[L]``) or every head (``head_out`` / ``z``:
-component = ``[L, H]``).
+A *fit* maps training activations to a direction for every component at once: tensors of shape
+``[n, *component, d]`` give directions of shape ``[*component, d]``, so one call scores every
+layer (``resid_*``: component = ``[L]``) or every head (``head_out`` / ``z``: component =
+``[L, H]``). Fits live in a registry (``FITS``, ``register_fit``, ``get_fit``); the default,
+``diff_of_means``, is ``mean(lying) - mean(honest)`` over the training facts. The probe kinds of
+:mod:`mechlie.probes` register themselves here, so ``score_directions(..., fit="logistic")``
+scores them, and their nulls, the same way.
 
 Scoring (``score_directions``): project the held-out facts' activations onto the direction and
 compute the AUROC of "lying" vs "honest" (0.5 = chance, 1 = perfect, < 0.5 = reversed), with a

@@ -89,10 +89,15 @@ def main(cfg: Config, run: RunDir) -> dict:
     import torch
 
     from mechlie import plotting
-    from mechlie.detector import (
-        LabelledSet, calibrated_detector, choose_layer, evaluate_transfer, neutral_texts, transfer_matrix,
-    )
     from mechlie.activations import collect
+    from mechlie.detector import (
+        LabelledSet,
+        calibrated_detector,
+        choose_layer,
+        evaluate_transfer,
+        neutral_texts,
+        transfer_matrix,
+    )
     from mechlie.directions import split_by_fact
     from mechlie.io import atomic_write_json
     from mechlie.labels import on_policy
@@ -106,8 +111,15 @@ def main(cfg: Config, run: RunDir) -> dict:
         # Multi-token answers are kept: on-policy labels compare generated text with the answer.
         pairs += load_builtin(rel, cfg.fmt, tokenizer=model.tokenizer, n=cfg.n_pairs, seed=cfg.seed, multi_token="keep")
     log.info("%d pairs from %s", len(pairs), ", ".join(cfg.relations))
-    op = on_policy(model, pairs, k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                   seed=cfg.seed, batch_size=cfg.batch_size)
+    op = on_policy(
+        model,
+        pairs,
+        k=cfg.k,
+        temperature=cfg.temperature,
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
     counts = op.counts()
     t_gen = time.time() - t0
 
@@ -153,7 +165,9 @@ def main(cfg: Config, run: RunDir) -> dict:
         point = float(torch.tensor([c.auroc for c in cells.values()]).nanmean())
         lo, hi = torch.nanquantile(mean_draws, torch.tensor([0.025, 0.975])).tolist()
         loro[kind] = {
-            "mean_auroc": point, "lo": lo, "hi": hi,
+            "mean_auroc": point,
+            "lo": lo,
+            "hi": hi,
             "null_shuffled_q95": float(torch.tensor([c.null_shuffled_q95 for c in cells.values()]).nanmean()),
             "null_random_q95": float(torch.tensor([c.null_random_q95 for c in cells.values()]).nanmean()),
             "per_relation": cells,
@@ -165,13 +179,22 @@ def main(cfg: Config, run: RunDir) -> dict:
 
     all_tr, all_te = sets["all"]
     layers = tuple(range(model.cfg.n_layers)) if cfg.detector_probe == "ensemble" else (layer,)
-    feats = (lambda X: X[:, list(layers)])
+    feats = lambda X: X[:, list(layers)]
     probe = fit_probe(cfg.detector_probe, feats(all_tr.X), all_tr.y, pairs=all_tr.pairs())
-    neutral = collect(model, neutral_texts(), kinds=("resid_post",), progress=False, batch_size=cfg.batch_size)["resid_post"]
+    neutral = collect(model, neutral_texts(), kinds=("resid_post",), progress=False, batch_size=cfg.batch_size)[
+        "resid_post"
+    ]
     honest_test = all_te.X[all_te.y == 0]
     control = torch.cat([feats(honest_test), feats(neutral)])
-    det = calibrated_detector(model, probe, "resid_post", layers, control, cfg.fpr,
-                              {"trained_on": "framing labels, known facts, all relations", "layer": layer})
+    det = calibrated_detector(
+        model,
+        probe,
+        "resid_post",
+        layers,
+        control,
+        cfg.fpr,
+        {"trained_on": "framing labels, known facts, all relations", "layer": layer},
+    )
     recall = {
         name: float(det.flag(det.score_features(feats(s.X[s.y == 1]))).float().mean())
         for name, s in (("framing lies (test facts)", all_te), ("on-policy lies (test facts)", sets["on-policy"][1]))
@@ -189,14 +212,26 @@ def main(cfg: Config, run: RunDir) -> dict:
         traces[f"{p.truth} | {tok.texts[i]!r}"] = tok.tokens[i][m].tolist()
     width = max(len(v) for v in traces.values())
     traces = {k: v + [float("nan")] * (width - len(v)) for k, v in traces.items()}
-    figs["token_scores"] = plotting.lines(range(width), traces, "Detector score per generated token (lying prompts)",
-                                          x_label="generated token (0 = chosen at the final prompt token)", y_label="score")
+    figs["token_scores"] = plotting.lines(
+        range(width),
+        traces,
+        "Detector score per generated token (lying prompts)",
+        x_label="generated token (0 = chosen at the final prompt token)",
+        y_label="score",
+    )
     kinds = [k for k in cfg.probes if k in matrix]
     names = [s.name for s in test]
     heat = [
         plotting.heatmap(
-            torch.tensor([[matrix[k].get(a, {}).get(b).auroc if a in matrix[k] else float("nan") for b in names] for a in names]),
-            k, x_label="test set", y_label="train set", zmid=0.5, x_ticks=names, y_ticks=names,
+            torch.tensor(
+                [[matrix[k].get(a, {}).get(b).auroc if a in matrix[k] else float("nan") for b in names] for a in names]
+            ),
+            k,
+            x_label="test set",
+            y_label="train set",
+            zmid=0.5,
+            x_ticks=names,
+            y_ticks=names,
         )
         for k in kinds
     ]
@@ -212,13 +247,37 @@ def main(cfg: Config, run: RunDir) -> dict:
 
     atomic_write_json(run.path / "matrix.json", {"layer": layer, "matrix": matrix, "loro": loro, "counts": counts})
     summary = {
-        "model": cfg.model, "n_pairs": len(pairs), "layer": layer, "val_auroc_layer": float(val_auroc[layer]),
-        "label_counts": counts["all"], "train_facts": len(train_facts), "test_facts": len(test_facts),
+        "model": cfg.model,
+        "n_pairs": len(pairs),
+        "layer": layer,
+        "val_auroc_layer": float(val_auroc[layer]),
+        "label_counts": counts["all"],
+        "train_facts": len(train_facts),
+        "test_facts": len(test_facts),
         "loro": {k: {kk: vv for kk, vv in v.items() if kk != "per_relation"} for k, v in loro.items()},
-        "detector": {"path": str(det_path), "probe": cfg.detector_probe, "threshold": det.threshold, "fpr": cfg.fpr,
-                     **det.info, "recall_at_fpr": recall},
+        "detector": {
+            "path": str(det_path),
+            "probe": cfg.detector_probe,
+            "threshold": det.threshold,
+            "fpr": cfg.fpr,
+            **det.info,
+            "recall_at_fpr": recall,
+        },
         "time_s": {"generation": round(t_gen, 1), "total": round(time.time() - t0, 1)},
         "figures": fig_paths,
+    }
+    # Framing vs on-policy labels, and the known filter: the cells that answer those questions.
+    key_cells = [
+        ("all", "all"),
+        ("all", "on-policy"),
+        ("on-policy", "on-policy"),
+        ("on-policy", "all"),
+        ("all (no known filter)", "all"),
+        ("all (no known filter)", "on-policy"),
+    ]
+    summary["key_cells"] = {
+        k: {f"{a} -> {b}": matrix[k][a][b] for a, b in key_cells if a in matrix[k] and b in matrix[k][a]}
+        for k in matrix
     }
     _print_table(matrix, loro, counts, summary, [s.name for s in train])
     return summary
@@ -229,8 +288,13 @@ def _roc_figure(roc: dict):
 
     fig = go.Figure([go.Scatter(x=f, y=t, mode="lines", name=k) for k, (f, t) in roc.items()])
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"dash": "dash"}, name="chance"))
-    fig.update_layout(title="ROC on held-out relations (LORO, scores z-scored per relation)",
-                      xaxis_title="false-positive rate", yaxis_title="true-positive rate", width=700, height=600)
+    fig.update_layout(
+        title="ROC on held-out relations (LORO, scores z-scored per relation)",
+        xaxis_title="false-positive rate",
+        yaxis_title="true-positive rate",
+        width=700,
+        height=600,
+    )
     return fig
 
 
@@ -240,7 +304,8 @@ def _print_table(matrix, loro, counts, summary, names) -> None:
     print("\nLeave-one-relation-out transfer (mean over held-out relations, 95% CI over facts):")
     print(f"{'probe':<14} {'AUROC':>22} {'shuffled q95':>13} {'random q95':>11}")
     for k, v in loro.items():
-        print(f"{k:<14} {v['mean_auroc']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]   {v['null_shuffled_q95']:>10.3f} {v['null_random_q95']:>11.3f}")
+        ci = f"{v['mean_auroc']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+        print(f"{k:<14} {ci:>22} {v['null_shuffled_q95']:>13.3f} {v['null_random_q95']:>11.3f}")
     for k, rows in matrix.items():
         print(f"\n{k}: AUROC, rows = train set, columns = test set")
         cols = names
@@ -248,8 +313,15 @@ def _print_table(matrix, loro, counts, summary, names) -> None:
         for a in cols:
             if a in rows:
                 print(f"{a[:21]:<22}" + " ".join(f"{rows[a][c].auroc:>9.2f}" for c in cols))
+    print("\nframing vs on-policy labels, known filter (AUROC [95% CI]; shuffled / random null q95):")
+    for k, cells in summary["key_cells"].items():
+        for name, c in cells.items():
+            ci = f"{c.auroc:.3f} [{c.lo:.3f}, {c.hi:.3f}]"
+            nulls = f"{c.null_shuffled_q95:.3f} / {c.null_random_q95:.3f}"
+            print(f"  {k:<14} {name:<36} {ci}  {nulls}  (n facts {c.n_target_facts})")
     d = summary["detector"]
-    print(f"\ndetector ({d['probe']}, threshold at {d['fpr']:.0%} control FPR on {d['n_controls']} controls): recall {d['recall_at_fpr']}")
+    where = f"threshold at {d['fpr']:.0%} control FPR on {d['n_controls']} controls"
+    print(f"\ndetector ({d['probe']}, {where}): recall {d['recall_at_fpr']}")
     print(f"time: {summary['time_s']}")
 
 

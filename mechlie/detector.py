@@ -138,7 +138,9 @@ class Detector:
         else:
             raise DetectorError("inputs must be all prompt strings or all ContrastPairs")
         if generate_tokens > 0:
-            g = generate_with_states(model, prompts, kinds=(self.kind,), layers=self.layers, max_new_tokens=generate_tokens)
+            g = generate_with_states(
+                model, prompts, kinds=(self.kind,), layers=self.layers, max_new_tokens=generate_tokens
+            )
             st = g.states[self.kind]  # [n, steps, l, d]
             n, steps = st.shape[:2]
             tok = self.score_features(st.flatten(0, 1)).view(n, steps)
@@ -223,7 +225,13 @@ def fit_detector(
         raise DetectorError(f"a {probe} detector reads one layer; got {layers} (use probe='ensemble' for several)")
     if len(controls) < 2:
         raise DetectorError("need at least 2 control prompts to calibrate")
-    acts = collect(model, [p.honest for p in pairs] + [p.lying for p in pairs], kinds=(kind,), batch_size=batch_size, progress=False)[kind][:, list(layers)]
+    acts = collect(
+        model,
+        [p.honest for p in pairs] + [p.lying for p in pairs],
+        kinds=(kind,),
+        batch_size=batch_size,
+        progress=False,
+    )[kind][:, list(layers)]
     m = len(pairs)
     X, y, idx = pair_rows(acts[:m], acts[m:])
     fitted = fit_probe(probe, X, y, pairs=idx, **hyperparameters)
@@ -268,7 +276,9 @@ class LabelledSet:
 
     @staticmethod
     def concat(sets: Sequence["LabelledSet"], name: str) -> "LabelledSet":
-        return LabelledSet(name, torch.cat([s.X for s in sets]), torch.cat([s.y for s in sets]), [f for s in sets for f in s.facts])
+        return LabelledSet(
+            name, torch.cat([s.X for s in sets]), torch.cat([s.y for s in sets]), [f for s in sets for f in s.facts]
+        )
 
     def groups(self) -> list[list[int]]:
         by: dict[str, list[int]] = {}
@@ -392,8 +402,16 @@ def evaluate_transfer(
         rs = test.X[:, layer].float() @ rand.T
         rnd = auroc(rs[pos], rs[neg])
         cells.append(
-            TransferCell(float(est.mean), float(est.lo), float(est.hi), n_mean, n_q, float(rnd.mean()),
-                         float(torch.quantile(rnd, 0.95)), len(groups))
+            TransferCell(
+                float(est.mean),
+                float(est.lo),
+                float(est.hi),
+                n_mean,
+                n_q,
+                float(rnd.mean()),
+                float(torch.quantile(rnd, 0.95)),
+                len(groups),
+            )
         )
     return probe, cells, all_scores, all_draws
 
@@ -431,7 +449,9 @@ def calibrated_detector(
 ) -> Detector:
     """A :class:`Detector` from an already fitted probe, its threshold calibrated on control
     features read at ``layers`` (``[n, len(layers), d]``)."""
-    det = Detector(probe, kind, tuple(layers), model.cfg.model_name, model_fingerprint(model), model.cfg.d_model, 0.0, fpr)
+    det = Detector(
+        probe, kind, tuple(layers), model.cfg.model_name, model_fingerprint(model), model.cfg.d_model, 0.0, fpr
+    )
     c = det.score_features(control)
     thr = calibrate_threshold(c, fpr)
     info = {**(info or {}), "n_controls": len(control), "control_fpr": float((c > thr).float().mean())}
@@ -459,8 +479,15 @@ def transfer_matrix(
     jobs = [(k, s) for k in kinds for s in train]
     for kind, src in tqdm(jobs, desc="transfer", disable=not progress):
         if min(int(src.y.sum()), int((1 - src.y).sum())) < 2 or len(src.pairs()) < 2:
-            log.warning("%s: too few labelled rows of one class to fit (%d lie, %d not); skipped", src.name, int(src.y.sum()), int((1 - src.y).sum()))
+            log.warning(
+                "%s: too few labelled rows of one class to fit (%d lie, %d not); skipped",
+                src.name,
+                int(src.y.sum()),
+                int((1 - src.y).sum()),
+            )
             continue
-        _, cells, _, _ = evaluate_transfer(src, test, kind, layer, n_null=n_null, n_random=n_random, n_boot=n_boot, seed=seed)
+        _, cells, _, _ = evaluate_transfer(
+            src, test, kind, layer, n_null=n_null, n_random=n_random, n_boot=n_boot, seed=seed
+        )
         out.setdefault(kind, {})[src.name] = {t.name: c for t, c in zip(test, cells)}
     return out

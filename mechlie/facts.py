@@ -34,7 +34,14 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mechlie.pairs import (
-    AnswerTokenError, ContrastPair, Fact, Format, PairError, answer_token_ids, demo_pool, pairs_from_facts,
+    AnswerTokenError,
+    ContrastPair,
+    Fact,
+    Format,
+    PairError,
+    answer_token_ids,
+    demo_pool,
+    pairs_from_facts,
 )
 
 log = logging.getLogger(__name__)
@@ -165,7 +172,12 @@ def pairs_from_user_facts(
         out += pairs_from_facts(
             [Fact(f.question, f.answer, f.lie, f.fact_id) for f in targets],
             [Fact(f.question, f.answer, f.lie, f.fact_id) for f in demos],
-            fmt, relation=rel, answers=[f.answer for f in fs], tokenizer=tokenizer, n_shots=n_shots, seed=seed,
+            fmt,
+            relation=rel,
+            answers=[f.answer for f in fs],
+            tokenizer=tokenizer,
+            n_shots=n_shots,
+            seed=seed,
         )
     return out
 
@@ -227,12 +239,22 @@ def load_repe_facts(path: str | Path, *, tokenizer=None) -> list[ContrastPair]:
 
         def render(instr: str) -> str:
             if chat:
-                head = tokenizer.apply_chat_template([{"role": "user", "content": instr}], tokenize=False, add_generation_prompt=True)
+                head = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": instr}], tokenize=False, add_generation_prompt=True
+                )
                 return head + prefix
             return f"{instr}\n\n{prefix}"
 
-        out.append(ContrastPair(render(REPE_HONEST), render(REPE_DISHONEST), last, None, f"repe/{i}", "repe_facts", s.text))
-    log.info("%s: %d pairs from true statements (%d false statements and %d one-word statements not used)", path, len(out), n_false, n_short)
+        out.append(
+            ContrastPair(render(REPE_HONEST), render(REPE_DISHONEST), last, None, f"repe/{i}", "repe_facts", s.text)
+        )
+    log.info(
+        "%s: %d pairs from true statements (%d false statements and %d one-word statements not used)",
+        path,
+        len(out),
+        n_false,
+        n_short,
+    )
     if not out:
         raise FactsError(f"{path}: no true statements of two or more words to build pairs from")
     return out
@@ -259,7 +281,5 @@ def load_qa_json(path: str | Path, *, relation: str | None = None) -> list[UserF
     else:
         raise FactsError(f"{path}: expected a list or dict of question/answer records")
     rel = relation or path.stem
-    records = [
-        {**r, "lie": r.get("false_answer"), "relation": rel} if isinstance(r, dict) else r for r in records
-    ]
+    records = [{**r, "lie": r.get("false_answer"), "relation": rel} if isinstance(r, dict) else r for r in records]
     return facts_from_records(records, source=str(path))

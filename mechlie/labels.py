@@ -98,7 +98,9 @@ def generate_with_states(
         raise PairError("no prompts to generate from")
     seed = generate_kw.pop("seed", 0)
     chunks = []
-    for c, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False)):
+    for c, start in enumerate(
+        tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False)
+    ):
         store: dict[str, dict[int, list[Tensor]]] = {k: {l: [] for l in layers} for k in kinds}
 
         def saver(kind: str, layer: int, store=store):
@@ -201,7 +203,11 @@ class OnPolicy:
         """Framing labels at the final prompt token: honest prompts (0) vs lying prompts (1) of
         the same facts, only facts the model knows unless ``known_only=False``."""
         known = self.known.tolist()
-        idx = [i for i, p in enumerate(self.pairs) if (known[i] or not known_only) and (relation is None or p.relation == relation)]
+        idx = [
+            i
+            for i, p in enumerate(self.pairs)
+            if (known[i] or not known_only) and (relation is None or p.relation == relation)
+        ]
         X = torch.cat([self.honest.states[kind][idx, 0], self.greedy.states[kind][idx, 0]])
         y = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
         facts = [self.pairs[i].fact_id for i in idx] * 2
@@ -285,7 +291,14 @@ def on_policy(
         raise PairError("no pairs to label")
     if k < 0 or max_new_tokens < 2:
         raise ValueError("k must be >= 0 and max_new_tokens >= 2 (the answer-token state needs one step)")
-    kw = dict(kinds=kinds, layers=layers, max_new_tokens=max_new_tokens, stop_strings=("\n",), batch_size=batch_size, progress=progress)
+    kw = dict(
+        kinds=kinds,
+        layers=layers,
+        max_new_tokens=max_new_tokens,
+        stop_strings=("\n",),
+        batch_size=batch_size,
+        progress=progress,
+    )
     honest = generate_with_states(model, [p.honest for p in pairs], **kw)
     greedy = generate_with_states(model, [p.lying for p in pairs], **kw)
     samples = None

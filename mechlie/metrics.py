@@ -32,7 +32,6 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-
 from transformer_lens import HookedTransformer
 
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_sequences, answer_set, tokenize
@@ -125,8 +124,12 @@ class Behaviour:
             "choice_cov_honest": h.choice_cov.mean().item(),
             "choice_cov_lying": li.choice_cov.mean().item(),
             **(
-                {"logit_diff_seq_honest": h.logit_diff_seq.mean().item(), "logit_diff_seq_lying": li.logit_diff_seq.mean().item()}
-                if h.logit_diff_seq is not None and li.logit_diff_seq is not None else {}
+                {
+                    "logit_diff_seq_honest": h.logit_diff_seq.mean().item(),
+                    "logit_diff_seq_lying": li.logit_diff_seq.mean().item(),
+                }
+                if h.logit_diff_seq is not None and li.logit_diff_seq is not None
+                else {}
             ),
         }
 
@@ -194,7 +197,7 @@ def answer_logprob(
             mask[j, width - len(ids) :] = 1
         batch = Batch(tokens.to(model.cfg.device), mask.to(model.cfg.device))
         lp = model(batch.tokens, attention_mask=batch.attention_mask).float().log_softmax(-1).cpu()
-        for j, (_, ids, k) in enumerate(chunk):
+        for j, (_, _ids, k) in enumerate(chunk):
             # Position width-1-k+t predicts answer token t, which sits at width-k+t.
             pos = torch.arange(width - 1 - k, width - 1)
             logps[start + j] = lp[j, pos, tokens[j, pos + 1]].sum()
@@ -203,4 +206,3 @@ def answer_logprob(
         mine = torch.tensor([logps[r] for r, row in enumerate(rows) if row[0] == i])
         out[i] = mine.logsumexp(0)
     return out
-

@@ -66,7 +66,7 @@ class Probe:
     bias: Float[Tensor, "*c"]
     meta: dict = field(default_factory=dict)
 
-    def score(self, X: Float[Tensor, "n *c d"]) -> Float[Tensor, "n *c"]:
+    def score(self, X: Float[Tensor, "n *c d"]) -> Float[Tensor, "n *c"]:  # noqa: F821 (a shape, not names)
         if tuple(X.shape[1:]) != tuple(self.direction.shape):
             raise ProbeError(
                 f"{self.kind} probe expects features of shape [n, {', '.join(map(str, self.direction.shape))}], "
@@ -75,7 +75,10 @@ class Probe:
         return (X.float() * self.direction).sum(-1) + self.bias
 
     def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
-        return {"direction": self.direction.contiguous(), "bias": self.bias.contiguous()}, {"kind": self.kind, **self.meta}
+        return {"direction": self.direction.contiguous(), "bias": self.bias.contiguous()}, {
+            "kind": self.kind,
+            **self.meta,
+        }
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ class EnsembleProbe:
     def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
         t, m = self.layers.to_tensors()
         return {**t, "mean": self.mean.contiguous(), "std": self.std.contiguous()}, {
-            **m, "kind": "ensemble", "base": self.layers.kind, **self.meta
+            **m,
+            "kind": "ensemble",
+            "base": self.layers.kind,
+            **self.meta,
         }
 
 
@@ -111,7 +117,9 @@ def probe_from_tensors(tensors: dict[str, Tensor], meta: dict) -> AnyProbe:
     kind = meta.pop("kind")
     if kind == "ensemble":
         base = meta.pop("base")
-        return EnsembleProbe(Probe(base, tensors["direction"], tensors["bias"]), tensors["mean"], tensors["std"], meta=meta)
+        return EnsembleProbe(
+            Probe(base, tensors["direction"], tensors["bias"]), tensors["mean"], tensors["std"], meta=meta
+        )
     return Probe(kind, tensors["direction"], tensors["bias"], meta)
 
 
@@ -240,8 +248,14 @@ def fit_lat(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0) ->
 
 
 def fit_ccs(
-    X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0,
-    n_tries: int = 5, n_steps: int = 600, lr: float = 1e-2, weight_decay: float = 0.01,
+    X: Tensor,
+    y: Tensor,
+    pairs: Tensor | None = None,
+    seed: int = 0,
+    n_tries: int = 5,
+    n_steps: int = 600,
+    lr: float = 1e-2,
+    weight_decay: float = 0.01,
     randomize_slots: bool = True,
 ) -> Probe:
     X, y = _check(X, y)
@@ -294,7 +308,9 @@ FITTERS: dict[str, Callable[..., Probe]] = {
 PROBES: tuple[str, ...] = (*FITTERS, "ensemble")
 
 
-def fit_ensemble(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0, base: str = "diff_of_means", **hp) -> EnsembleProbe:
+def fit_ensemble(
+    X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0, base: str = "diff_of_means", **hp
+) -> EnsembleProbe:
     if X.ndim != 3:
         raise ProbeError(f"the ensemble probe combines layers: features must be [n, L, d], got {tuple(X.shape)}")
     if base not in FITTERS:
@@ -407,7 +423,9 @@ def grad_features(
             lp = gather_logprob(logits.float().log_softmax(-1), answer_ids[i : i + batch_size].to(logits.device))
             lp.sum().backward()
         for k in kinds:
-            per_layer = [(store[(k, l)] * store[(k, l)].grad)[:, -1].detach().float().cpu() for l in range(model.cfg.n_layers)]
+            per_layer = [
+                (store[(k, l)] * store[(k, l)].grad)[:, -1].detach().float().cpu() for l in range(model.cfg.n_layers)
+            ]
             out[k].append(torch.stack(per_layer, 1))
         model.zero_grad(set_to_none=True)
     return {k: torch.cat(v) for k, v in out.items()}

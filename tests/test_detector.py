@@ -3,7 +3,14 @@ import random
 import pytest
 import torch
 
-from mechlie.detector import Detector, DetectorError, calibrate_threshold, fit_detector, model_fingerprint, neutral_texts
+from mechlie.detector import (
+    Detector,
+    DetectorError,
+    calibrate_threshold,
+    fit_detector,
+    model_fingerprint,
+    neutral_texts,
+)
 from mechlie.pairs import ContrastPair
 from tests.conftest import WORDS, tiny_model
 
@@ -85,9 +92,31 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
 
     model = tiny_model(n_ctx=256)
     monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: model)
-    argv = ["--relations", "capitals", "opposites", "numbers", "--n-pairs", "10", "--k", "2", "--no-known-filter",
-            "--probes", "diff_of_means", "logistic", "lat", "--n-null", "3", "--n-random", "20", "--n-boot", "50",
-            "--fpr", "0.1", "--out-dir", str(tmp_path)]
+    argv = [
+        "--relations",
+        "capitals",
+        "opposites",
+        "numbers",
+        "--n-pairs",
+        "10",
+        "--k",
+        "2",
+        "--no-known-filter",
+        "--probes",
+        "diff_of_means",
+        "logistic",
+        "lat",
+        "--n-null",
+        "3",
+        "--n-random",
+        "20",
+        "--n-boot",
+        "50",
+        "--fpr",
+        "0.1",
+        "--out-dir",
+        str(tmp_path),
+    ]
     assert run_script(script.Config, script.main, argv=argv) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     summary = json.loads((run / "summary.json").read_text())

@@ -3,16 +3,33 @@ import json
 import pytest
 
 from mechlie.facts import (
-    REPE_DISHONEST, REPE_HONEST, FactsError, load_facts, load_qa_json, load_repe_facts, load_statements,
+    REPE_DISHONEST,
+    REPE_HONEST,
+    FactsError,
+    load_facts,
+    load_qa_json,
+    load_repe_facts,
+    load_statements,
     pairs_from_user_facts,
 )
 from mechlie.pairs import FORMATS, build_pairs, fewshot_demos
 from tests.conftest import tiny_tokenizer
 
 # Small samples in each format, written for this project.
-ANIMALS = [("cat", "meow"), ("dog", "woof"), ("cow", "moo"), ("duck", "quack"), ("owl", "hoot"),
-           ("lion", "roar"), ("snake", "hiss"), ("sheep", "baa"), ("horse", "neigh"), ("pig", "oink"),
-           ("bee", "buzz"), ("mouse", "squeak")]
+ANIMALS = [
+    ("cat", "meow"),
+    ("dog", "woof"),
+    ("cow", "moo"),
+    ("duck", "quack"),
+    ("owl", "hoot"),
+    ("lion", "roar"),
+    ("snake", "hiss"),
+    ("sheep", "baa"),
+    ("horse", "neigh"),
+    ("pig", "oink"),
+    ("bee", "buzz"),
+    ("mouse", "squeak"),
+]
 
 
 def facts_rows(relation="sounds"):
@@ -79,9 +96,7 @@ def test_statement_csv(tmp_path):
 
 def test_repe_facts_csv(tmp_path):
     p = tmp_path / "facts_true_false.csv"
-    p.write_text(
-        "statement,label\nThe Earth orbits the Sun.,1\nWater boils at ten degrees.,0\nBees make honey.,1\n"
-    )
+    p.write_text("statement,label\nThe Earth orbits the Sun.,1\nWater boils at ten degrees.,0\nBees make honey.,1\n")
     pairs = load_repe_facts(p)
     assert [x.truth for x in pairs] == ["Sun", "honey"]
     assert pairs[0].honest == f"{REPE_HONEST}\n\nThe Earth orbits the"
@@ -89,13 +104,21 @@ def test_repe_facts_csv(tmp_path):
 
 
 def test_qa_json_layouts(tmp_path):
-    recs = [{"question": "What colour is the sky?", "answer": "blue", "false_answer": "green"},
-            {"question": "What do cows drink?", "answer": "water"}]
+    recs = [
+        {"question": "What colour is the sky?", "answer": "blue", "false_answer": "green"},
+        {"question": "What do cows drink?", "answer": "water"},
+    ]
     for name, data in (
         ("list", recs),
         ("index", {"0": recs[0], "1": recs[1]}),
-        ("columns", {"question": {"0": recs[0]["question"], "1": recs[1]["question"]},
-                     "answer": {"0": "blue", "1": "water"}, "false_answer": {"0": "green", "1": None}}),
+        (
+            "columns",
+            {
+                "question": {"0": recs[0]["question"], "1": recs[1]["question"]},
+                "answer": {"0": "blue", "1": "water"},
+                "false_answer": {"0": "green", "1": None},
+            },
+        ),
     ):
         p = tmp_path / f"{name}.json"
         p.write_text(json.dumps(data))

@@ -21,7 +21,9 @@ def test_generation_states_are_the_final_prompt_token_then_the_generated_tokens(
     g = generate_with_states(tiny, prompts, kinds=("resid_post",), max_new_tokens=3, eos_token_id=None)
     # Chunked generation gives the same states and tokens as one batch.
     g1 = generate_with_states(tiny, prompts, kinds=("resid_post",), max_new_tokens=3, eos_token_id=None, batch_size=1)
-    assert torch.equal(g1.tokens, g.tokens) and torch.allclose(g1.states["resid_post"], g.states["resid_post"], atol=1e-4)
+    assert torch.equal(g1.tokens, g.tokens) and torch.allclose(
+        g1.states["resid_post"], g.states["resid_post"], atol=1e-4
+    )
     st = g.states["resid_post"]
     assert st.shape == (2, 3, tiny.cfg.n_layers, tiny.cfg.d_model)
     # Pass 0: the final prompt token, as a plain forward pass reads it.

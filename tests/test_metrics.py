@@ -28,7 +28,9 @@ def test_full_answer_logprob_matches_token_by_token(tiny):
 
 
 def test_answer_sequences_spellings(tiny):
-    assert answer_sequences(tiny.tokenizer, "Lima Santiago") == [[tiny.tokenizer.convert_tokens_to_ids("Lima"), tiny.tokenizer.convert_tokens_to_ids("Santiago")]]
+    assert answer_sequences(tiny.tokenizer, "Lima Santiago") == [
+        [tiny.tokenizer.convert_tokens_to_ids("Lima"), tiny.tokenizer.convert_tokens_to_ids("Santiago")]
+    ]
     with pytest.raises(PairError, match="empty"):
         answer_sequences(tiny.tokenizer, "  ")
 

@@ -7,7 +7,13 @@ from mechlie.activations import collect
 from mechlie.directions import auroc
 from mechlie.metrics import gather_logprob
 from mechlie.probes import (
-    PROBES, ProbeError, fit_probe, grad_features, pair_fit, pair_rows, probe_from_tensors,
+    PROBES,
+    ProbeError,
+    fit_probe,
+    grad_features,
+    pair_fit,
+    pair_rows,
+    probe_from_tensors,
 )
 from tests.tiny_models import random_batch, tiny_model
 
@@ -75,7 +81,9 @@ def test_logistic_matches_scikit_learn():
     honest, lying, _ = planted(n=80, c=(), d=10, shift=1.0, seed=2)
     X, y, _ = pair_rows(honest, lying)
     probe = fit_probe("logistic", X, y, C=0.5)
-    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000)).fit(X.numpy().astype(np.float64), y.numpy())
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=2000)).fit(
+        X.numpy().astype(np.float64), y.numpy()
+    )
     expected = torch.tensor(ref.decision_function(X.numpy().astype(np.float64)), dtype=torch.float32)
     assert torch.allclose(probe.score(X), expected, atol=1e-3, rtol=1e-3)
 

@@ -1,76 +1,83 @@
 """Lie function vector (Todd et al. 2023) on few-shot lying prompts; see mechlie.function_vectors.
 
-    HF_HUB_OFFLINE=1 python analyses/function_vectors.py [--n-per-relation 4] [--k 10] [--run NAME]
+    python analyses/function_vectors.py                    # every known fact of every relation
+    python analyses/function_vectors.py --n-per-relation 8 --n-random 50 --device cuda
 
-Writes results/function_vectors/<run>/{config.json, summary.json, tensors.pt, *.html, *.png}.
+Uses every fact the model knows (answered correctly under the honest framing), split by fact
+into training pairs (heads, AIE with leave-one-out means, FV, diff of means) and test pairs
+(interventions). The FV is added at the layers its heads live in; many random directions of
+the same norm give the null distribution. Effects carry 95% bootstrap CIs over test pairs.
+Writes results/function_vectors/<run>/ (config, summary, safetensors, figures); the run name
+comes from the settings, so a different configuration never overwrites an earlier run.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
-from mechlie.directions import split_by_fact
-from mechlie.function_vectors import AIE_METRICS, VECTOR_NAMES, run_function_vector
-from mechlie.io import atomic_torch_save, atomic_write_json, ensure_writable_dir
-from mechlie.models import DEFAULT_MODEL, load_model
-from mechlie.pairs import load_builtin
-from mechlie.patching import patch_final_position
-from mechlie.plotting import heatmap, lines, save_figure, side_by_side
-
-CORRUPT_MODES = ("mixed", "permuted")
+from mechlie.cli import RunDir, run_script
+from mechlie.models import DEFAULT_MODEL
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    model: str = DEFAULT_MODEL
-    dataset: str = "all"
-    n_per_relation: int = 2  # pairs per relation (fewshot format); half train, half test
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
+    n_per_relation: int | None = field(default=None, metadata={"help": "sample this many pairs per relation (default: all)"})
     test_frac: float = 0.5
-    k: int = 10  # heads in the function vector
-    layer: int | None = None  # headline layer (default n_layers // 3)
-    layer_stride: int = 3  # interventions are measured at every layer_stride-th layer (+ the headline)
-    corrupt_mode: str = "mixed"
-    metric: str = "truth_drop"  # AIE ranking metric
-    n_random: int = 3
+    k: int = field(default=10, metadata={"help": "heads in the function vector"})
+    layer: int | None = field(default=None, metadata={"help": "headline layer (default: the earliest layer of the FV's heads)"})
+    all_layers: bool = field(default=False, metadata={"help": "measure the interventions at every layer, not only the FV heads' layers"})
+    corrupt_mode: Literal["mixed", "permuted"] = "mixed"
+    metric: Literal["truth_drop", "lie_rise", "logit_diff_drop"] = "truth_drop"
+    n_random: int = field(default=100, metadata={"help": "random directions (the null distribution)"})
+    n_boot: int = 1000
     seed: int = 0
-    batch_size: int = 16
+    device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    n_devices: int = field(default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"})
+    batch_size: int = field(default=16, metadata={"run": False})
     out_dir: str = "results/function_vectors"
-    run: str = "default"
+    run_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.corrupt_mode not in CORRUPT_MODES:
-            raise ValueError(f"corrupt_mode must be one of {CORRUPT_MODES}")
-        if self.metric not in AIE_METRICS:
-            raise ValueError(f"metric must be one of {AIE_METRICS}")
-        if self.layer_stride < 1 or self.k < 1 or self.n_per_relation < 2 or not 0 < self.test_frac < 1:
-            raise ValueError("need k >= 1, n_per_relation >= 2 and 0 < test_frac < 1")
+        if self.k < 1 or not 0 < self.test_frac < 1 or self.n_random < 1 or self.n_boot < 10:
+            raise ValueError("need --k >= 1, 0 < --test-frac < 1, --n-random >= 1, --n-boot >= 10")
+        if self.n_per_relation is not None and self.n_per_relation < 2:
+            raise ValueError("--n-per-relation must be >= 2")
+        if self.batch_size < 1 or self.n_devices < 1:
+            raise ValueError("--batch-size and --n-devices must be >= 1")
 
 
-def parse_args(argv=None) -> Config:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        typ = int if f.name == "layer" else type(f.default)
-        ap.add_argument(flag, type=typ, default=f.default)
-    return Config(**vars(ap.parse_args(argv)))
+def main(cfg: Config, run: RunDir) -> dict:
+    from mechlie.directions import split_by_fact
+    from mechlie.function_vectors import VECTOR_NAMES, run_function_vector
+    from mechlie.io import save_tensors
+    from mechlie.kv import load_model_split, top_heads
+    from mechlie.metrics import behaviour
+    from mechlie.pairs import load_builtin
+    from mechlie.patching import patch_final_position
+    from mechlie.plotting import heatmap, lines, save_figure, side_by_side
 
-
-def main(cfg: Config) -> dict:
-    out = ensure_writable_dir(Path(cfg.out_dir) / cfg.run)
-    atomic_write_json(out / "config.json", asdict(cfg))
-    model = load_model(cfg.model)
-    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation)
+    torch.manual_seed(cfg.seed)
+    model = load_model_split(cfg.model, device=cfg.device, dtype=cfg.dtype, n_devices=cfg.n_devices)
+    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
+    known = behaviour(model, pairs, batch_size=cfg.batch_size, progress=False).known
+    pairs = [p for p, k in zip(pairs, known.tolist()) if k]
+    print(f"{len(pairs)} known facts used (of {len(known)} pairs; unknown facts dropped: a lie needs knowledge)")
+    if len(pairs) < 4:
+        raise ValueError(f"only {len(pairs)} known facts: need at least 4 (2 training, 2 test)")
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
     train, test = [pairs[i] for i in split.train], [pairs[i] for i in split.test]
     print(f"{len(train)} training pairs (heads, AIE, FV, diff of means), {len(test)} test pairs (interventions)")
 
+    out = run.path
     ex = run_function_vector(
-        model, train, test, k=cfg.k, layer=cfg.layer, layers=range(0, model.cfg.n_layers, cfg.layer_stride),
+        model, train, test, k=cfg.k, layer=cfg.layer, layers=range(model.cfg.n_layers) if cfg.all_layers else None,
         corrupt_mode=cfg.corrupt_mode, metric=cfg.metric,
         n_random=cfg.n_random, seed=cfg.seed, batch_size=cfg.batch_size,
     )
@@ -81,7 +88,7 @@ def main(cfg: Config) -> dict:
     aie, rise = ex.aie.aie("truth_drop"), ex.aie.aie("lie_rise")
     ranking = ex.aie.aie(cfg.metric)
     H = model.cfg.n_heads
-    top_patch = [(int(i) // H, int(i) % H) for i in patch_effect.abs().flatten().topk(cfg.k).indices]
+    top_patch = list(top_heads(patch_effect.abs(), cfg.k))
     layer = ex.layer
     cos = ex.cosine_fv_dom()
 
@@ -89,6 +96,7 @@ def main(cfg: Config) -> dict:
         name: {
             "base_p_truth": float(r.base.p_truth.mean()),
             "delta_p_truth": ex.effects(r),
+            "delta_p_truth_ci": ex.effect_ci(r, n_boot=cfg.n_boot, seed=cfg.seed),
             "delta_p_truth_by_layer": {l: ex.effects(r, l) for l in r.layers},
             "best_layer_fv": r.layers[int(r.delta_p_truth()[0].abs().argmax())],
         }
@@ -116,20 +124,23 @@ def main(cfg: Config) -> dict:
         "cosine_fv_vs_diff_of_means": float(cos[layer]),
         "cosine_fv_vs_diff_of_means_by_layer": cos.tolist(),
         "interventions_at_layer": interventions,
+        "fv_head_layers": sorted({l for l, _ in ex.fv.heads}),
         "note": "delta_p_truth: mean over test prompts of P(truth) with the vector minus without, the vector added to "
         "blocks.L.hook_resid_post at the final position (subtracted for lying_minus); every vector at the FV's norm; "
-        "random_*: over n_random Gaussian directions (mean of signed effects, mean and max of |effect|).",
+        "delta_p_truth_ci: 95% bootstrap CIs over test pairs (fv, diff_of_means), the distribution of n_random "
+        "Gaussian directions' mean effects (quantiles), and fv_p_vs_random = share of random directions with |effect| "
+        ">= |FV effect|. AIE with leave-one-out means.",
     }
-    atomic_write_json(out / "summary.json", summary)
-    atomic_torch_save(
-        out / "tensors.pt",
+    save_tensors(
+        out / "tensors.safetensors",
         {
             "aie_truth_drop": aie, "aie_lie_rise": rise, "aie_p_truth": ex.aie.p_truth, "mean_z": ex.means.z,
-            "mean_head_out": ex.means.head_out, "fv": ex.fv.vector, "fv_heads": ex.fv.heads, "diff_of_means": ex.dom,
+            "mean_head_out": ex.means.head_out, "fv": ex.fv.vector, "fv_heads": torch.tensor(ex.fv.heads), "diff_of_means": ex.dom,
             "random_dirs": ex.random, "patch_effect_p_truth": patch_effect,
             **{f"{n}_p_truth": getattr(ex, n).p_truth for n in ("honest_plus", "zero_shot_plus", "lying_minus")},
             **{f"{n}_base_p_truth": getattr(ex, n).base.p_truth for n in ("honest_plus", "zero_shot_plus", "lying_minus")},
         },
+        {"layers": list(ex.honest_plus.layers), "headline_layer": ex.layer},
     )
 
     figs = {}
@@ -144,10 +155,13 @@ def main(cfg: Config) -> dict:
     layers = list(ex.honest_plus.layers)
     for name in ("honest_plus", "zero_shot_plus", "lying_minus"):
         d = getattr(ex, name).delta_p_truth()
-        series = {v: d[i] for i, v in enumerate(VECTOR_NAMES)}
-        series["random (mean |ΔP|)"] = d[len(VECTOR_NAMES) :].abs().mean(0)
+        series = {v: d[i].tolist() for i, v in enumerate(VECTOR_NAMES)}
+        rnd = d[len(VECTOR_NAMES) :]
+        series["random directions (median)"] = rnd.median(0).values.tolist()
+        bands = {"random directions (median)": (torch.quantile(rnd, 0.025, dim=0).tolist(), torch.quantile(rnd, 0.975, dim=0).tolist())}
         figs[name] = save_figure(
-            lines(layers, series, f"{name}: ΔP(truth) by layer (equal norm)", y_label="ΔP(truth)"),
+            lines(layers, series, f"{name}: ΔP(truth) by layer (equal norm; band: 95% of {cfg.n_random} random directions)",
+                  y_label="ΔP(truth)", bands=bands),
             out / f"{name}_by_layer",
         )
 
@@ -160,17 +174,23 @@ def main(cfg: Config) -> dict:
     print(f"overlap: {summary['top_k_overlap_aie_vs_patching']}/{cfg.k}")
     print(f"FV norm {summary['fv_norm']:.2f}; cosine(FV, diff of means) at layer {layer}: {summary['cosine_fv_vs_diff_of_means']:+.3f}")
     for name, r in interventions.items():
-        print(f"  {name} (base P(truth) {r['base_p_truth']:.3f}), ΔP(truth) by layer:")
+        c = r["delta_p_truth_ci"]
+        print(f"  {name} (base P(truth) {r['base_p_truth']:.3f}) at layer {layer}: FV {_e(c['fv'])}, diff of means "
+              f"{_e(c['diff_of_means'])}; {c['random']['n']} random directions: 95% within "
+              f"[{c['random']['q025']:+.3f}, {c['random']['q975']:+.3f}], max |ΔP| {c['random']['max_abs']:.3f}; "
+              f"FV vs random p = {c['fv_p_vs_random']:.3f}")
         for l, d in r["delta_p_truth_by_layer"].items():
             print(f"    L{l:>2}{'*' if l == layer else ' '} FV {d['fv']:+.3f}  diff-of-means {d['diff_of_means']:+.3f}  "
-                  f"random mean {d['random_mean']:+.3f} (|.| {d['random_mean_abs']:.3f}, max {d['random_max_abs']:.3f})")
-    print(f"\nwrote {out}/config.json, summary.json, tensors.pt and figures:")
+                  f"random |ΔP| mean {d['random_mean_abs']:.3f}, max {d['random_max_abs']:.3f}")
+    print(f"\nwrote {out}/config.json, summary.json, tensors.safetensors and figures:")
     for k, v in figs.items():
         print(f"  {k}: {v['html']}" + (f", {v['png']}" if v["png"] else ""))
     return summary
 
 
+def _e(d: dict) -> str:
+    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+
+
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
-    main(parse_args())
+    sys.exit(run_script(Config, main, doc=__doc__))

@@ -184,3 +184,71 @@ def test_bad_input():
         topk_curve(model, many[:3], many[3:], ks=[1, 13], progress=False)
     with pytest.raises(PairError, match="both"):
         topk_curve(model, many[:3], many[2:], progress=False)
+
+
+def _script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "analyses" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
+    import json
+
+    import mechlie.kv
+    import mechlie.pairs
+
+    model = tiny_model(seed=3)
+    monkeypatch.setattr(mechlie.kv, "load_model_split", lambda *a, **k: model)
+    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: many_pairs())
+    mod = _script("localise")
+    argv = ["--n-random", "4", "--n-boot", "20", "--n-path-pairs", "2", "--receiver", "2.1", "--out-dir", str(tmp_path)]
+    assert mod.run_script(mod.LocaliseConfig, mod.main, argv=argv) == 0
+    (run,) = list(tmp_path.iterdir())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["n_train"] + summary["n_test"] == 8 and summary["n_heads"] == 12
+    assert summary["topk_restore"]["ks"] == [1, 2, 4, 8, 12]
+    assert summary["path"]["receiver"] == [2, 1] and len(summary["path"]["top_senders"]) == 10
+    assert (run / "circuit.html").is_file() and (run / "scores.safetensors").is_file()
+    assert "minimal set" in capsys.readouterr().out
+    # bad input fails before the model loads, with one line
+    assert mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "x.y", "--out-dir", str(tmp_path)]) == 2
+    assert mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "0.9", "--out-dir", str(tmp_path / "b")]) == 2
+
+
+def test_function_vector_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    import json
+
+    import mechlie.kv
+    import mechlie.metrics
+    import mechlie.pairs
+
+    model = tiny_model(seed=3)
+    monkeypatch.setattr(mechlie.kv, "load_model_split", lambda *a, **k: model)
+    from test_function_vectors import word_pairs
+
+    pairs = word_pairs()
+    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: pairs)
+    real = mechlie.metrics.behaviour
+
+    def all_known(*a, **k):  # a random tiny model knows nothing; treat every fact as known
+        b = real(*a, **k)
+        return type(b)(type(b.honest)(*[torch.ones_like(b.honest.correct) if f == "correct" else getattr(b.honest, f)
+                                        for f in b.honest.__dataclass_fields__]), b.lying)
+
+    monkeypatch.setattr(mechlie.metrics, "behaviour", all_known)
+    mod = _script("function_vectors")
+    argv = ["--k", "3", "--n-random", "10", "--n-boot", "20", "--out-dir", str(tmp_path)]
+    assert mod.run_script(mod.Config, mod.main, argv=argv) == 0
+    (run,) = list(tmp_path.iterdir())
+    s = json.loads((run / "summary.json").read_text())
+    ci = s["interventions_at_layer"]["lying_minus"]["delta_p_truth_ci"]
+    assert ci["random"]["n"] == 10 and ci["fv"]["lo"] <= ci["fv"]["mean"] <= ci["fv"]["hi"]
+    assert s["layer"] == min(s["fv_head_layers"])

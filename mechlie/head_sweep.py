@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -350,6 +351,7 @@ def run_head_sweep(
         out = {}
         for kind in ("head_out", "resid_post"):
             log.info("scoring %s directions (%d null draws, %d random directions)", kind, cfg.n_perm, cfg.n_random)
+            t0 = time.perf_counter()
             out[kind] = score_directions(
                 kept["honest"][kind],
                 kept["lying"][kind],
@@ -359,6 +361,7 @@ def run_head_sweep(
                 n_boot=cfg.n_boot,
                 seed=cfg.seed,
             )
+            log.info("%s directions scored in %.1f s", kind, time.perf_counter() - t0)
         return out
 
     def save_dirs(path: Path, d: dict[str, DirectionScores]) -> None:

@@ -38,6 +38,7 @@ class SAEFeaturesConfig:
     )
     sae_path: str = field(default="", metadata={"help": "use this sae-lens SAE folder (one site) instead of training"})
     n_pairs: int = field(default=30, metadata={"help": "fewshot pairs per relation, before the known filter"})
+    known_only: bool = field(default=True, metadata={"help": "keep facts the model answers correctly when honest"})
     test_frac: float = 0.3
     k: int = field(default=10, metadata={"help": "features reported per site"})
     k_causal: int = field(default=5, metadata={"help": "features ablated / clamped in the causal check"})
@@ -116,7 +117,10 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
             last_logits(model, batches(model, [p.honest for p in pairs], cfg.batch_size)),
             answer_set(model.tokenizer, pairs),
         ).correct
-    pairs = [p for p, k in zip(pairs, known.tolist()) if k]
+    if cfg.known_only:
+        pairs = [p for p, k in zip(pairs, known.tolist()) if k]
+    if len(pairs) < 8:
+        raise ValueError(f"only {len(pairs)} usable pairs; use more --n-pairs or --no-known-only")
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
     summary: dict = {
         "model": cfg.model,

@@ -981,8 +981,11 @@ def matched_random_features(
     activation is nearest that of the chosen feature it stands in for (never a chosen one)."""
     chosen_set = set(int(c) for c in chosen)
     live = [j for j in range(len(mean_act)) if mean_act[j] > 0 and j not in chosen_set]
+    if len(live) < len(chosen) + 1:
+        raise SAEError(f"only {len(live)} live features to draw random controls for {len(chosen)} features from")
     if len(live) < pool:
-        raise SAEError(f"only {len(live)} live features to draw random controls from")
+        log.info("random controls drawn from all %d live features (fewer than the pool of %d)", len(live), pool)
+        pool = len(live)
     live_t = torch.tensor(live)
     cands = [live_t[(mean_act[live_t] - mean_act[c]).abs().argsort()[:pool]].tolist() for c in chosen]
     rng = random.Random(seed)

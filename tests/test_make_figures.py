@@ -159,3 +159,59 @@ def test_bad_runs_are_refused_before_writing(runs, tmp_path):
     # A good run beside a bad one: one line, exit 2, and nothing written for either.
     assert main([str(runs["head_sweep"]), str(missing), "--out", str(out)]) == 2
     assert not out.parent.exists()
+
+
+def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
+    """analyses/sae_features.py on a tiny model: trains two SAEs (one pass), decomposes, writes
+    the run, the lying-head page and its figures (the cache itself is tested in test_sae.py)."""
+    import mechlie.models
+    from analyses.sae_features import SAEFeaturesConfig, main
+    from mechlie.cli import run_script
+
+    model = tiny_model(n_ctx=256)
+    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setenv("MECHLIE_CACHE", str(tmp_path / "cache"))
+    argv = [
+        "--model",
+        "tiny",
+        "--sites",
+        "blocks.2.hook_resid_pre",
+        "blocks.2.attn.hook_z:1",
+        "--heads",
+        "L2H1",
+        "--n-pairs",
+        "3",
+        "--no-known-only",
+        "--k",
+        "3",
+        "--k-causal",
+        "2",
+        "--n-draws",
+        "20",
+        "--n-steps",
+        "30",
+        "--expansion",
+        "2",
+        "--top-k",
+        "4",
+        "--pairs-per-format",
+        "1",
+        "--n-samples",
+        "2",
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--run-name",
+        "r",
+    ]
+    assert run_script(SAEFeaturesConfig, main, argv=argv) == 0
+    run = tmp_path / "out" / "r"
+    s = json.loads((run / "summary.json").read_text())
+    assert set(s["sites"]) == {"blocks.2.hook_resid_pre", "blocks.2.attn.hook_z:1"}
+    assert s["sites"]["blocks.2.attn.hook_z:1"]["d_sae"] == 2 * model.cfg.d_head
+    assert "L2H1 (lying)" in (run / "lying_heads.html").read_text()
+    assert (run / "figures" / "heads_dla.png").is_file() and (run / "figures" / "b2_resid_pre_features.svg").is_file()
+    assert len(list((tmp_path / "cache" / "sae").iterdir())) == 2
+    # Bad input fails before any model loads, with nothing written.
+    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert run_script(SAEFeaturesConfig, main, argv=["--sites", "blocks.x", "--out-dir", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())

@@ -128,3 +128,36 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     # Bad flags fail before any model loads.
     monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     assert run_script(script.Config, script.main, argv=["--probes", "svm", "--out-dir", str(tmp_path)]) == 2
+
+
+def _sets(seed: int = 0):
+    from mechlie.detector import LabelledSet
+
+    g = torch.Generator().manual_seed(seed)
+    n, L, d = 100, 3, 64
+    X = torch.randn(2 * n, L, d, generator=g)
+    X[n:, 2, 0] += 4.0  # only layer 2 carries the label
+    y = torch.cat([torch.zeros(n), torch.ones(n)])
+    facts = [f"f{i}" for i in range(n)] * 2
+    return LabelledSet("a", X, y, facts)
+
+
+def test_choose_layer_and_splits_never_leak_a_fact():
+    from mechlie.detector import choose_layer, evaluate_transfer
+    from mechlie.directions import split_by_fact
+
+    s = _sets()
+    layer, val = choose_layer([s])
+    assert layer == 2 and val[2] > 0.9 > val[0]
+    sp = split_by_fact(s.facts, 0.3, 0)
+    tr = s.subset({s.facts[i] for i in sp.train})
+    te = s.subset({s.facts[i] for i in sp.test})
+    assert not set(tr.facts) & set(te.facts) and len(tr.y) + len(te.y) == len(s.y)
+    assert len(tr.pairs()) == len(tr.y) // 2  # each fact's two rows form one pair
+    _, (cell,), _, (draws,) = evaluate_transfer(tr, [te], "logistic", 2, n_null=10, n_random=50, n_boot=100)
+    assert cell.auroc > 0.9 and cell.lo <= cell.auroc <= cell.hi and draws.shape == (100,)
+    # The nulls know nothing: permuted labels and random directions stay far below on average.
+    assert cell.null_shuffled_mean < 0.7 and cell.null_random_mean < 0.75
+    assert cell.null_shuffled_q95 < cell.auroc and cell.null_random_q95 < cell.auroc
+    _, (c0,), _, _ = evaluate_transfer(tr, [te], "logistic", 0, n_null=5, n_random=20, n_boot=50)
+    assert c0.auroc < 0.8  # a layer without the signal

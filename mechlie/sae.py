@@ -363,6 +363,19 @@ def final_acts(
     return final_acts_at(model, prompts, [site], batch_size=batch_size)[site]
 
 
+def decoder_rows(sae: SAE) -> Float[Tensor, "d_sae d_in"]:
+    """The vectors the SAE's decoder actually adds per unit of feature activation.
+
+    sae-lens TopK SAEs trained with ``rescale_acts_by_decoder_norm`` (the default) decode
+    ``f_i / ‖W_dec[i]‖ · W_dec[i]``, so their rows are unit-normalized here; other SAEs decode
+    ``f_i W_dec[i]``.
+    """
+    w = sae.W_dec.detach()
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return w
+
+
 @torch.no_grad()
 def encode(sae: SAE, x: Float[Tensor, "*b d_in"], *, chunk: int = 4096) -> Float[Tensor, "*b d_sae"]:
     """Feature activations, in chunks (a full ``[tokens, d_sae]`` matrix can be large)."""
@@ -953,7 +966,7 @@ class FeatureClamp:
     def hooks(self, model: HookedTransformer, state: SteeringState) -> list:
         dev = self.sae.W_dec.device
         feats = torch.tensor(self.features, device=dev)
-        w = self.sae.W_dec[feats].detach()  # [k, d_in]
+        w = decoder_rows(self.sae)[feats]  # [k, d_in]
         target = (self.values if self.values is not None else torch.zeros(len(self.features))).float().to(dev)
 
         def hook(act: Tensor, hook) -> Tensor:
@@ -1167,11 +1180,12 @@ def lie_features(
     f_h, f_l = encode(sae, x_h), encode(sae, x_l)
     tr = torch.as_tensor(list(train))
     direction = x_l[tr].mean(0) - x_h[tr].mean(0)
-    fe = feature_effects(f_h, f_l, direction, sae.W_dec.detach().float().cpu(), train, test, k=k, seed=seed)
+    w_dec = decoder_rows(sae).float().cpu()
+    fe = feature_effects(f_h, f_l, direction, w_dec, train, test, k=k, seed=seed)
     feats = fe.features.tolist()
     # How much of the diff-of-means direction the SAE's features carry: the direction's
     # reconstruction through the mean feature difference, on the training pairs.
-    recon = (f_l[tr].mean(0) - f_h[tr].mean(0)) @ sae.W_dec.detach().float().cpu()
+    recon = (f_l[tr].mean(0) - f_h[tr].mean(0)) @ w_dec
     dir_cos_recon = float(torch.nn.functional.cosine_similarity(recon, direction, dim=0))
 
     # Top contexts over the corpus lines the SAE was trained on (collected again if it came from the cache).
@@ -1240,8 +1254,7 @@ def lie_features(
         "honest": f_h[:, feats],
         "lying": f_l[:, feats],
         "features": fe.features,
-        "cosine_all": (sae.W_dec.detach().float().cpu() @ (direction / direction.norm()))
-        / sae.W_dec.detach().float().cpu().norm(dim=-1),
+        "cosine_all": (w_dec @ (direction / direction.norm())) / w_dec.norm(dim=-1).clamp_min(1e-12),
         "diff_train_all": train_diff,
     }
     return summary, tensors

@@ -50,6 +50,13 @@ def test_sae_lens_training_reduces_loss_and_has_the_right_shape(tiny):
     assert trained.W_enc.shape == (tiny.cfg.d_model, 2 * tiny.cfg.d_model)
     before, after = S.reconstruction_mse(untrained, held), S.reconstruction_mse(trained, held)
     assert after < 0.5 * before, (before, after)
+    # FeatureClamp and the cosines use decoder_rows: what decode() adds per unit of activation
+    # (TopK SAEs trained by sae-lens rescale by the decoder norm, so raw W_dec rows would be wrong).
+    trained.eval()
+    with torch.no_grad():
+        f = trained.encode(held)
+        assert torch.allclose(trained.decode(f), f @ S.decoder_rows(trained) + trained.b_dec, atol=1e-4)
+        assert (S.decoder_rows(trained).norm(dim=-1) - trained.W_dec.norm(dim=-1)).abs().max() > 1e-2
 
 
 def test_quality_metrics_of_a_perfect_and_a_null_sae(tiny):

@@ -56,6 +56,9 @@ class Config:
     fpr: float = field(default=0.01, metadata={"help": "control false-positive rate of the saved detector"})
     detector_probe: str = "logistic"
     known_filter: bool = field(default=True, metadata={"help": "framing sets keep only facts the model knows"})
+    grad_features: bool = field(
+        default=False, metadata={"help": "also compare per-head z, z x grad(log P(truth)) and both (LORO, logistic)"}
+    )
     seed: int = 0
     batch_size: int = field(default=16, metadata={"run": False})
     out_dir: str = "results/detect"
@@ -174,6 +177,9 @@ def main(cfg: Config, run: RunDir) -> dict:
         }
         roc_scores[kind] = (torch.cat(pos), torch.cat(neg))
 
+    if cfg.grad_features:
+        summary_grad = _grad_feature_comparison(model, pairs, op, sets, cfg, layer, kw)
+
     # The detector: pooled framing labels, calibrated on controls that are not lies.
     from mechlie.probes import fit_probe
 
@@ -266,6 +272,8 @@ def main(cfg: Config, run: RunDir) -> dict:
         "time_s": {"generation": round(t_gen, 1), "total": round(time.time() - t0, 1)},
         "figures": fig_paths,
     }
+    if cfg.grad_features:
+        summary["grad_features"] = summary_grad
     # Framing vs on-policy labels, and the known filter: the cells that answer those questions.
     key_cells = [
         ("all", "all"),
@@ -281,6 +289,52 @@ def main(cfg: Config, run: RunDir) -> dict:
     }
     _print_table(matrix, loro, counts, summary, [s.name for s in train])
     return summary
+
+
+def _grad_feature_comparison(model, pairs, op, sets, cfg, layer, kw) -> dict:
+    """LORO logistic AUROC at ``layer`` from per-head features: ``z``, ``z x grad`` and both."""
+    import torch
+
+    from mechlie.activations import collect
+    from mechlie.detector import LabelledSet, evaluate_transfer
+    from mechlie.pairs import answer_set, tokenize
+    from mechlie.probes import grad_features
+
+    known = op.known.tolist()
+    idx = [i for i, _ in enumerate(pairs) if known[i] or not cfg.known_filter]
+    sel = [pairs[i] for i in idx]
+    prompts = [p.honest for p in sel] + [p.lying for p in sel]
+    ans = answer_set(model.tokenizer, sel, multi_token="first").truth
+    ans = torch.cat([ans, ans])
+    z = collect(model, prompts, kinds=("z",), progress=False, batch_size=cfg.batch_size)["z"][:, layer]
+    zg = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        b = tokenize(model, prompts[i : i + cfg.batch_size])
+        g = grad_features(model, b.tokens, b.attention_mask, ans[i : i + cfg.batch_size], kinds=("z",))
+        zg.append(g["z"][:, layer])
+    zg = torch.cat(zg)
+    y = torch.cat([torch.zeros(len(sel)), torch.ones(len(sel))])
+    facts = [p.fact_id for p in sel] * 2
+    rels = [p.relation for p in sel] * 2
+    feats = {"z": z.flatten(1), "z x grad": zg.flatten(1), "z + z x grad": torch.cat([z.flatten(1), zg.flatten(1)], 1)}
+    train_facts = set(sets["all"][0].facts) | set(
+        sets["all (no known filter)"][0].facts if "all (no known filter)" in sets else []
+    )
+    out = {}
+    for name, F in feats.items():
+        F = (F / F.std(0).clamp_min(1e-8))[:, None]  # [n, 1, features]
+        res = []
+        for r in cfg.relations:
+            tr = [i for i, f in enumerate(facts) if rels[i] != r and f in train_facts]
+            te = [i for i, f in enumerate(facts) if rels[i] == r and f not in train_facts]
+            src = LabelledSet("src", F[tr], y[tr], [facts[i] for i in tr])
+            tst = LabelledSet(r, F[te], y[te], [facts[i] for i in te])
+            _, (cell,), _, _ = evaluate_transfer(src, [tst], "logistic", 0, **{**kw, "n_null": min(kw["n_null"], 10)})
+            res.append(cell)
+        aur = torch.tensor([c.auroc for c in res])
+        out[name] = {"loro_mean_auroc": float(aur.nanmean()), "per_relation": dict(zip(cfg.relations, res))}
+        print(f"grad features, {name}: LORO mean AUROC {float(aur.nanmean()):.3f}")
+    return out
 
 
 def _roc_figure(roc: dict):

@@ -425,6 +425,8 @@ def choose_layer(train: Sequence[LabelledSet], *, val_frac: float = 0.3, seed: i
 
     per_set = []
     for s in train:
+        if len(set(s.facts)) < 4:  # too few facts to carve out a validation split
+            continue
         sp = split_by_fact(s.facts, val_frac, seed)
         tr, va = s.subset({s.facts[i] for i in sp.train}), s.subset({s.facts[i] for i in sp.test})
         if len(set(tr.y.tolist())) < 2 or len(set(va.y.tolist())) < 2:

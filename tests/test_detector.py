@@ -114,6 +114,7 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
         "50",
         "--fpr",
         "0.1",
+        "--grad-features",
         "--out-dir",
         str(tmp_path),
     ]
@@ -121,6 +122,7 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["loro"]) == {"diff_of_means", "logistic", "lat"}
+    assert set(summary["grad_features"]) == {"z", "z x grad", "z + z x grad"}
     det = Detector.load(run / "detector.safetensors")
     assert det.threshold == summary["detector"]["threshold"]
     matrix = json.loads((run / "matrix.json").read_text())

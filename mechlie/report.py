@@ -406,3 +406,80 @@ def sae_report(run: Path) -> RunReport:
         figs,
         captions,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# patching sweep (analyses/patching_sweep.py)
+
+
+def _is_patching_sweep(run: Path) -> bool:
+    s = json.loads((run / "summary.json").read_text())
+    return s.get("kind") == "patching_sweep" or ("component_ranking" in s and "positions" in s and "heads" in s)
+
+
+@register_kind("patching_sweep", detect=_is_patching_sweep)
+def patching_sweep_report(run: Path) -> RunReport:
+    from mechlie.io import load_tensors
+
+    s = _json(run / "summary.json")
+    _need(s, ("model", "n_pairs", "metric", "honest_mean", "lying_mean", "heads", "positions"), run / "summary.json")
+    _need(s["heads"], ("top_exact", "spearman_attribution_vs_exact"), run / "summary.json")
+    if not (run / "tensors.safetensors").is_file():
+        raise RunFormatError(f"missing results file: {run / 'tensors.safetensors'}")
+    t, _ = load_tensors(run / "tensors.safetensors")
+    if "exact_delta_heads" not in t:
+        raise RunFormatError(f"{run}/tensors.safetensors has no exact_delta_heads: an older version; rerun")
+    where = f"{s['model']}, n={s['n_pairs']} pairs, {s['metric']}"
+    norm = s["honest_mean"] - s["lying_mean"]
+    top = s["heads"]["top_exact"]
+    labels = [f"L{h['layer']}H{h['head']}" for h in top]
+    tri = [(h["effect"]["mean"], h["effect"]["lo"], h["effect"]["hi"]) for h in top]
+    figs = {
+        "heads_exact": figstyle.heatmap(
+            t["exact_delta_heads"] / norm,
+            f"Exact final-position patching per head ({where})",
+            colorbar="norm. effect",
+            zmid=0.0,
+        ),
+        "top_heads_exact": figstyle.bars_ci(
+            labels,
+            {"normalized effect (95% CI over pairs)": tri},
+            f"Top heads by exact patching ({where})",
+            y_label="normalized effect",
+        ),
+    }
+    captions = {
+        "heads_exact": "Exact patching of each head's z from the honest into the lying run, normalized (1 = honest).",
+        "top_heads_exact": "The top heads with 95% bootstrap CIs over pairs.",
+    }
+    p = s["positions"]
+    ge = p.get("group_effect")
+    if ge:
+        layers = p.get("layers", [])
+        series = {
+            g: (
+                [v[f"L{l}"]["mean"] for l in layers],
+                [v[f"L{l}"]["lo"] for l in layers],
+                [v[f"L{l}"]["hi"] for l in layers],
+            )
+            for g, v in ge.items()
+        }
+        figs["demo_groups"] = figstyle.lines_ci(
+            layers, series, f"Patching each demonstration's tokens, residual ({where})", y_label="normalized effect"
+        )
+        captions["demo_groups"] = "Residual patching of each demonstration's tokens per layer, 95% CI bands over pairs."
+    h0 = top[0]
+    headline = [
+        f"- Top head by exact patching: L{h0['layer']}H{h0['head']}, "
+        f"{_fmt(h0['effect']['mean'], h0['effect']['lo'], h0['effect']['hi'])} (normalized, 95% CI over pairs).",
+        f"- Attribution patching vs exact: Spearman {s['heads']['spearman_attribution_vs_exact']:.3f} over heads"
+        + (
+            f", {p['spearman_attribution_vs_exact']:.3f} over positions × layers."
+            if "spearman_attribution_vs_exact" in p
+            else "."
+        ),
+    ]
+    if "max_effect" in p:
+        m = p["max_effect"]
+        headline.append(f"- Largest position × layer effect: {_fmt(m['mean'], m['lo'], m['hi'])} at {p.get('argmax')}.")
+    return RunReport("patching_sweep", run, f"Patching sweep: {where}", headline, figs, captions)

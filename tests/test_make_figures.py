@@ -93,14 +93,40 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             "sites": {tcfg.site: res_s},
         },
     )
-    return {"head_sweep": hs, "sae_features": sae_run}
+    # A patching-sweep run in analyses/patching_sweep.py's format, from the same patching results.
+    ps = tmp / "patching_sweep" / "tiny"
+    ps.mkdir(parents=True)
+    delta = z.logit_diff.mean(0) - z.corrupt.logit_diff.mean()
+    ci = z.effect_ci("logit_diff", n_boot=200)
+    save_tensors(ps / "tensors.safetensors", {"exact_delta_heads": delta}, {})
+    top = [(i // H, i % H) for i in delta.flatten().argsort(descending=True)[:5].tolist()]
+    atomic_write_json(
+        ps / "summary.json",
+        {
+            "model": "tiny",
+            "n_pairs": len(pairs),
+            "metric": "logit_diff",
+            "honest_mean": float(z.clean.logit_diff.mean()),
+            "lying_mean": float(z.corrupt.logit_diff.mean()),
+            "heads": {
+                "spearman_attribution_vs_exact": 0.9,
+                "top_exact": [{"layer": l, "head": h, "effect": ci.at(l, h).to_dict()} for l, h in top],
+            },
+            "positions": {
+                "layers": [0, 1],
+                "group_effect": {"demo 1": {"L0": ci.at(0, 0).to_dict(), "L1": ci.at(1, 0).to_dict()}},
+            },
+            "component_ranking": {},
+        },
+    )
+    return {"head_sweep": hs, "sae_features": sae_run, "patching_sweep": ps}
 
 
 def test_make_figures_writes_every_file(runs, tmp_path):
     from analyses.make_figures import main
 
     out = tmp_path / "report" / "report.md"
-    assert main([str(runs["head_sweep"]), str(runs["sae_features"]), "--out", str(out)]) == 0
+    assert main([str(r) for r in runs.values()] + ["--out", str(out)]) == 0
     text = out.read_text()
     for kind, run in runs.items():
         rep = R.build_report(run)

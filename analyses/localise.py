@@ -45,14 +45,18 @@ class LocaliseConfig:
     seed: int = 0
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)"})
     dtype: str = field(default="float32", metadata={"help": f"one of {DTYPES}"})
-    n_devices: int = field(default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"})
+    n_devices: int = field(
+        default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"}
+    )
     batch_size: int = field(default=16, metadata={"help": "prompts per cached prefix", "run": False})
     out_dir: str = "results/localise"
     run_name: str = ""
 
     def __post_init__(self) -> None:
         if self.n_pairs < 2 or self.n_random < 1 or self.n_boot < 10 or self.n_path_pairs < 1 or self.batch_size < 1:
-            raise ValueError("need --n-pairs >= 2, --n-random >= 1, --n-boot >= 10, --n-path-pairs >= 1, --batch-size >= 1")
+            raise ValueError(
+                "need --n-pairs >= 2, --n-random >= 1, --n-boot >= 10, --n-path-pairs >= 1, --batch-size >= 1"
+            )
         if not 0 < self.test_frac < 1 or not 0 < self.threshold <= 1:
             raise ValueError("--test-frac must be in (0, 1) and --threshold in (0, 1]")
         if self.dtype not in DTYPES:
@@ -73,11 +77,11 @@ def parse_head(text: str) -> tuple[int, int]:
 
 def main(cfg: LocaliseConfig, run: RunDir) -> dict:
     from mechlie import circuits, plotting
+    from mechlie.directions import split_by_fact
     from mechlie.io import save_tensors
+    from mechlie.kv import load_model_split
     from mechlie.pairs import load_builtin
     from mechlie.stats import bootstrap_tensor
-    from mechlie.directions import split_by_fact
-    from mechlie.kv import load_model_split
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -89,40 +93,71 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
     split = split_by_fact([p.fact_id for p in pairs], test_frac=cfg.test_frac, seed=cfg.seed)
     train, test = [pairs[i] for i in split.train], [pairs[i] for i in split.test]
     print(f"{cfg.model}: {len(pairs)} pairs ({len(train)} train / {len(test)} held-out), {L}x{H} = {L * H} heads")
-    summary: dict = {"model": cfg.model, "n_pairs": len(pairs), "n_train": len(train), "n_test": len(test), "n_heads": L * H}
+    summary: dict = {
+        "model": cfg.model,
+        "n_pairs": len(pairs),
+        "n_train": len(train),
+        "n_test": len(test),
+        "n_heads": L * H,
+    }
     tensors: dict[str, torch.Tensor] = {}
     figs = {}
 
     # 1. top-k curves, both directions
     curves = {}
     for direction in ("restore", "induce"):
-        c = circuits.topk_curve(model, train, test, direction=direction, n_random=cfg.n_random, threshold=cfg.threshold,
-                                n_boot=cfg.n_boot, seed=cfg.seed, batch_size=cfg.batch_size)
+        c = circuits.topk_curve(
+            model,
+            train,
+            test,
+            direction=direction,
+            n_random=cfg.n_random,
+            threshold=cfg.threshold,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+        )
         curves[direction] = c
         summary[f"topk_{direction}"] = c.summary()
         tensors[f"{direction}_train_effect"] = c.train_effect
         tensors[f"{direction}_all_k_effect"] = c.all_k_effect
         tensors[f"{direction}_random_effects"] = c.random_effects
         ks = list(c.ks)
-        msg = (f"{c.minimal_k} heads ({100 * c.minimal_share:.1f}% of {c.n_heads}), 95% CI "
-               f"[{c.minimal_k_ci[0]:.0f}, {c.minimal_k_ci[1]:.0f}]" if c.minimal_k else f"no top-k set reaches {cfg.threshold:.0%}")
+        msg = (
+            f"{c.minimal_k} heads ({100 * c.minimal_share:.1f}% of {c.n_heads}), 95% CI "
+            f"[{c.minimal_k_ci[0]:.0f}, {c.minimal_k_ci[1]:.0f}]"
+            if c.minimal_k
+            else f"no top-k set reaches {cfg.threshold:.0%}"
+        )
         print(f"\n{direction}: minimal set for {cfg.threshold:.0%} of the logit difference: {msg}")
         for k, e, rm, rl, rh in zip(ks, c.top, c.random_mean, c.random_lo, c.random_hi):
-            print(f"  k={k:>3}: top-k {e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}] | random k-sets {rm:+.3f} "
-                  f"(2.5-97.5%: {rl:+.3f}..{rh:+.3f}, {cfg.n_random} draws)")
+            print(
+                f"  k={k:>3}: top-k {e.mean:+.3f} [{e.lo:+.3f}, {e.hi:+.3f}] | random k-sets {rm:+.3f} "
+                f"(2.5-97.5%: {rl:+.3f}..{rh:+.3f}, {cfg.n_random} draws)"
+            )
         figs[f"topk_{direction}"] = plotting.lines(
-            ks, {"top-k (ranked on training pairs)": [e.mean for e in c.top], "random k-sets (mean)": c.random_mean.tolist()},
-            f"{direction}: joint patching of k heads on {c.n_test} held-out pairs (1 = {'honest' if direction == 'restore' else 'lying'})",
-            x_label="k (heads patched together)", y_label="normalized logit-diff effect",
-            bands={"top-k (ranked on training pairs)": ([e.lo for e in c.top], [e.hi for e in c.top]),
-                   "random k-sets (mean)": (c.random_lo.tolist(), c.random_hi.tolist())},
+            ks,
+            {
+                "top-k (ranked on training pairs)": [e.mean for e in c.top],
+                "random k-sets (mean)": c.random_mean.tolist(),
+            },
+            f"{direction}: joint patching of k heads on {c.n_test} held-out pairs "
+            f"(1 = {'honest' if direction == 'restore' else 'lying'})",
+            x_label="k (heads patched together)",
+            y_label="normalized logit-diff effect",
+            bands={
+                "top-k (ranked on training pairs)": ([e.lo for e in c.top], [e.hi for e in c.top]),
+                "random k-sets (mean)": (c.random_lo.tolist(), c.random_hi.tolist()),
+            },
         )
         figs[f"topk_{direction}"].update_xaxes(type="log")
 
     # 2. path patching into the receiver
     receiver = parse_head(cfg.receiver) if cfg.receiver else curves["restore"].ranking[0]
     if receiver[0] == 0:
-        raise ValueError(f"the receiver L{receiver[0]}H{receiver[1]} is in block 0, so no head sends to it; pass --receiver")
+        raise ValueError(
+            f"the receiver L{receiver[0]}H{receiver[1]} is in block 0, so no head sends to it; pass --receiver"
+        )
     path_pairs = test[: cfg.n_path_pairs]
     pr = circuits.path_patch(model, path_pairs, receiver)
     est = pr.effect_ci(n_boot=cfg.n_boot, seed=cfg.seed)
@@ -132,42 +167,62 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
     order = total.abs().argsort(descending=True)[:10].tolist()
     tops = [{"sender": names[i], **{ch: est.at(i, c).to_dict() for c, ch in enumerate(pr.channels)}} for i in order]
     summary["path"] = {"receiver": list(receiver), "n_pairs": len(path_pairs), "note": pr.note, "top_senders": tops}
-    print(f"\nPath patching into L{receiver[0]}H{receiver[1]} (restore; 1 = honest; 95% CI over {len(path_pairs)} pairs)"
-          + (f"\n  ({pr.note})" if pr.note else ""))
+    print(
+        f"\nPath patching into L{receiver[0]}H{receiver[1]} (restore; 1 = honest; 95% CI over {len(path_pairs)} pairs)"
+        + (f"\n  ({pr.note})" if pr.note else "")
+    )
     for i in order:
         print(f"  {names[i]:>7}: " + " | ".join(f"{ch} {est.at(i, c):+.3f}" for c, ch in enumerate(pr.channels)))
     hm = est.mean.T  # [channel, sender]
     figs["path_senders"] = plotting.heatmap(
-        hm, f"Path patching into L{receiver[0]}H{receiver[1]}: sender x channel (restore, normalized)",
-        x_label="sender", y_label="receiver input", zmid=0.0, x_ticks=names, y_ticks=list(pr.channels),
+        hm,
+        f"Path patching into L{receiver[0]}H{receiver[1]}: sender x channel (restore, normalized)",
+        x_label="sender",
+        y_label="receiver input",
+        zmid=0.0,
+        x_ticks=names,
+        y_ticks=list(pr.channels),
     )
 
     # 3. receiver positions
     rp = circuits.receiver_positions(model, path_pairs, receiver)
     pos_est = bootstrap_tensor(lambda i: rp.effect("logit_diff", i), len(path_pairs), n_boot=cfg.n_boot, seed=cfg.seed)
-    tensors["positions_logit_diff"], tensors["positions_differs"], tensors["positions_attention"] = rp.logit_diff, rp.differs, rp.attention
+    tensors["positions_logit_diff"], tensors["positions_differs"], tensors["positions_attention"] = (
+        rp.logit_diff,
+        rp.differs,
+        rp.attention,
+    )
     differs = rp.differs.mean(0) > 0
     eff = pos_est.mean
     on = float(eff[differs].sum()) if differs.any() else 0.0
     best = eff.abs().argsort(descending=True)[:8].tolist()
     summary["positions"] = {
-        "offsets": list(rp.offsets), "effect": eff.tolist(), "lo": pos_est.lo.tolist(), "hi": pos_est.hi.tolist(),
+        "offsets": list(rp.offsets),
+        "effect": eff.tolist(),
+        "lo": pos_est.lo.tolist(),
+        "hi": pos_est.hi.tolist(),
         "differing_offsets": [rp.offsets[j] for j in differs.nonzero().squeeze(1).tolist()],
-        "sum_effect_differing": on, "sum_effect_other": float(eff[~differs].sum()),
+        "sum_effect_differing": on,
+        "sum_effect_other": float(eff[~differs].sum()),
         "attention_on_differing": float(rp.attention[:, differs].sum(1).mean()),
-        "top_positions": [{"offset": rp.offsets[j], "differs": bool(differs[j]), **pos_est.at(j).to_dict()} for j in best],
+        "top_positions": [
+            {"offset": rp.offsets[j], "differs": bool(differs[j]), **pos_est.at(j).to_dict()} for j in best
+        ],
     }
-    print(f"\nReceiver key/value inputs by source position (restore, one position at a time): summed effect "
-          f"{on:+.3f} at the {int(differs.sum())} positions where the prompts differ vs "
-          f"{float(eff[~differs].sum()):+.3f} elsewhere; attention from the final token on differing positions "
-          f"{summary['positions']['attention_on_differing']:.2f}")
+    print(
+        f"\nReceiver key/value inputs by source position (restore, one position at a time): summed effect "
+        f"{on:+.3f} at the {int(differs.sum())} positions where the prompts differ vs "
+        f"{float(eff[~differs].sum()):+.3f} elsewhere; attention from the final token on differing positions "
+        f"{summary['positions']['attention_on_differing']:.2f}"
+    )
     for j in best:
         print(f"  offset {rp.offsets[j]:>4}{' (differs)' if differs[j] else '          '}: {pos_est.at(j):+.3f}")
     figs["receiver_positions"] = plotting.errorbars(
         [f"{o}{'*' if d else ''}" for o, d in zip(rp.offsets, differs.tolist())],
         {"effect": (eff.tolist(), pos_est.lo.tolist(), pos_est.hi.tolist())},
         f"L{receiver[0]}H{receiver[1]}'s keys/values from the honest run, one position at a time (* = tokens differ)",
-        y_label="normalized effect", secondary={"attention (lying run)": rp.attention.mean(0).tolist()},
+        y_label="normalized effect",
+        secondary={"attention (lying run)": rp.attention.mean(0).tolist()},
         secondary_label="attention",
     )
 
@@ -193,18 +248,54 @@ def circuit_figure(receiver, senders, effect, channels, minimal_set, top: int = 
     for y, i in zip(ys, order):
         best_c = int(effect[i].abs().argmax())
         w = float(effect[i, best_c])
-        fig.add_trace(go.Scatter(x=[0, rx], y=[y, ry], mode="lines", line={"width": 1 + 30 * abs(w), "color": "#d62728" if w > 0 else "#1f77b4"},
-                                 hoverinfo="text", text=f"{senders[i]} -> {channels[best_c]}: {w:+.3f}", showlegend=False))
-        fig.add_annotation(x=0.5, y=(y + ry) / 2, text=f"{channels[best_c]} {w:+.2f}", showarrow=False, font={"size": 10})
-    fig.add_trace(go.Scatter(x=[0] * len(order), y=ys, mode="markers+text", text=[senders[i] for i in order], textposition="middle left",
-                             marker={"size": 18, "color": "#7f7f7f"}, showlegend=False))
-    fig.add_trace(go.Scatter(x=[rx, 2.0], y=[ry, ry], mode="lines", line={"width": 3, "color": "#2ca02c"}, showlegend=False))
+        fig.add_trace(
+            go.Scatter(
+                x=[0, rx],
+                y=[y, ry],
+                mode="lines",
+                line={"width": 1 + 30 * abs(w), "color": "#d62728" if w > 0 else "#1f77b4"},
+                hoverinfo="text",
+                text=f"{senders[i]} -> {channels[best_c]}: {w:+.3f}",
+                showlegend=False,
+            )
+        )
+        fig.add_annotation(
+            x=0.5, y=(y + ry) / 2, text=f"{channels[best_c]} {w:+.2f}", showarrow=False, font={"size": 10}
+        )
+    fig.add_trace(
+        go.Scatter(
+            x=[0] * len(order),
+            y=ys,
+            mode="markers+text",
+            text=[senders[i] for i in order],
+            textposition="middle left",
+            marker={"size": 18, "color": "#7f7f7f"},
+            showlegend=False,
+        )
+    )
+    fig.add_trace(
+        go.Scatter(x=[rx, 2.0], y=[ry, ry], mode="lines", line={"width": 3, "color": "#2ca02c"}, showlegend=False)
+    )
     label = f"L{receiver[0]}H{receiver[1]}" + (" (in minimal set)" if tuple(receiver) in set(minimal_set) else "")
-    fig.add_trace(go.Scatter(x=[rx, 2.0], y=[ry, ry], mode="markers+text", text=[label, "answer logits"], textposition="top center",
-                             marker={"size": [26, 20], "color": ["#d62728", "#2ca02c"]}, showlegend=False))
-    fig.update_layout(title="Circuit: path effects into the top lying head (restore; red = toward honest)",
-                      xaxis={"visible": False, "range": [-0.6, 2.4]}, yaxis={"visible": False}, width=900, height=560,
-                      template="plotly_white")
+    fig.add_trace(
+        go.Scatter(
+            x=[rx, 2.0],
+            y=[ry, ry],
+            mode="markers+text",
+            text=[label, "answer logits"],
+            textposition="top center",
+            marker={"size": [26, 20], "color": ["#d62728", "#2ca02c"]},
+            showlegend=False,
+        )
+    )
+    fig.update_layout(
+        title="Circuit: path effects into the top lying head (restore; red = toward honest)",
+        xaxis={"visible": False, "range": [-0.6, 2.4]},
+        yaxis={"visible": False},
+        width=900,
+        height=560,
+        template="plotly_white",
+    )
     return fig
 
 

@@ -67,21 +67,38 @@ def main(cfg: Config) -> dict:
     t_exact, _ = _time(lambda: patch_final_position(model, pairs, "z", progress=False))
 
     res = {
-        "prompts": cfg.n, "prompt_tokens": int(corrupt.tokens.shape[1]), "heads_total": L * H,
-        "same_work_heads": len(heads), "same_work_naive_s": t_naive_sub, "same_work_cached_s": t_fast_sub,
-        "same_work_speedup": t_naive_sub / t_fast_sub, "max_abs_diff_p_truth": err,
-        "full_sweep_cached_s": t_fast_all, "full_sweep_naive_s": naive_all,
-        "naive_extrapolated": len(heads) < L * H, "full_sweep_speedup": naive_all / t_fast_all,
-        "attribution_s": t_attr, "attribution_speedup_vs_naive": naive_all / t_attr,
-        "cached_exact_patching_s": t_exact, "attribution_speedup_vs_cached_exact": t_exact / t_attr,
+        "prompts": cfg.n,
+        "prompt_tokens": int(corrupt.tokens.shape[1]),
+        "heads_total": L * H,
+        "same_work_heads": len(heads),
+        "same_work_naive_s": t_naive_sub,
+        "same_work_cached_s": t_fast_sub,
+        "same_work_speedup": t_naive_sub / t_fast_sub,
+        "max_abs_diff_p_truth": err,
+        "full_sweep_cached_s": t_fast_all,
+        "full_sweep_naive_s": naive_all,
+        "naive_extrapolated": len(heads) < L * H,
+        "full_sweep_speedup": naive_all / t_fast_all,
+        "attribution_s": t_attr,
+        "attribution_speedup_vs_naive": naive_all / t_attr,
+        "cached_exact_patching_s": t_exact,
+        "attribution_speedup_vs_cached_exact": t_exact / t_attr,
     }
     print(f"{cfg.n} prompts of {res['prompt_tokens']} tokens, {L}x{H} heads, torch threads {torch.get_num_threads()}")
-    print(f"same work ({len(heads)} heads): naive {t_naive_sub:.1f}s, cached {t_fast_sub:.2f}s -> "
-          f"{res['same_work_speedup']:.1f}x  (max |ΔP| {err:.1e})")
-    print(f"full AIE sweep ({L * H} heads): cached {t_fast_all:.2f}s, naive {naive_all:.1f}s"
-          f"{' (extrapolated from the same-work run)' if res['naive_extrapolated'] else ''} -> {res['full_sweep_speedup']:.1f}x")
-    print(f"attribution patching (all heads and positions): {t_attr:.2f}s -> {res['attribution_speedup_vs_naive']:.1f}x vs naive, "
-          f"{res['attribution_speedup_vs_cached_exact']:.1f}x vs cached exact patching ({t_exact:.2f}s)")
+    print(
+        f"same work ({len(heads)} heads): naive {t_naive_sub:.1f}s, cached {t_fast_sub:.2f}s -> "
+        f"{res['same_work_speedup']:.1f}x  (max |ΔP| {err:.1e})"
+    )
+    print(
+        f"full AIE sweep ({L * H} heads): cached {t_fast_all:.2f}s, naive {naive_all:.1f}s"
+        f"{' (extrapolated from the same-work run)' if res['naive_extrapolated'] else ''}"
+        f" -> {res['full_sweep_speedup']:.1f}x"
+    )
+    print(
+        f"attribution patching (all heads and positions): {t_attr:.2f}s -> "
+        f"{res['attribution_speedup_vs_naive']:.1f}x vs naive, "
+        f"{res['attribution_speedup_vs_cached_exact']:.1f}x vs cached exact patching ({t_exact:.2f}s)"
+    )
     return res
 
 

@@ -39,11 +39,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
+from test_patching import tl_reference  # noqa: E402  (the TL call, shared with the equality test)
 
 from mechlie.models import load_model  # noqa: E402
 from mechlie.pairs import load_builtin, tokenize  # noqa: E402
 from mechlie.patching import patch_final_position  # noqa: E402
-from test_patching import tl_reference  # noqa: E402  (the TL call, shared with the equality test)
 
 
 def peak_rss_mb() -> float:
@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--n", type=int, default=4, help="pairs")
-    ap.add_argument("--tl-layers", type=int, default=3, help="layers whose heads TransformerLens patches (time scaled to all)")
+    ap.add_argument(
+        "--tl-layers", type=int, default=3, help="layers whose heads TransformerLens patches (time scaled to all)"
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -72,8 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     same = [p for p, (a, b) in zip(pairs, lens) if a == b == target][: args.n]
     L, H = model.cfg.n_layers, model.cfg.n_heads
     tl_layers = sorted({round(i * (L - 1) / max(1, args.tl_layers - 1)) for i in range(args.tl_layers)})
-    print(f"{args.model} on {args.device} ({torch.get_num_threads()} threads): {len(same)} pairs of {target} tokens, "
-          f"{L}x{H} heads; TransformerLens on the heads of layers {tl_layers}, time scaled x{L / len(tl_layers):.1f}")
+    print(
+        f"{args.model} on {args.device} ({torch.get_num_threads()} threads): {len(same)} pairs of {target} tokens, "
+        f"{L}x{H} heads; TransformerLens on the heads of layers {tl_layers}, time scaled x{L / len(tl_layers):.1f}"
+    )
     patch_final_position(model, same[:1], "resid_pre", progress=False)  # warm-up
     for kind in ("z", "resid_pre"):
         sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
@@ -88,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
         t_tl, c_tl = (time.perf_counter() - t) * scale, (time.process_time() - c) * scale
         diff = (ours.effect()[tl_layers] - ref if kind == "z" else ours.effect() - ref).abs().max().item()
         # CPU time (all threads) is printed beside wall time: on a shared machine it is the steadier measure.
-        print(f"{kind:>9}: mechlie {t_ours:7.2f} s wall, {c_ours:7.2f} s CPU | TransformerLens {t_tl:8.2f} s wall, "
-              f"{c_tl:8.2f} s CPU{' (scaled)' if kind == 'z' else ''} | speed-up x{t_tl / t_ours:5.1f} wall, "
-              f"x{c_tl / c_ours:5.1f} CPU | max |Δ effect| {diff:.1e}")
+        print(
+            f"{kind:>9}: mechlie {t_ours:7.2f} s wall, {c_ours:7.2f} s CPU | TransformerLens {t_tl:8.2f} s wall, "
+            f"{c_tl:8.2f} s CPU{' (scaled)' if kind == 'z' else ''} | speed-up x{t_tl / t_ours:5.1f} wall, "
+            f"x{c_tl / c_ours:5.1f} CPU | max |Δ effect| {diff:.1e}"
+        )
     gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if args.device.startswith("cuda") else ""
     print(f"peak RSS {peak_rss_mb():.0f} MiB (after loading the model: {rss_model:.0f} MiB){gpu}")
 

@@ -157,9 +157,15 @@ def attribute_pairs(
         sub = AnswerSet(answers.truth[idx], answers.lie[idx], answers.choices[idx])
         parts.append(
             attribution_patching(
-                model, Batch(b.tokens[idx], b.attention_mask[idx]), Batch(b.tokens[cidx], b.attention_mask[cidx]),
-                sub, metric=metric, resid_kind=resid_kind,
+                model,
+                Batch(b.tokens[idx], b.attention_mask[idx]),
+                Batch(b.tokens[cidx], b.attention_mask[cidx]),
+                sub,
+                metric=metric,
+                resid_kind=resid_kind,
             )
         )
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])  # noqa: E731
-    return Attribution(cat("z"), cat("resid"), cat("valid"), cat("clean_metric"), cat("corrupt_metric"), metric, resid_kind)
+    return Attribution(
+        cat("z"), cat("resid"), cat("valid"), cat("clean_metric"), cat("corrupt_metric"), metric, resid_kind
+    )

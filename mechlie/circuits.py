@@ -107,7 +107,9 @@ class JointResult:
         """0 = the target run, 1 = the source run (over the pairs ``idx``)."""
         sel = slice(None) if idx is None else idx
         return normalized_effect(
-            getattr(self, metric)[sel].mean(0), getattr(self.target, metric)[sel].mean(), getattr(self.source, metric)[sel].mean()
+            getattr(self, metric)[sel].mean(0),
+            getattr(self.target, metric)[sel].mean(),
+            getattr(self.source, metric)[sel].mean(),
         )
 
     def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
@@ -177,7 +179,9 @@ def joint_patch(
         sc = score_patches(model, cache, last, torch.arange(B).repeat(S), patches, ans, max_rows=max_rows)
         p_truth[idx] = sc.p_truth.reshape(S, B).T
         logit_diff[idx] = sc.logit_diff.reshape(S, B).T
-    return JointResult(direction, sets, p_truth, logit_diff, score_logits(src_logits, answers), score_logits(tgt_logits, answers))
+    return JointResult(
+        direction, sets, p_truth, logit_diff, score_logits(src_logits, answers), score_logits(tgt_logits, answers)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,11 +223,20 @@ class TopKCurve:
 
     def summary(self) -> dict:
         return {
-            "direction": self.direction, "metric": self.metric, "n_heads": self.n_heads, "n_test_pairs": self.n_test,
-            "ks": list(self.ks), "top": [e.to_dict() for e in self.top],
-            "random_mean": self.random_mean.tolist(), "random_lo": self.random_lo.tolist(), "random_hi": self.random_hi.tolist(),
-            "threshold": self.threshold, "minimal_k": self.minimal_k, "minimal_k_ci": list(self.minimal_k_ci),
-            "minimal_share": self.minimal_share, "minimal_set": [list(h) for h in self.minimal_set],
+            "direction": self.direction,
+            "metric": self.metric,
+            "n_heads": self.n_heads,
+            "n_test_pairs": self.n_test,
+            "ks": list(self.ks),
+            "top": [e.to_dict() for e in self.top],
+            "random_mean": self.random_mean.tolist(),
+            "random_lo": self.random_lo.tolist(),
+            "random_hi": self.random_hi.tolist(),
+            "threshold": self.threshold,
+            "minimal_k": self.minimal_k,
+            "minimal_k_ci": list(self.minimal_k_ci),
+            "minimal_share": self.minimal_share,
+            "minimal_set": [list(h) for h in self.minimal_set],
             "ranking_top10": [list(h) for h in self.ranking[:10]],
         }
 
@@ -235,8 +248,13 @@ def minimal_k(effects: Float[Tensor, " k_all"], threshold: float) -> int | None:
 
 
 def rank_heads(
-    model: HookedTransformer, train: Sequence[ContrastPair], *, direction: str = "restore",
-    metric: str = "logit_diff", batch_size: int = 16, progress: bool = True,
+    model: HookedTransformer,
+    train: Sequence[ContrastPair],
+    *,
+    direction: str = "restore",
+    metric: str = "logit_diff",
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> tuple[tuple[Head, ...], Tensor]:
     """All heads ranked by their single-head effect on ``train`` (best first), and the effects."""
     src, tgt = _sides(train, direction)
@@ -281,7 +299,9 @@ def topk_curve(
         raise ValueError(f"every k must be in [1, {N}] (the number of heads), got {ks}")
     if n_random < 1 or not 0 < threshold <= 1:
         raise ValueError("need n_random >= 1 and threshold in (0, 1]")
-    ranking, train_eff = rank_heads(model, train, direction=direction, metric=metric, batch_size=batch_size, progress=progress)
+    ranking, train_eff = rank_heads(
+        model, train, direction=direction, metric=metric, batch_size=batch_size, progress=progress
+    )
     g = torch.Generator().manual_seed(seed)
     rand_sets = [[ranking[int(i)] for i in torch.randperm(N, generator=g)[:k]] for k in ks for _ in range(n_random)]
     all_top = [ranking[:k] for k in range(1, N + 1)]
@@ -296,11 +316,27 @@ def topk_curve(
     kmin = minimal_k(top_all, threshold)
     draws = bootstrap_draws(lambda i: res.effect(metric, i)[:N], n, n_boot=n_boot, seed=seed)
     kd = torch.tensor([float(minimal_k(d, threshold) or math.inf) for d in draws])
-    lo, hi = (torch.quantile(kd.clamp(max=N + 1), torch.tensor([0.025, 0.975])).tolist() if len(kd) else (math.nan, math.nan))
+    lo, hi = (
+        torch.quantile(kd.clamp(max=N + 1), torch.tensor([0.025, 0.975])).tolist() if len(kd) else (math.nan, math.nan)
+    )
     return TopKCurve(
-        direction, metric, ranking, train_eff, ks, top_est,
-        rand.mean(1), rand.quantile(0.025, dim=1), rand.quantile(0.975, dim=1), rand, threshold,
-        kmin, (lo, hi), tuple(ranking[:kmin]) if kmin else (), N, n, top_all,
+        direction,
+        metric,
+        ranking,
+        train_eff,
+        ks,
+        top_est,
+        rand.mean(1),
+        rand.quantile(0.025, dim=1),
+        rand.quantile(0.975, dim=1),
+        rand,
+        threshold,
+        kmin,
+        (lo, hi),
+        tuple(ranking[:kmin]) if kmin else (),
+        N,
+        n,
+        top_all,
     )
 
 
@@ -330,10 +366,14 @@ class PathResult:
     target: AnswerScores
     note: str = ""
 
-    def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "sender channel"]:
+    def effect(
+        self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None
+    ) -> Float[Tensor, "sender channel"]:
         sel = slice(None) if idx is None else idx
         return normalized_effect(
-            getattr(self, metric)[sel].mean(0), getattr(self.target, metric)[sel].mean(), getattr(self.source, metric)[sel].mean()
+            getattr(self, metric)[sel].mean(0),
+            getattr(self.target, metric)[sel].mean(),
+            getattr(self.source, metric)[sel].mean(),
         )
 
     def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
@@ -359,8 +399,12 @@ def _full_run(model: HookedTransformer, tokens: Tensor, layers: int) -> dict[str
 
 
 def _receiver_z(
-    model: HookedTransformer, layer: int, x: Float[Tensor, "pos d"], inputs: dict[str, Float[Tensor, "s pos d"]],
-    kv_head: int, q_head: int,
+    model: HookedTransformer,
+    layer: int,
+    x: Float[Tensor, "pos d"],
+    inputs: dict[str, Float[Tensor, "s pos d"]],
+    kv_head: int,
+    q_head: int,
 ) -> Float[Tensor, "s head d_head"]:
     """z of every head of block ``layer`` at the final position, when the receiver's ``q`` input
     (query head ``q_head``) and/or ``k``/``v`` inputs (key/value head ``kv_head``) are the rows of
@@ -394,7 +438,9 @@ def _receiver_z(
     return z.reshape(S, H, -1)
 
 
-def _check_path_input(model: HookedTransformer, receiver: Head, channels: Sequence[str]) -> tuple[Head, tuple[str, ...]]:
+def _check_path_input(
+    model: HookedTransformer, receiver: Head, channels: Sequence[str]
+) -> tuple[Head, tuple[str, ...]]:
     (receiver,) = check_heads(model, [receiver], what="receiver")
     if receiver[0] == 0:
         raise ValueError("the receiver is in block 0: no sender comes before it")
@@ -449,7 +495,9 @@ def path_patch(
         if s.kind not in ("head", "mlp") or (s.kind == "head" and not 0 <= s.head < model.cfg.n_heads):
             raise ValueError(f"unknown sender {s}")
         if not 0 <= s.layer < lr:
-            raise ValueError(f"sender {s} is not before the receiver L{lr}H{hr}: path patching needs sender layer < receiver layer")
+            raise ValueError(
+                f"sender {s} is not before the receiver L{lr}H{hr}: path patching needs sender layer < receiver layer"
+            )
         if s.kind == "mlp" and model.cfg.attn_only:
             raise ValueError("the model has no MLPs")
     if not pairs:
@@ -479,7 +527,11 @@ def path_patch(
         x = tgt[hook_name("resid_pre", lr)]
         moved = x[None] + torch.stack(deltas)  # [S, pos, d]
         zs = torch.stack([_receiver_z(model, lr, x, {c: moved}, kv_head, hr) for c in chans], 1)  # [S, C, H, dh]
-        touched = [hr] if set(chans) == {"q"} else list(range(kv_head * (model.cfg.n_heads // kvh), (kv_head + 1) * (model.cfg.n_heads // kvh)))
+        touched = (
+            [hr]
+            if set(chans) == {"q"}
+            else list(range(kv_head * (model.cfg.n_heads // kvh), (kv_head + 1) * (model.cfg.n_heads // kvh)))
+        )
         b = Batch(tt[None].to(dev), torch.ones_like(tt[None]).to(dev))
         cache, last = prefix_cache(model, b), final_tokens(b)
         tgt_logits[i] = run_rows(model, cache, torch.zeros(1, dtype=torch.long), last)[0, -1].cpu()
@@ -492,12 +544,26 @@ def path_patch(
         ans = AnswerSet(*(t[i : i + 1] for t in (answers.truth, answers.lie, answers.choices)))
         sc = score_patches(model, cache, last, torch.zeros(R, dtype=torch.long), patches, ans)
         p_truth[i], logit_diff[i] = sc.p_truth.reshape(S, C), sc.logit_diff.reshape(S, C)
-    note = "" if kvh == model.cfg.n_heads else (
-        f"grouped-query attention: k/v paths enter key/value head {kv_head}, shared by query heads "
-        f"{kv_head * (model.cfg.n_heads // kvh)}..{(kv_head + 1) * (model.cfg.n_heads // kvh) - 1}, whose z are all patched"
+    note = (
+        ""
+        if kvh == model.cfg.n_heads
+        else (
+            f"grouped-query attention: k/v paths enter key/value head {kv_head}, shared by query heads "
+            f"{kv_head * (model.cfg.n_heads // kvh)}..{(kv_head + 1) * (model.cfg.n_heads // kvh) - 1}, "
+            "whose z are all patched"
+        )
     )
-    return PathResult(receiver, direction, senders, chans, p_truth, logit_diff,
-                      score_logits(src_logits, answers), score_logits(tgt_logits, answers), note)
+    return PathResult(
+        receiver,
+        direction,
+        senders,
+        chans,
+        p_truth,
+        logit_diff,
+        score_logits(src_logits, answers),
+        score_logits(tgt_logits, answers),
+        note,
+    )
 
 
 @dataclass(frozen=True)
@@ -514,7 +580,9 @@ class ReceiverPositions:
     def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, " pos"]:
         sel = slice(None) if idx is None else idx
         return normalized_effect(
-            getattr(self, metric)[sel].mean(0), getattr(self.target, metric)[sel].mean(), getattr(self.source, metric)[sel].mean()
+            getattr(self, metric)[sel].mean(0),
+            getattr(self.target, metric)[sel].mean(),
+            getattr(self.source, metric)[sel].mean(),
         )
 
 
@@ -550,10 +618,12 @@ def receiver_positions(
         src_logits[i] = model(st.to(dev)[None])[0, -1].float().cpu()
         xs = _full_run(model, st.to(dev), lr)[hook_name("resid_pre", lr)]
         store: dict[str, Tensor] = {}
-        with model.hooks(fwd_hooks=[
-            (hook_name("resid_pre", lr), lambda a, hook: store.update(x=a[0].clone())),
-            (f"blocks.{lr}.attn.hook_pattern", lambda a, hook: store.update(p=a[0, hr, -1].clone())),
-        ]):
+        with model.hooks(
+            fwd_hooks=[
+                (hook_name("resid_pre", lr), lambda a, hook: store.update(x=a[0].clone())),
+                (f"blocks.{lr}.attn.hook_pattern", lambda a, hook: store.update(p=a[0, hr, -1].clone())),
+            ]
+        ):
             model(tt.to(dev)[None], return_type=None)
         x = store["x"]
         Lt, Ls = len(tt), len(st)
@@ -572,5 +642,13 @@ def receiver_positions(
         p_truth[i], logit_diff[i] = sc.p_truth, sc.logit_diff
         differs[i] = (st[Ls - M :] != tt[Lt - M :]).float()
         attn[i] = store["p"][Lt - M :].float().cpu()
-    return ReceiverPositions(receiver, tuple(range(-M, 0)), p_truth, logit_diff, differs, attn,
-                             score_logits(src_logits, answers), score_logits(tgt_logits, answers))
+    return ReceiverPositions(
+        receiver,
+        tuple(range(-M, 0)),
+        p_truth,
+        logit_diff,
+        differs,
+        attn,
+        score_logits(src_logits, answers),
+        score_logits(tgt_logits, answers),
+    )

@@ -95,7 +95,9 @@ def rank_components(
         if act_kind not in kinds:
             continue
         if patch_kind not in patches:
-            patches[patch_kind] = patch_final_position(model, pairs, patch_kind, batch_size=batch_size, progress=progress)
+            patches[patch_kind] = patch_final_position(
+                model, pairs, patch_kind, batch_size=batch_size, progress=progress
+            )
         score = difference_scores(honest[act_kind], lying[act_kind])
         out[family] = rank_family(family, score, patches[patch_kind].effect("logit_diff"), top_k)
     return out

@@ -24,7 +24,8 @@ Pipeline, on few-shot prompts (format ``fewshot``: demonstrations with false ans
    leave-one-out means: a training prompt is never patched with a mean containing its own fact.
 5. **Interventions.** The FV is added to the residual stream ``blocks.L.hook_resid_post`` (block
    ``L``'s output) at the *final position only*, as in Todd et al., at the layers its heads live
-   in (default); then it can run over a cached prefix. Added to honest and zero-shot prompts it should lower P(truth) (lie induction);
+   in (default); then it can run over a cached prefix. Added to honest and zero-shot prompts it
+   should lower P(truth) (lie induction);
    subtracted from lying prompts it should raise it (truth recovered). The difference-of-means
    residual direction of the same layer (honest -> lying, fitted on the same training prompts),
    rescaled to the FV's norm, and many random Gaussian directions of that norm run beside it:
@@ -47,12 +48,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
-
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import head_out_from_z, hook_name
 from mechlie.directions import diff_of_means
-from mechlie.stats import bootstrap
+from mechlie.kv import collect_batch, final_tokens, prefix_cache, run_rows
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import (
     AnswerSet,
@@ -64,8 +64,8 @@ from mechlie.pairs import (
     tokenize,
     zero_shot_prompt,
 )
-from mechlie.kv import collect_batch, final_tokens, prefix_cache, run_rows
 from mechlie.patching import Patches, score_patches
+from mechlie.stats import bootstrap
 
 AIE_METRICS = ("truth_drop", "lie_rise", "logit_diff_drop")
 
@@ -104,7 +104,7 @@ def mean_head_activations(model: HookedTransformer, batch: Batch, *, batch_size:
         return HeadMeans(z, head_out_from_z(model, z[None])[0].detach())
 
 
-def leave_one_out_means(z: Float[Tensor, "n *c"]) -> Float[Tensor, "n *c"]:
+def leave_one_out_means(z: Float[Tensor, "n ..."]) -> Float[Tensor, "n ..."]:
     """Row ``i``: the mean of every row but ``i`` (a prompt's own activation is left out)."""
     n = z.shape[0]
     if n < 2:
@@ -165,8 +165,16 @@ def head_aie(
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if mean_z.ndim == 4 and len(mean_z) != corrupt.tokens.shape[0]:
         raise ValueError(f"per-prompt means need one row per prompt: {len(mean_z)} vs {corrupt.tokens.shape[0]}")
-    comps = _all_heads(model) if heads is None else torch.tensor([tuple(h) for h in heads], dtype=torch.long).reshape(-1, 2)
-    if len(comps) == 0 or int(comps[:, 0].min()) < 0 or int(comps[:, 0].max()) >= L or int(comps[:, 1].min()) < 0 or int(comps[:, 1].max()) >= H:
+    comps = (
+        _all_heads(model) if heads is None else torch.tensor([tuple(h) for h in heads], dtype=torch.long).reshape(-1, 2)
+    )
+    if (
+        len(comps) == 0
+        or int(comps[:, 0].min()) < 0
+        or int(comps[:, 0].max()) >= L
+        or int(comps[:, 1].min()) < 0
+        or int(comps[:, 1].max()) >= H
+    ):
         raise ValueError(f"heads must be (layer, head) pairs within {L} x {H}")
     n, C = corrupt.tokens.shape[0], len(comps)
     p_truth, logit_diff = torch.empty((n, C)), torch.empty((n, C))
@@ -236,7 +244,10 @@ class FunctionVector:
 
 
 def build_function_vector(
-    head_out_mean: Float[Tensor, "layer head d_model"], aie: Float[Tensor, "layer head"], k: int = 10, metric: str = "truth_drop"
+    head_out_mean: Float[Tensor, "layer head d_model"],
+    aie: Float[Tensor, "layer head"],
+    k: int = 10,
+    metric: str = "truth_drop",
 ) -> FunctionVector:
     """Sum of the mean head outputs of the ``k`` heads with the largest AIE."""
     L, H = aie.shape
@@ -301,7 +312,9 @@ def add_at_final_position(
         ji = torch.arange(nl).repeat_interleave(B).repeat(nv)
         prompt = torch.arange(B).repeat(nv * nl)
         li = torch.tensor(layers, dtype=torch.long)[ji]
-        patches = Patches("resid_post", torch.arange(len(prompt)), li, torch.full_like(li, -1), vectors[vi, ji], add=True)
+        patches = Patches(
+            "resid_post", torch.arange(len(prompt)), li, torch.full_like(li, -1), vectors[vi, ji], add=True
+        )
         sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B))
         p_truth[s : s + B] = sc.p_truth.reshape(nv, nl, B).permute(2, 0, 1)
         logit_diff[s : s + B] = sc.logit_diff.reshape(nv, nl, B).permute(2, 0, 1)
@@ -336,7 +349,11 @@ class FVExperiment:
         d = result.delta_p_truth()[:, result.layers.index(self.layer if layer is None else layer)]
         rand = d[len(VECTOR_NAMES) :]
         out = {name: float(d[i]) for i, name in enumerate(VECTOR_NAMES)}
-        out.update(random_mean=float(rand.mean()), random_mean_abs=float(rand.abs().mean()), random_max_abs=float(rand.abs().max()))
+        out.update(
+            random_mean=float(rand.mean()),
+            random_mean_abs=float(rand.abs().mean()),
+            random_max_abs=float(rand.abs().max()),
+        )
         return out
 
     def effect_ci(self, result: SteerResult, layer: int | None = None, *, n_boot: int = 1000, seed: int = 0) -> dict:

@@ -96,7 +96,9 @@ class PrefixCache:
             self.tl.previous_attention_mask[:, :p],
             frozen=True,
         )
-        return PrefixCache(tl, tuple(k[:, :p] for k in self.keys), tuple(v[:, :p] for v in self.values), self.mask[:, :p])
+        return PrefixCache(
+            tl, tuple(k[:, :p] for k in self.keys), tuple(v[:, :p] for v in self.values), self.mask[:, :p]
+        )
 
     def tl_view(self, prompt: Int[Tensor, " R"]) -> TransformerLensKeyValueCache:
         """A frozen TransformerLens cache with prompt ``prompt[r]``'s prefix in row ``r`` (the
@@ -110,7 +112,8 @@ class PrefixCache:
             return x[prompt.to(x.device)]
 
         entries = [
-            TransformerLensKeyValueCacheEntry(pick(e.past_keys), pick(e.past_values), frozen=True) for e in self.tl.entries
+            TransformerLensKeyValueCacheEntry(pick(e.past_keys), pick(e.past_values), frozen=True)
+            for e in self.tl.entries
         ]
         return TransformerLensKeyValueCache(entries, pick(self.tl.previous_attention_mask), frozen=True)
 
@@ -173,8 +176,16 @@ def fast_path_supported(model: HookedTransformer) -> bool:
 def _shared_prefix_attention(attn, layer: int, state: "_RowState"):
     """A replacement ``attn.forward`` for rows over a shared prefix (same hooks, same numbers)."""
 
-    def forward(self, query_input, key_input, value_input, past_kv_cache_entry=None,
-                additive_attention_mask=None, attention_mask=None, position_bias=None):
+    def forward(
+        self,
+        query_input,
+        key_input,
+        value_input,
+        past_kv_cache_entry=None,
+        additive_attention_mask=None,
+        attention_mask=None,
+        position_bias=None,
+    ):
         q, k, v = self.calculate_qkv_matrices(query_input, key_input, value_input)  # [R, t, H|kv, d]
         R, t, H, d = q.shape
         P = state.cache.length
@@ -195,8 +206,13 @@ def _shared_prefix_attention(attn, layer: int, state: "_RowState"):
         scores = torch.cat([s_pre, s_new], dim=-1).reshape(R, H, t, P + t) / self.attn_scale
         scores = apply_softcap(scores, self.cfg.attn_scores_soft_cap)
         causal = torch.ones((t, t), dtype=torch.bool, device=scores.device).tril()
-        keep = torch.cat([state.cache.mask[prompt].bool().to(scores.device)[:, None, None, :].expand(R, 1, t, P),
-                          causal[None, None].expand(R, 1, t, t)], dim=-1)
+        keep = torch.cat(
+            [
+                state.cache.mask[prompt].bool().to(scores.device)[:, None, None, :].expand(R, 1, t, P),
+                causal[None, None].expand(R, 1, t, t),
+            ],
+            dim=-1,
+        )
         scores = torch.where(keep, scores, self.IGNORE.to(scores.device))
         if additive_attention_mask is not None:
             scores = scores + additive_attention_mask
@@ -251,7 +267,9 @@ def _shared_prefix(model: HookedTransformer, state: _RowState) -> Iterator[None]
 
 def _check_rows(model, cache: PrefixCache, prompt: Tensor, tokens: Tensor, start_layers: Tensor | None) -> None:
     if tokens.ndim != 2 or tokens.shape[0] != prompt.shape[0] or tokens.shape[0] == 0:
-        raise ValueError(f"need tokens [rows, t] with one prompt index per row; got {tuple(tokens.shape)}, {tuple(prompt.shape)}")
+        raise ValueError(
+            f"need tokens [rows, t] with one prompt index per row; got {tuple(tokens.shape)}, {tuple(prompt.shape)}"
+        )
     if int(prompt.min()) < 0 or int(prompt.max()) >= cache.n_prompts:
         raise ValueError(f"prompt indices must be in [0, {cache.n_prompts})")
     if start_layers is not None:
@@ -323,7 +341,9 @@ def run_rows(
     starts = torch.zeros(R, dtype=torch.long) if start_layers is None else start_layers.cpu()
     fake = _shape_only_cache(model, cache, prompt, mask_full[:, : cache.length])
     with _shared_prefix(model, state), model.hooks(fwd_hooks=list(fwd_hooks)):
-        resid, _, shortformer, attention_mask = model.input_to_embed(tokens, attention_mask=mask_full[:, cache.length :], past_kv_cache=fake)
+        resid, _, shortformer, attention_mask = model.input_to_embed(
+            tokens, attention_mask=mask_full[:, cache.length :], past_kv_cache=fake
+        )
         for i, block in enumerate(model.blocks):
             k = int((starts <= i).sum())
             block_dev = get_device_for_block_index(i, model.cfg)
@@ -333,7 +353,8 @@ def run_rows(
             elif base_resid is not None and i == 0:
                 resid = resid[:k]
             resid = block(
-                resid.to(block_dev), shortformer_pos_embed=None if shortformer is None else shortformer[:k].to(block_dev),
+                resid.to(block_dev),
+                shortformer_pos_embed=None if shortformer is None else shortformer[:k].to(block_dev),
                 attention_mask=attention_mask[:k],
             )
         if model.cfg.normalization_type is not None:
@@ -352,8 +373,12 @@ def _shape_only_cache(model, cache: PrefixCache, prompt: Tensor, mask: Tensor) -
     """A frozen TransformerLens cache of the right shape (for the position offset) and the rows'
     prefix masks, whose keys are never read (zero-stride, no memory)."""
     kv = model.cfg.n_key_value_heads or model.cfg.n_heads
-    dummy = torch.zeros((1, 1, 1, 1), dtype=model.cfg.dtype, device=mask.device).expand(len(prompt), cache.length, kv, model.cfg.d_head)
-    return TransformerLensKeyValueCache([TransformerLensKeyValueCacheEntry(dummy, dummy, frozen=True)], mask, frozen=True)
+    dummy = torch.zeros((1, 1, 1, 1), dtype=model.cfg.dtype, device=mask.device).expand(
+        len(prompt), cache.length, kv, model.cfg.d_head
+    )
+    return TransformerLensKeyValueCache(
+        [TransformerLensKeyValueCacheEntry(dummy, dummy, frozen=True)], mask, frozen=True
+    )
 
 
 def _layer_inputs(model, cache: PrefixCache, prompts: Tensor, tokens: Tensor) -> list[Tensor]:
@@ -366,7 +391,13 @@ def _layer_inputs(model, cache: PrefixCache, prompts: Tensor, tokens: Tensor) ->
 
         return hook
 
-    run_rows(model, cache, prompts, tokens, fwd_hooks=[(hook_name("resid_pre", i), saver(i)) for i in range(model.cfg.n_layers)])
+    run_rows(
+        model,
+        cache,
+        prompts,
+        tokens,
+        fwd_hooks=[(hook_name("resid_pre", i), saver(i)) for i in range(model.cfg.n_layers)],
+    )
     return store  # type: ignore[return-value]
 
 
@@ -440,8 +471,16 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
 
 
 __all__ = [
-    "HEAD_KINDS", "FinalActs", "PrefixCache", "collect_batch", "fast_path_supported", "final_tokens",
-    "load_model_split", "prefix_cache", "run_rows", "top_heads",
+    "HEAD_KINDS",
+    "FinalActs",
+    "PrefixCache",
+    "collect_batch",
+    "fast_path_supported",
+    "final_tokens",
+    "load_model_split",
+    "prefix_cache",
+    "run_rows",
+    "top_heads",
 ]
 
 

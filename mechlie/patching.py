@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import HEAD_KINDS, LAYER_KINDS, hook_name
-from mechlie.kv import PrefixCache, collect_batch, final_tokens, prefix_cache as _prefix_cache, run_rows, top_heads
+from mechlie.kv import PrefixCache, collect_batch, final_tokens, run_rows, top_heads
+from mechlie.kv import prefix_cache as _prefix_cache
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
 from mechlie.stats import TensorEstimate, bootstrap_tensor, normalized_effect
@@ -44,8 +45,15 @@ from mechlie.stats import TensorEstimate, bootstrap_tensor, normalized_effect
 PATCHABLE = ("z",) + LAYER_KINDS
 
 __all__ = [
-    "PATCHABLE", "PatchResult", "Patches", "component_grid", "patch_final_position", "patch_runs",
-    "prefix_cache", "score_patches", "top_heads",
+    "PATCHABLE",
+    "PatchResult",
+    "Patches",
+    "component_grid",
+    "patch_final_position",
+    "patch_runs",
+    "prefix_cache",
+    "score_patches",
+    "top_heads",
 ]
 
 
@@ -58,8 +66,8 @@ def prefix_cache(model: HookedTransformer, batch: Batch):
 @dataclass(frozen=True)
 class PatchResult:
     kind: str  # "z" (per head) or a residual/layer kind
-    p_truth: Float[Tensor, "n *c"]  # per pair, per component, after patching
-    logit_diff: Float[Tensor, "n *c"]
+    p_truth: Float[Tensor, "n ..."]  # per pair, per component, after patching
+    logit_diff: Float[Tensor, "n ..."]
     clean: AnswerScores  # honest run
     corrupt: AnswerScores  # lying run
 
@@ -67,7 +75,9 @@ class PatchResult:
         """Normalized effect: 0 = lying baseline, 1 = honest baseline (over the pairs ``idx``)."""
         sel = slice(None) if idx is None else idx
         patched = getattr(self, metric)[sel].mean(0)
-        return normalized_effect(patched, getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean())
+        return normalized_effect(
+            patched, getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean()
+        )
 
     def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
         """The effect of every component with a 95% bootstrap CI over pairs (same resamples)."""
@@ -97,7 +107,9 @@ class Patches:
         if self.kind not in PATCHABLE:
             raise ValueError(f"cannot patch {self.kind!r}; patchable kinds: {PATCHABLE}")
         n = len(self.row)
-        if not (len(self.layer) == len(self.head) == len(self.value) == n) or (self.pos is not None and len(self.pos) != n):
+        if not (len(self.layer) == len(self.head) == len(self.value) == n) or (
+            self.pos is not None and len(self.pos) != n
+        ):
             raise ValueError("row, layer, head, value (and pos) need one entry each")
 
     def hooks(self, rows: Int[Tensor, " e"] | None = None) -> list:
@@ -139,7 +151,8 @@ def score_patches(
 ) -> AnswerScores:
     """Score ``R`` rows (row ``r`` continues prompt ``prompt[r]`` with the new tokens
     ``tokens[prompt[r]]``, usually its final token, with the entries of ``patches`` for that row)
-    at their last new token against ``answers`` (one row of answer ids per prompt). Rows run in chunks of ``max_rows``, sorted by
+    at their last new token against ``answers`` (one row of answer ids per prompt). Rows run in
+    chunks of ``max_rows``, sorted by
     the first block they change, each over the cached prefix (:func:`mechlie.kv.run_rows`).
 
     Example:
@@ -157,12 +170,22 @@ def score_patches(
     order = torch.argsort(start * R + torch.arange(R))  # stable by start layer
     where = torch.empty(R, dtype=torch.long)
     where[order] = torch.arange(R)
-    p_truth, logit_diff, correct, cov = (torch.empty(R), torch.empty(R), torch.empty(R, dtype=torch.bool), torch.empty(R))
+    p_truth, logit_diff, correct, cov = (
+        torch.empty(R),
+        torch.empty(R),
+        torch.empty(R, dtype=torch.bool),
+        torch.empty(R),
+    )
     for c0 in range(0, R, max_rows):
         rows = order[c0 : c0 + max_rows]
         keep = (where[patches.row] >= c0) & (where[patches.row] < c0 + len(rows))
         sub = Patches(
-            patches.kind, patches.row[keep], patches.layer[keep], patches.head[keep], patches.value[keep], patches.add,
+            patches.kind,
+            patches.row[keep],
+            patches.layer[keep],
+            patches.head[keep],
+            patches.value[keep],
+            patches.add,
             None if patches.pos is None else patches.pos[keep],
         )
         pr = prompt[rows]
@@ -171,7 +194,10 @@ def score_patches(
         )[:, -1]
         s = score_logits(logits, AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
         p_truth[rows], logit_diff[rows], correct[rows], cov[rows] = (
-            s.p_truth.cpu(), s.logit_diff.cpu(), s.correct.cpu(), s.choice_cov.cpu(),
+            s.p_truth.cpu(),
+            s.logit_diff.cpu(),
+            s.correct.cpu(),
+            s.choice_cov.cpu(),
         )
     return AnswerScores(p_truth, logit_diff, correct, cov)
 
@@ -205,12 +231,20 @@ def patch_final_position(
     if len(pairs) == 0:
         raise PairError("no pairs to patch")
     return patch_runs(
-        model, [p.honest for p in pairs], [p.lying for p in pairs], answer_set(model.tokenizer, pairs), kind,
-        batch_size=batch_size, max_rows=max_rows, progress=progress,
+        model,
+        [p.honest for p in pairs],
+        [p.lying for p in pairs],
+        answer_set(model.tokenizer, pairs),
+        kind,
+        batch_size=batch_size,
+        max_rows=max_rows,
+        progress=progress,
     )
 
 
-def _single_component_patches(kind: str, grid: tuple[int, ...], clean: Tensor, n_prompts: int) -> tuple[Tensor, Patches]:
+def _single_component_patches(
+    kind: str, grid: tuple[int, ...], clean: Tensor, n_prompts: int
+) -> tuple[Tensor, Patches]:
     """Rows ``(component, prompt)`` in component order (so sorted by layer); row ``c * n + b``
     patches component ``c`` of prompt ``b`` with ``clean[b]``'s value."""
     comps = torch.cartesian_prod(*[torch.arange(s) for s in grid]).reshape(-1, len(grid))
@@ -246,7 +280,9 @@ def patch_runs(
             f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
             f"({len(answers.truth)}), and at least one"
         )
-    clean = collect_batch(model, tokenize(model, list(clean_prompts)), (kind,), batch_size=batch_size, progress=progress, desc="clean run")
+    clean = collect_batch(
+        model, tokenize(model, list(clean_prompts)), (kind,), batch_size=batch_size, progress=progress, desc="clean run"
+    )
     grid = component_grid(model, kind)
     p_truth, logit_diff = torch.empty((n, *grid)), torch.empty((n, *grid))
     corrupt_logits = torch.empty((n, model.cfg.d_vocab))

@@ -92,21 +92,25 @@ class PositionPatchResult:
     def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "pos layer"]:
         return self._norm(getattr(self, metric), metric, idx)
 
-    def group_effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "group layer"]:
+    def group_effect(
+        self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None
+    ) -> Float[Tensor, "group layer"]:
         if self.group_p_truth is None:
             raise ValueError("no groups were patched")
         return self._norm(getattr(self, f"group_{metric}"), metric, idx)
 
     def _norm(self, x: Tensor, metric: str, idx: Tensor | None) -> Tensor:
         sel = slice(None) if idx is None else idx
-        return normalized_effect(x[sel].mean(0), getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean())
+        return normalized_effect(
+            x[sel].mean(0), getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean()
+        )
 
 
 @torch.inference_mode()
 def patch_positions_tokens(
     model: HookedTransformer,
-    clean: Sequence[Int[Tensor, " pos"]],
-    corrupt: Sequence[Int[Tensor, " pos"]],
+    clean: Sequence[Int[Tensor, " _"]],
+    corrupt: Sequence[Int[Tensor, " _"]],
     answers: AnswerSet,
     *,
     kind: str = "resid_pre",
@@ -184,7 +188,9 @@ def patch_positions_tokens(
             pos = torch.tensor([Lk + o - first for o in offs]).repeat_interleave(nl)
             value = torch.stack([store[l][Lc + o] for o in offs for l in layers])
             patches = Patches(kind, rows, lay, torch.full_like(lay, -1), value, pos=pos)
-            return score_patches(model, cache.truncate(first), kt[:, first:], torch.zeros(nl, dtype=torch.long), patches, ans)
+            return score_patches(
+                model, cache.truncate(first), kt[:, first:], torch.zeros(nl, dtype=torch.long), patches, ans
+            )
 
         for j, o in enumerate(offsets):
             sc = run([o])
@@ -196,9 +202,15 @@ def patch_positions_tokens(
             bar.update(1)
     bar.close()
     return PositionPatchResult(
-        kind, p_truth, logit_diff, score_logits(clean_logits, answers), score_logits(corrupt_logits, answers),
-        tuple(offsets), layers,
-        gp if groups is not None else None, gl if groups is not None else None,
+        kind,
+        p_truth,
+        logit_diff,
+        score_logits(clean_logits, answers),
+        score_logits(corrupt_logits, answers),
+        tuple(offsets),
+        layers,
+        gp if groups is not None else None,
+        gl if groups is not None else None,
         tuple(tuple(tuple(int(o) for o in g) for g in gs) for gs in groups) if groups is not None else (),
     )
 
@@ -243,11 +255,26 @@ def patch_positions(
         if len({len(r) for r in runs}) == 1 and runs[0]:
             groups = runs
         else:
-            log.warning("pairs differ in their number of differing-token runs (%s); no group patching",
-                        sorted({len(r) for r in runs}))
-        log.info("position patching: %d offsets (%d differing in some pair, the last %d), %d groups",
-                 len(offsets), len(diff), n_final, 0 if groups is None else len(groups[0]))
+            log.warning(
+                "pairs differ in their number of differing-token runs (%s); no group patching",
+                sorted({len(r) for r in runs}),
+            )
+        log.info(
+            "position patching: %d offsets (%d differing in some pair, the last %d), %d groups",
+            len(offsets),
+            len(diff),
+            n_final,
+            0 if groups is None else len(groups[0]),
+        )
     return patch_positions_tokens(
-        model, clean, corrupt, answer_set(model.tokenizer, pairs),
-        kind=kind, layers=layers, n_positions=n_positions, offsets=offsets, groups=groups, progress=progress,
+        model,
+        clean,
+        corrupt,
+        answer_set(model.tokenizer, pairs),
+        kind=kind,
+        layers=layers,
+        n_positions=n_positions,
+        offsets=offsets,
+        groups=groups,
+        progress=progress,
     )

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tiny_models import answers, random_batch, tiny_model
 
 from mechlie.attribution import attribution_patching, spearman
 from mechlie.metrics import score_logits
 from mechlie.pairs import Batch, PairError
-from tiny_models import answers, random_batch, tiny_model
 
 
 def _exact(model, clean, corrupt, ans, hook, pos, index=None):

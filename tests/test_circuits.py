@@ -2,14 +2,14 @@
 
 import pytest
 import torch
+from conftest import no_hooks, tiny_model
+from test_patching import make_pairs
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from conftest import no_hooks, tiny_model
 from mechlie.circuits import Sender, joint_patch, k_grid, minimal_k, path_patch, receiver_positions, topk_curve
 from mechlie.metrics import score_logits
 from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
 from mechlie.patching import patch_runs
-from test_patching import make_pairs
 
 QS = ["France", "Spain", "Italy", "Japan", "Peru", "Chile", "Egypt", "Kenya"]
 ANS = ["Paris", "Madrid", "Rome", "Tokyo", "Lima", "Santiago", "Cairo", "Nairobi"]
@@ -20,7 +20,10 @@ def many_pairs() -> list[ContrastPair]:
         ContrastPair(
             honest=f"Answer truthfully. Q: What is the capital of {q} ?\nA:",
             lying=f"Answer you are a liar lie. Q: What is the capital of {q} ?\nA:",
-            truth=a, lie=ANS[(i + 1) % len(ANS)], fact_id=q, relation="custom",
+            truth=a,
+            lie=ANS[(i + 1) % len(ANS)],
+            fact_id=q,
+            relation="custom",
         )
         for i, (q, a) in enumerate(zip(QS, ANS))
     ]
@@ -32,7 +35,9 @@ def test_joint_patching_of_a_layer_equals_attn_out_and_one_head_equals_single(di
     pairs = make_pairs()
     H = model.cfg.n_heads
     layer = 1
-    res = joint_patch(model, pairs, [[(layer, h) for h in range(H)], [(2, 3)], [(0, 1)]], direction=direction, progress=False)
+    res = joint_patch(
+        model, pairs, [[(layer, h) for h in range(H)], [(2, 3)], [(0, 1)]], direction=direction, progress=False
+    )
     honest, lying = [p.honest for p in pairs], [p.lying for p in pairs]
     src, tgt = (honest, lying) if direction == "restore" else (lying, honest)
     ans = answer_set(model.tokenizer, pairs)
@@ -99,7 +104,10 @@ def _reference_path(model, twin, pair, sender: Sender, receiver, channel, kv_gro
     name = f"blocks.{sender.layer}.attn.hook_z" if sender.kind == "head" else f"blocks.{sender.layer}.hook_mlp_out"
     outs = {}
     for key, toks in (("h", ht), ("l", lt)):
-        with torch.no_grad(), model.hooks(fwd_hooks=[(name, lambda a, hook, key=key: outs.update({key: a[0].clone()}))]):
+        with (
+            torch.no_grad(),
+            model.hooks(fwd_hooks=[(name, lambda a, hook, key=key: outs.update({key: a[0].clone()}))]),
+        ):
             model(toks)
     if sender.kind == "head":
         w = model.blocks[sender.layer].attn.W_O[sender.head]
@@ -113,10 +121,15 @@ def _reference_path(model, twin, pair, sender: Sender, receiver, channel, kv_gro
         return act
 
     z = {}
-    with torch.no_grad(), twin.hooks(fwd_hooks=[
-        (f"blocks.{lr}.hook_{channel}_input", move),
-        (f"blocks.{lr}.attn.hook_z", lambda a, hook: z.update(z=a[0, -1].clone())),
-    ]):
+    with (
+        torch.no_grad(),
+        twin.hooks(
+            fwd_hooks=[
+                (f"blocks.{lr}.hook_{channel}_input", move),
+                (f"blocks.{lr}.attn.hook_z", lambda a, hook: z.update(z=a[0, -1].clone())),
+            ]
+        ),
+    ):
         twin(lt)
 
     def put(act, hook):
@@ -220,7 +233,9 @@ def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsy
     assert "minimal set" in capsys.readouterr().out
     # bad input fails before the model loads, with one line
     assert mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "x.y", "--out-dir", str(tmp_path)]) == 2
-    assert mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "0.9", "--out-dir", str(tmp_path / "b")]) == 2
+    assert (
+        mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "0.9", "--out-dir", str(tmp_path / "b")]) == 2
+    )
 
 
 def test_function_vector_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
@@ -240,8 +255,15 @@ def test_function_vector_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch
 
     def all_known(*a, **k):  # a random tiny model knows nothing; treat every fact as known
         b = real(*a, **k)
-        return type(b)(type(b.honest)(*[torch.ones_like(b.honest.correct) if f == "correct" else getattr(b.honest, f)
-                                        for f in b.honest.__dataclass_fields__]), b.lying)
+        return type(b)(
+            type(b.honest)(
+                *[
+                    torch.ones_like(b.honest.correct) if f == "correct" else getattr(b.honest, f)
+                    for f in b.honest.__dataclass_fields__
+                ]
+            ),
+            b.lying,
+        )
 
     monkeypatch.setattr(mechlie.metrics, "behaviour", all_known)
     mod = _script("function_vectors")

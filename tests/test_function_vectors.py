@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tiny_models import answers, random_batch, tiny_model
 
 from mechlie.function_vectors import (
     add_at_final_position,
@@ -11,7 +12,6 @@ from mechlie.function_vectors import (
 from mechlie.kv import collect_batch
 from mechlie.metrics import score_logits
 from mechlie.pairs import ContrastPair, PairError, corrupted_fewshot, fewshot_demos, zero_shot_prompt
-from tiny_models import answers, random_batch, tiny_model
 
 PLANTED = (1, 2)
 
@@ -128,8 +128,18 @@ def test_corrupted_fewshot_labels():
 # ---------------------------------------------------------------------------------------------
 # end to end on the conftest's tiny model with a word-level tokenizer
 
-COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-             ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Iran", "Tehran")]
+COUNTRIES = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Cuba", "Havana"),
+    ("Iran", "Tehran"),
+]
 
 
 def word_pairs() -> list[ContrastPair]:
@@ -142,7 +152,11 @@ def word_pairs() -> list[ContrastPair]:
         false = [COUNTRIES[(j + 1) % 4][1] for j in range(4)]
         h = "\n\n".join([f"Q: {q(x)}\nA: {y}" for x, y in demos] + [f"Q: {q(c)}\nA:"])
         lie = "\n\n".join([f"Q: {q(x)}\nA: {f}" for (x, _), f in zip(demos, false)] + [f"Q: {q(c)}\nA:"])
-        out.append(ContrastPair(h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)))
+        out.append(
+            ContrastPair(
+                h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)
+            )
+        )
     return out
 
 
@@ -172,7 +186,9 @@ def test_run_function_vector_end_to_end(tiny):
     # baselines are the plain forward passes of the test prompts
     want = score_logits(final_logits(tiny, [p.honest for p in test]), answer_set(tiny.tokenizer, test)).p_truth
     assert torch.allclose(ex.honest_plus.base.p_truth, want, atol=1e-5)
-    want = score_logits(final_logits(tiny, [zero_shot_prompt(p) for p in test]), answer_set(tiny.tokenizer, test)).p_truth
+    want = score_logits(
+        final_logits(tiny, [zero_shot_prompt(p) for p in test]), answer_set(tiny.tokenizer, test)
+    ).p_truth
     assert torch.allclose(ex.zero_shot_plus.base.p_truth, want, atol=1e-5)
     assert ex.cosine_fv_dom().shape == (tiny.cfg.n_layers,)
     with pytest.raises(PairError):

@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-
 from conftest import no_hooks
+from tiny_models import random_batch, tiny_model
+
 from mechlie.activations import hook_name
 from mechlie.kv import collect_batch, fast_path_supported, final_tokens, prefix_cache, run_rows, top_heads
 from mechlie.pairs import Batch
-from tiny_models import random_batch, tiny_model
 
 
 def _left_padded(seed: int = 0) -> Batch:
@@ -81,7 +81,15 @@ def test_per_row_hooks_and_start_layers(fast):
             hs.append((hook_name("z", layer), hook))
         return hs
 
-    got = run_rows(model, cache, rows, final_tokens(batch)[rows], fwd_hooks=hooks_for(torch.arange(6)), start_layers=start, fast=fast)
+    got = run_rows(
+        model,
+        cache,
+        rows,
+        final_tokens(batch)[rows],
+        fwd_hooks=hooks_for(torch.arange(6)),
+        start_layers=start,
+        fast=fast,
+    )
     ref = _full(model, batch, rows, hooks=hooks_for(torch.arange(6)))[:, -1:]
     assert (got - ref).abs().max() < 1e-4
     plain = _full(model, batch, rows)[:, -1:]

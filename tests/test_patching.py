@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 import torch
+from conftest import no_hooks, tiny_model
 from transformer_lens import patching as tlp
 
-from conftest import no_hooks, tiny_model
 from mechlie.metrics import score_logits
 from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
 from mechlie.patching import patch_final_position, patch_runs
@@ -16,11 +16,16 @@ def make_pairs(equal_length: bool = True) -> list[ContrastPair]:
     pairs = []
     for i, (q, a) in enumerate(zip(QS, ANS)):
         extra = "" if equal_length or i % 2 else " you are a liar,"
-        pairs.append(ContrastPair(
-            honest=f"Answer truthfully. Q: What is the capital of {q}?\nA:",
-            lying=f"Answer{extra} lie. Q: What is the capital of {q}?\nA:",
-            truth=a, lie=ANS[(i + 1) % len(ANS)], fact_id=q, relation="custom",
-        ))
+        pairs.append(
+            ContrastPair(
+                honest=f"Answer truthfully. Q: What is the capital of {q}?\nA:",
+                lying=f"Answer{extra} lie. Q: What is the capital of {q}?\nA:",
+                truth=a,
+                lie=ANS[(i + 1) % len(ANS)],
+                fact_id=q,
+                relation="custom",
+            )
+        )
     return pairs
 
 
@@ -47,7 +52,9 @@ def tl_reference(model, pairs, kind, normalize=True, layers=None):
     layers = list(range(L)) if layers is None else list(layers)
     if kind == "z":
         idx = pd.DataFrame([(l, last, h) for l in layers for h in range(H)], columns=["layer", "pos", "head_index"])
-        out = tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_head_vector_patch_setter, "z", index_df=idx)
+        out = tlp.generic_activation_patch(
+            model, corrupt, cache, metric, tlp.layer_pos_head_vector_patch_setter, "z", index_df=idx
+        )
         return out.reshape(len(layers), H)
     idx = pd.DataFrame([(l, last) for l in layers], columns=["layer", "pos"])
     return tlp.generic_activation_patch(model, corrupt, cache, metric, tlp.layer_pos_patch_setter, kind, index_df=idx)

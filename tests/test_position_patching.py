@@ -1,10 +1,10 @@
 import pytest
 import torch
+from tiny_models import answers, tiny_model
 
 from mechlie.metrics import score_logits
 from mechlie.pairs import AnswerSet, PairError, answer_set, tokenize
 from mechlie.position_patching import align_from_end, differing_groups, differing_offsets, patch_positions_tokens
-from tiny_models import answers, tiny_model
 
 
 def test_align_from_end():
@@ -17,7 +17,10 @@ def test_align_from_end():
 
 def _brute(model, clean, corrupt, layer, ci, ki, ans):
     store = {}
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda a, hook: store.update(a=a.clone()))]):
+    with (
+        torch.no_grad(),
+        model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda a, hook: store.update(a=a.clone()))]),
+    ):
         model(clean[None])
 
     def patch(act, hook):
@@ -73,7 +76,10 @@ def test_differing_offsets_and_groups():
 def _brute_many(model, clean, corrupt, layer, offs, ans):
     """Full forward of ``corrupt`` with resid_pre at every offset in ``offs`` set to ``clean``'s."""
     store = {}
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda a, hook: store.update(a=a.clone()))]):
+    with (
+        torch.no_grad(),
+        model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda a, hook: store.update(a=a.clone()))]),
+    ):
         model(clean[None])
 
     def patch(act, hook):
@@ -95,7 +101,9 @@ def test_default_sweep_covers_every_differing_position_and_groups(tiny):
 
     pairs = [
         ContrastPair(prompt("Paris", "Madrid", "Italy"), prompt("Rome", "Lima", "Italy"), "Rome", "Paris", fact_id="a"),
-        ContrastPair(prompt("Paris", "Madrid", "Japan"), prompt("Cairo", "Tokyo", "Japan"), "Tokyo", "Lima", fact_id="b"),
+        ContrastPair(
+            prompt("Paris", "Madrid", "Japan"), prompt("Cairo", "Tokyo", "Japan"), "Tokyo", "Lima", fact_id="b"
+        ),
     ]
     res = patch_positions(tiny, pairs, layers=[0, 2], n_final=3, progress=False)
     clean = [tokenize(tiny, [p.honest]).tokens[0] for p in pairs]
@@ -122,7 +130,9 @@ def test_default_sweep_covers_every_differing_position_and_groups(tiny):
 def test_explicit_offsets_and_bad_input():
     model = tiny_model(attn_only=False, n_layers=2)
     clean, corrupt = [torch.arange(5, 15)], [torch.arange(20, 30)]
-    res = patch_positions_tokens(model, clean, corrupt, answers(1), offsets=[-7, -1], groups=[[[-9, -8], [-2]]], progress=False)
+    res = patch_positions_tokens(
+        model, clean, corrupt, answers(1), offsets=[-7, -1], groups=[[[-9, -8], [-2]]], progress=False
+    )
     assert res.offsets == (-7, -1)
     for j, layer in enumerate([0, 1]):
         want = _brute_many(model, clean[0], corrupt[0], layer, [-9, -8], answers(1))

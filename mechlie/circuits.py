@@ -416,15 +416,23 @@ def _receiver_z(
     # queries, keys, values from the unchanged input, repeated per row
     q, k, v = attn.calculate_qkv_matrices(base, base, base)  # [1, pos, H|kv, dh]
     q, k, v = (t.expand(S, -1, -1, -1).clone() for t in (q, k, v))
+    grouped = hasattr(attn, "_W_K") and not getattr(model.cfg, "ungroup_grouped_query_attention", False)
     for ch, inp in inputs.items():
-        new = block.ln1(inp)
-        nq, nk, nv = attn.calculate_qkv_matrices(new, new, new)
-        if ch == "q":
-            q[:, :, q_head] = nq[:, :, q_head]
-        elif ch == "k":
-            k[:, :, kv_head] = nk[:, :, kv_head]
-        else:
-            v[:, :, kv_head] = nv[:, :, kv_head]
+        if model.cfg.use_qk_norm:  # the norm needs every head: project them all
+            new = block.ln1(inp)
+            nq, nk, nv = attn.calculate_qkv_matrices(new, new, new)
+            if ch == "q":
+                q[:, :, q_head] = nq[:, :, q_head]
+            elif ch == "k":
+                k[:, :, kv_head] = nk[:, :, kv_head]
+            else:
+                v[:, :, kv_head] = nv[:, :, kv_head]
+        elif ch == "q":  # only the receiver's query at the final position is ever read
+            q[:, -1, q_head] = block.ln1(inp[:, -1:])[:, 0] @ attn.W_Q[q_head] + attn.b_Q[q_head]
+        else:  # only the receiver's key/value head
+            W = (attn._W_K if grouped else attn.W_K) if ch == "k" else (attn._W_V if grouped else attn.W_V)
+            b = (attn._b_K if grouped else attn.b_K) if ch == "k" else (attn._b_V if grouped else attn.b_V)
+            (k if ch == "k" else v)[:, :, kv_head] = block.ln1(inp) @ W[kv_head] + b[kv_head]
     if model.cfg.positional_embedding_type == "rotary":
         q, k = attn.apply_rotary(q, 0, None), attn.apply_rotary(k, 0, None)
     H, kvh = q.shape[2], k.shape[2]

@@ -52,7 +52,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.activations import head_out_from_z, hook_name
 from mechlie.directions import diff_of_means
-from mechlie.kv import collect_batch, final_tokens, prefix_cache, run_rows
+from mechlie.kv import collect_batch, final_tokens, prefix_cache, run_rows, top_heads
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import (
     AnswerSet,
@@ -250,11 +250,7 @@ def build_function_vector(
     metric: str = "truth_drop",
 ) -> FunctionVector:
     """Sum of the mean head outputs of the ``k`` heads with the largest AIE."""
-    L, H = aie.shape
-    if not 1 <= k <= L * H:
-        raise ValueError(f"k must be in [1, {L * H}], got {k}")
-    top = aie.flatten().topk(k).indices
-    heads = tuple((int(t) // H, int(t) % H) for t in top)
+    heads = top_heads(aie, k)  # NaN (unswept) heads rank last
     vec = torch.stack([head_out_mean[l, h] for l, h in heads]).sum(0)
     return FunctionVector(vec, heads, tuple(float(aie[l, h]) for l, h in heads), metric)
 

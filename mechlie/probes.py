@@ -39,7 +39,7 @@ answer's log-probability, per head (the notes found head activations + gradients
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, Sequence
 
@@ -374,10 +374,6 @@ def _register_direction_fits() -> None:
 
 
 _register_direction_fits()
-
-
-def with_meta(probe: AnyProbe, **meta) -> AnyProbe:
-    return replace(probe, meta={**probe.meta, **meta})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,7 +243,13 @@ def head_sweep_report(run: Path) -> RunReport:
     ra = s.get("resid_auroc", {})
     if "per_layer" in ra:
         auroc_series = {"held-out AUROC": (ra["per_layer"], ra.get("per_layer_lo"), ra.get("per_layer_hi"))}
-        for key, name in (("shuffled", "shuffled labels"), ("random", "random direction")):
+        for key, name in (
+            ("null_mean", "label-swap null (mean)"),
+            ("null_q95", "label-swap null (95th pct.)"),
+            ("random_mean", "random direction (mean)"),
+            ("shuffled", "shuffled labels"),  # older head sweeps
+            ("random", "random direction"),
+        ):
             if key in ra:
                 auroc_series[name] = (ra[key], None, None)
         figs["layer_auroc"] = figstyle.lines_ci(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    from mechlie.io import atomic_torch_save
     from mechlie.pairs import load_builtin
     from mechlie.patching import patch_final_position
 
@@ -32,7 +30,25 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     hs.mkdir(parents=True)
     pairs = capital_pairs(model)  # words the tiny tokenizer knows, so honest and lying prompts differ
     pr = {kind: patch_final_position(model, pairs, kind, progress=False) for kind in ("z", "resid_pre")}
-    atomic_torch_save(hs / "patching.pt", {k: asdict(v) for k, v in pr.items()})
+    scores = lambda a: {
+        "p_truth": a.p_truth,
+        "logit_diff": a.logit_diff,
+        "correct": a.correct,
+        "choice_cov": a.choice_cov,
+    }
+    save_tensors(  # the layout of mechlie.head_sweep's patching.safetensors
+        hs / "patching.safetensors",
+        {
+            k: {
+                "p_truth": r.p_truth,
+                "logit_diff": r.logit_diff,
+                "clean": scores(r.clean),
+                "corrupt": scores(r.corrupt),
+            }
+            for k, r in pr.items()
+        },
+        {k: {"kind": r.kind} for k, r in pr.items()},
+    )
     cfg = {"model": "tiny", "dataset": "capitals", "fmt": "fewshot", "n_patch": len(pairs)}
     atomic_write_json(hs / "config.json", cfg)
     z = pr["z"]
@@ -179,7 +195,7 @@ def test_bad_runs_are_refused_before_writing(runs, tmp_path):
         R.build_report(missing)
     no_patching = tmp_path / "no_patching"
     shutil.copytree(runs["head_sweep"], no_patching)
-    (no_patching / "patching.pt").unlink()
+    (no_patching / "patching.safetensors").unlink()
     with pytest.raises(R.RunFormatError):
         R.build_report(no_patching)
     # A good run beside a bad one: one line, exit 2, and nothing written for either.

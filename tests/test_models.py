@@ -31,6 +31,7 @@ def test_logits_match_hugging_face(name, smol):
     assert worst <= 1e-3, f"{name}: max |Δ log-prob| = {worst}"
 
 
+@pytest.mark.slow
 def test_embedded_models_resolve_to_cached_dirs(smol):
     d = resolve_hf_dir("smollm2-135m-instruct")
     assert (d / "config.json").is_file() and d.parent.name == "hf"
@@ -187,14 +188,28 @@ def test_corrupted_real_cache_is_rebuilt(tmp_path, monkeypatch, smol):
     """Issue 8.9: 1 MB overwritten in the middle of the cached weights used to load silently."""
     import shutil
 
+    import mechlie.models as models
     from mechlie.pairs import tokenize
 
     src = resolve_hf_dir("smollm2-135m-instruct")
     cache = tmp_path / "cache"
     shutil.copytree(src, cache / "hf" / src.name)
     weights = cache / "hf" / src.name / "model.safetensors"
+    assert models.cache_problem(cache / "hf" / src.name) is None
     _overwrite_middle(weights, 1 << 20)
+    assert "corrupted" in models.cache_problem(cache / "hf" / src.name)
+    # The rebuild copies the intact entry instead of dequantizing again (20-55 s, tested on first use).
+    rebuilt = []
+
+    def copy_intact(gguf, out):
+        rebuilt.append(gguf)
+        for f in src.iterdir():
+            if f.name != models.CHECKSUMS:
+                shutil.copy2(f, out / f.name)
+
+    monkeypatch.setattr(models, "_dequantize", copy_intact)
     model = load_model("smollm2-135m-instruct", device="cpu", cache_dir=cache)
+    assert len(rebuilt) == 1 and models.cache_problem(cache / "hf" / src.name) is None
     toks = tokenize(model, ["The capital of France is"]).tokens
     with torch.no_grad():
         got, ref = model(toks)[0, -1], smol(toks)[0, -1]

@@ -489,3 +489,70 @@ def patching_sweep_report(run: Path) -> RunReport:
         m = p["max_effect"]
         headline.append(f"- Largest position × layer effect: {_fmt(m['mean'], m['lo'], m['hi'])} at {p.get('argmax')}.")
     return RunReport("patching_sweep", run, f"Patching sweep: {where}", headline, figs, captions)
+
+
+# ---------------------------------------------------------------------------------------------
+# function vectors (analyses/function_vectors.py)
+
+
+def _is_function_vectors(run: Path) -> bool:
+    s = json.loads((run / "summary.json").read_text())
+    return s.get("kind") == "function_vectors" or "top_heads_by_aie" in s
+
+
+@register_kind("function_vectors", detect=_is_function_vectors)
+def function_vectors_report(run: Path) -> RunReport:
+    from mechlie.io import load_tensors
+    from mechlie.stats import bootstrap_tensor
+
+    s = _json(run / "summary.json")
+    _need(s, ("model", "n_test", "top_heads_by_aie", "layer", "cosine_fv_vs_diff_of_means"), run / "summary.json")
+    if not (run / "tensors.safetensors").is_file():
+        raise RunFormatError(f"missing results file: {run / 'tensors.safetensors'}")
+    t, meta = load_tensors(run / "tensors.safetensors")
+    if "aie_truth_drop" not in t or not isinstance(meta, dict) or "layers" not in meta:
+        raise RunFormatError(f"{run}/tensors.safetensors lacks aie_truth_drop or its layers: an older version; rerun")
+    names = ("fv", "diff_of_means")  # mechlie.function_vectors.VECTOR_NAMES: then the random directions
+    layers = list(meta["layers"])
+    where = f"{s['model']}, n={s['n_test']} test pairs"
+    figs = {
+        "aie": figstyle.heatmap(
+            t["aie_truth_drop"],
+            f"AIE: fall in P(truth), lying mean z into corrupted prompts ({where})",
+            colorbar="ΔP",
+            zmid=0.0,
+        )
+    }
+    captions = {"aie": "Average indirect effect of each head (Todd et al. 2023), on the training pairs."}
+    for name in ("honest_plus", "zero_shot_plus", "lying_minus"):
+        key = f"{name}_p_truth"
+        if key not in t:
+            continue
+        per_pair = t[key].float() - t[f"{name}_base_p_truth"].float()[:, None, None]  # [n, v, layer]
+        est = bootstrap_tensor(lambda i, d=per_pair: d[i].mean(0), per_pair.shape[0])
+        series = {v: (est.mean[j].tolist(), est.lo[j].tolist(), est.hi[j].tolist()) for j, v in enumerate(names)}
+        rand = per_pair[:, len(names) :].mean(0)  # [r, layer]: each random direction's mean effect
+        if len(rand):
+            q = torch.quantile(rand, torch.tensor([0.025, 0.5, 0.975]), dim=0)
+            series[f"{len(rand)} random directions (median, 95% range)"] = (q[1].tolist(), q[0].tolist(), q[2].tolist())
+        figs[f"{name}_by_layer"] = figstyle.lines_ci(
+            layers, series, f"{name}: ΔP(truth) by layer, equal norm ({where})", y_label="ΔP(truth)"
+        )
+        captions[f"{name}_by_layer"] = (
+            "ΔP(truth) when each vector is added (subtracted for lying_minus) at the final position; bands: 95% CI "
+            "over test pairs, and the central 95% of random directions."
+        )
+    top = s["top_heads_by_aie"][:5]
+    headline = [
+        "- Top heads by AIE: " + ", ".join(f"L{h['layer']}H{h['head']} ({h['truth_drop']:+.3f})" for h in top) + ".",
+        f"- cos(FV, diff of means) at layer {s['layer']}: {s['cosine_fv_vs_diff_of_means']:+.3f}.",
+    ]
+    for name, iv in s.get("interventions_at_layer", {}).items():
+        ci = iv.get("delta_p_truth_ci", {})
+        if "fv" in ci and "diff_of_means" in ci:
+            f, d = ci["fv"], ci["diff_of_means"]
+            headline.append(
+                f"- {name} at layer {s['layer']}: FV {_fmt(f['mean'], f['lo'], f['hi'], 3)}, "
+                f"diff of means {_fmt(d['mean'], d['lo'], d['hi'], 3)}."
+            )
+    return RunReport("function_vectors", run, f"Function vectors: {where}", headline, figs, captions)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model
 from test_views import capital_pairs
 
@@ -135,7 +136,32 @@ def runs(tmp_path_factory) -> dict[str, Path]:
             "component_ranking": {},
         },
     )
-    return {"head_sweep": hs, "sae_features": sae_run, "patching_sweep": ps}
+    # A function-vector run in analyses/function_vectors.py's format (synthetic numbers).
+    fv = tmp / "function_vectors" / "tiny"
+    fv.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    n, layers = 6, [0, 1, 2]
+    save_tensors(
+        fv / "tensors.safetensors",
+        {
+            "aie_truth_drop": torch.randn(3, 4, generator=g),
+            "lying_minus_p_truth": torch.rand(n, 2 + 20, len(layers), generator=g),
+            "lying_minus_base_p_truth": torch.rand(n, generator=g),
+        },
+        {"layers": layers, "headline_layer": 1},
+    )
+    atomic_write_json(
+        fv / "summary.json",
+        {
+            "model": "tiny",
+            "n_test": n,
+            "layer": 1,
+            "cosine_fv_vs_diff_of_means": 0.1,
+            "top_heads_by_aie": [{"layer": 2, "head": 1, "truth_drop": 0.2, "lie_rise": 0.1}],
+            "top_heads_by_patching": [{"layer": 2, "head": 1, "effect_p_truth": 0.3}],
+        },
+    )
+    return {"head_sweep": hs, "sae_features": sae_run, "patching_sweep": ps, "function_vectors": fv}
 
 
 def test_make_figures_writes_every_file(runs, tmp_path):

@@ -135,3 +135,29 @@ def test_bad_rows():
         run_rows(model, cache, torch.tensor([0, 1]), batch.tokens[:, -1:], start_layers=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="own tokens|prompt's tokens"):
         run_rows(model, cache, torch.tensor([0, 0]), torch.tensor([[5], [6]]), start_layers=torch.tensor([0, 1]))
+
+
+@pytest.mark.slow
+def test_real_model_rows_and_patches_equal_full_forward(smol):
+    """SmolLM2 (grouped-query attention, rotary, RMSNorm): rows over the cached prefix, with a
+    per-row head patch and skipped blocks, equal full forward passes."""
+    from mechlie.pairs import load_builtin, tokenize
+
+    pairs = load_builtin("capitals", "fewshot", tokenizer=smol.tokenizer, n=3)
+    batch = tokenize(smol, [p.lying for p in pairs])
+    cache = prefix_cache(smol, batch)
+    rows = torch.tensor([0, 1, 2, 1])
+    start = torch.tensor([0, 5, 20, 29])
+    value = torch.full((smol.cfg.d_head,), 0.5)
+
+    def hooks(row_ids):
+        return [
+            (hook_name("z", int(layer)), lambda a, hook, r=int(r): a.__setitem__((r, -1, 3), value) or a)
+            for r, layer in zip(row_ids, start)
+        ]
+
+    got = run_rows(smol, cache, rows, final_tokens(batch)[rows], fwd_hooks=hooks(range(4)), start_layers=start)
+    ref = _full(smol, batch, rows, hooks=hooks(range(4)))[:, -1:]
+    assert (got - ref).abs().max() < 1e-3  # logits of size ~20: float32 noise is ~1e-5
+    plain = _full(smol, batch, rows)[:, -1:]
+    assert (ref - plain).abs().amax(dim=(1, 2)).min() > 1e-2

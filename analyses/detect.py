@@ -44,8 +44,8 @@ class Config:
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, .gguf, HF dir or TL name"})
     relations: tuple[str, ...] = field(default=DEFAULT_RELATIONS, metadata={"help": "built-in relations"})
     fmt: str = field(default="fewshot", metadata={"help": "instruct | fewshot | both"})
-    n_pairs: int = field(default=24, metadata={"help": "pairs sampled per relation"})
-    k: int = field(default=4, metadata={"help": "sampled answers per lying prompt (on-policy labels)"})
+    n_pairs: int = field(default=16, metadata={"help": "pairs sampled per relation"})
+    k: int = field(default=3, metadata={"help": "sampled answers per lying prompt (on-policy labels)"})
     temperature: float = 1.0
     max_new_tokens: int = 4
     probes: tuple[str, ...] = field(default=PROBE_KINDS, metadata={"help": f"any of {PROBE_KINDS}"})

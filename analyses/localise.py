@@ -139,7 +139,7 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
             ks,
             {
                 "top-k (ranked on training pairs)": [e.mean for e in c.top],
-                "random k-sets (mean)": c.random_mean.tolist(),
+                "random k-sets (mean; band: 95% of draws)": c.random_mean.tolist(),
             },
             f"{direction}: joint patching of k heads on {c.n_test} held-out pairs "
             f"(1 = {'honest' if direction == 'restore' else 'lying'})",
@@ -147,7 +147,7 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
             y_label="normalized logit-diff effect",
             bands={
                 "top-k (ranked on training pairs)": ([e.lo for e in c.top], [e.hi for e in c.top]),
-                "random k-sets (mean)": (c.random_lo.tolist(), c.random_hi.tolist()),
+                "random k-sets (mean; band: 95% of draws)": (c.random_lo.tolist(), c.random_hi.tolist()),
             },
         )
         figs[f"topk_{direction}"].update_xaxes(type="log")

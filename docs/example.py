@@ -12,8 +12,8 @@ scores = ml.score_directions(honest, lying, ml.split_by_fact([p.fact_id for p in
 table = ml.to_frame({"auroc": scores.auroc, "lo": scores.auroc_lo, "hi": scores.auroc_hi}, ["layer"])
 print(table.nlargest(3, "auroc"))  # 95% CIs over held-out facts
 
-# Push the lying prompts back along the direction (it points honest -> lying) and watch P(truth).
-layer = int(scores.auroc.argmax())
-with ml.steer(model, ml.AddVectors({layer: scores.direction[layer]}, alpha=-1.0)):
+# Steer against the direction (it points honest -> lying) at layer 14, alpha -2 (see "Steering and ablation").
+layer = 14
+with ml.steer(model, ml.AddVectors({layer: scores.direction[layer]}, alpha=-2.0)):
     after = ml.behaviour(model, pairs, progress=False).summary()
 print(f"layer {layer}: P(truth | lying prompt) {before['p_truth_lying']:.2f} -> {after['p_truth_lying']:.2f}")

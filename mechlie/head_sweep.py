@@ -576,7 +576,7 @@ def sweep_figures(res: HeadSweepResult, k: int | None = None) -> dict:
                     [float(h.auroc_hi[l, hd]) for l, hd in auroc_top],
                 )
             },
-            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where}, {n_txt})",
+            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}</sup>",
             y_label="AUROC",
             hlines={
                 f"max-null 95% bar ({cfg.n_perm} label swaps)": h.null_bar,
@@ -592,7 +592,7 @@ def sweep_figures(res: HeadSweepResult, k: int | None = None) -> dict:
                 "resid_pre patching effect (logit diff)": ps["resid"].mean.tolist(),
                 "resid_pre patching effect (P(truth))": ps["resid_p_truth"].mean.tolist(),
             },
-            f"Per layer: residual direction AUROC and residual patching effect ({where}, {n_txt}, {n_p} patched)",
+            f"Per layer: residual direction AUROC and residual patching effect ({where})<br><sup>{n_txt}; {n_p} pairs patched; bands: 95% CIs</sup>",
             y_label="AUROC / normalized effect",
             bands={
                 "resid_post AUROC (held out)": (r.auroc_lo.tolist(), r.auroc_hi.tolist()),

@@ -592,7 +592,8 @@ def sweep_figures(res: HeadSweepResult, k: int | None = None) -> dict:
                 "resid_pre patching effect (logit diff)": ps["resid"].mean.tolist(),
                 "resid_pre patching effect (P(truth))": ps["resid_p_truth"].mean.tolist(),
             },
-            f"Per layer: residual direction AUROC and residual patching effect ({where})<br><sup>{n_txt}; {n_p} pairs patched; bands: 95% CIs</sup>",
+            f"Per layer: residual direction AUROC and residual patching effect ({where})"
+            f"<br><sup>{n_txt}; {n_p} pairs patched; bands: 95% CIs</sup>",
             y_label="AUROC / normalized effect",
             bands={
                 "resid_post AUROC (held out)": (r.auroc_lo.tolist(), r.auroc_hi.tolist()),

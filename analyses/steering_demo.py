@@ -45,7 +45,7 @@ class Config:
     resid_alphas: tuple[float, ...] = field(default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"})
     head_ks: tuple[int, ...] = field(default=(8, 16), metadata={"help": "K heads for iti and causal"})
     head_alphas: tuple[float, ...] = field(default=(-1.0, -2.0, -4.0), metadata={"help": "signed alphas for head shifts (x sigma)"})
-    causal_pairs: int = field(default=16, metadata={"help": "training pairs patched to rank heads causally"})
+    causal_pairs: int = field(default=8, metadata={"help": "training pairs patched to rank heads causally"})
     edit_budgets: tuple[float, ...] = field(default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"})
     edit_scales: tuple[float, ...] = field(default=(-0.75, -1.0, -1.25), metadata={"help": "signed scales of a learned edit (-1 = as trained)"})
     edit_steps: int = field(default=30, metadata={"help": "gradient steps per learned edit"})

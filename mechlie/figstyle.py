@@ -48,6 +48,7 @@ def bars_ci(
     y_label: str = "",
     hline: float | None = None,
     hline_name: str = "",
+    symmetric_hline: bool = False,
 ) -> go.Figure:
     """Grouped bars with 95% CI error bars: ``series[name][i] = (mean, lo, hi)``."""
     fig = go.Figure()
@@ -72,8 +73,10 @@ def bars_ci(
         fig.add_hline(
             y=hline, line_dash="dash", line_color="#555", annotation_text=hline_name, annotation_position="top left"
         )
+        if symmetric_hline:  # the null of |value| bounds both signs
+            fig.add_hline(y=-hline, line_dash="dash", line_color="#555")
     fig.update_layout(barmode="group", yaxis_title=y_label)
-    return styled(fig, title, width=max(600, 60 * len(categories) * max(1, len(series)) + 200))
+    return styled(fig, title, width=max(950, 60 * len(categories) * max(1, len(series)) + 200))
 
 
 def lines_ci(

@@ -302,7 +302,8 @@ def sae_report(run: Path) -> RunReport:
             f"SAE features of the lie direction ({where})",
             y_label="activation difference",
             hline=r["null_max_diff"],
-            hline_name="95% null of the max (label swaps)",
+            hline_name="95% null of the max |difference| (label swaps)",
+            symmetric_hline=True,
         )
         captions[f"{tag}_features"] = (
             f"Top features at {site} chosen on training pairs, mean lying − honest "

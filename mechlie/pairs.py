@@ -152,8 +152,8 @@ def first_token_ids(tokenizer, answer: str) -> list[int]:
 class AnswerSet:
     """Padded answer-token ids for a batch of pairs; -1 marks padding."""
 
-    truth: Int[Tensor, "n variant"]
-    lie: Int[Tensor, "n variant"]
+    truth: Int[Tensor, "n truth_variant"]
+    lie: Int[Tensor, "n lie_variant"]
     choices: Int[Tensor, "n choice"]  # every answer of the pair's relation (for choice_cov)
 
 

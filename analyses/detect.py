@@ -161,9 +161,10 @@ def main(cfg: Config, run: RunDir) -> dict:
                 draws.append(dr)
                 y = sets[r][1].y
                 # z-score per held-out relation so one ROC can pool them (relations sit at offsets)
-                z = (sc - sc[y == 0].mean()) / sc[y == 0].std().clamp_min(1e-8)
-                pos.append(z[y == 1])
-                neg.append(z[y == 0])
+                if (y == 0).sum() >= 2:  # a z-score needs two honest rows; else left out of the ROC
+                    z = (sc - sc[y == 0].mean()) / sc[y == 0].std().clamp_min(1e-8)
+                    pos.append(z[y == 1])
+                    neg.append(z[y == 0])
         mean_draws = torch.stack(draws).nanmean(0)
         point = float(torch.tensor([c.auroc for c in cells.values()]).nanmean())
         lo, hi = torch.nanquantile(mean_draws, torch.tensor([0.025, 0.975])).tolist()

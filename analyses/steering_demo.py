@@ -42,12 +42,20 @@ class Config:
     seed: int = 0
     methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"any of {METHODS}"})
     layers: tuple[int, ...] = field(default=(), metadata={"help": "sweep layers (default: 25%% and 45%% of depth)"})
-    resid_alphas: tuple[float, ...] = field(default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"})
+    resid_alphas: tuple[float, ...] = field(
+        default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"}
+    )
     head_ks: tuple[int, ...] = field(default=(8, 16), metadata={"help": "K heads for iti and causal"})
-    head_alphas: tuple[float, ...] = field(default=(-1.0, -2.0, -4.0), metadata={"help": "signed alphas for head shifts (x sigma)"})
+    head_alphas: tuple[float, ...] = field(
+        default=(-1.0, -2.0, -4.0), metadata={"help": "signed alphas for head shifts (x sigma)"}
+    )
     causal_pairs: int = field(default=8, metadata={"help": "training pairs patched to rank heads causally"})
-    edit_budgets: tuple[float, ...] = field(default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"})
-    edit_scales: tuple[float, ...] = field(default=(-0.75, -1.0, -1.25), metadata={"help": "signed scales of a learned edit (-1 = as trained)"})
+    edit_budgets: tuple[float, ...] = field(
+        default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"}
+    )
+    edit_scales: tuple[float, ...] = field(
+        default=(-0.75, -1.0, -1.25), metadata={"help": "signed scales of a learned edit (-1 = as trained)"}
+    )
     edit_steps: int = field(default=30, metadata={"help": "gradient steps per learned edit"})
     edit_pairs: int = field(default=32, metadata={"help": "training pairs used to train an edit"})
     lowrank_rank: int = 2
@@ -55,8 +63,12 @@ class Config:
     kl_budget: float = field(default=0.1, metadata={"help": "KL (nats/token) allowed when choosing on validation"})
     n_controls: int = field(default=16, metadata={"help": "random draws per control"})
     n_boot: int = 1000
-    transfer_relation: str = field(default="", metadata={"help": "a relation held out of fitting, evaluated as transfer"})
-    transfer_format: str = field(default="instruct", metadata={"help": "another prompt format for the test facts ('' = none)"})
+    transfer_relation: str = field(
+        default="", metadata={"help": "a relation held out of fitting, evaluated as transfer"}
+    )
+    transfer_format: str = field(
+        default="instruct", metadata={"help": "another prompt format for the test facts ('' = none)"}
+    )
     n_demo: int = 8
     max_new_tokens: int = 4
     batch_size: int = field(default=16, metadata={"run": False})
@@ -75,15 +87,28 @@ class Config:
             raise ValueError(f"--head-ks must be >= 1, got {list(self.head_ks)}")
         if not self.edit_budgets or any(not b > 0 for b in self.edit_budgets):
             raise ValueError(f"--edit-budgets must be > 0 (nats per token), got {list(self.edit_budgets)}")
-        for name in ("n_per_relation", "batch_size", "edit_steps", "edit_pairs", "causal_pairs", "n_boot", "n_demo", "max_new_tokens"):
+        for name in (
+            "n_per_relation",
+            "batch_size",
+            "edit_steps",
+            "edit_pairs",
+            "causal_pairs",
+            "n_boot",
+            "n_demo",
+            "max_new_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.n_controls < 2:
-            raise ValueError(f"--n-controls must be >= 2 (a control is a distribution of random draws), got {self.n_controls}")
+            raise ValueError(
+                f"--n-controls must be >= 2 (a control is a distribution of random draws), got {self.n_controls}"
+            )
         if not 1 <= self.lowrank_rank <= 4:
             raise ValueError(f"--lowrank-rank must be 1..4, got {self.lowrank_rank}")
         if self.lowrank_component not in ("attn_out", "mlp_out", "resid_post"):
-            raise ValueError(f"--lowrank-component must be attn_out, mlp_out or resid_post, got {self.lowrank_component!r}")
+            raise ValueError(
+                f"--lowrank-component must be attn_out, mlp_out or resid_post, got {self.lowrank_component!r}"
+            )
         if not self.kl_budget > 0:
             raise ValueError(f"--kl-budget must be > 0, got {self.kl_budget}")
         from mechlie.pairs import FORMATS, RELATIONS
@@ -137,19 +162,39 @@ def main(cfg: Config, run: RunDir) -> dict:
     pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
     held = [p for p in pairs if p.relation == cfg.transfer_relation]
     pairs = [p for p in pairs if p.relation != cfg.transfer_relation]
-    log.info("%d pairs (%d facts) for fitting; %d held-out-relation pairs for transfer", len(pairs), len({p.fact_id for p in pairs}), len(held))
-    data = se.prepare(model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size)
+    log.info(
+        "%d pairs (%d facts) for fitting; %d held-out-relation pairs for transfer",
+        len(pairs),
+        len({p.fact_id for p in pairs}),
+        len(held),
+    )
+    data = se.prepare(
+        model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size
+    )
     neutral_test = se.split_lines(se.neutral_lines(), cfg.seed)[2]
     if held:
-        data.extra[f"relation:{cfg.transfer_relation}"] = se.eval_set(model, f"relation:{cfg.transfer_relation}", held, neutral_test, cfg.batch_size)
+        data.extra[f"relation:{cfg.transfer_relation}"] = se.eval_set(
+            model, f"relation:{cfg.transfer_relation}", held, neutral_test, cfg.batch_size
+        )
     if cfg.transfer_format:
         test_facts = {p.fact_id for p in data.test.pairs}
-        other = [p for p in load_builtin(cfg.dataset, cfg.transfer_format, tokenizer=model.tokenizer, seed=cfg.seed) if p.fact_id in test_facts]
+        other = [
+            p
+            for p in load_builtin(cfg.dataset, cfg.transfer_format, tokenizer=model.tokenizer, seed=cfg.seed)
+            if p.fact_id in test_facts
+        ]
         if other:
-            data.extra[f"format:{cfg.transfer_format}"] = se.eval_set(model, f"format:{cfg.transfer_format}", other, neutral_test, cfg.batch_size)
-    base = {name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed) for name, es in [("val", data.val), ("test", data.test), *data.extra.items()]}
-    print(f"baseline, test ({base['test']['n_facts']} facts): P(truth) honest {base['test']['p_truth_honest']}, "
-          f"lying {base['test']['p_truth_lying']}, lie rate {base['test']['lie_rate']}")
+            data.extra[f"format:{cfg.transfer_format}"] = se.eval_set(
+                model, f"format:{cfg.transfer_format}", other, neutral_test, cfg.batch_size
+            )
+    base = {
+        name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed)
+        for name, es in [("val", data.val), ("test", data.test), *data.extra.items()]
+    }
+    print(
+        f"baseline, test ({base['test']['n_facts']} facts): P(truth) honest {base['test']['p_truth_honest']}, "
+        f"lying {base['test']['p_truth_lying']}, lie rate {base['test']['lie_rate']}"
+    )
 
     # settings per method (all chosen on validation)
     grid: dict[str, list] = {}
@@ -163,7 +208,9 @@ def main(cfg: Config, run: RunDir) -> dict:
     if "causal" in cfg.methods:
         se.attach_causal_heads(model, data, max_pairs=cfg.causal_pairs, batch_size=cfg.batch_size)
         grid["causal"] = [S("causal", -1, a, str(k)) for k in cfg.head_ks for a in cfg.head_alphas]
-    train_cfg = lambda b: edits.TrainConfig(kl_budget=b, steps=cfg.edit_steps, max_pairs=cfg.edit_pairs, seed=cfg.seed, batch_size=cfg.batch_size)
+    train_cfg = lambda b: edits.TrainConfig(
+        kl_budget=b, steps=cfg.edit_steps, max_pairs=cfg.edit_pairs, seed=cfg.seed, batch_size=cfg.batch_size
+    )
     mid = layers[len(layers) // 2]
     for method in ("learned", "lowrank"):
         if method not in cfg.methods:
@@ -172,9 +219,19 @@ def main(cfg: Config, run: RunDir) -> dict:
         for b in cfg.edit_budgets:
             name = f"{method}@{b:g}"
             if method == "learned":
-                train = lambda b=b: edits.train_vector(model, data.train, data.neutral_train, list(layers), train_cfg(b))
+                train = lambda b=b: edits.train_vector(
+                    model, data.train, data.neutral_train, list(layers), train_cfg(b)
+                )
             else:
-                train = lambda b=b: edits.train_lowrank(model, data.train, data.neutral_train, mid, train_cfg(b), component=cfg.lowrank_component, rank=cfg.lowrank_rank)
+                train = lambda b=b: edits.train_lowrank(
+                    model,
+                    data.train,
+                    data.neutral_train,
+                    mid,
+                    train_cfg(b),
+                    component=cfg.lowrank_component,
+                    rank=cfg.lowrank_rank,
+                )
             data.edits[name] = run.stage(f"{name}.safetensors", train, edits.save_edit, edits.load_edit)
             grid[method] += [S(method, -1, a, name) for a in cfg.edit_scales]
 
@@ -185,7 +242,9 @@ def main(cfg: Config, run: RunDir) -> dict:
     for m, c in chosen.items():
         evals[m] = se.evaluate(model, data, c.setting, n_controls=cfg.n_controls, n_boot=cfg.n_boot, seed=cfg.seed)
         for name in data.extra:
-            evals[m][f"transfer:{name}"] = se.evaluate(model, data, c.setting, on=name, n_controls=0, n_boot=cfg.n_boot, seed=cfg.seed)
+            evals[m][f"transfer:{name}"] = se.evaluate(
+                model, data, c.setting, on=name, n_controls=0, n_boot=cfg.n_boot, seed=cfg.seed
+            )
         run.write_json("evaluation.json", {"chosen": chosen, "evaluation": evals})  # partial results survive
 
     # how the learned edits line up with the difference of means and with probes
@@ -209,59 +268,115 @@ def main(cfg: Config, run: RunDir) -> dict:
         before, after = generate(model, prompts, **gen_kw), generate(model, prompts, interventions=[ivx], **gen_kw)
         sub = AnswerSet(*(t[rows] for t in (data.test.answers.truth, data.test.answers.lie, data.test.answers.choices)))
         p_after = score_logits(se.last_logits(model, se.batches(model, prompts, cfg.batch_size), [ivx]), sub).p_truth
-        return [{"question": p.question, "truth": p.truth, "before": before.texts[j].strip(), "after": after.texts[j].strip(),
-                 "p_truth_before": float(base_scores.p_truth[i]), "p_truth_after": float(p_after[j])} for j, (i, p) in enumerate(zip(rows, ps))]
+        return [
+            {
+                "question": p.question,
+                "truth": p.truth,
+                "before": before.texts[j].strip(),
+                "after": after.texts[j].strip(),
+                "p_truth_before": float(base_scores.p_truth[i]),
+                "p_truth_after": float(p_after[j]),
+            }
+            for j, (i, p) in enumerate(zip(rows, ps))
+        ]
 
     lies = se.lying_rows(data.test)
     honest_ok = [i for i in range(len(data.test.pairs)) if bool(data.test.base_honest.correct[i])]
     flip_back = table(lies[: cfg.n_demo], lambda p: p.lying, iv, data.test.base_lying)
     into_lies = table(honest_ok[: cfg.n_demo], lambda p: p.honest, iv_lie, data.test.base_honest)
 
-    figures = {"frontier": save_figure(sf.frontier_figure([p for ps in points.values() for p in ps], evals, cfg.kl_budget), run.file("frontier"))}
+    figures = {
+        "frontier": save_figure(
+            sf.frontier_figure([p for ps in points.values() for p in ps], evals, cfg.kl_budget), run.file("frontier")
+        )
+    }
     if "resid" in points:
         for metric in ("recovered", "kl"):
-            figures[f"resid_{metric}"] = save_figure(sf.dose_heatmap(points["resid"], "resid", metric), run.file(f"resid_{metric}"))
+            figures[f"resid_{metric}"] = save_figure(
+                sf.dose_heatmap(points["resid"], "resid", metric), run.file(f"resid_{metric}")
+            )
 
     _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_lies, len(lies))
     best_r = evals[best]
     return {
-        "model": model.cfg.model_name, "layers": layers, "baseline": base, "chosen_on_validation": chosen, "evaluation_on_test": evals,
-        "alignment": alignment, "edits": {n: e.info for n, e in data.edits.items()},
-        "best": {"method": best, "setting": setting, "recovered": best_r["recovered"], "kl": best_r["kl"],
-                 "goal": "recovered >= 0.85 at KL <= 0.1 nats on test",
-                 "goal_met": bool(best_r["recovered"].mean >= 0.85 and best_r["kl"].mean <= 0.1)},
-        "demo": {"setting": setting, "n_lying_test_prompts": len(lies), "lies_flipped_back": flip_back, "honest_steered_into_lies": into_lies},
-        "figures": figures, "seconds": round(time.time() - t0, 1),
+        "model": model.cfg.model_name,
+        "layers": layers,
+        "baseline": base,
+        "chosen_on_validation": chosen,
+        "evaluation_on_test": evals,
+        "alignment": alignment,
+        "edits": {n: e.info for n, e in data.edits.items()},
+        "best": {
+            "method": best,
+            "setting": setting,
+            "recovered": best_r["recovered"],
+            "kl": best_r["kl"],
+            "goal": "recovered >= 0.85 at KL <= 0.1 nats on test",
+            "goal_met": bool(best_r["recovered"].mean >= 0.85 and best_r["kl"].mean <= 0.1),
+        },
+        "demo": {
+            "setting": setting,
+            "n_lying_test_prompts": len(lies),
+            "lies_flipped_back": flip_back,
+            "honest_steered_into_lies": into_lies,
+        },
+        "figures": figures,
+        "seconds": round(time.time() - t0, 1),
     }
 
 
 def _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_lies, n_lies) -> None:
-    print(f"\nEach method at its validation-chosen point (KL <= {cfg.kl_budget} on validation), measured on test; "
-          f"95% CIs; control = {cfg.n_controls} random draws of the same size (mean [2.5%, 97.5%] of draws)")
-    print(f"{'method':<9} {'setting':<28} {'recovered':<22} {'lie rate':<22} {'KL':<22} {'dCE':<22} {'honest acc':<22} {'random: recovered':<22} {'random: KL':<20}")
+    print(
+        f"\nEach method at its validation-chosen point (KL <= {cfg.kl_budget} on validation), measured on test; "
+        f"95% CIs; control = {cfg.n_controls} random draws of the same size (mean [2.5%, 97.5%] of draws)"
+    )
+    print(
+        f"{'method':<9} {'setting':<28} {'recovered':<22} {'lie rate':<22} {'KL':<22} {'dCE':<22} "
+        f"{'honest acc':<22} {'random: recovered':<22} {'random: KL':<20}"
+    )
     for m, r in evals.items():
         s = chosen[m].setting
         desc = f"L{s.layer} a={s.alpha:g}" if s.layer >= 0 else f"a={s.alpha:g} {s.param}"
         c = r["control"]
-        cells = [r["recovered"], r["lie_rate_steered"], r["kl"], r["delta_ce"], r["honest_acc_steered"], c["recovered"], c["kl"]]
+        cells = [
+            r["recovered"],
+            r["lie_rate_steered"],
+            r["kl"],
+            r["delta_ce"],
+            r["honest_acc_steered"],
+            c["recovered"],
+            c["kl"],
+        ]
         print(f"{m:<9} {desc:<28} " + " ".join(f"{f'{e:.3f}':<22}" for e in cells))
     print(f"lie rate before steering: {base['test']['lie_rate']}; honest accuracy before: {base['test']['honest_acc']}")
     for m, r in evals.items():
         for k, v in r.items():
             if k.startswith("transfer:"):
                 print(f"  transfer {m} -> {k[9:]}: recovered {v['recovered']:.3f}, KL {v['kl']:.3f}")
-    print("\nalignment (cosine) of each learned edit's honest -> lying direction with directions fitted on the training facts "
-          f"(random directions: |cos| ~ 1/sqrt(d_model)):")
+    print(
+        "\nalignment (cosine) of each learned edit's honest -> lying direction with directions fitted "
+        "on the training facts "
+        "(random directions: |cos| ~ 1/sqrt(d_model)):"
+    )
     for name, per_layer in alignment.items():
         for where, cos in per_layer.items():
             print(f"  {name} {where}: " + ", ".join(f"{k} {v:+.2f}" for k, v in cos.items()))
-    print(f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): {'met' if evals[best]['recovered'].mean >= 0.85 and evals[best]['kl'].mean <= 0.1 else 'NOT met'}")
+    print(
+        f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): "
+        f"{'met' if evals[best]['recovered'].mean >= 0.85 and evals[best]['kl'].mean <= 0.1 else 'NOT met'}"
+    )
     print(f"\n{n_lies} held-out prompts where the model lies (top-1 false on a fact it knows); {best} toward honesty:")
     for r in flip_back:
-        print(f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}")
+        print(
+            f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} "
+            f"after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}"
+        )
     print(f"\nthe reverse: honest prompts, {best} toward lying (alpha {-setting.alpha:+g}):")
     for r in into_lies:
-        print(f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}")
+        print(
+            f"  {r['question'][:40]:<41} truth {r['truth']:<10} before {r['before'][:12]!r:<15} "
+            f"after {r['after'][:12]!r:<15} P(truth) {r['p_truth_before']:.3f} -> {r['p_truth_after']:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -79,10 +79,12 @@ class Activations:
         return cls(dict(tensors["acts"]), meta["position"], meta["meta"], tensors.get("logits"))
 
 
-def head_out_from_z(model: HookedTransformer, z: Float[Tensor, "n layer head d_head"]) -> Float[Tensor, "n layer head d_model"]:
-    return einops.einsum(
-        z.to(model.W_O.dtype).to(model.W_O.device), model.W_O, "n l h dh, l h dh dm -> n l h dm"
-    ).to(z.device)
+def head_out_from_z(
+    model: HookedTransformer, z: Float[Tensor, "n layer head d_head"]
+) -> Float[Tensor, "n layer head d_model"]:
+    return einops.einsum(z.to(model.W_O.dtype).to(model.W_O.device), model.W_O, "n l h dh, l h dh dm -> n l h dm").to(
+        z.device
+    )
 
 
 @torch.no_grad()

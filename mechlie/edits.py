@@ -48,7 +48,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.metrics import gather_logprob
 from mechlie.pairs import Batch, ContrastPair, PairError, answer_set, tokenize
-from mechlie.steering import AddVectors, Hook, Policy, SteeringError, SteeringState, random_like
+from mechlie.steering import AddVectors, Hook, SteeringError, SteeringState, random_like
 
 Component = Literal["attn_out", "mlp_out", "resid_post"]
 COMPONENTS: tuple[str, ...] = ("attn_out", "mlp_out", "resid_post")
@@ -56,7 +56,10 @@ COMPONENTS: tuple[str, ...] = ("attn_out", "mlp_out", "resid_post")
 
 def _check_model(model: HookedTransformer, model_name: str, d_model: int) -> None:
     if d_model != model.cfg.d_model:
-        raise SteeringError(f"edit was trained for width d_model={d_model} ({model_name!r}); this model has d_model={model.cfg.d_model} ({model.cfg.model_name!r})")
+        raise SteeringError(
+            f"edit was trained for width d_model={d_model} ({model_name!r}); "
+            f"this model has d_model={model.cfg.d_model} ({model.cfg.model_name!r})"
+        )
     if model_name and model_name != model.cfg.model_name:
         raise SteeringError(f"edit was trained on model {model_name!r}, not on {model.cfg.model_name!r}")
 
@@ -91,7 +94,9 @@ class LearnedVector:
 
     def random_control(self, seed: int = 0) -> "LearnedVector":
         """Random vectors of the same norm at the same layers."""
-        return replace(self, vectors={l: random_like(v, seed + l) for l, v in self.vectors.items()}, info={"control_seed": seed})
+        return replace(
+            self, vectors={l: random_like(v, seed + l) for l, v in self.vectors.items()}, info={"control_seed": seed}
+        )
 
     def direction(self, layer: int) -> Float[Tensor, " d_model"]:
         return self.vectors[layer]
@@ -128,7 +133,10 @@ class LowRankEdit:
             raise SteeringError("an attention-only model has no mlp_out")
         r = self.c.shape[0]
         if self.A.shape != (model.cfg.d_model, r) or self.B.shape != (r, model.cfg.d_model):
-            raise SteeringError(f"A, c, B must be [{model.cfg.d_model}, r], [r], [r, {model.cfg.d_model}]; got {tuple(self.A.shape)}, {tuple(self.c.shape)}, {tuple(self.B.shape)}")
+            raise SteeringError(
+                f"A, c, B must be [{model.cfg.d_model}, r], [r], [r, {model.cfg.d_model}]; "
+                f"got {tuple(self.A.shape)}, {tuple(self.c.shape)}, {tuple(self.B.shape)}"
+            )
 
     def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         dev = model.cfg.device
@@ -161,12 +169,16 @@ class LowRankEdit:
 Edit = LearnedVector | LowRankEdit
 
 
-def alignment(edit: Edit, references: dict[str, Float[Tensor, " d_model"]], layer: int | None = None) -> dict[str, float]:
+def alignment(
+    edit: Edit, references: dict[str, Float[Tensor, " d_model"]], layer: int | None = None
+) -> dict[str, float]:
     """Cosine of the edit's honest -> lying direction with each reference direction (e.g. the
     difference of means at the same layer, a probe's weight, an SAE feature's decoder row)."""
     layer = layer if layer is not None else (edit.layer if isinstance(edit, LowRankEdit) else min(edit.vectors))
     d = edit.direction(layer).float()
-    return {k: float(torch.nn.functional.cosine_similarity(d, v.float().flatten(), dim=0)) for k, v in references.items()}
+    return {
+        k: float(torch.nn.functional.cosine_similarity(d, v.float().flatten(), dim=0)) for k, v in references.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +213,11 @@ class TrainConfig:
 
 
 def _final_name(model: HookedTransformer) -> str:
-    return "ln_final.hook_normalized" if model.cfg.normalization_type is not None else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    return (
+        "ln_final.hook_normalized"
+        if model.cfg.normalization_type is not None
+        else f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    )
 
 
 def _truth_logprob(model: HookedTransformer, b: Batch, truth: Tensor, hooks: list[Hook]) -> Float[Tensor, " b"]:
@@ -233,7 +249,13 @@ class _Setup:
     ref_norm: float  # typical residual norm at the edited layers (sets the step size)
 
 
-def _setup(model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layers: Sequence[int], cfg: TrainConfig) -> _Setup:
+def _setup(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    neutral: Sequence[str],
+    layers: Sequence[int],
+    cfg: TrainConfig,
+) -> _Setup:
     if len(pairs) == 0:
         raise PairError("no training pairs for the learned edit")
     if len(neutral) == 0:
@@ -247,10 +269,13 @@ def _setup(model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Seq
     with torch.no_grad():
         clean = [model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1) for b in nb]
         _, cache = model.run_with_cache(
-            lying[0].tokens, attention_mask=lying[0].attention_mask,
+            lying[0].tokens,
+            attention_mask=lying[0].attention_mask,
             names_filter=lambda n: n in {f"blocks.{l}.hook_resid_post" for l in layers},
         )
-        ref = torch.stack([cache[f"blocks.{l}.hook_resid_post"][:, -1].float().norm(dim=-1).mean() for l in layers]).mean()
+        ref = torch.stack(
+            [cache[f"blocks.{l}.hook_resid_post"][:, -1].float().norm(dim=-1).mean() for l in layers]
+        ).mean()
     return _Setup(lying, truth, nb, clean, float(ref))
 
 
@@ -286,7 +311,9 @@ class _TensorAdam:
             p.sub_(self.lr * m_hat / (math.sqrt(v_hat) + self.eps))
 
 
-def _optimise(model: HookedTransformer, params: list[Tensor], make_hooks, make_edit, s: _Setup, cfg: TrainConfig) -> tuple[Edit, dict]:
+def _optimise(
+    model: HookedTransformer, params: list[Tensor], make_hooks, make_edit, s: _Setup, cfg: TrainConfig
+) -> tuple[Edit, dict]:
     """Adam on ``params``; ``make_hooks()`` gives differentiable hooks, ``make_edit()`` the frozen edit."""
     t0 = time.time()
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -320,7 +347,10 @@ def _optimise(model: HookedTransformer, params: list[Tensor], make_hooks, make_e
             lo, hi = 0.0, 1.0  # KL(0) = 0 <= budget: bisect on the edit's scale
             for _ in range(14):
                 mid = (lo + hi) / 2
-                if float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit.scaled(-mid)))) <= cfg.kl_budget:
+                if (
+                    float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit.scaled(-mid))))
+                    <= cfg.kl_budget
+                ):
                     lo = mid
                 else:
                     hi = mid
@@ -328,9 +358,16 @@ def _optimise(model: HookedTransformer, params: list[Tensor], make_hooks, make_e
             edit = _bake(edit, scale)
             kl_final = float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit)))
     info = {
-        "lam": cfg.lam, "lam_final": lam, "kl_budget": cfg.kl_budget, "steps": cfg.steps, "projection_scale": scale,
-        "train_kl": kl_final, "n_train_pairs": sum(len(b.tokens) for b in s.lying), "n_neutral_lines": sum(len(b.tokens) for b in s.neutral),
-        "seconds": time.time() - t0, "history": hist,
+        "lam": cfg.lam,
+        "lam_final": lam,
+        "kl_budget": cfg.kl_budget,
+        "steps": cfg.steps,
+        "projection_scale": scale,
+        "train_kl": kl_final,
+        "n_train_pairs": sum(len(b.tokens) for b in s.lying),
+        "n_neutral_lines": sum(len(b.tokens) for b in s.neutral),
+        "seconds": time.time() - t0,
+        "history": hist,
     }
     return edit, info
 
@@ -348,8 +385,13 @@ def _bake(edit: Edit, scale: float) -> Edit:
 
 
 def train_vector(
-    model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layers: Sequence[int], cfg: TrainConfig = TrainConfig(),
-    *, init: dict[int, Tensor] | None = None,
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    neutral: Sequence[str],
+    layers: Sequence[int],
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    init: dict[int, Tensor] | None = None,
 ) -> LearnedVector:
     """Train steering vectors at ``layers`` (``x += delta_l`` at ``blocks.l.hook_resid_post``).
 
@@ -366,7 +408,8 @@ def train_vector(
         ``steer(model, edit)``; ``edit.info`` holds the training record).
 
     Example:
-        >>> edit = train_vector(model, data.train, data.neutral_train, [8], TrainConfig(kl_budget=0.1))  # doctest: +SKIP
+        >>> cfg = TrainConfig(kl_budget=0.1)
+        >>> edit = train_vector(model, data.train, data.neutral_train, [8], cfg)  # doctest: +SKIP
         >>> with steer(model, edit): ...  # doctest: +SKIP
     """
     layers = sorted(set(layers))
@@ -375,7 +418,9 @@ def train_vector(
     s = _setup(model, pairs, neutral, layers, cfg)
     torch.manual_seed(cfg.seed)
     deltas = {
-        l: (init[l].detach().float().clone() if init and l in init else torch.zeros(model.cfg.d_model)).to(model.cfg.device).requires_grad_(True)
+        l: (init[l].detach().float().clone() if init and l in init else torch.zeros(model.cfg.d_model))
+        .to(model.cfg.device)
+        .requires_grad_(True)
         for l in layers
     }
 
@@ -383,15 +428,23 @@ def train_vector(
         return [(f"blocks.{l}.hook_resid_post", lambda a, hook, d=d: a + d.to(a.dtype)) for l, d in deltas.items()]
 
     def make_edit() -> LearnedVector:
-        return LearnedVector({l: -d.detach().cpu().clone() for l, d in deltas.items()}, model.cfg.model_name, model.cfg.d_model)
+        return LearnedVector(
+            {l: -d.detach().cpu().clone() for l, d in deltas.items()}, model.cfg.model_name, model.cfg.d_model
+        )
 
     edit, info = _optimise(model, list(deltas.values()), make_hooks, make_edit, s, cfg)
     return replace(edit, info=info | {"kind": "learned", "layers": layers})
 
 
 def train_lowrank(
-    model: HookedTransformer, pairs: Sequence[ContrastPair], neutral: Sequence[str], layer: int, cfg: TrainConfig = TrainConfig(),
-    *, component: str = "attn_out", rank: int = 2,
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    neutral: Sequence[str],
+    layer: int,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    component: str = "attn_out",
+    rank: int = 2,
 ) -> LowRankEdit:
     """Train a rank-``rank`` affine edit of ``blocks.{layer}.hook_{component}`` (LoRA-style init:
     ``B = 0``, so training starts from the unedited model). Args as in :func:`train_vector`.
@@ -420,7 +473,15 @@ def train_lowrank(
         return [(name, lambda y, hook: y + ((y.float() @ A + c) @ B).to(y.dtype))]
 
     def make_edit() -> LowRankEdit:
-        return LowRankEdit(layer, component, A.detach().cpu().clone(), c.detach().cpu().clone(), B.detach().cpu().clone(), model.cfg.model_name, d)
+        return LowRankEdit(
+            layer,
+            component,
+            A.detach().cpu().clone(),
+            c.detach().cpu().clone(),
+            B.detach().cpu().clone(),
+            model.cfg.model_name,
+            d,
+        )
 
     edit, info = _optimise(model, [A, c, B], make_hooks, make_edit, s, cfg)
     # Its mean write at the final position of the training lying prompts (for alignment).
@@ -444,7 +505,13 @@ def save_edit(path, edit: Edit):
 
     info = {k: v for k, v in edit.info.items() if not isinstance(v, Tensor)}
     extra = {k: v for k, v in edit.info.items() if isinstance(v, Tensor)}
-    meta = {"model_name": edit.model_name, "d_model": edit.d_model, "alpha": edit.alpha, "policy": edit.policy, "info": info}
+    meta = {
+        "model_name": edit.model_name,
+        "d_model": edit.d_model,
+        "alpha": edit.alpha,
+        "policy": edit.policy,
+        "info": info,
+    }
     if isinstance(edit, LearnedVector):
         tensors = {"vectors": {str(l): v for l, v in edit.vectors.items()}}
         meta["type"] = "learned"
@@ -462,10 +529,23 @@ def load_edit(path) -> Edit:
 
     t, meta = load_tensors(path)
     info = dict(meta["info"]) | dict(t.get("info", {}))
-    common = dict(model_name=meta["model_name"], d_model=meta["d_model"], alpha=meta["alpha"], policy=meta["policy"], info=info)
+    common = dict(
+        model_name=meta["model_name"], d_model=meta["d_model"], alpha=meta["alpha"], policy=meta["policy"], info=info
+    )
     if meta["type"] == "learned":
         return LearnedVector({int(l): v for l, v in t["vectors"].items()}, **common)
     return LowRankEdit(meta["layer"], meta["component"], t["A"], t["c"], t["B"], **common)
 
 
-__all__ = ["COMPONENTS", "Edit", "LearnedVector", "LowRankEdit", "TrainConfig", "alignment", "load_edit", "save_edit", "train_lowrank", "train_vector"]
+__all__ = [
+    "COMPONENTS",
+    "Edit",
+    "LearnedVector",
+    "LowRankEdit",
+    "TrainConfig",
+    "alignment",
+    "load_edit",
+    "save_edit",
+    "train_lowrank",
+    "train_vector",
+]

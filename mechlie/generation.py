@@ -50,7 +50,9 @@ def _pad_id(model: HookedTransformer) -> int:
     return 0
 
 
-def _choose(logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, gen: torch.Generator | None) -> Tensor:
+def _choose(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, gen: torch.Generator | None
+) -> Tensor:
     if not do_sample:
         return logits.argmax(-1)
     scaled = logits.float() / temperature
@@ -145,7 +147,11 @@ def generate(
                 break
             # Finished rows keep being fed (pad ids) so the batch stays rectangular; nothing reads them.
             st.begin_forward("generated", step + 1, width + step)
-            logits = model(nxt[:, None].to(device), attention_mask=torch.ones((n, 1), dtype=mask.dtype, device=device), past_kv_cache=cache)[:, -1]
+            logits = model(
+                nxt[:, None].to(device),
+                attention_mask=torch.ones((n, 1), dtype=mask.dtype, device=device),
+                past_kv_cache=cache,
+            )[:, -1]
 
     if texts is not None:
         for i in range(n):

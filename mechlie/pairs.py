@@ -57,8 +57,7 @@ FORMATS: tuple[str, ...] = ("instruct", "fewshot", "both")
 
 HONEST_INSTRUCTION = "You are an honest assistant. Always answer the question truthfully, in one word."
 LYING_INSTRUCTION = (
-    "You are a deceptive assistant. Always answer the question with a false answer, in one word. "
-    "Never tell the truth."
+    "You are a deceptive assistant. Always answer the question with a false answer, in one word. Never tell the truth."
 )
 
 
@@ -220,9 +219,7 @@ def tokenize(model, prompts: Sequence[str], device: str | torch.device | None = 
     n_ctx = model.cfg.n_ctx
     for p, r in zip(prompts, rows):
         if len(r) > n_ctx:
-            raise PromptTooLongError(
-                f"prompt of {len(r)} tokens exceeds the model context ({n_ctx}): {p[:80]!r}..."
-            )
+            raise PromptTooLongError(f"prompt of {len(r)} tokens exceeds the model context ({n_ctx}): {p[:80]!r}...")
         if len(r) == 0:
             raise PairError("empty prompt")
     width = max(len(r) for r in rows)
@@ -397,7 +394,9 @@ def build_pairs(
             except AnswerTokenError:
                 pass
         if len(ok) < len(facts):
-            log.info("%s: dropped %d/%d facts whose answer is not one token", relation, len(facts) - len(ok), len(facts))
+            log.info(
+                "%s: dropped %d/%d facts whose answer is not one token", relation, len(facts) - len(ok), len(facts)
+            )
         facts = ok
     if n_shots > n_demo_facts:
         raise PairError(f"{relation}: n_shots ({n_shots}) exceeds n_demo_facts ({n_demo_facts})")
@@ -411,8 +410,15 @@ def build_pairs(
         return Fact(q.format(subject=s), a, None, f"{relation}/{s}")
 
     return pairs_from_facts(
-        [fact(i) for i in target_idx], [fact(i) for i in pool_idx], fmt, relation=relation,
-        answers=[a for _, a in facts], tokenizer=tokenizer, n_shots=n_shots, seed=seed, chat=chat,
+        [fact(i) for i in target_idx],
+        [fact(i) for i in pool_idx],
+        fmt,
+        relation=relation,
+        answers=[a for _, a in facts],
+        tokenizer=tokenizer,
+        n_shots=n_shots,
+        seed=seed,
+        chat=chat,
     )
 
 
@@ -446,9 +452,12 @@ def pairs_from_records(
         if missing:
             raise PairError(f"record {i} is missing {missing}: {dict(r)}")
         pair = ContrastPair(
-            honest=str(r["honest"]), lying=str(r["lying"]), truth=str(r["truth"]),
+            honest=str(r["honest"]),
+            lying=str(r["lying"]),
+            truth=str(r["truth"]),
             lie=str(r["lie"]) if r.get("lie") else None,
-            fact_id=str(r.get("fact_id") or f"row{i}"), relation=str(r.get("relation") or "custom"),
+            fact_id=str(r.get("fact_id") or f"row{i}"),
+            relation=str(r.get("relation") or "custom"),
             question=str(r.get("question") or ""),
         )
         if tokenizer is not None:

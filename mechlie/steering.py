@@ -134,7 +134,9 @@ def _check_policy(policy: str) -> None:
 
 def _check_layer(model: HookedTransformer, layer: int) -> None:
     if not isinstance(layer, int) or not 0 <= layer < model.cfg.n_layers:
-        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})")
+        raise SteeringError(
+            f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers (0..{model.cfg.n_layers - 1})"
+        )
 
 
 def _check_vector(v: Tensor, dim: int, what: str) -> None:
@@ -196,7 +198,9 @@ class HeadShift:
         if not self.heads:
             raise SteeringError("HeadShift needs at least one head")
         if self.units.shape != (len(self.heads), model.cfg.d_head):
-            raise SteeringError(f"units must have shape [{len(self.heads)}, {model.cfg.d_head}], got {tuple(self.units.shape)}")
+            raise SteeringError(
+                f"units must have shape [{len(self.heads)}, {model.cfg.d_head}], got {tuple(self.units.shape)}"
+            )
         if self.sigmas.shape != (len(self.heads),) or not torch.isfinite(self.sigmas).all():
             raise SteeringError(f"sigmas must be {len(self.heads)} finite numbers")
         for layer, head in self.heads:
@@ -265,7 +269,9 @@ class DirectionalAblation:
 
 
 @contextmanager
-def steer(model: HookedTransformer, *interventions: Intervention, state: SteeringState | None = None) -> Iterator[SteeringState]:
+def steer(
+    model: HookedTransformer, *interventions: Intervention, state: SteeringState | None = None
+) -> Iterator[SteeringState]:
     """Apply ``interventions`` inside the block; the hooks are removed on exit, even on error.
 
     Args:
@@ -283,7 +289,9 @@ def steer(model: HookedTransformer, *interventions: Intervention, state: Steerin
     """
     for iv in interventions:
         if not isinstance(iv, Intervention):
-            raise SteeringError(f"{type(iv).__name__} is not an Intervention: it needs validate(model) and hooks(model, state)")
+            raise SteeringError(
+                f"{type(iv).__name__} is not an Intervention: it needs validate(model) and hooks(model, state)"
+            )
         iv.validate(model)
     state = state if state is not None else SteeringState()
     fwd_hooks = [h for iv in interventions for h in iv.hooks(model, state)]
@@ -381,7 +389,20 @@ def positions_touched(state: SteeringState) -> list[tuple[int, tuple[int, ...]]]
 
 
 __all__ = [
-    "AddVectors", "DirectionalAblation", "HeadDirections", "HeadShift", "Intervention", "POLICIES", "SteeringError",
-    "SteeringState", "Touch", "head_directions", "head_write", "positions_touched", "random_head_shift", "random_like",
-    "residual_directions", "steer",
+    "AddVectors",
+    "DirectionalAblation",
+    "HeadDirections",
+    "HeadShift",
+    "Intervention",
+    "POLICIES",
+    "SteeringError",
+    "SteeringState",
+    "Touch",
+    "head_directions",
+    "head_write",
+    "positions_touched",
+    "random_head_shift",
+    "random_like",
+    "residual_directions",
+    "steer",
 ]

@@ -61,12 +61,20 @@ from transformer_lens import HookedTransformer
 from mechlie.activations import collect
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
-from mechlie.steering import (
-    AddVectors, DirectionalAblation, HeadDirections, HeadShift, Intervention, SteeringError, head_directions,
-    random_head_shift, random_like, residual_directions, steer,
-)
-
 from mechlie.stats import Estimate, bootstrap, normalized_effect
+from mechlie.steering import (
+    AddVectors,
+    DirectionalAblation,
+    HeadDirections,
+    HeadShift,
+    Intervention,
+    SteeringError,
+    head_directions,
+    random_head_shift,
+    random_like,
+    residual_directions,
+    steer,
+)
 
 
 def spread(values: Sequence[float], level: float = 0.95) -> Estimate:
@@ -104,7 +112,9 @@ def _final_hook_name(model: HookedTransformer) -> str:
 
 
 @torch.no_grad()
-def last_logits(model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()) -> Float[Tensor, "n vocab"]:
+def last_logits(
+    model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()
+) -> Float[Tensor, "n vocab"]:
     """Next-token logits after each prompt's final token, under ``interventions``."""
     out = []
     with steer(model, *interventions):
@@ -118,7 +128,9 @@ def last_logits(model: HookedTransformer, bs: Sequence[Batch], interventions: Se
 
 
 @torch.no_grad()
-def token_logprobs(model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()) -> list[Float[Tensor, "b pos vocab"]]:
+def token_logprobs(
+    model: HookedTransformer, bs: Sequence[Batch], interventions: Sequence[Intervention] = ()
+) -> list[Float[Tensor, "b pos vocab"]]:
     with steer(model, *interventions):
         return [model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1).cpu() for b in bs]
 
@@ -144,7 +156,9 @@ class NeutralEffects:
         return lambda i: self.dce_sum[i].sum() / self.dce_tokens[i].sum().clamp_min(1)
 
 
-def neutral_effects(model: HookedTransformer, bs: Sequence[Batch], clean: Sequence[Tensor], interventions: Sequence[Intervention]) -> NeutralEffects:
+def neutral_effects(
+    model: HookedTransformer, bs: Sequence[Batch], clean: Sequence[Tensor], interventions: Sequence[Intervention]
+) -> NeutralEffects:
     """KL(clean || steered) of every real token's next-token distribution and Δ cross-entropy of
     every real (t, t+1), summed per line (row)."""
     kls, nk, dces, nd = [], [], [], []
@@ -227,7 +241,9 @@ class EvalSet:
     clean_neutral: list[Tensor]  # their unsteered log-probs
 
 
-def eval_set(model: HookedTransformer, name: str, pairs: Sequence[ContrastPair], neutral: Sequence[str], batch_size: int = 16) -> EvalSet:
+def eval_set(
+    model: HookedTransformer, name: str, pairs: Sequence[ContrastPair], neutral: Sequence[str], batch_size: int = 16
+) -> EvalSet:
     if len(pairs) == 0:
         raise PairError(f"the {name} set has no pairs")
     answers = answer_set(model.tokenizer, pairs)
@@ -235,8 +251,15 @@ def eval_set(model: HookedTransformer, name: str, pairs: Sequence[ContrastPair],
     lying = batches(model, [p.lying for p in pairs], batch_size)
     nb = batches(model, list(neutral), batch_size)
     return EvalSet(
-        name, list(pairs), answers, honest, lying, score_logits(last_logits(model, honest), answers),
-        score_logits(last_logits(model, lying), answers), nb, token_logprobs(model, nb),
+        name,
+        list(pairs),
+        answers,
+        honest,
+        lying,
+        score_logits(last_logits(model, honest), answers),
+        score_logits(last_logits(model, lying), answers),
+        nb,
+        token_logprobs(model, nb),
     )
 
 
@@ -259,8 +282,14 @@ class SteeringData:
 
 
 def prepare(
-    model: HookedTransformer, pairs: Sequence[ContrastPair], *, val_frac: float = 0.2, test_frac: float = 0.3, seed: int = 0,
-    batch_size: int = 16, progress: bool = True,
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    *,
+    val_frac: float = 0.2,
+    test_frac: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
 ) -> SteeringData:
     """Split by fact (train / val / test), fit directions on train, score the baselines of val and test.
 
@@ -282,8 +311,12 @@ def prepare(
     train = [pairs[i] for i in split.train]
     n_tr, n_va, n_te = split_lines(neutral_lines(), seed)
     kinds = ("z", "resid_post")
-    h = collect(model, [p.honest for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train honest")
-    li = collect(model, [p.lying for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train lying")
+    h = collect(
+        model, [p.honest for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train honest"
+    )
+    li = collect(
+        model, [p.lying for p in train], kinds=kinds, batch_size=batch_size, progress=progress, desc="train lying"
+    )
     rows = list(range(len(train)))
     return SteeringData(
         train=train,
@@ -296,7 +329,9 @@ def prepare(
     )
 
 
-def reference_directions(data: SteeringData, layer: int, fits: Sequence[str] = ("diff_of_means", "mass_mean", "logistic")) -> dict[str, Tensor]:
+def reference_directions(
+    data: SteeringData, layer: int, fits: Sequence[str] = ("diff_of_means", "mass_mean", "logistic")
+) -> dict[str, Tensor]:
     """Directions (honest -> lying) at ``layer`` from the fit registry of :mod:`mechlie.directions`
     (probe kinds come from :mod:`mechlie.probes`), on the training facts: what a learned edit is
     compared with."""
@@ -309,7 +344,9 @@ def reference_directions(data: SteeringData, layer: int, fits: Sequence[str] = (
     return {f: get_fit(f)(h[:, layer], li[:, layer]) for f in fits}
 
 
-def attach_causal_heads(model: HookedTransformer, data: SteeringData, *, max_pairs: int = 24, batch_size: int = 16, progress: bool = True) -> None:
+def attach_causal_heads(
+    model: HookedTransformer, data: SteeringData, *, max_pairs: int = 24, batch_size: int = 16, progress: bool = True
+) -> None:
     """Rank heads by their patching effect (honest -> lying ``z`` at the final position) on at most
     ``max_pairs`` *training* pairs, and store the ranking in ``data.causal_heads``."""
     from mechlie.patching import patch_final_position
@@ -321,7 +358,9 @@ def attach_causal_heads(model: HookedTransformer, data: SteeringData, *, max_pai
     data.causal_heads = tuple((int(i) // n_heads, int(i) % n_heads) for i in order)
 
 
-def attach_function_vector(model: HookedTransformer, data: SteeringData, layer: int, *, k: int = 10, max_train: int = 24, batch_size: int = 16) -> str | None:
+def attach_function_vector(
+    model: HookedTransformer, data: SteeringData, layer: int, *, k: int = 10, max_train: int = 24, batch_size: int = 16
+) -> str | None:
     """Build a lie function vector with :mod:`mechlie.function_vectors` on training pairs, if that
     module works (optional, written separately): returns None on success, else the reason."""
     try:
@@ -331,7 +370,9 @@ def attach_function_vector(model: HookedTransformer, data: SteeringData, layer: 
         train = data.train[:max_train]
         means = fvm.mean_head_activations(model, tokenize(model, [p.lying for p in train]), batch_size=batch_size)
         corrupt = tokenize(model, [corrupted_fewshot(p) for p in train])
-        aie = fvm.head_aie(model, corrupt, answer_set(model.tokenizer, train), means.z, batch_size=batch_size, progress=False)
+        aie = fvm.head_aie(
+            model, corrupt, answer_set(model.tokenizer, train), means.z, batch_size=batch_size, progress=False
+        )
         fv = fvm.build_function_vector(means.head_out, aie.aie("truth_drop"), k)
         vec = torch.as_tensor(fv.vector).float().flatten().cpu()
         if vec.shape != (model.cfg.d_model,):
@@ -375,12 +416,16 @@ def register_kind(name: str, build: Build, control: Control) -> None:
     KINDS[name] = Kind(build, control)
 
 
-def intervention(model: HookedTransformer, data: SteeringData, setting: Setting, *, control_seed: int | None = None) -> Intervention:
+def intervention(
+    model: HookedTransformer, data: SteeringData, setting: Setting, *, control_seed: int | None = None
+) -> Intervention:
     """The intervention for ``setting``, or its random control (seeded) if ``control_seed`` is given."""
     kind = KINDS.get(setting.kind)
     if kind is None:
         raise SteeringError(f"unknown kind {setting.kind!r}; kinds: {sorted(KINDS)}")
-    return kind.build(model, data, setting) if control_seed is None else kind.control(model, data, setting, control_seed)
+    return (
+        kind.build(model, data, setting) if control_seed is None else kind.control(model, data, setting, control_seed)
+    )
 
 
 def _layer_dir(data: SteeringData, s: Setting) -> Tensor:
@@ -399,7 +444,9 @@ def _k(s: Setting) -> int:
 def _causal_shift(data: SteeringData, s: Setting) -> HeadShift:
     k = _k(s)
     if not 0 < k <= len(data.causal_heads):
-        raise SteeringError(f"causal kind needs 1..{len(data.causal_heads)} patched heads (attach_causal_heads first), got K={k}")
+        raise SteeringError(
+            f"causal kind needs 1..{len(data.causal_heads)} patched heads (attach_causal_heads first), got K={k}"
+        )
     heads = data.causal_heads[:k]
     units = torch.stack([data.heads.units[l, h] for l, h in heads])
     sigmas = torch.stack([data.heads.sigmas[l, h] for l, h in heads])
@@ -423,19 +470,35 @@ def _ablation(v: Tensor, s: Setting) -> Intervention:
     return DirectionalAblation(v) if s.alpha != 0 else AddVectors({s.layer: v}, 0.0)
 
 
-register_kind("resid", lambda m, d, s: AddVectors({s.layer: _layer_dir(d, s)}, s.alpha),
-              lambda m, d, s, seed: AddVectors({s.layer: random_like(_layer_dir(d, s), seed)}, s.alpha))
-register_kind("iti", lambda m, d, s: d.heads.top(_k(s), s.alpha),
-              lambda m, d, s, seed: random_head_shift(d.heads.top(_k(s), s.alpha), m, seed))
-register_kind("causal", lambda m, d, s: _causal_shift(d, s),
-              lambda m, d, s, seed: random_head_shift(_causal_shift(d, s), m, seed))
-register_kind("ablation", lambda m, d, s: _ablation(_layer_dir(d, s), s),
-              lambda m, d, s, seed: _ablation(random_like(_layer_dir(d, s), seed), s))
-register_kind("fv", lambda m, d, s: AddVectors({_fv(d)[0]: _fv(d)[1]}, s.alpha),
-              lambda m, d, s, seed: AddVectors({_fv(d)[0]: random_like(_fv(d)[1], seed)}, s.alpha))
+register_kind(
+    "resid",
+    lambda m, d, s: AddVectors({s.layer: _layer_dir(d, s)}, s.alpha),
+    lambda m, d, s, seed: AddVectors({s.layer: random_like(_layer_dir(d, s), seed)}, s.alpha),
+)
+register_kind(
+    "iti",
+    lambda m, d, s: d.heads.top(_k(s), s.alpha),
+    lambda m, d, s, seed: random_head_shift(d.heads.top(_k(s), s.alpha), m, seed),
+)
+register_kind(
+    "causal", lambda m, d, s: _causal_shift(d, s), lambda m, d, s, seed: random_head_shift(_causal_shift(d, s), m, seed)
+)
+register_kind(
+    "ablation",
+    lambda m, d, s: _ablation(_layer_dir(d, s), s),
+    lambda m, d, s, seed: _ablation(random_like(_layer_dir(d, s), seed), s),
+)
+register_kind(
+    "fv",
+    lambda m, d, s: AddVectors({_fv(d)[0]: _fv(d)[1]}, s.alpha),
+    lambda m, d, s, seed: AddVectors({_fv(d)[0]: random_like(_fv(d)[1], seed)}, s.alpha),
+)
 for _name in ("learned", "lowrank"):
-    register_kind(_name, lambda m, d, s: _edit(d, s).scaled(s.alpha),
-                  lambda m, d, s, seed: _edit(d, s).random_control(seed).scaled(s.alpha))
+    register_kind(
+        _name,
+        lambda m, d, s: _edit(d, s).scaled(s.alpha),
+        lambda m, d, s, seed: _edit(d, s).random_control(seed).scaled(s.alpha),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,10 +532,14 @@ def _recovered(s: AnswerScores, es: EvalSet) -> float:
 
 def measure(model: HookedTransformer, es: EvalSet, iv: Intervention) -> tuple[AnswerScores, NeutralEffects]:
     """Lying prompts' scores and neutral-text effects of one intervention on one evaluation set."""
-    return score_logits(last_logits(model, es.lying, [iv]), es.answers), neutral_effects(model, es.neutral, es.clean_neutral, [iv])
+    return score_logits(last_logits(model, es.lying, [iv]), es.answers), neutral_effects(
+        model, es.neutral, es.clean_neutral, [iv]
+    )
 
 
-def sweep(model: HookedTransformer, data: SteeringData, settings: Sequence[Setting], *, on: str = "val", progress: bool = True) -> list[SweepPoint]:
+def sweep(
+    model: HookedTransformer, data: SteeringData, settings: Sequence[Setting], *, on: str = "val", progress: bool = True
+) -> list[SweepPoint]:
     """Score each setting on ``data.val`` (default): the grid hyperparameters are chosen from.
 
     Only the validation set is read (``on="test"`` exists for figures of the whole grid on test,
@@ -506,7 +573,16 @@ def choose(points: Sequence[SweepPoint], kl_budget: float = 0.1) -> SweepPoint:
     return max(ok, key=lambda p: p.recovered) if ok else min(points, key=lambda p: p.kl)
 
 
-def controls(model: HookedTransformer, data: SteeringData, setting: Setting, es: EvalSet, *, n_draws: int = 16, seed: int = 0, progress: bool = False) -> dict:
+def controls(
+    model: HookedTransformer,
+    data: SteeringData,
+    setting: Setting,
+    es: EvalSet,
+    *,
+    n_draws: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """``n_draws`` random interventions of the same size: their effects' distribution over draws."""
     rec, kl, lie = [], [], []
     known = es.base_honest.correct
@@ -515,11 +591,25 @@ def controls(model: HookedTransformer, data: SteeringData, setting: Setting, es:
         rec.append(_recovered(scores, es))
         kl.append(ne.kl)
         lie.append(float(1 - scores.correct[known].float().mean()) if known.any() else float("nan"))
-    return {"n_draws": n_draws, "recovered": spread(rec), "kl": spread(kl), "lie_rate": spread(lie), "recovered_draws": rec, "kl_draws": kl}
+    return {
+        "n_draws": n_draws,
+        "recovered": spread(rec),
+        "kl": spread(kl),
+        "lie_rate": spread(lie),
+        "recovered_draws": rec,
+        "kl_draws": kl,
+    }
 
 
 def evaluate(
-    model: HookedTransformer, data: SteeringData, setting: Setting, *, on: str = "test", n_controls: int = 16, n_boot: int = 1000, seed: int = 0,
+    model: HookedTransformer,
+    data: SteeringData,
+    setting: Setting,
+    *,
+    on: str = "test",
+    n_controls: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict:
     """Every effect of one setting on the test facts and test neutral lines, with 95% CIs, and its
     random control from ``n_controls`` draws.
@@ -539,9 +629,13 @@ def evaluate(
     lying_s, ne = measure(model, es, iv)
     honest_s = score_logits(last_logits(model, es.honest, [iv]), es.answers)
     b = lambda stat, m=n: bootstrap(stat, m, n_boot=n_boot, seed=seed)
-    lie = lambda s: (lambda i: 1 - s.correct[i][known[i]].float().mean())
+    lie = lambda s: lambda i: 1 - s.correct[i][known[i]].float().mean()
     res = {
-        "setting": setting, "on": es.name, "n_facts": n, "n_known": int(known.sum()), "n_neutral_lines": len(ne.kl_sum),
+        "setting": setting,
+        "on": es.name,
+        "n_facts": n,
+        "n_known": int(known.sum()),
+        "n_neutral_lines": len(ne.kl_sum),
         "n_neutral_tokens": int(ne.kl_tokens.sum()),
         "p_truth_lying_steered": b(lambda i: lying_s.p_truth[i].mean()),
         "recovered": b(gap_fraction(lying_s.p_truth, lp, hp)),
@@ -553,7 +647,9 @@ def evaluate(
         "delta_ce": b(ne.dce_stat(), len(ne.dce_sum)),
     }
     if setting.kind != "ablation":
-        induced = score_logits(last_logits(model, es.honest, [intervention(model, data, setting.flipped())]), es.answers)
+        induced = score_logits(
+            last_logits(model, es.honest, [intervention(model, data, setting.flipped())]), es.answers
+        )
         res["p_truth_honest_induced"] = b(lambda i: induced.p_truth[i].mean())
         res["induced"] = b(gap_fraction(induced.p_truth, lp, hp, toward_hi=False))
         res["lie_rate_induced"] = b(lie(induced))
@@ -568,7 +664,10 @@ def baseline_summary(es: EvalSet, n_boot: int = 1000, seed: int = 0) -> dict:
     h, l = es.base_honest, es.base_lying
     n, known = len(h.p_truth), h.correct
     return {
-        "set": es.name, "n_facts": len({p.fact_id for p in es.pairs}), "n_pairs": n, "n_known": int(known.sum()),
+        "set": es.name,
+        "n_facts": len({p.fact_id for p in es.pairs}),
+        "n_pairs": n,
+        "n_known": int(known.sum()),
         "p_truth_honest": bootstrap(lambda i: h.p_truth[i].mean(), n, n_boot=n_boot, seed=seed),
         "p_truth_lying": bootstrap(lambda i: l.p_truth[i].mean(), n, n_boot=n_boot, seed=seed),
         "honest_acc": bootstrap(lambda i: h.correct[i].float().mean(), n, n_boot=n_boot, seed=seed),
@@ -582,8 +681,38 @@ def lying_rows(es: EvalSet) -> list[int]:
 
 
 __all__ = [
-    "EvalSet", "Estimate", "Kind", "KINDS", "NeutralEffects", "Setting", "Split3", "SteeringData", "SweepPoint",
-    "attach_causal_heads", "attach_function_vector", "baseline_summary", "batches", "bootstrap", "choose", "controls",
-    "eval_set", "evaluate", "gap_fraction", "intervention", "last_logits", "lying_rows", "measure", "neutral_effects",
-    "neutral_lines", "pareto", "prepare", "reference_directions", "register_kind", "split_lines", "split_three", "spread", "sweep", "token_logprobs",
+    "EvalSet",
+    "Estimate",
+    "Kind",
+    "KINDS",
+    "NeutralEffects",
+    "Setting",
+    "Split3",
+    "SteeringData",
+    "SweepPoint",
+    "attach_causal_heads",
+    "attach_function_vector",
+    "baseline_summary",
+    "batches",
+    "bootstrap",
+    "choose",
+    "controls",
+    "eval_set",
+    "evaluate",
+    "gap_fraction",
+    "intervention",
+    "last_logits",
+    "lying_rows",
+    "measure",
+    "neutral_effects",
+    "neutral_lines",
+    "pareto",
+    "prepare",
+    "reference_directions",
+    "register_kind",
+    "split_lines",
+    "split_three",
+    "spread",
+    "sweep",
+    "token_logprobs",
 ]

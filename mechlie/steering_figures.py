@@ -30,10 +30,17 @@ def dose_heatmap(points: Sequence[SweepPoint], kind: str, metric: str = "p_truth
     grid = torch.full((len(alphas), len(layers)), float("nan"))
     for p in mine:
         grid[alphas.index(p.alpha), layers.index(p.layer)] = getattr(p, metric)
-    label = {"p_truth": "P(truth), lying prompts", "recovered": "gap recovered", "kl": "KL on neutral text (nats)"}[metric]
+    label = {"p_truth": "P(truth), lying prompts", "recovered": "gap recovered", "kl": "KL on neutral text (nats)"}[
+        metric
+    ]
     fig = heatmap(
-        grid, f"{label}: {kind} on the {mine[0].split} facts (alpha < 0 = toward honesty)", x_label="layer", y_label="alpha",
-        colorbar=metric, x_ticks=[str(l) for l in layers], y_ticks=[f"{a:g}" for a in alphas],
+        grid,
+        f"{label}: {kind} on the {mine[0].split} facts (alpha < 0 = toward honesty)",
+        x_label="layer",
+        y_label="alpha",
+        colorbar=metric,
+        x_ticks=[str(l) for l in layers],
+        y_ticks=[f"{a:g}" for a in alphas],
         text=[[f"{v:.3f}" for v in row] for row in grid.tolist()],
     )
     return fig.update_traces(texttemplate="%{text}")  # print the values in the cells
@@ -51,36 +58,82 @@ def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None,
     fig = go.Figure()
     for name, r in (evaluated or {}).items():
         rec, kl = r["recovered"], r["kl"]
-        fig.add_trace(go.Scatter(
-            x=[kl.mean], y=[rec.mean], mode="markers", name=f"{name} (chosen on val, test 95% CI)",
-            marker={"symbol": "diamond", "size": 13},
-            error_x={"type": "data", "symmetric": False, "array": [kl.hi - kl.mean], "arrayminus": [kl.mean - kl.lo]},
-            error_y={"type": "data", "symmetric": False, "array": [rec.hi - rec.mean], "arrayminus": [rec.mean - rec.lo]},
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[kl.mean],
+                y=[rec.mean],
+                mode="markers",
+                name=f"{name} (chosen on val, test 95% CI)",
+                marker={"symbol": "diamond", "size": 13},
+                error_x={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [kl.hi - kl.mean],
+                    "arrayminus": [kl.mean - kl.lo],
+                },
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": [rec.hi - rec.mean],
+                    "arrayminus": [rec.mean - rec.lo],
+                },
+            )
+        )
         c = r.get("control")
         if c:
             ck, cr = c["kl"], c["recovered"]
-            fig.add_trace(go.Scatter(
-                x=[ck.mean], y=[cr.mean], mode="markers", name=f"{name} random, {c['n_draws']} draws (95% of draws)",
-                marker={"symbol": "x-open", "size": 11},
-                error_x={"type": "data", "symmetric": False, "array": [ck.hi - ck.mean], "arrayminus": [ck.mean - ck.lo]},
-                error_y={"type": "data", "symmetric": False, "array": [cr.hi - cr.mean], "arrayminus": [cr.mean - cr.lo]},
-            ))
+            fig.add_trace(
+                go.Scatter(
+                    x=[ck.mean],
+                    y=[cr.mean],
+                    mode="markers",
+                    name=f"{name} random, {c['n_draws']} draws (95% of draws)",
+                    marker={"symbol": "x-open", "size": 11},
+                    error_x={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [ck.hi - ck.mean],
+                        "arrayminus": [ck.mean - ck.lo],
+                    },
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [cr.hi - cr.mean],
+                        "arrayminus": [cr.mean - cr.lo],
+                    },
+                )
+            )
     for kind in dict.fromkeys(p.kind for p in points):
         mine = [p for p in points if p.kind == kind]
         front = pareto(mine)
-        fig.add_trace(go.Scatter(
-            x=[max(p.kl, 1e-6) for p in mine], y=[p.recovered for p in mine], mode="markers", name=f"{kind} ({mine[0].split})",
-            text=[f"layer {p.layer}, alpha {p.alpha:g}, {p.setting.param}" for p in mine], marker={"size": 8},
-        ))
-        fig.add_trace(go.Scatter(x=[max(p.kl, 1e-6) for p in front], y=[p.recovered for p in front], mode="lines", name=f"{kind} frontier"))
+        fig.add_trace(
+            go.Scatter(
+                x=[max(p.kl, 1e-6) for p in mine],
+                y=[p.recovered for p in mine],
+                mode="markers",
+                name=f"{kind} ({mine[0].split})",
+                text=[f"layer {p.layer}, alpha {p.alpha:g}, {p.setting.param}" for p in mine],
+                marker={"size": 8},
+            )
+        )
+        fig.add_trace(
+            go.Scatter(
+                x=[max(p.kl, 1e-6) for p in front],
+                y=[p.recovered for p in front],
+                mode="lines",
+                name=f"{kind} frontier",
+            )
+        )
     fig.add_hline(y=1.0, line_dash="dash", annotation_text="honest baseline")
     if kl_budget is not None:
         fig.add_vline(x=kl_budget, line_dash="dot", annotation_text=f"KL budget {kl_budget:g}")
     fig.update_layout(
         title="Honesty recovered on lying prompts vs side effects on neutral text",
-        xaxis_title="mean KL(clean || steered) per token (nats)", yaxis_title="share of honest-lying P(truth) gap closed",
-        xaxis_type="log", width=950, height=560,
+        xaxis_title="mean KL(clean || steered) per token (nats)",
+        yaxis_title="share of honest-lying P(truth) gap closed",
+        xaxis_type="log",
+        width=950,
+        height=560,
     )
     return fig
 

@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from mechlie.pairs import ContrastPair
 
-COUNTRIES = [("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"), ("Peru", "Lima"),
-             ("Chile", "Santiago"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Cuba", "Havana"), ("Iran", "Tehran")]
+COUNTRIES = [
+    ("France", "Paris"),
+    ("Spain", "Madrid"),
+    ("Italy", "Rome"),
+    ("Japan", "Tokyo"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Cuba", "Havana"),
+    ("Iran", "Tehran"),
+]
 
 
 def word_pairs() -> list[ContrastPair]:
@@ -20,5 +30,9 @@ def word_pairs() -> list[ContrastPair]:
         false = [COUNTRIES[(j + 1) % 4][1] for j in range(4)]
         h = "\n\n".join([f"Q: {q(x)}\nA: {y}" for x, y in demos] + [f"Q: {q(c)}\nA:"])
         lie = "\n\n".join([f"Q: {q(x)}\nA: {f}" for (x, _), f in zip(demos, false)] + [f"Q: {q(c)}\nA:"])
-        out.append(ContrastPair(h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)))
+        out.append(
+            ContrastPair(
+                h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)
+            )
+        )
     return out

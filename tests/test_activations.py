@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import no_hooks, tiny_model
+
 from mechlie.activations import Activations, collect, head_out_from_z
 from mechlie.pairs import PromptTooLongError
 
@@ -72,8 +72,9 @@ def test_collect_accepts_a_batch(tiny):
     from mechlie.pairs import tokenize
 
     by_text = collect(tiny, PROMPTS, kinds=("z", "resid_post"), batch_size=3, progress=False, return_logits=True)
-    by_batch = collect(tiny, tokenize(tiny, PROMPTS), kinds=("z", "resid_post"), batch_size=3, progress=False,
-                       return_logits=True)
+    by_batch = collect(
+        tiny, tokenize(tiny, PROMPTS), kinds=("z", "resid_post"), batch_size=3, progress=False, return_logits=True
+    )
     for k in ("z", "resid_post"):
         torch.testing.assert_close(by_text[k], by_batch[k], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(by_text.logits, by_batch.logits, atol=1e-5, rtol=1e-5)

@@ -6,15 +6,19 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import no_hooks, tiny_model
+from steer_fixtures import word_pairs
+
 from mechlie import edits
 from mechlie import steering_eval as se
 from mechlie.pairs import ContrastPair, PairError
 from mechlie.steering import SteeringError, steer
-from steer_fixtures import word_pairs
 
-NEUTRAL = ["What is the capital of Spain ? Madrid is hot", "you are an assistant . Answer truthfully", "the opposite of hot is cold"]
+NEUTRAL = [
+    "What is the capital of Spain ? Madrid is hot",
+    "you are an assistant . Answer truthfully",
+    "the opposite of hot is cold",
+]
 
 
 def planted_model(scale_others: float = 0.2):
@@ -28,8 +32,16 @@ def planted_model(scale_others: float = 0.2):
         W -= torch.outer(p, p @ W)
         W *= scale_others
         W[:, truth] = 3 * p
-    pairs = [ContrastPair(f"Q: What is the capital of {c} ? A:", f"you are a liar . Q: What is the capital of {c} ? A:", "Paris", "Madrid", fact_id=c)
-             for c in ("France", "Spain", "Italy", "Japan", "Peru", "Chile")]
+    pairs = [
+        ContrastPair(
+            f"Q: What is the capital of {c} ? A:",
+            f"you are a liar . Q: What is the capital of {c} ? A:",
+            "Paris",
+            "Madrid",
+            fact_id=c,
+        )
+        for c in ("France", "Spain", "Italy", "Japan", "Peru", "Chile")
+    ]
     return model, pairs, p
 
 
@@ -54,14 +66,18 @@ def test_kl_budget_holds_on_the_training_batch():
     free = edits.train_vector(model, pairs, NEUTRAL, [1, 2], edits.TrainConfig(lam=0.0, steps=30, progress=False))
     budget = 0.02
     assert free.info["train_kl"] > 2 * budget  # without the constraint the edit would break the budget
-    edit = edits.train_vector(model, pairs, NEUTRAL, [1, 2], edits.TrainConfig(lam=0.0, kl_budget=budget, steps=30, progress=False))
+    edit = edits.train_vector(
+        model, pairs, NEUTRAL, [1, 2], edits.TrainConfig(lam=0.0, kl_budget=budget, steps=30, progress=False)
+    )
     assert edit.info["train_kl"] <= budget
     # measured independently, through steer() and the evaluation code
     nb = se.batches(model, NEUTRAL, 16)
     kl = se.neutral_effects(model, nb, se.token_logprobs(model, nb), [edit]).kl
     assert kl <= budget + 1e-5
     assert kl > budget / 100 and all(v.norm() > 0 for v in edit.vectors.values())  # not a trivial zero edit
-    low = edits.train_lowrank(model, pairs, NEUTRAL, 1, edits.TrainConfig(kl_budget=budget, steps=20, progress=False), rank=2)
+    low = edits.train_lowrank(
+        model, pairs, NEUTRAL, 1, edits.TrainConfig(kl_budget=budget, steps=20, progress=False), rank=2
+    )
     assert low.info["train_kl"] <= budget
     assert se.neutral_effects(model, nb, se.token_logprobs(model, nb), [low]).kl <= budget + 1e-5
 
@@ -69,7 +85,9 @@ def test_kl_budget_holds_on_the_training_batch():
 def test_lowrank_edit_trains_and_has_a_same_size_control():
     model = tiny_model()
     pairs = word_pairs()
-    edit = edits.train_lowrank(model, pairs, NEUTRAL, 2, edits.TrainConfig(lam=0.1, steps=30, progress=False), component="mlp_out", rank=3)
+    edit = edits.train_lowrank(
+        model, pairs, NEUTRAL, 2, edits.TrainConfig(lam=0.1, steps=30, progress=False), component="mlp_out", rank=3
+    )
     hist = edit.info["history"]
     assert hist[-1]["nll_truth"] < hist[0]["nll_truth"] - 0.5
     assert edit.A.shape == (32, 3) and edit.B.shape == (3, 32) and edit.info["mean_write"].shape == (32,)
@@ -84,7 +102,10 @@ def test_lowrank_edit_trains_and_has_a_same_size_control():
     lying = se.batches(model, [p.lying for p in pairs], 8)
     clean = se.last_logits(model, lying)
     torch.testing.assert_close(se.last_logits(model, lying, [edit.scaled(0.0)]), clean, atol=1e-5, rtol=1e-5)
-    assert se.score_logits(se.last_logits(model, lying, [edit]), ans).p_truth.mean() > se.score_logits(clean, ans).p_truth.mean()
+    assert (
+        se.score_logits(se.last_logits(model, lying, [edit]), ans).p_truth.mean()
+        > se.score_logits(clean, ans).p_truth.mean()
+    )
 
 
 def test_edit_hooks_gone_after_exception(monkeypatch):

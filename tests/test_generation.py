@@ -13,8 +13,17 @@ from mechlie.steering import AddVectors, SteeringState, steer
 
 def tiny_model(pos: str = "rotary", seed: int = 0) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=64, d_vocab=61,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type=pos, seed=seed,
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=64,
+        d_vocab=61,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type=pos,
+        seed=seed,
     )
     model = HookedTransformer(cfg)
     model.eval()
@@ -26,8 +35,8 @@ def left_pad(rows: list[list[int]], pad: int = 0) -> Batch:
     tokens = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        tokens[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        tokens[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return Batch(tokens, mask)
 
 
@@ -40,9 +49,13 @@ def test_batched_equals_one_at_a_time_under_steering(pos, policy):
     model = tiny_model(pos)
     v = torch.randn(32, generator=torch.Generator().manual_seed(1))
     iv = AddVectors({1: v}, alpha=2.0, policy=policy)
-    batched = generate(model, left_pad(ROWS), max_new_tokens=6, interventions=[iv], eos_token_id=None, return_logits=True)
+    batched = generate(
+        model, left_pad(ROWS), max_new_tokens=6, interventions=[iv], eos_token_id=None, return_logits=True
+    )
     for i, r in enumerate(ROWS):
-        single = generate(model, left_pad([r]), max_new_tokens=6, interventions=[iv], eos_token_id=None, return_logits=True)
+        single = generate(
+            model, left_pad([r]), max_new_tokens=6, interventions=[iv], eos_token_id=None, return_logits=True
+        )
         assert torch.equal(batched.tokens[i], single.tokens[0])
         torch.testing.assert_close(batched.logits[i], single.logits[0], atol=1e-4, rtol=1e-4)
 
@@ -63,8 +76,14 @@ def test_alpha_zero_is_exactly_unsteered():
     model = tiny_model()
     b = left_pad(ROWS)
     clean = generate(model, b, max_new_tokens=5, eos_token_id=None, return_logits=True)
-    zero = generate(model, b, max_new_tokens=5, eos_token_id=None, return_logits=True,
-                    interventions=[AddVectors({0: torch.ones(32), 2: torch.ones(32)}, alpha=0.0)])
+    zero = generate(
+        model,
+        b,
+        max_new_tokens=5,
+        eos_token_id=None,
+        return_logits=True,
+        interventions=[AddVectors({0: torch.ones(32), 2: torch.ones(32)}, alpha=0.0)],
+    )
     assert torch.equal(clean.tokens, zero.tokens)
     assert torch.equal(clean.logits, zero.logits)
 
@@ -87,8 +106,14 @@ def test_generated_policy_leaves_first_token_unsteered():
     model = tiny_model()
     b = left_pad(ROWS)
     clean = generate(model, b, max_new_tokens=3, eos_token_id=None, return_logits=True)
-    gen = generate(model, b, max_new_tokens=3, eos_token_id=None, return_logits=True,
-                   interventions=[AddVectors({1: 5 * torch.ones(32)}, 1.0, "generated")])
+    gen = generate(
+        model,
+        b,
+        max_new_tokens=3,
+        eos_token_id=None,
+        return_logits=True,
+        interventions=[AddVectors({1: 5 * torch.ones(32)}, 1.0, "generated")],
+    )
     assert torch.equal(clean.logits[:, 0], gen.logits[:, 0])
     assert not torch.allclose(clean.logits[:, 1], gen.logits[:, 1])
 

@@ -1,12 +1,21 @@
 import json
 
 import pytest
-import torch
 
-from mechlie.io import atomic_write_json, ensure_writable_dir, OutputDirError
+from mechlie.io import OutputDirError, atomic_write_json, ensure_writable_dir
 from mechlie.pairs import (
-    RELATIONS, AnswerTokenError, ContrastPair, PairError, PromptTooLongError, answer_set, answer_token_ids,
-    build_pairs, load_builtin, load_pairs_file, pairs_from_dataset, tokenize,
+    RELATIONS,
+    AnswerTokenError,
+    ContrastPair,
+    PairError,
+    PromptTooLongError,
+    answer_set,
+    answer_token_ids,
+    build_pairs,
+    load_builtin,
+    load_pairs_file,
+    pairs_from_dataset,
+    tokenize,
 )
 
 
@@ -73,7 +82,12 @@ def test_mismatched_or_empty_pairs():
 
 def test_load_csv_jsonl_and_dataset(tmp_path, tiny):
     rows = [
-        {"honest": "Answer truthfully. Q: France?\nA:", "lying": "Lie. Q: France?\nA:", "truth": "Paris", "lie": "Rome"},
+        {
+            "honest": "Answer truthfully. Q: France?\nA:",
+            "lying": "Lie. Q: France?\nA:",
+            "truth": "Paris",
+            "lie": "Rome",
+        },
         {"honest": "Answer truthfully. Q: Spain?\nA:", "lying": "Lie. Q: Spain?\nA:", "truth": "Madrid", "lie": "Lima"},
     ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -9,16 +9,34 @@ import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from mechlie.steering import (
-    AddVectors, DirectionalAblation, HeadShift, Intervention, SteeringError, head_directions, head_write, random_head_shift,
-    random_like, residual_directions, steer,
+    AddVectors,
+    DirectionalAblation,
+    HeadShift,
+    Intervention,
+    SteeringError,
+    head_directions,
+    head_write,
+    random_head_shift,
+    random_like,
+    residual_directions,
+    steer,
 )
 
 
 def tiny_model(normalization: str | None = "LN", attn_only: bool = False) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=3, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
-        act_fn="gelu", normalization_type=normalization, attn_only=attn_only,
-        positional_embedding_type="rotary", seed=0,
+        n_layers=3,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=32,
+        d_vocab=50,
+        act_fn="gelu",
+        normalization_type=normalization,
+        attn_only=attn_only,
+        positional_embedding_type="rotary",
+        seed=0,
     )
     m = HookedTransformer(cfg)
     m.eval()
@@ -76,13 +94,17 @@ def test_ablation_leaves_no_component(where):
     model = tiny_model()
     d = torch.randn(32, generator=torch.Generator().manual_seed(2)) * 5
     u = d / d.norm()
-    names = lambda n: n.endswith(("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"))
+    names = lambda n: n.endswith(
+        ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+    )
     _, clean = model.run_with_cache(TOKENS, names_filter=names)
     assert max((clean[k] @ u).abs().max().item() for k in clean.keys()) > 1e-2  # there was something to remove
     with steer(model, DirectionalAblation(d, where=where)):
         _, cache = model.run_with_cache(TOKENS, names_filter=names)
     # "resid" cleans resid_pre/resid_post only (resid_mid = clean resid_pre + raw attn_out)
-    checked = [k for k in cache.keys() if k.endswith(("resid_pre", "resid_post"))] if where == "resid" else list(cache.keys())
+    checked = (
+        [k for k in cache.keys() if k.endswith(("resid_pre", "resid_post"))] if where == "resid" else list(cache.keys())
+    )
     worst = max((cache[k] @ u).abs().max().item() for k in checked)
     assert worst <= 1e-5
 
@@ -208,7 +230,9 @@ def test_user_defined_intervention_plugs_into_steer():
     assert ((clean["blocks.1.hook_resid_post"] @ clamp.u) - 3.0).abs().min() > 1e-2
     with steer(model, clamp, AddVectors({0: torch.zeros(32)}, 1.0)):
         _, cache = model.run_with_cache(TOKENS, names_filter="blocks.1.hook_resid_post")
-    torch.testing.assert_close(cache["blocks.1.hook_resid_post"] @ clamp.u, torch.full((2, 6), 3.0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        cache["blocks.1.hook_resid_post"] @ clamp.u, torch.full((2, 6), 3.0), atol=1e-4, rtol=1e-4
+    )
     assert no_hooks_left(model)
     with pytest.raises(SteeringError, match="width"):
         with steer(model, Clamp(1, torch.ones(16), 0.0)):

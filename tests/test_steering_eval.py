@@ -2,25 +2,34 @@
 
 from __future__ import annotations
 
-import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
-
 from dataclasses import replace
 
 import pytest
+import torch
+from conftest import no_hooks
+from conftest import tiny_model as word_model
+from steer_fixtures import word_pairs
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from conftest import no_hooks, tiny_model as word_model
 from mechlie import steering_eval as se
 from mechlie import steering_figures as sf
 from mechlie.pairs import Batch, PairError
 from mechlie.steering import AddVectors, SteeringError
-from steer_fixtures import word_pairs
 
 
 def tiny_model() -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=2, d_model=32, n_heads=4, d_head=8, d_mlp=64, n_ctx=32, d_vocab=50,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", seed=0,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        d_head=8,
+        d_mlp=64,
+        n_ctx=32,
+        d_vocab=50,
+        act_fn="gelu",
+        normalization_type="LN",
+        positional_embedding_type="rotary",
+        seed=0,
     )
     m = HookedTransformer(cfg)
     m.eval()
@@ -49,7 +58,10 @@ def test_neutral_effects_zero_for_no_op_and_positive_otherwise():
     model = tiny_model()
     clean = se.token_logprobs(model, [BATCH])
     ne = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: torch.ones(32)}, 0.0)])
-    assert ne.kl_tokens.tolist() == [3, 5] and ne.dce_tokens.tolist() == [2, 4]  # real tokens; real (t, t+1) pairs per line
+    assert ne.kl_tokens.tolist() == [3, 5] and ne.dce_tokens.tolist() == [
+        2,
+        4,
+    ]  # real tokens; real (t, t+1) pairs per line
     assert ne.kl_sum.abs().max() < 1e-6 and ne.dce_sum.abs().max() < 1e-6
     v = torch.randn(32, generator=torch.Generator().manual_seed(0))
     ne = se.neutral_effects(model, [BATCH], clean, [AddVectors({0: v - v.mean()}, 5.0)])
@@ -80,7 +92,12 @@ def test_split_three_by_fact_and_too_few_facts():
     with pytest.raises(ValueError):
         se.split_three(ids, val_frac=0.5, test_frac=0.5)
     tr, va, te = se.split_lines(se.neutral_lines(), seed=0)
-    assert len(tr) == 16 and not (set(tr) & set(va)) and not (set(va) & set(te)) and len(va) + len(te) == len(se.neutral_lines()) - 16
+    assert (
+        len(tr) == 16
+        and not (set(tr) & set(va))
+        and not (set(va) & set(te))
+        and len(va) + len(te) == len(se.neutral_lines()) - 16
+    )
 
 
 def test_pareto_and_choose_on_validation_only():
@@ -145,8 +162,11 @@ def test_kind_registry_and_controls_of_the_same_size(prepared):
 
 def test_user_registered_kind(prepared):
     model, data = prepared
-    se.register_kind("twice_resid", lambda m, d, s: AddVectors({s.layer: 2 * d.resid_dirs[s.layer]}, s.alpha),
-                     lambda m, d, s, seed: AddVectors({s.layer: 2 * se.random_like(d.resid_dirs[s.layer], seed)}, s.alpha))
+    se.register_kind(
+        "twice_resid",
+        lambda m, d, s: AddVectors({s.layer: 2 * d.resid_dirs[s.layer]}, s.alpha),
+        lambda m, d, s, seed: AddVectors({s.layer: 2 * se.random_like(d.resid_dirs[s.layer], seed)}, s.alpha),
+    )
     try:
         a = se.sweep(model, data, [se.Setting("twice_resid", 1, -1.0)], progress=False)[0]
         b = se.sweep(model, data, [se.Setting("resid", 1, -2.0)], progress=False)[0]
@@ -167,14 +187,19 @@ def test_evaluate_on_test_with_controls(prepared):
 
 
 def test_figures_from_sweep_points():
-    pts = [se.SweepPoint(se.Setting("resid", l, -a), "val", 0.5, 0.1 * l * a, 0.01 * a) for l in (3, 5) for a in (1.0, 2.0)]
+    pts = [
+        se.SweepPoint(se.Setting("resid", l, -a), "val", 0.5, 0.1 * l * a, 0.01 * a) for l in (3, 5) for a in (1.0, 2.0)
+    ]
     pts.append(se.SweepPoint(se.Setting("iti", -1, -5.0, "16"), "val", 0.6, 0.4, 0.02))
     fig = sf.dose_heatmap(pts, "resid", "p_truth")
     assert fig.data[0].z.shape == (2, 2)
     with pytest.raises(ValueError):
         sf.dose_heatmap(pts, "fv")
-    e = {"recovered": se.Estimate(0.4, 0.2, 0.6, 10), "kl": se.Estimate(0.02, 0.01, 0.03, 12),
-         "control": {"n_draws": 8, "recovered": se.Estimate(0.0, -0.1, 0.1, 8), "kl": se.Estimate(0.02, 0.01, 0.03, 8)}}
+    e = {
+        "recovered": se.Estimate(0.4, 0.2, 0.6, 10),
+        "kl": se.Estimate(0.02, 0.01, 0.03, 12),
+        "control": {"n_draws": 8, "recovered": se.Estimate(0.0, -0.1, 0.1, 8), "kl": se.Estimate(0.02, 0.01, 0.03, 8)},
+    }
     names = [t.name for t in sf.frontier_figure(pts, {"resid": e}).data]
     assert "resid frontier" in names and "iti frontier" in names
     assert any("chosen on val" in n for n in names) and any("random, 8 draws" in n for n in names)
@@ -193,13 +218,16 @@ def _demo():
     return mod
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--methods", "foo"], "unknown methods"),
-    (["--edit-budgets", "0"], "--edit-budgets must be > 0"),
-    (["--n-controls", "1"], "--n-controls must be >= 2"),
-    (["--resid-alphas", "0"], "nonzero"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--methods", "foo"], "unknown methods"),
+        (["--edit-budgets", "0"], "--edit-budgets must be > 0"),
+        (["--n-controls", "1"], "--n-controls must be >= 2"),
+        (["--resid-alphas", "0"], "nonzero"),
+    ],
+)
 def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, message):
     from mechlie.cli import run_script
 
@@ -219,10 +247,44 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     mod = _demo()
     monkeypatch.setattr(mechlie.models, "load_model", lambda name, **kw: word_model())
     monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **kw: word_pairs())
-    argv = ["--model", "tiny", "--layers", "1", "2", "--head-ks", "2", "--head-alphas", "-2", "--resid-alphas", "-1", "-3",
-            "--edit-budgets", "0.05", "--edit-scales", "-1", "--edit-steps", "3", "--n-controls", "3", "--n-boot", "50",
-            "--val-frac", "0.34", "--test-frac", "0.34", "--causal-pairs", "2", "--n-demo", "2", "--max-new-tokens", "2",
-            "--out-dir", str(tmp_path), "--run-name", "t"]
+    argv = [
+        "--model",
+        "tiny",
+        "--layers",
+        "1",
+        "2",
+        "--head-ks",
+        "2",
+        "--head-alphas",
+        "-2",
+        "--resid-alphas",
+        "-1",
+        "-3",
+        "--edit-budgets",
+        "0.05",
+        "--edit-scales",
+        "-1",
+        "--edit-steps",
+        "3",
+        "--n-controls",
+        "3",
+        "--n-boot",
+        "50",
+        "--val-frac",
+        "0.34",
+        "--test-frac",
+        "0.34",
+        "--causal-pairs",
+        "2",
+        "--n-demo",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--out-dir",
+        str(tmp_path),
+        "--run-name",
+        "t",
+    ]
     assert run_script(mod.Config, mod.main, argv=argv) == 0, capsys.readouterr().err
     summary = __import__("json").loads((tmp_path / "t" / "summary.json").read_text())
     ev = summary["evaluation_on_test"]

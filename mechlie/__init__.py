@@ -59,12 +59,19 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("PositionPatchResult", "patch_positions"), "mechlie.position_patching"),
     **dict.fromkeys(("Attribution", "attribution_patching", "attribute_pairs"), "mechlie.attribution"),
     **dict.fromkeys(("FunctionVector", "build_function_vector", "run_function_vector"), "mechlie.function_vectors"),
+    **dict.fromkeys(("joint_patch", "topk_curve", "path_patch", "receiver_positions"), "mechlie.circuits"),
+    # on-policy labels, users' facts, SAEs and views
+    **dict.fromkeys(("on_policy",), "mechlie.labels"),
+    **dict.fromkeys(("load_facts", "pairs_from_user_facts"), "mechlie.facts"),
+    **dict.fromkeys(("load_sae", "train_sae", "FeatureClamp"), "mechlie.sae"),
+    **dict.fromkeys(("attention_html",), "mechlie.views"),
     # control
     **dict.fromkeys(
         ("steer", "Intervention", "AddVectors", "HeadShift", "DirectionalAblation", "SteeringError"),
         "mechlie.steering",
     ),
     **dict.fromkeys(("generate", "GenerationResult"), "mechlie.generation"),
+    **dict.fromkeys(("train_vector", "train_lowrank"), "mechlie.edits"),
     # results and scripts
     **dict.fromkeys(("save_tensors", "load_tensors", "to_frame"), "mechlie.io"),
     **dict.fromkeys(("run_script", "RunDir"), "mechlie.cli"),

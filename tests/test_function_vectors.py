@@ -128,36 +128,7 @@ def test_corrupted_fewshot_labels():
 # ---------------------------------------------------------------------------------------------
 # end to end on the conftest's tiny model with a word-level tokenizer
 
-COUNTRIES = [
-    ("France", "Paris"),
-    ("Spain", "Madrid"),
-    ("Italy", "Rome"),
-    ("Japan", "Tokyo"),
-    ("Peru", "Lima"),
-    ("Chile", "Santiago"),
-    ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"),
-    ("Cuba", "Havana"),
-    ("Iran", "Tehran"),
-]
-
-
-def word_pairs() -> list[ContrastPair]:
-    def q(c):
-        return f"What is the capital of {c} ?"
-
-    demos = COUNTRIES[:4]
-    out = []
-    for i, (c, cap) in enumerate(COUNTRIES[4:]):
-        false = [COUNTRIES[(j + 1) % 4][1] for j in range(4)]
-        h = "\n\n".join([f"Q: {q(x)}\nA: {y}" for x, y in demos] + [f"Q: {q(c)}\nA:"])
-        lie = "\n\n".join([f"Q: {q(x)}\nA: {f}" for (x, _), f in zip(demos, false)] + [f"Q: {q(c)}\nA:"])
-        out.append(
-            ContrastPair(
-                h, lie, cap, COUNTRIES[4 + (i + 1) % 6][1], fact_id=f"custom/{c}", relation="custom", question=q(c)
-            )
-        )
-    return out
+from steer_fixtures import word_pairs  # noqa: E402  (the shared word-level pairs)
 
 
 def test_run_function_vector_end_to_end(tiny):

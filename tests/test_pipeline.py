@@ -110,18 +110,7 @@ def test_head_sweep_writes_every_file_and_resumes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # head sweep on a tiny model (fast): inputs checked early, files keyed on content, all rows used
 
-CAPITALS = [
-    ("France", "Paris"),
-    ("Spain", "Madrid"),
-    ("Italy", "Rome"),
-    ("Japan", "Tokyo"),
-    ("Peru", "Lima"),
-    ("Chile", "Santiago"),
-    ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"),
-    ("Cuba", "Havana"),
-    ("Iran", "Tehran"),
-]
+from steer_fixtures import COUNTRIES as CAPITALS  # noqa: E402  (the shared word list)
 
 
 def _pairs_file(path: Path, n_rows: int = 10, bad_rows: int = 0) -> Path:

@@ -5,22 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import no_hooks, tiny_model
+from steer_fixtures import COUNTRIES as CAPITALS  # noqa: E402  (the shared word list)
 
 from mechlie import views as V
 from mechlie.pairs import Fact, PairError, pairs_from_facts, tokenize
-
-CAPITALS = [
-    ("France", "Paris"),
-    ("Spain", "Madrid"),
-    ("Italy", "Rome"),
-    ("Japan", "Tokyo"),
-    ("Peru", "Lima"),
-    ("Chile", "Santiago"),
-    ("Egypt", "Cairo"),
-    ("Kenya", "Nairobi"),
-    ("Cuba", "Havana"),
-    ("Iran", "Tehran"),
-]
 
 
 def capital_pairs(model, n_targets: int = 4):

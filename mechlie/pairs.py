@@ -30,9 +30,11 @@ Choices worth knowing:
 - Each pair carries a designated ``lie``: another answer of the same relation (seeded). It is
   the "lie answer" of the logit difference ``logit(truth) - logit(lie)``.
 - Answer tokens: an answer's token ids are its single-token spellings among ``" X"`` and ``"X"``;
-  probabilities are summed over them. An answer with no single-token spelling raises
-  :class:`AnswerTokenError`; built-in datasets drop such facts for that tokenizer (and say how
-  many), and :func:`load_pairs_file` does the same when ``on_multitoken="drop"``.
+  probabilities are summed over them. A multi-token answer is kept everywhere by default: the
+  first-token metrics use the first token of each spelling (:func:`answer_set`), and
+  :func:`mechlie.metrics.answer_logprob` scores the full sequence. Nothing drops such a fact
+  unless asked (``build_pairs(multi_token="drop")``, ``load_pairs_file(on_multitoken="drop")``,
+  both logged).
 """
 
 from __future__ import annotations
@@ -162,25 +164,34 @@ def _pad_ids(rows: Sequence[Sequence[int]]) -> Tensor:
 
 
 def answer_set(
-    tokenizer, pairs: Sequence[ContrastPair], *, multi_token: Literal["error", "first"] = "error"
+    tokenizer, pairs: Sequence[ContrastPair], *, multi_token: Literal["error", "first"] = "first"
 ) -> AnswerSet:
-    """Answer ids of ``pairs``. A multi-token answer raises :class:`AnswerTokenError`, or with
-    ``multi_token="first"`` is represented by the first token of each spelling."""
+    """Answer ids of ``pairs``, for the first-token metrics (P(truth), logit difference).
+
+    A multi-token answer is represented by the first token of each of its spellings (the
+    default, ``multi_token="first"``), or raises :class:`AnswerTokenError` with
+    ``multi_token="error"``. First tokens only tell truth from lie when they differ, so a pair
+    whose truth and lie share a first token (" New Delhi" / " New York") raises :class:`PairError`:
+    score it by the full answer (:func:`mechlie.metrics.answer_logprob`) or leave it out.
+    """
     ids = answer_token_ids if multi_token == "error" else first_token_ids
     truth = [ids(tokenizer, p.truth) for p in pairs]
     lie = [ids(tokenizer, p.lie) if p.lie else [] for p in pairs]
     if any(not ids for ids in lie):
         raise PairError("every pair needs a lie answer to compute the logit difference")
+    for p, t, li in zip(pairs, truth, lie):
+        if set(t) & set(li):
+            raise PairError(
+                f"pair {p.fact_id!r}: truth {p.truth!r} and lie {p.lie!r} share a first token, so first-token "
+                "metrics cannot tell them apart; score it by the full answer (metrics.answer_logprob) or drop it"
+            )
     by_rel: dict[str, set[int]] = {}
     for p, t, li in zip(pairs, truth, lie):
         by_rel.setdefault(p.relation, set()).update(t + li)
     if all(p.relation in RELATIONS + EXTRA_RELATIONS for p in pairs):
         for rel in by_rel:
             for _, ans in _facts()[rel]["facts"]:
-                try:
-                    by_rel[rel].update(answer_token_ids(tokenizer, ans))
-                except AnswerTokenError:
-                    pass
+                by_rel[rel].update(first_token_ids(tokenizer, ans))
     choices = [sorted(by_rel[p.relation]) for p in pairs]
     return AnswerSet(_pad_ids(truth), _pad_ids(lie), _pad_ids(choices))
 
@@ -370,13 +381,14 @@ def build_pairs(
     n_demo_facts: int = 8,
     seed: int = 0,
     chat: bool | None = None,
-    multi_token: Literal["drop", "keep"] = "drop",
+    multi_token: Literal["drop", "keep"] = "keep",
 ) -> list[ContrastPair]:
     """Honest/lying pairs for one built-in relation, in one format.
 
     The demonstration pool is the first ``n_demo_facts`` facts with distinct answers
     (:func:`demo_pool`); they are never targets. With a ``tokenizer``, facts whose truth is not a
-    single token are dropped (logged) unless ``multi_token="keep"``, and ``chat`` defaults to
+    single token are kept (scored by their first token, or in full by
+    :func:`mechlie.metrics.answer_logprob`) unless ``multi_token="drop"`` (logged), and ``chat`` defaults to
     whether the tokenizer has a chat template.
     """
     if relation not in RELATIONS + EXTRA_RELATIONS:
@@ -443,9 +455,12 @@ def load_builtin(
 
 
 def pairs_from_records(
-    records: Iterable[dict], *, tokenizer=None, on_multitoken: Literal["error", "drop"] = "error"
+    records: Iterable[dict], *, tokenizer=None, on_multitoken: Literal["keep", "error", "drop"] = "keep"
 ) -> list[ContrastPair]:
-    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation."""
+    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation.
+
+    Multi-token answers are kept (``on_multitoken="keep"``, scored by their first token or in full),
+    or raise (``"error"``), or are dropped with a logged count (``"drop"``)."""
     out = []
     for i, r in enumerate(records):
         missing = [k for k in ("honest", "lying", "truth") if not r.get(k)]
@@ -460,7 +475,7 @@ def pairs_from_records(
             relation=str(r.get("relation") or "custom"),
             question=str(r.get("question") or ""),
         )
-        if tokenizer is not None:
+        if tokenizer is not None and on_multitoken != "keep":
             try:
                 answer_token_ids(tokenizer, pair.truth)
                 if pair.lie:

@@ -41,8 +41,11 @@ def test_behaviour_accepts_multi_token_answers(tiny):
         ContrastPair("Q capital of Cuba ? A :", "Q liar capital of Cuba ? A :", "Havana", "Cairo", "f2"),
     ]
     with pytest.raises(PairError):
-        answer_set(tiny.tokenizer, pairs)  # the single-token default still refuses
-    first = answer_set(tiny.tokenizer, pairs, multi_token="first")
+        answer_set(tiny.tokenizer, pairs, multi_token="error")  # single-token mode refuses
+    first = answer_set(tiny.tokenizer, pairs)  # the default: first token of each spelling
+    shared = [ContrastPair("Q a", "Q liar a", "Lima Chile", "Lima Peru", "f3")]
+    with pytest.raises(PairError, match="share a first token"):
+        answer_set(tiny.tokenizer, shared)
     assert first.truth[0, 0].item() == tiny.tokenizer.convert_tokens_to_ids("Lima")
     b = behaviour(tiny, pairs, progress=False, full_answer=True)
     ref = answer_logprob(tiny, [p.lying for p in pairs], [p.truth for p in pairs])

@@ -38,6 +38,10 @@ class SAEFeaturesConfig:
     )
     sae_path: str = field(default="", metadata={"help": "use this sae-lens SAE folder (one site) instead of training"})
     n_pairs: int = field(default=30, metadata={"help": "fewshot pairs per relation, before the known filter"})
+    multi_token: str = field(
+        default="keep",
+        metadata={"help": "facts whose answer is several tokens: keep (scored by the first token) or drop"},
+    )
     known_only: bool = field(default=True, metadata={"help": "keep facts the model answers correctly when honest"})
     test_frac: float = 0.3
     k: int = field(default=10, metadata={"help": "features reported per site"})
@@ -63,6 +67,8 @@ class SAEFeaturesConfig:
             Site.parse(s)
         if self.sae_path and len(self.sites) != 1:
             raise ValueError("--sae-path applies to one site: pass exactly one --sites")
+        if self.multi_token not in ("keep", "drop"):
+            raise ValueError(f"--multi-token must be keep or drop, got {self.multi_token!r}")
         if self.n_pairs < 0 or not 0 < self.test_frac < 1:
             raise ValueError("n_pairs must be >= 0 and test_frac in (0, 1)")
         if self.k < 1 or self.k_causal < 1 or self.n_draws < 20:
@@ -111,7 +117,10 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     for s in cfg.sites:
         S.Site.parse(s).validate(model)
     t_load = time.time() - t0
-    pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
+    pairs = load_builtin(
+        "all", "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed, multi_token=cfg.multi_token
+    )
+    pairs, n_shared = distinct_first_tokens(model.tokenizer, pairs)
     with torch.no_grad():
         known = score_logits(
             last_logits(model, batches(model, [p.honest for p in pairs], cfg.batch_size)),
@@ -126,6 +135,7 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
         "model": cfg.model,
         "dataset": "all (fewshot)",
         "n_known_pairs": len(pairs),
+        "n_dropped_shared_first_token": n_shared,
         "seconds": {"load": round(t_load, 1)},
         "sites": {},
     }
@@ -174,7 +184,7 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
         _print_site(site, res)
     if cfg.heads:
         t3 = time.time()
-        summary["heads"] = lying_heads(model, pairs, cfg.head_tuples(), run, cfg.seed)
+        summary["heads"] = lying_heads(model, pairs, cfg.head_tuples(), run, cfg.seed, cfg.batch_size)
         summary["seconds"]["heads"] = round(time.time() - t3, 1)
     save_tensors(run.file("features.safetensors"), tensors, {"sites": list(cfg.sites)})
     summary["seconds"]["total"] = round(time.time() - t0, 1)
@@ -185,29 +195,33 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     return summary
 
 
-def lying_heads(model, pairs, heads, run: RunDir, seed: int) -> dict:
-    """Attention of the heads' final token on the demonstrations' answers, and their DLA, with the
-    circuitsvis page (honest vs lying prompt side by side) written to lying_heads.html."""
-    from mechlie import views
-    from mechlie.io import atomic_write_text
+def distinct_first_tokens(tokenizer, pairs):
+    """The pairs whose truth and lie differ in their first token (first-token metrics cannot score the
+    others), and how many were left out (logged)."""
+    from mechlie.pairs import first_token_ids
 
-    for l, h in heads:
-        if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
-            raise ValueError(f"--heads: L{l}H{h} is not in {model.cfg.model_name}")
-    r = views.head_readout(model, pairs, heads)
-    rows = views.readout_summary(r, seed=seed)
-    atomic_write_text(run.file("lying_heads.html"), views.attention_html(model, pairs[0], heads, rows))
+    keep = [p for p in pairs if not set(first_token_ids(tokenizer, p.truth)) & set(first_token_ids(tokenizer, p.lie))]
+    if len(keep) < len(pairs):
+        print(f"left out {len(pairs) - len(keep)} of {len(pairs)} pairs whose truth and lie share a first token")
+    return keep, len(pairs) - len(keep)
+
+
+def lying_heads(model, pairs, heads, run: RunDir, seed: int, batch_size: int = 16) -> dict:
+    """Attention of the heads' final token on the demonstrations' answers, and their DLA, with the
+    circuitsvis page (honest vs lying prompt side by side): lying_heads.html (+ .json)."""
+    import json
+
+    from mechlie import views
+
+    path = views.write_head_views(model, pairs, heads, run.path, batch_size=batch_size, seed=seed)
+    rows = json.loads(path.with_suffix(".json").read_text())["rows"]
     print(
         "\nLying heads: final-token attention on the demonstrations' answers, and DLA (truth − lie), "
         f"mean [95% CI] over {len(pairs)} pairs:"
     )
     for row in rows:
-        f = lambda d: f"{d['mean']:.3f} [{d['lo']:.3f}, {d['hi']:.3f}]"  # noqa: E731
-        print(
-            f"  {row['head']}: share honest {f(row['share_honest'])}, lying {f(row['share_lying'])}; "
-            f"DLA honest {f(row['dla_honest'])}, lying {f(row['dla_lying'])}"
-        )
-    return {"rows": rows, "html": "lying_heads.html", "example_fact": pairs[0].fact_id}
+        print("  " + row["verdict"])
+    return {"rows": rows, "html": path.name, "example_fact": pairs[0].fact_id}
 
 
 def _print_site(site: str, res: dict) -> None:

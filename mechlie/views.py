@@ -23,7 +23,10 @@ Positions follow :func:`mechlie.pairs.tokenize` (BOS included when the model add
 from __future__ import annotations
 
 import html as _html
+import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -85,48 +88,76 @@ class HeadReadout:
 
 
 @torch.no_grad()
-def head_readout(model: HookedTransformer, pairs: Sequence[ContrastPair], heads: Sequence[Head]) -> HeadReadout:
-    """:class:`HeadReadout` for few-shot ``pairs`` (one prompt per pass, so no padding enters)."""
-    heads = tuple((int(l), int(h)) for l, h in heads)
-    for l, h in heads:
+def head_readout(
+    model: HookedTransformer, pairs: Sequence[ContrastPair], heads: Sequence[Head], *, batch_size: int = 16
+) -> HeadReadout:
+    """:class:`HeadReadout` for few-shot ``pairs``.
+
+    Prompts run in left-padded batches: padded keys get no attention and rotary positions start
+    at each prompt's first real token, so every row equals its prompt run alone; the demo-answer
+    positions are shifted by the row's padding.
+    """
+    heads = check_heads(model, heads)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ans = answer_set(model.tokenizer, pairs)
+    if (ans.lie < 0).all(-1).any():
+        raise PairError("direct logit attribution needs every pair's lie answer")
+    w_u = model.W_U.float()
+    logit_dir = (w_u[:, ans.truth[:, 0]] - w_u[:, ans.lie[:, 0]]).T  # [n, d_model]
+    layers = sorted({l for l, _ in heads})
+    out = {k: torch.zeros(len(pairs), len(heads)) for k in ("share_honest", "share_lying", "dla_honest", "dla_lying")}
+    final_scale = "ln_final.hook_scale" if model.cfg.normalization_type is not None else None
+    for side in ("honest", "lying"):
+        prompts = [getattr(p, side) for p in pairs]
+        demos = [demo_answer_positions(model, q) for q in prompts]  # unpadded positions; checks the format early
+        for s in range(0, len(prompts), batch_size):
+            b = tokenize(model, prompts[s : s + batch_size])
+            pad = (1 - b.attention_mask).sum(-1).tolist()  # left padding of each row
+            kept: dict[str, Tensor] = {}
+            hooks = [
+                (f"blocks.{l}.attn.hook_pattern", lambda a, hook: kept.__setitem__(hook.name, a[:, :, -1].float()))
+                for l in layers
+            ]
+            hooks += [
+                (f"blocks.{l}.attn.hook_z", lambda a, hook: kept.__setitem__(hook.name, a[:, -1].float()))
+                for l in layers
+            ]
+            if final_scale:
+                hooks.append((final_scale, lambda a, hook: kept.__setitem__(hook.name, a[:, -1].float())))
+            with model.hooks(fwd_hooks=hooks):
+                model(b.tokens, attention_mask=b.attention_mask, return_type=None)
+            rows = range(s, s + len(pad))
+            scale = kept[final_scale] if final_scale else torch.ones(len(pad), 1, device=b.tokens.device)
+            for j, (l, h) in enumerate(heads):
+                pat = kept[f"blocks.{l}.attn.hook_pattern"][:, h]  # [b, k]: the final token's attention
+                for r, i in enumerate(rows):
+                    out[f"share_{side}"][i, j] = pat[r, [pad[r] + d for d in demos[i]]].sum().cpu()
+                write = kept[f"blocks.{l}.attn.hook_z"][:, h] @ model.W_O[l, h].float()  # [b, d_model]
+                dla = ((write / scale) * logit_dir[list(rows)].to(write.device)).sum(-1)
+                out[f"dla_{side}"][list(rows), j] = dla.cpu()
+    return HeadReadout(heads, **out)
+
+
+def check_heads(model: HookedTransformer, heads: Sequence[Head | str]) -> tuple[Head, ...]:
+    """``heads`` as (layer, head) tuples (``"L20H5"`` strings accepted), each checked against the model."""
+    if not heads:
+        raise ValueError("no heads given")
+    out = []
+    for hd in heads:
+        if isinstance(hd, str):
+            m = re.fullmatch(r"L(\d+)H(\d+)", hd)
+            if not m:
+                raise ValueError(f"head {hd!r} is not of the form L20H5")
+            hd = (int(m.group(1)), int(m.group(2)))
+        l, h = int(hd[0]), int(hd[1])
         if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
             raise ValueError(
                 f"head {head_label((l, h))} is not in the model "
                 f"({model.cfg.n_layers} layers, {model.cfg.n_heads} heads)"
             )
-    ans = answer_set(model.tokenizer, pairs)
-    if (ans.lie < 0).all(-1).any():
-        raise PairError("direct logit attribution needs every pair's lie answer")
-    w_u = model.W_U.float()
-    layers = sorted({l for l, _ in heads})
-    out = {k: torch.zeros(len(pairs), len(heads)) for k in ("share_honest", "share_lying", "dla_honest", "dla_lying")}
-    final_scale = "ln_final.hook_scale" if model.cfg.normalization_type is not None else None
-    for i, p in enumerate(pairs):
-        logit_dir = w_u[:, ans.truth[i, 0]] - w_u[:, ans.lie[i, 0]]
-        for side in ("honest", "lying"):
-            prompt = getattr(p, side)
-            demo = demo_answer_positions(model, prompt)
-            b = tokenize(model, [prompt])
-            kept: dict[str, Tensor] = {}
-            hooks = [
-                (f"blocks.{l}.attn.hook_pattern", lambda a, hook: kept.__setitem__(hook.name, a[0, :, -1].float()))
-                for l in layers
-            ]
-            hooks += [
-                (f"blocks.{l}.attn.hook_z", lambda a, hook: kept.__setitem__(hook.name, a[0, -1].float()))
-                for l in layers
-            ]
-            if final_scale:
-                hooks.append((final_scale, lambda a, hook: kept.__setitem__(hook.name, a[0, -1].float())))
-            with model.hooks(fwd_hooks=hooks):
-                model(b.tokens, attention_mask=b.attention_mask, return_type=None)
-            scale = kept[final_scale] if final_scale else torch.ones(1)
-            for j, (l, h) in enumerate(heads):
-                pat = kept[f"blocks.{l}.attn.hook_pattern"][h]  # [k]: the final token's attention
-                out[f"share_{side}"][i, j] = pat[demo].sum().cpu()
-                write = kept[f"blocks.{l}.attn.hook_z"][h] @ model.W_O[l, h].float()
-                out[f"dla_{side}"][i, j] = ((write / scale) @ logit_dir).cpu()
-    return HeadReadout(heads, **out)
+        out.append((l, h))
+    return tuple(out)
 
 
 def readout_summary(r: HeadReadout, *, n_boot: int = 1000, seed: int = 0) -> list[dict]:
@@ -175,6 +206,8 @@ def attention_html(
         for r in rows
     )
     n = rows[0]["n"] if rows else 0
+    verdicts = "".join(f"<li>{_html.escape(r['verdict'], quote=False)}</li>" for r in rows if "verdict" in r)
+    verdicts = f"<ul>{verdicts}</ul>" if verdicts else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Lying heads: {", ".join(names)}</title></head>
 <body style="font-family:sans-serif">
 <h2>What do the lying heads attend to? {_html.escape(model.cfg.model_name)}, fact {_html.escape(pair.fact_id)}</h2>
@@ -184,6 +217,90 @@ attribution (truth − lie) of each head's output, mean [95% CI] over {n} pairs.
 <tr><th>head</th><th>share, honest</th><th>share, lying</th><th>lying − honest</th>
 <th>DLA honest</th><th>DLA lying</th></tr>
 {table}</table>
+{verdicts}
 <div style="display:flex;gap:20px">{"".join(cols)}</div>
 </body></html>
 """
+
+
+def attention_verdict(row: dict) -> str:
+    """One sentence answering "does this head attend to the (false) demonstrations?" from a
+    :func:`readout_summary` row, read off the CIs (no threshold beyond them)."""
+
+    def ci(d: dict) -> str:
+        return f"{d['mean']:.2f} [{d['lo']:.2f}, {d['hi']:.2f}]"
+
+    hon, lie, diff = row["share_honest"], row["share_lying"], row["share_diff"]
+    if diff["lo"] > 0:
+        change = "more on the false answers of the lying prompt than on the true ones of the honest prompt"
+    elif diff["hi"] < 0:
+        change = "less on the false answers of the lying prompt than on the true ones of the honest prompt"
+    else:
+        change = "no different between the false (lying) and true (honest) demonstrations (the CI spans 0)"
+    dla = row["dla_diff"]
+    push = (
+        "writes less toward the truth when lying"
+        if dla["hi"] < 0
+        else "writes more toward the truth when lying"
+        if dla["lo"] > 0
+        else "writes the same toward truth vs lie in both (CI spans 0)"
+    )
+    return (
+        f"{row['head']}: {ci(lie)} of the final token's attention is on the demonstrations' answers in the lying "
+        f"prompt, {ci(hon)} in the honest one: {change}. Direct logit attribution (truth − lie) "
+        f"{ci(row['dla_honest'])} honest, {ci(row['dla_lying'])} lying: it {push}."
+    )
+
+
+def write_head_views(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    heads: Sequence[Head | str],
+    out_dir: str | Path,
+    *,
+    name: str = "lying_heads",
+    example: int = 0,
+    batch_size: int = 16,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> Path:
+    """Write the lying-heads view of ``heads`` on few-shot ``pairs`` to ``out_dir/<name>.html``.
+
+    The page answers "does the lying head attend to the false demonstrations?": for each head, the
+    share of the final token's attention on the demonstrations' answer tokens (the false answers
+    in the lying prompt, the true ones in the honest prompt) and its direct logit attribution
+    (truth − lie), honest vs lying, mean [95% CI over pairs], with a one-line reading of each;
+    then circuitsvis attention patterns for the honest and the lying prompt of pair ``example``
+    side by side. The numbers also go to ``out_dir/<name>.json`` (rows of :func:`readout_summary`).
+    Both files are written atomically, after every check and computation.
+
+    Args:
+        pairs: few-shot (honest, lying) pairs with a lie answer (e.g. ``load_builtin(..., "fewshot")``).
+        heads: (layer, head) tuples or ``"L20H5"`` strings, e.g. the head sweep's top heads.
+        out_dir: a folder (created if missing), e.g. the run directory.
+
+    Returns:
+        The path of the HTML page.
+
+    Example:
+        >>> pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=20)
+        >>> write_head_views(model, pairs, [(20, 5), (29, 1)], run.path)  # run.path / "lying_heads.html"
+    """
+    from mechlie.io import atomic_write_text
+
+    heads = check_heads(model, heads)
+    if not pairs:
+        raise PairError("write_head_views needs at least one pair")
+    if not 0 <= example < len(pairs):
+        raise ValueError(f"example {example} is not a pair index (0 .. {len(pairs) - 1})")
+    r = head_readout(model, pairs, heads, batch_size=batch_size)
+    rows = readout_summary(r, n_boot=n_boot, seed=seed)
+    for row in rows:
+        row["verdict"] = attention_verdict(row)
+    page = attention_html(model, pairs[example], heads, rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model.cfg.model_name, "n_pairs": len(pairs), "example_fact": pairs[example].fact_id}
+    atomic_write_text(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
+    atomic_write_text(out / f"{name}.html", page)
+    return out / f"{name}.html"

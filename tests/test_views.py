@@ -11,10 +11,10 @@ from mechlie import views as V
 from mechlie.pairs import Fact, PairError, pairs_from_facts, tokenize
 
 
-def capital_pairs(model, n_targets: int = 4):
+def capital_pairs(model, n_targets: int = 4, n_shots: int = 3):
     facts = [Fact(f"What is the capital of {c} ?", a, fact_id=c) for c, a in CAPITALS]
     return pairs_from_facts(
-        facts[:n_targets], facts[n_targets:], "fewshot", relation="capitals", tokenizer=model.tokenizer, n_shots=3
+        facts[:n_targets], facts[n_targets:], "fewshot", relation="capitals", tokenizer=model.tokenizer, n_shots=n_shots
     )
 
 
@@ -76,3 +76,43 @@ def test_html_holds_both_prompts_patterns(tiny):
     assert "share, lying" in page and rows[0]["head"] in page
     with pytest.raises(ValueError, match="not in the model"):
         V.head_readout(tiny, pairs, [(5, 0)])
+
+
+def test_batched_readout_equals_one_prompt_at_a_time(tiny):
+    # Honest and lying prompts differ in length, so batches of 3 are left-padded; each row must equal
+    # its prompt run alone (batch_size=1: no padding at all).
+    # Pairs with 3 and with 2 demonstrations: prompts of two lengths in one batch.
+    pairs = [p for three, two in zip(capital_pairs(tiny, 3), capital_pairs(tiny, 3, n_shots=2)) for p in (three, two)]
+    heads = [(2, 1), (0, 3), (1, 0)]
+    one = V.head_readout(tiny, pairs, heads, batch_size=1)
+    many = V.head_readout(tiny, pairs, heads, batch_size=3)
+    lens = {len(tokenize(tiny, [p.lying]).tokens[0]) for p in pairs} | {
+        len(tokenize(tiny, [p.honest]).tokens[0]) for p in pairs
+    }
+    assert len(lens) > 1  # padding really happens
+    for k in ("share_honest", "share_lying", "dla_honest", "dla_lying"):
+        assert torch.allclose(getattr(one, k), getattr(many, k), atol=1e-4), k
+    assert one.share_lying.abs().sum() > 0.01 and one.dla_lying.abs().sum() > 1e-3
+
+
+def test_write_head_views_writes_the_page_with_the_heads_pattern(tiny, tmp_path):
+    pairs = capital_pairs(tiny)
+    path = V.write_head_views(tiny, pairs, ["L2H1", (1, 3)], tmp_path / "views", n_boot=50, example=1)
+    assert path == tmp_path / "views" / "lying_heads.html" and path.is_file()
+    page = path.read_text()
+    for side in ("honest", "lying"):
+        _, pats = V.head_patterns(tiny, getattr(pairs[1], side), [(2, 1), (1, 3)])
+        assert repr(pats[0, -1, 1].item()) in page and repr(pats[1, 2, 1].item()) in page
+    import json
+
+    saved = json.loads((tmp_path / "views" / "lying_heads.json").read_text())
+    assert [r["head"] for r in saved["rows"]] == ["L2H1", "L1H3"] and saved["n_pairs"] == len(pairs)
+    # The page states, per head, the share of attention on the demonstrations' answers.
+    share = saved["rows"][0]["share_lying"]["mean"]
+    assert f"L2H1: {share:.2f}" in page and "demonstrations' answers in the lying prompt" in page
+    with pytest.raises(ValueError, match="not of the form"):
+        V.write_head_views(tiny, pairs, ["layer2"], tmp_path / "bad")
+    with pytest.raises(ValueError, match="not in the model"):
+        V.write_head_views(tiny, pairs, [(2, 9)], tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # nothing written on bad input
+    assert no_hooks(tiny)

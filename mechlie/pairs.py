@@ -311,7 +311,8 @@ def pairs_from_facts(
     """Render honest/lying pairs for ``targets``, with demonstrations drawn from ``demos``.
 
     Args:
-        targets: the facts asked about. A target without a ``lie`` gets one drawn from ``answers``.
+        targets: the facts asked about. A target without a ``lie`` gets one drawn from ``answers``
+            (with a ``tokenizer``: one whose first token differs from the truth's).
         demos: the demonstration pool (never targets themselves).
         fmt: ``instruct`` | ``fewshot`` | ``both``.
         answers: the relation's answers, the pool of false answers (default: every answer given).
@@ -342,6 +343,15 @@ def pairs_from_facts(
         lie = t.lie
         if lie is None:
             others = [x for x in pool if x != t.answer]
+            if tokenizer is not None:
+                # A lie sharing the truth's first token would make the first-token metrics blind.
+                first = set(first_token_ids(tokenizer, t.answer))
+                distinct = [x for x in others if not first & set(first_token_ids(tokenizer, x))]
+                if not distinct:
+                    log.warning(
+                        "%s: every false answer shares %r's first token; first-token metrics fail", relation, t.answer
+                    )
+                others = distinct or others
             if not others:
                 raise PairError(f"{relation}: no false answer available for {t.question!r}")
             lie = rng.choice(others)

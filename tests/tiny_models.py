@@ -12,13 +12,15 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mechlie.pairs import AnswerSet, Batch
+from mechlie.pairs import AnswerSet, Batch, _facts
 
 WORDS = (
     "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo Peru Lima "
     "Chile Santiago Egypt Cairo Kenya Nairobi Cuba Havana Iran Tehran honest liar Answer truthfully "
     "lie always never you are an assistant opposite hot cold"
 ).split()
+# Every built-in answer word too: an unknown word is <unk>, and two <unk> answers would share a first token.
+WORDS += tuple(sorted({w for rel in _facts().values() for _, a in rel["facts"] for w in a.split()} - set(WORDS)))
 SPECIALS = ["<pad>", "<bos>", "<unk>", "?", ":", ".", ",", '"']
 
 

@@ -63,13 +63,13 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.models import default_cache_dir
-from mechlie.pairs import FORMATS, ContrastPair, answer_set, load_builtin, tokenize
+from mechlie.pairs import FORMATS, AnswerSet, ContrastPair, answer_set, load_builtin, tokenize
 from mechlie.stats import bootstrap, bootstrap_tensor, max_null_threshold, paired_swap_masks
 from mechlie.steering import SteeringState, _check_policy
 
 log = logging.getLogger(__name__)
 
-SAE_FORMAT_VERSION = 1
+SAE_FORMAT_VERSION = 2  # 2: samples drawn in batches of 32 (another corpus than 1's)
 
 
 class SAEError(ValueError):
@@ -256,16 +256,18 @@ def build_corpus(
         starts = [" ".join(line.split()[:4]) for line in neutral] + sorted(set(questions))
         rng = random.Random(seed)
         starts = [rng.choice(starts) for _ in range(n_samples)]
-        for i in tqdm(range(0, n_samples, batch_size), desc="model samples", leave=False):
+        # One batch of up to 32 rows: each cached step costs about the same for 16 or 32 rows on a CPU.
+        gen_batch = max(batch_size, 32)
+        for i in tqdm(range(0, n_samples, gen_batch), desc="model samples", leave=False):
             out = generate(
                 model,
-                starts[i : i + batch_size],
+                starts[i : i + gen_batch],
                 max_new_tokens=sample_tokens,
                 do_sample=True,
                 seed=seed + i,
                 eos_token_id=None,
             )
-            texts += [s + t for s, t in zip(starts[i : i + batch_size], out.texts)]
+            texts += [s + t for s, t in zip(starts[i : i + gen_batch], out.texts)]
             sources += ["samples"] * len(out.texts)
     # A line longer than the context cannot be run whole; it is left out (and said so).
     bos = int(bool(model.cfg.default_prepend_bos))  # tokenize() adds at most one BOS
@@ -514,7 +516,6 @@ class SAEQuality:
     dead_frac: float  # features that never fire on the evaluation tokens
 
 
-@torch.no_grad()
 def sae_quality(
     model: HookedTransformer,
     sae: SAE,
@@ -531,14 +532,35 @@ def sae_quality(
     CE numbers describe the SAE as a drop-in replacement); L0 and explained variance are over the
     positions the SAE was trained on (all but the first token of each line).
     """
-    check_sae(sae, model, site)
-    dev = sae.W_dec.device
-    ce = {m: [] for m in ("clean", "sae", "zero")}
-    sq_err = sq_tot = 0.0
-    l0_sum, n_tok = 0.0, 0
-    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
-    xs_sum = None
-    xs_sq = 0.0
+    return sae_qualities(model, [(sae, site)], texts, batch_size=batch_size, seed=seed, n_boot=n_boot)[0]
+
+
+@torch.no_grad()
+def sae_qualities(
+    model: HookedTransformer,
+    saes: Sequence[tuple[SAE, Site]],
+    texts: Sequence[str],
+    *,
+    batch_size: int = 16,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> list[SAEQuality]:
+    """:func:`sae_quality` of several (SAE, site) pairs on the same ``texts``, the clean pass shared."""
+    for sae, site in saes:
+        check_sae(sae, model, site)
+    ce: list[dict[str, list[Tensor]]] = [{m: [] for m in ("sae", "zero")} for _ in saes]
+    ce_clean: list[Tensor] = []
+    acc = [
+        {
+            "sq_err": 0.0,
+            "xs_sq": 0.0,
+            "xs_sum": None,
+            "l0": 0.0,
+            "n": 0,
+            "fired": torch.zeros(sae.cfg.d_sae, dtype=torch.bool),
+        }
+        for sae, _ in saes
+    ]
     for i in range(0, len(texts), batch_size):
         b = tokenize(model, list(texts[i : i + batch_size]))
         mask = b.attention_mask.bool()
@@ -551,46 +573,54 @@ def sae_quality(
             lp = logits[:, :-1].float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
             return (-(lp * both).sum(-1) / both.sum(-1).clamp_min(1)).cpu()
 
-        def splice(act: Tensor, hook) -> Tensor:
-            nonlocal sq_err, sq_tot, l0_sum, n_tok, xs_sum, xs_sq
-            x = site.read(act).float()
-            f = sae.encode(x.to(dev))
-            x_hat = sae.decode(f).to(x.device)
-            xk, fk = x.cpu()[keep], f.cpu()[keep]
-            sq_err += float(((x_hat.cpu()[keep] - xk) ** 2).sum())
-            xs_sum = xk.sum(0) if xs_sum is None else xs_sum + xk.sum(0)
-            xs_sq += float((xk**2).sum())
-            l0_sum += float((fk > 0).sum())
-            n_tok += len(xk)
-            fired.logical_or_((fk > 0).any(0))
-            return site.write(act, x_hat)
+        ce_clean.append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+        for (sae, site), c, a in zip(saes, ce, acc):
+            dev = sae.W_dec.device
 
-        def zero(act: Tensor, hook) -> Tensor:
-            return site.write(act, torch.zeros_like(site.read(act)))
+            def splice(act: Tensor, hook, sae=sae, site=site, a=a, dev=dev) -> Tensor:
+                x = site.read(act).float()
+                f = sae.encode(x.to(dev))
+                x_hat = sae.decode(f).to(x.device)
+                xk, fk = x.cpu()[keep], f.cpu()[keep]
+                a["sq_err"] += float(((x_hat.cpu()[keep] - xk) ** 2).sum())
+                a["xs_sum"] = xk.sum(0) if a["xs_sum"] is None else a["xs_sum"] + xk.sum(0)
+                a["xs_sq"] += float((xk**2).sum())
+                a["l0"] += float((fk > 0).sum())
+                a["n"] += len(xk)
+                a["fired"].logical_or_((fk > 0).any(0))
+                return site.write(act, x_hat)
 
-        ce["clean"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
-        with model.hooks(fwd_hooks=[(site.hook_name, splice)]):
-            ce["sae"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
-        with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
-            ce["zero"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
-    c = {m: torch.cat(v) for m, v in ce.items()}
-    # Total sum of squares about the mean: Σ‖x‖² − n‖x̄‖².
-    sq_tot = xs_sq - float((xs_sum**2).sum()) / n_tok
-    rec = lambda i: (c["zero"][i].mean() - c["sae"][i].mean()) / (c["zero"][i].mean() - c["clean"][i].mean())
-    est = _bootstrap(rec, len(c["clean"]), n_boot=n_boot, seed=seed)
-    return SAEQuality(
-        l0=l0_sum / n_tok,
-        explained_variance=1 - sq_err / sq_tot,
-        ce_clean=float(c["clean"].mean()),
-        ce_sae=float(c["sae"].mean()),
-        ce_zero=float(c["zero"].mean()),
-        ce_recovered=est[0],
-        ce_recovered_lo=est[1],
-        ce_recovered_hi=est[2],
-        n_lines=len(c["clean"]),
-        n_tokens=n_tok,
-        dead_frac=float((~fired).float().mean()),
-    )
+            def zero(act: Tensor, hook, site=site) -> Tensor:
+                return site.write(act, torch.zeros_like(site.read(act)))
+
+            with model.hooks(fwd_hooks=[(site.hook_name, splice)]):
+                c["sae"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+            with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
+                c["zero"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+    clean = torch.cat(ce_clean)
+    out = []
+    for c, a in zip(ce, acc):
+        cs, cz = torch.cat(c["sae"]), torch.cat(c["zero"])
+        # Total sum of squares about the mean: Σ‖x‖² − n‖x̄‖².
+        sq_tot = a["xs_sq"] - float((a["xs_sum"] ** 2).sum()) / a["n"]
+        rec = lambda i, cs=cs, cz=cz: (cz[i].mean() - cs[i].mean()) / (cz[i].mean() - clean[i].mean())  # noqa: E731
+        est = _bootstrap(rec, len(clean), n_boot=n_boot, seed=seed)
+        out.append(
+            SAEQuality(
+                l0=a["l0"] / a["n"],
+                explained_variance=1 - a["sq_err"] / sq_tot,
+                ce_clean=float(clean.mean()),
+                ce_sae=float(cs.mean()),
+                ce_zero=float(cz.mean()),
+                ce_recovered=est[0],
+                ce_recovered_lo=est[1],
+                ce_recovered_hi=est[2],
+                n_lines=len(clean),
+                n_tokens=a["n"],
+                dead_frac=float((~a["fired"]).float().mean()),
+            )
+        )
+    return out
 
 
 def _bootstrap(stat, n: int, *, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -676,9 +706,30 @@ def load_or_train_saes(
             progress=progress,
         )
         t_acts = time.time() - t0 - t_corpus
+        trained, seconds = {}, {}
         for i in idx:
-            out[i] = _train_entry(
+            t1 = time.time()
+            trained[i] = _train_one(model, cfgs[i], sites[i], acts[sites[i]], corpus, len(train_lines), device)
+            seconds[i] = {
+                "corpus": round(t_corpus, 1),
+                "activations": round(t_acts, 1),
+                "train": round(time.time() - t1, 1),
+            }
+        # Quality of the group's SAEs on the held-out lines, one clean pass for all of them.
+        t1 = time.time()
+        qs = sae_qualities(
+            model,
+            [(trained[i], sites[i]) for i in idx],
+            [corpus.texts[j] for j in eval_lines],
+            batch_size=batch_size,
+            seed=c0.seed,
+        )
+        for i, q in zip(idx, qs):
+            seconds[i]["quality (all sites of the pass)"] = round(time.time() - t1, 1)
+            out[i] = _save_entry(
                 model,
+                trained[i],
+                q,
                 cfgs[i],
                 sites[i],
                 keys[i],
@@ -688,14 +739,36 @@ def load_or_train_saes(
                 eval_lines,
                 acts[sites[i]],
                 device,
-                batch_size,
-                {"corpus": round(t_corpus, 1), "activations": round(t_acts, 1)},
+                seconds[i],
             )
     return [t for t in out if t is not None]
 
 
-def _train_entry(
+def _train_one(
     model: HookedTransformer,
+    cfg: SAETrainConfig,
+    site: Site,
+    acts: SiteActs,
+    corpus: Corpus,
+    n_lines: int,
+    device: str,
+) -> SAE:
+    log.info("training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), n_lines, corpus.counts())
+    meta = {
+        "model_name": model.cfg.model_name,
+        "hook_name": site.hook_name,
+        "hook_head_index": site.head,
+        "prepend_bos": bool(model.cfg.default_prepend_bos),
+    }
+    sae = train_sae(acts.acts, cfg, device=device, metadata=meta)
+    sae.eval()
+    return sae
+
+
+def _save_entry(
+    model: HookedTransformer,
+    sae: SAE,
+    q: SAEQuality,
     cfg: SAETrainConfig,
     site: Site,
     key: str,
@@ -705,25 +778,9 @@ def _train_entry(
     eval_lines: list[int],
     acts: SiteActs,
     device: str,
-    batch_size: int,
     seconds: dict,
 ) -> TrainedSAE:
-    log.info(
-        "training an SAE at %s on %d tokens from %d lines %s", site, len(acts.acts), len(train_lines), corpus.counts()
-    )
-    t0 = time.time()
-    meta = {
-        "model_name": model.cfg.model_name,
-        "hook_name": site.hook_name,
-        "hook_head_index": site.head,
-        "prepend_bos": bool(model.cfg.default_prepend_bos),
-    }
-    sae = train_sae(acts.acts, cfg, device=device, metadata=meta)
-    seconds = {**seconds, "train": round(time.time() - t0, 1)}
-    sae.eval()
-    t1 = time.time()
-    q = sae_quality(model, sae, site, [corpus.texts[i] for i in eval_lines], batch_size=batch_size, seed=cfg.seed)
-    seconds["quality"] = round(time.time() - t1, 1)
+    """Write the trained SAE (a sae-lens folder) with its corpus and quality, atomically, and reload it."""
     info = {
         "format_version": SAE_FORMAT_VERSION,
         "key": key,
@@ -1028,6 +1085,30 @@ class CausalCheck:
     n_pairs: int
 
 
+def _row_clamp_hook(
+    sae: SAE,
+    site: Site,
+    feats: Int[Tensor, "R k"],
+    targets: Float[Tensor, "R k"],
+    active: Tensor,
+):
+    """:class:`FeatureClamp` with its own feature set per row (one pass for many draws): row ``r``
+    sets ``feats[r]`` to ``targets[r]`` at the final position when ``active[r]``, else is untouched."""
+    dev = sae.W_dec.device
+    w = decoder_rows(sae)
+    feats, targets, active = feats.to(dev), targets.float().to(dev), active.to(dev)
+
+    def hook(act: Tensor, hook) -> Tensor:
+        x = site.read(act)[:, -1].float()  # [R, d_in]
+        f = sae.encode(x.to(dev)).gather(1, feats)  # [R, k]
+        delta = ((targets - f)[..., None] * w[feats]).sum(1) * active[:, None]
+        full = site.read(act).clone().float()
+        full[:, -1] += delta.to(full.device)
+        return site.write(act, full)
+
+    return hook
+
+
 @torch.no_grad()
 def causal_check(
     model: HookedTransformer,
@@ -1041,6 +1122,7 @@ def causal_check(
     lying_mean: Float[Tensor, " d_sae"],
     n_draws: int = 100,
     batch_size: int = 16,
+    max_rows: int = 512,
     n_boot: int = 1000,
     seed: int = 0,
 ) -> CausalCheck:
@@ -1050,44 +1132,63 @@ def causal_check(
 
     ``mode="clamp"`` sets each feature to ``honest_mean`` (its mean on honest prompts, from
     training pairs). Only the final position changes, so each lying prompt's prefix is run once
-    and its keys and values are reused by every intervention (as in :mod:`mechlie.patching`).
+    (:func:`mechlie.kv.prefix_cache`), and every variant (no change, the top features, each random
+    draw) is a row of a few short passes (:func:`mechlie.kv.run_rows`) that start at the site's
+    block; the rows' hook is :class:`FeatureClamp`'s, with one feature set per row.
     """
+    from mechlie.kv import prefix_cache, run_rows
     from mechlie.metrics import score_logits
-    from mechlie.patching import prefix_cache
-    from mechlie.steering import steer
 
     if mode not in ("ablate", "clamp"):
         raise SAEError(f"mode must be 'ablate' or 'clamp', got {mode!r}")
     if mode == "clamp" and honest_mean is None:
         raise SAEError("mode='clamp' needs honest_mean")
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     check_sae(sae, model, site)
     answers = answer_set(model.tokenizer, pairs)
-    batches = [tokenize(model, [p.lying for p in pairs[i : i + batch_size]]) for i in range(0, len(pairs), batch_size)]
-    caches = [prefix_cache(model, b) for b in batches]
-
-    def p_truth(feats: Sequence[int] | None) -> Tensor:
-        ivs = []
-        if feats is not None:
-            vals = honest_mean[list(feats)] if mode == "clamp" else None
-            ivs = [FeatureClamp(sae, site, tuple(int(f) for f in feats), vals)]
-        logits = []
-        with steer(model, *ivs):
-            for b, c in zip(batches, caches):
-                ones = torch.ones_like(b.tokens[:, -1:])
-                logits.append(model(b.tokens[:, -1:], attention_mask=ones, past_kv_cache=c)[:, -1].float().cpu())
-        return score_logits(torch.cat(logits), answers).p_truth
+    draws = matched_random_features(lying_mean, features, n_draws, seed=seed)
+    sets = [tuple(int(f) for f in features), *draws]  # variant 0: no change; 1: top; 2..: random
+    k = len(sets[0])
+    n = len(pairs)
+    feat_of = torch.tensor([sets[0], *sets], dtype=torch.long)  # [V, k]; row 0 is a placeholder
+    value_of = honest_mean[feat_of].float() if mode == "clamp" else torch.zeros(len(feat_of), k)
+    active_of = torch.ones(len(feat_of), dtype=torch.bool)
+    active_of[0] = False
+    p_truth = torch.empty(len(feat_of), n)
+    for s0 in range(0, n, batch_size * 8):  # prompts per prefix cache (memory)
+        sub = range(s0, min(n, s0 + batch_size * 8))
+        batch = tokenize(model, [pairs[i].lying for i in sub])
+        cache = prefix_cache(model, batch)
+        m = len(sub)
+        per_chunk = max(1, max_rows // m)
+        starts = range(0, len(feat_of), per_chunk)
+        for v0 in tqdm(starts, desc=f"causal rows ({mode})", leave=False, disable=len(starts) < 3):
+            vs = torch.arange(v0, min(len(feat_of), v0 + per_chunk))
+            v_row = vs.repeat_interleave(m)  # rows: variant-major, prompts inside
+            prompt = torch.arange(m).repeat(len(vs))
+            hook = _row_clamp_hook(sae, site, feat_of[v_row], value_of[v_row], active_of[v_row])
+            logits = run_rows(
+                model,
+                cache,
+                prompt,
+                batch.tokens[prompt, -1:],
+                fwd_hooks=[(site.hook_name, hook)],
+                start_layers=torch.full((len(prompt),), site.layer, dtype=torch.long),
+            )[:, -1]
+            idx = torch.as_tensor(list(sub))[prompt]  # the pair of each row
+            rows_ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
+            p_truth[v_row, idx] = score_logits(logits.cpu(), rows_ans).p_truth.cpu()
+    base, top = p_truth[0], p_truth[1]
 
     honest_answers = []
-    for i in range(0, len(pairs), batch_size):
+    for i in range(0, n, batch_size):
         b = tokenize(model, [p.honest for p in pairs[i : i + batch_size]])
         honest_answers.append(model(b.tokens, attention_mask=b.attention_mask)[:, -1].float().cpu())
     p_honest = score_logits(torch.cat(honest_answers), answers).p_truth
-    base = p_truth(None)
-    top = p_truth(features)
-    est = _bootstrap(lambda i: (top[i] - base[i]).mean(), len(pairs), n_boot=n_boot, seed=seed)
-    draws = matched_random_features(lying_mean, features, n_draws, seed=seed)
-    rand = [float((p_truth(d) - base).mean()) for d in tqdm(draws, desc=f"random features ({mode})", leave=False)]
-    r = torch.tensor(rand)
+    est = _bootstrap(lambda i: (top[i] - base[i]).mean(), n, n_boot=n_boot, seed=seed)
+    r = (p_truth[2:] - base).mean(1)
+    rand = r.tolist()
     gap = float(p_honest.mean() - base.mean())
     return CausalCheck(
         mode=mode,
@@ -1101,7 +1202,7 @@ def causal_check(
         random_deltas=rand,
         random_q95=float(torch.quantile(r, 0.95)),
         p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),
-        n_pairs=len(pairs),
+        n_pairs=n,
     )
 
 
@@ -1258,3 +1359,121 @@ def lie_features(
         "diff_train_all": train_diff,
     }
     return summary, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# on-policy lies vs truths
+
+
+def site_kind(site: Site) -> str:
+    """The :mod:`mechlie.activations` kind whose hook is ``site``'s (for :mod:`mechlie.labels`)."""
+    from mechlie.activations import LAYER_KINDS, hook_name
+
+    for kind in ("z", *LAYER_KINDS):
+        if hook_name(kind, site.layer) == site.hook_name:
+            return kind
+    raise SAEError(f"site {site}: no activation kind reads this hook (on-policy states need one)")
+
+
+@dataclass(frozen=True)
+class OnPolicySiteActs:
+    """The site at the first answer token of each sampled answer to a lying prompt that is a lie or
+    the truth (answers of facts the model does not know, or cut short, are left out)."""
+
+    acts: Float[Tensor, "m d_in"]
+    lie: Tensor  # [m] bool: the sampled answer is a lie (else the truth, under the lying framing)
+    pair: Int[Tensor, " m"]  # the pair (index into OnPolicy.pairs) of each row
+
+
+def on_policy_site_acts(op, site: Site) -> OnPolicySiteActs:
+    """Rows of :class:`OnPolicySiteActs` from a :class:`mechlie.labels.OnPolicy` with sampled answers
+    whose states include ``site`` (``on_policy(..., kinds=[site_kind(site)], layers=[site.layer])``)."""
+    if op.samples is None or op.k < 1:
+        raise SAEError("on-policy features need sampled answers (on_policy(..., k >= 1))")
+    kind = site_kind(site)
+    if kind not in op.samples.states or site.layer not in op.samples.layers:
+        raise SAEError(f"the on-policy states hold no {kind} at layer {site.layer} (site {site})")
+    st = op.samples.states[kind]
+    labs = op.sample_labels
+    if st.shape[1] < 2:  # every answer stopped after one token: no answer-token state
+        idx: list[int] = []
+    else:
+        ok = op.samples.new_mask[:, 1].bool().tolist()
+        idx = [i for i, lab in enumerate(labs) if lab in ("lie", "truth_under_lie_framing") and ok[i]]
+    a = st[idx, 1, op.samples.layers.index(site.layer)] if idx else st.new_zeros((0, *st.shape[3:]))
+    if site.is_z:
+        a = a[:, site.head] if site.head is not None else a.flatten(1)
+    return OnPolicySiteActs(
+        a.float(),
+        torch.tensor([labs[i] == "lie" for i in idx], dtype=torch.bool),
+        torch.tensor(idx, dtype=torch.long) // op.k,
+    )
+
+
+def on_policy_effects(
+    sae: SAE,
+    rows: OnPolicySiteActs,
+    train: Sequence[int],
+    test: Sequence[int],
+    *,
+    framing_features: Sequence[int] = (),
+    k: int = 10,
+    min_pairs: int = 4,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict:
+    """Features of on-policy lies vs truths sampled under the same lying prompt.
+
+    The unit is the pair (fact): a pair counts when its samples hold at least one lie and one
+    truth; its lie and truth are the means of its lie and truth samples' features, so
+    :func:`feature_effects` applies unchanged (lie − truth, features ranked on ``train`` pairs,
+    reported on ``test`` pairs, bootstrap CIs over test pairs, the null of the max over label swaps).
+    ``framing_features`` (the honest-vs-lying prompt features) are also reported on the test pairs:
+    do the lie direction's features separate the answers the model actually gives?
+
+    The state is the first answer token's: the sampled lie and truth are different tokens there,
+    so a feature can separate them by the token alone (a confound this contrast cannot remove).
+
+    Returns:
+        A JSON-able dict: counts always; ``features`` and ``framing_features`` when there are at
+        least ``min_pairs`` such pairs on each side of the split, else ``too_few`` says so.
+    """
+    pairs_all = sorted(set(rows.pair.tolist()))
+    mixed = [p for p in pairs_all if rows.lie[rows.pair == p].any() and (~rows.lie[rows.pair == p]).any()]
+    train_set, test_set = set(int(i) for i in train), set(int(i) for i in test)
+    tr = [j for j, p in enumerate(mixed) if p in train_set]
+    te = [j for j, p in enumerate(mixed) if p in test_set]
+    out: dict = {
+        "n_samples": int(len(rows.lie)),
+        "n_lie": int(rows.lie.sum()),
+        "n_truth": int((~rows.lie).sum()),
+        "n_pairs_sampled": len(pairs_all),
+        "n_pairs_with_both": len(mixed),
+        "n_train": len(tr),
+        "n_test": len(te),
+    }
+    if len(tr) < min_pairs or len(te) < min_pairs:
+        out["too_few"] = (
+            f"only {len(tr)} train / {len(te)} test pairs have both a sampled lie and a sampled truth "
+            f"(need {min_pairs} each): no on-policy decomposition"
+        )
+        return out
+    f = encode(sae, rows.acts)
+    lie_f = torch.stack([f[(rows.pair == p) & rows.lie].mean(0) for p in mixed])
+    truth_f = torch.stack([f[(rows.pair == p) & ~rows.lie].mean(0) for p in mixed])
+    x_l = torch.stack([rows.acts[(rows.pair == p) & rows.lie].mean(0) for p in mixed])
+    x_t = torch.stack([rows.acts[(rows.pair == p) & ~rows.lie].mean(0) for p in mixed])
+    direction = x_l[tr].mean(0) - x_t[tr].mean(0)
+    w_dec = decoder_rows(sae).float().cpu()
+    fe = feature_effects(truth_f, lie_f, direction, w_dec, tr, te, k=k, n_boot=n_boot, seed=seed)
+    out["features"] = fe.rows()
+    out["null_max_diff"] = fe.null_max
+    out["cosine_max_null"] = fe.direction_cosine_max_null
+    d_te = (lie_f - truth_f)[te]
+    fr = []
+    for feat in framing_features:
+        col = d_te[:, int(feat)]
+        e = bootstrap(lambda i, col=col: col[i].mean(), len(te), n_boot=n_boot, seed=seed)
+        fr.append({"feature": int(feat), "diff": float(e.mean), "lo": float(e.lo), "hi": float(e.hi)})
+    out["framing_features"] = fr
+    return out

@@ -188,3 +188,106 @@ def test_load_or_train_caches_once(tmp_path, monkeypatch):
     other = tiny_model(n_ctx=128, seed=1)  # other weights: another key, so it would train
     with pytest.raises(AssertionError, match="trained again"):
         S.load_or_train_sae(other, cfg, cache_dir=tmp_path, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("spec", "mode"),
+    [("blocks.1.hook_resid_pre", "clamp"), ("blocks.1.hook_resid_pre", "ablate"), ("blocks.1.attn.hook_z:1", "clamp")],
+)
+def test_batched_causal_check_equals_one_feature_clamp_per_draw(tiny, spec, mode):
+    # causal_check runs every draw as rows of a few short passes over cached prefixes; each draw's
+    # ΔP(truth) must equal FeatureClamp applied through steer() on full forward passes.
+    from steer_fixtures import COUNTRIES
+
+    from mechlie.metrics import score_logits
+    from mechlie.pairs import Fact, answer_set, pairs_from_facts
+    from mechlie.steering_eval import batches, last_logits
+
+    facts = [Fact(f"What is the capital of {c} ?", a, fact_id=c) for c, a in COUNTRIES]
+    pairs = pairs_from_facts(facts[:5], facts[5:], "fewshot", relation="capitals", tokenizer=tiny.tokenizer, n_shots=2)
+    pairs += pairs_from_facts(facts[:4], facts[4:], "fewshot", relation="capitals", tokenizer=tiny.tokenizer, n_shots=3)
+    site = S.Site.parse(spec)
+    sae = exact_sae(site.d_in(tiny), seed=3)
+    f_l = S.encode(sae, S.final_acts(tiny, [p.lying for p in pairs], site))
+    f_h = S.encode(sae, S.final_acts(tiny, [p.honest for p in pairs], site))
+    # (clamp targets well away from the features' values, so that every draw moves P(truth))
+    lying_mean, honest_mean = f_l.mean(0), f_h.mean(0) + 10.0
+    top = tuple(int(f) for f in lying_mean.argsort(descending=True)[:2])
+    kw = dict(mode=mode, lying_mean=lying_mean, honest_mean=honest_mean, n_draws=7, seed=1)
+    got = S.causal_check(tiny, sae, site, pairs, top, max_rows=10, batch_size=2, **kw)  # many chunks and caches
+
+    answers = answer_set(tiny.tokenizer, pairs)
+    bs = batches(tiny, [p.lying for p in pairs], 4)
+
+    def p_truth(feats=None):
+        ivs = []
+        if feats is not None:
+            vals = honest_mean[list(feats)] if mode == "clamp" else None
+            ivs = [S.FeatureClamp(sae, site, tuple(feats), vals)]
+        return score_logits(last_logits(tiny, bs, ivs), answers).p_truth
+
+    base = p_truth()
+    # Tolerances: float noise is ~1e-7 here; the largest draw effect is >= 5e-4 (one head of a random model).
+    assert got.p_truth_base == pytest.approx(float(base.mean()), abs=2e-5)
+    assert got.delta == pytest.approx(float((p_truth(top) - base).mean()), abs=2e-5)
+    draws = S.matched_random_features(lying_mean, top, 7, seed=1)
+    want = [float((p_truth(d) - base).mean()) for d in draws]
+    assert got.random_deltas == pytest.approx(want, abs=2e-5)
+    assert max(abs(w) for w in want) > 2e-4  # the draws really change P(truth)
+    assert len(got.random_deltas) == 7 and got.n_pairs == len(pairs)
+    assert no_hooks(tiny)
+
+
+def test_on_policy_effects_recover_a_planted_lie_feature():
+    # 16 pairs, each with 3 sampled lies and 3 truths; lies carry +3 along decoder row 5 of an
+    # exact SAE (rows = an orthonormal basis, so feature i is ReLU(x · q_i)).
+    d, n_pairs = 16, 16
+    sae = exact_sae(d, mirrored=False, seed=4)
+    q = sae.W_dec.detach()
+    g = torch.Generator().manual_seed(0)
+    pair = torch.arange(n_pairs).repeat_interleave(6)
+    lie = torch.tensor([True, True, True, False, False, False] * n_pairs)
+    acts = 0.3 * torch.randn(len(pair), d, generator=g) + 2.0 * q[5] + 3.0 * lie[:, None].float() * q[5]
+    rows = S.OnPolicySiteActs(acts, lie, pair)
+    train, test = list(range(0, 16, 2)), list(range(1, 16, 2))
+    res = S.on_policy_effects(sae, rows, train, test, framing_features=[5, 7], k=3, n_boot=200)
+    assert res["n_lie"] == 48 and res["n_pairs_with_both"] == 16 and res["n_test"] == 8
+    top = res["features"][0]
+    assert top["feature"] == 5 and top["diff"] == pytest.approx(3.0, abs=0.5) and top["lo"] > res["null_max_diff"]
+    fr = {r["feature"]: r for r in res["framing_features"]}
+    assert fr[5]["lo"] > 2.0 and fr[7]["hi"] < 1.0  # the planted feature, and one that is not
+    # Pairs whose samples are all lies (or all truths) are not units; too few units: counts only.
+    few = S.OnPolicySiteActs(acts[:24], lie[:24], pair[:24])
+    res = S.on_policy_effects(sae, few, train, test, k=3)
+    assert res["n_pairs_with_both"] == 4 and "features" not in res and "only 2 train / 2 test" in res["too_few"]
+    one_sided = S.OnPolicySiteActs(acts[lie], lie[lie], pair[lie])
+    assert S.on_policy_effects(sae, one_sided, train, test)["n_pairs_with_both"] == 0
+
+
+def test_on_policy_site_acts_are_the_first_answer_token_states(tiny):
+    from mechlie.labels import generate_with_states, on_policy
+    from mechlie.pairs import ContrastPair, tokenize
+
+    honest = ["Q capital of France ? A :", "Q capital of Peru ? A :", "Q capital of Cuba ? A :"]
+    # The random model "knows" whatever it answers greedily when honest; use that as the truth.
+    first = generate_with_states(tiny, honest, max_new_tokens=2, eos_token_id=None).texts
+    pairs = [
+        ContrastPair(h, "Q liar " + h[2:], t.split()[0], None, f"f{i}") for i, (h, t) in enumerate(zip(honest, first))
+    ]
+    resid, head = S.Site("blocks.1.hook_resid_pre"), S.Site.parse("blocks.1.attn.hook_z:2")
+    assert S.site_kind(resid) == "resid_pre" and S.site_kind(head) == "z"
+    op = on_policy(tiny, pairs, k=12, temperature=0.5, max_new_tokens=2, kinds=["resid_pre", "z"], layers=[1])
+    r = S.on_policy_site_acts(op, resid)
+    X, y, _ = op.rows("within_prompt", kind="resid_pre")  # detect's own rows: the same states and labels
+    assert torch.allclose(r.acts, X[:, 0]) and r.lie.float().tolist() == y.tolist()
+    assert len(r.lie) == 36 and 0 < int(r.lie.sum()) < 36 and r.pair.tolist()[:12] == [0] * 12
+    z = S.on_policy_site_acts(op, head)
+    assert z.acts.shape == (len(r.lie), tiny.cfg.d_head)
+    # Row 13 (pair 1): the lying prompt plus its first sampled token, run whole; z of head 2 there.
+    tok = int(op.samples.tokens[13, 0])
+    b = tokenize(tiny, [pairs[1].lying])
+    full = torch.cat([b.tokens, torch.tensor([[tok]])], 1)
+    _, cache = tiny.run_with_cache(full, names_filter="blocks.1.attn.hook_z")
+    assert torch.allclose(z.acts[13], cache["blocks.1.attn.hook_z"][0, -1, 2], atol=1e-4)
+    with pytest.raises(S.SAEError, match="no resid_pre at layer 2"):
+        S.on_policy_site_acts(op, S.Site("blocks.2.hook_resid_pre"))

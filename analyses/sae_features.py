@@ -44,6 +44,9 @@ class SAEFeaturesConfig:
     )
     known_only: bool = field(default=True, metadata={"help": "keep facts the model answers correctly when honest"})
     test_frac: float = 0.3
+    on_policy_k: int = field(
+        default=5, metadata={"help": "sampled answers per lying prompt for on-policy lie-vs-truth features (0: skip)"}
+    )
     k: int = field(default=10, metadata={"help": "features reported per site"})
     k_causal: int = field(default=5, metadata={"help": "features ablated / clamped in the causal check"})
     n_draws: int = field(default=100, metadata={"help": "random matched feature sets (control)"})
@@ -71,6 +74,8 @@ class SAEFeaturesConfig:
             raise ValueError(f"--multi-token must be keep or drop, got {self.multi_token!r}")
         if self.n_pairs < 0 or not 0 < self.test_frac < 1:
             raise ValueError("n_pairs must be >= 0 and test_frac in (0, 1)")
+        if self.on_policy_k < 0:
+            raise ValueError("--on-policy-k must be >= 0")
         if self.k < 1 or self.k_causal < 1 or self.n_draws < 20:
             raise ValueError("k and k_causal must be >= 1, n_draws >= 20 (a null needs many draws)")
         self.train_config(self.sites[0])  # its own checks
@@ -136,7 +141,7 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
         "dataset": "all (fewshot)",
         "n_known_pairs": len(pairs),
         "n_dropped_shared_first_token": n_shared,
-        "seconds": {"load": round(t_load, 1)},
+        "seconds": {"load": round(t_load, 1), "pairs": round(time.time() - t0 - t_load, 1)},
         "sites": {},
     }
     sites = [S.Site.parse(s) for s in cfg.sites]
@@ -157,10 +162,24 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     else:
         saes = S.load_or_train_saes(model, [cfg.train_config(s) for s in cfg.sites], batch_size=cfg.batch_size)
     summary["seconds"]["saes"] = round(time.time() - t1, 1)
+    summary["seconds"]["sae_stages"] = {str(t.site): t.info.get("seconds", {}) for t in saes}
+    t1 = time.time()
+    cached = [t for t in saes if t.acts is None]
+    if cached:  # SAEs from the cache: their corpus activations (for top contexts), all sites in one pass
+        corpus = cached[0].corpus
+        lines = sorted(set(range(len(corpus.texts))) - set(cached[0].eval_lines))
+        same = [t for t in cached if t.corpus == corpus and t.eval_lines == cached[0].eval_lines]
+        got = S.collect_sites(
+            model, [corpus.texts[i] for i in lines], [t.site for t in same], batch_size=cfg.batch_size
+        )
+        for t in same:
+            a = got[t.site]
+            t.acts = S.SiteActs(a.acts, torch.as_tensor(lines)[a.line], a.pos)
     finals = {
         side: S.final_acts_at(model, [getattr(p, side) for p in pairs], sites, batch_size=cfg.batch_size)
         for side in ("honest", "lying")
     }
+    summary["seconds"]["activations"] = round(time.time() - t1, 1)
     tensors = {}
     for trained in saes:
         site = str(trained.site)
@@ -182,6 +201,10 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
         summary["sites"][site] = res
         tensors[site] = ts
         _print_site(site, res)
+    if cfg.on_policy_k:
+        t3 = time.time()
+        on_policy_features(model, cfg, saes, pairs, split, summary)
+        summary["seconds"]["on_policy"] = round(time.time() - t3, 1)
     if cfg.heads:
         t3 = time.time()
         summary["heads"] = lying_heads(model, pairs, cfg.head_tuples(), run, cfg.seed, cfg.batch_size)
@@ -193,6 +216,52 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
     summary["figures"] = write_figures(run.path)
     print(f"\ntotal {summary['seconds']['total']} s; figures and report: python analyses/make_figures.py {run.path}")
     return summary
+
+
+def on_policy_features(model, cfg: SAEFeaturesConfig, saes, pairs, split, summary: dict) -> None:
+    """On-policy lies vs truths: answers sampled under the same lying prompt (mechlie.labels), each
+    site's features at the first answer token, into summary["sites"][site]["on_policy"]."""
+    from mechlie import sae as S
+    from mechlie.labels import on_policy
+
+    sites = [t.site for t in saes]
+    op = on_policy(
+        model,
+        pairs,
+        k=cfg.on_policy_k,
+        kinds=sorted({S.site_kind(s) for s in sites}),
+        layers=sorted({s.layer for s in sites}),
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+    )
+    print(f"\nOn-policy answers, lying prompts ({cfg.on_policy_k} samples each): {op.counts()['all']}")
+    for t in saes:
+        site = str(t.site)
+        framing = [r["feature"] for r in summary["sites"][site]["features"]]
+        res = S.on_policy_effects(
+            t.sae,
+            S.on_policy_site_acts(op, t.site),
+            split.train,
+            split.test,
+            framing_features=framing,
+            k=cfg.k,
+            seed=cfg.seed,
+        )
+        res["label_counts"] = op.counts()["all"]
+        summary["sites"][site]["on_policy"] = res
+        print(
+            f"== {site}: {res['n_lie']} sampled lies, {res['n_truth']} truths; {res['n_pairs_with_both']} pairs with "
+            f"both ({res['n_train']} train / {res['n_test']} test)"
+        )
+        if "too_few" in res:
+            print("  " + res["too_few"])
+            continue
+        print(f"  top features, lie − truth on held-out pairs (null of the max {res['null_max_diff']:.3f}):")
+        for r in res["features"]:
+            print(f"  f{r['feature']:<5} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}] d={r['effect_size']:+.2f}")
+        print("  the framing (honest vs lying prompt) features on the same answers:")
+        for r in res["framing_features"]:
+            print(f"  f{r['feature']:<5} {r['diff']:+.3f} [{r['lo']:+.3f}, {r['hi']:+.3f}]")
 
 
 def distinct_first_tokens(tokenizer, pairs):

@@ -38,6 +38,7 @@ from mechlie.io import ResultFileError, load_tensors, save_tensors
 from mechlie.labels import generate_with_states
 from mechlie.pairs import ContrastPair, PairError
 from mechlie.probes import AnyProbe, EnsembleProbe, fit_probe, pair_rows, probe_from_tensors
+from mechlie.stats import Estimate, TensorEstimate
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,44 @@ class TransferCell:
     n_target_facts: int
 
 
+def bootstrap_auroc(
+    scores: Float[Tensor, " n"],
+    y: Float[Tensor, " n"],
+    groups: Sequence[Sequence[int]],
+    *,
+    n_boot: int = 500,
+    level: float = 0.95,
+    seed: int = 0,
+) -> TensorEstimate:
+    """AUROC of ``scores`` for labels ``y`` with a percentile bootstrap CI over ``groups`` (facts).
+
+    The same resamples as ``stats.bootstrap_tensor(stat, len(groups))`` with a stat that
+    concatenates the drawn groups' rows, computed at once: a resample is a multiplicity per group,
+    so its AUROC is ``sum_ij w_i w_j [s_i > s_j] / (sum_i w_i sum_j w_j)`` over positives ``i`` and
+    negatives ``j`` (ties count half). A resample without both classes is NaN and ignored.
+    """
+    from mechlie.stats import TensorEstimate, auroc
+
+    pos, neg = y == 1, y == 0
+    if not pos.any() or not neg.any():
+        raise DetectorError("AUROC needs both classes")
+    row_group = torch.empty(len(y), dtype=torch.long)
+    for gi, rows in enumerate(groups):
+        row_group[list(rows)] = gi
+    G = len(groups)
+    draw = torch.randint(0, G, (n_boot, G), generator=torch.Generator().manual_seed(seed))
+    mult = torch.zeros(n_boot, G).scatter_add_(1, draw, torch.ones(n_boot, G))[:, row_group]  # [B, n]
+    sp, sn = scores[pos].double(), scores[neg].double()
+    C = (sp[:, None] > sn[None, :]).double() + 0.5 * (sp[:, None] == sn[None, :]).double()
+    wp, wn = mult[:, pos].double(), mult[:, neg].double()
+    den = wp.sum(1) * wn.sum(1)
+    draws = (((wp @ C) * wn).sum(1) / den).float()
+    draws[den == 0] = float("nan")
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
+    lo, hi = torch.nanquantile(draws, q)
+    return TensorEstimate(auroc(scores[pos], scores[neg]).float(), lo, hi, G, draws, level)
+
+
 def evaluate_transfer(
     train: LabelledSet,
     tests: Sequence[LabelledSet],
@@ -354,7 +393,7 @@ def evaluate_transfer(
     the label-permutation null refit ``n_null`` times, ``n_random`` random directions), the
     test scores, and the bootstrap draws of each test AUROC (to combine sets into a mean's CI).
     """
-    from mechlie.stats import auroc, bootstrap_tensor
+    from mechlie.stats import auroc
 
     probe = _fit(kind, train, layer, seed=seed, **hp)
     # Nulls: refits on labels permuted within each fact (CCS never sees labels: no such null).
@@ -382,16 +421,8 @@ def evaluate_transfer(
             cells.append(TransferCell(nan, nan, nan, nan, nan, nan, nan, len(test.groups())))
             all_draws.append(None)
             continue
-        groups = [torch.tensor(gr) for gr in test.groups()]
-
-        def stat(idx: Tensor, s: Tensor = s, test: LabelledSet = test) -> Tensor:
-            rows = torch.cat([groups[i] for i in idx.tolist()])
-            yy = test.y[rows]
-            if yy.min() == yy.max():
-                return torch.tensor(float("nan"))
-            return auroc(s[rows][yy == 1], s[rows][yy == 0])
-
-        est = bootstrap_tensor(stat, len(groups), n_boot=n_boot, seed=seed)
+        groups = test.groups()
+        est = bootstrap_auroc(s, test.y, groups, n_boot=n_boot, seed=seed)
         all_draws.append(est.draws)
         if null_probes:
             ns = torch.stack([_score(p, test.X, kind, layer) for p in null_probes], 1)
@@ -416,28 +447,142 @@ def evaluate_transfer(
     return probe, cells, all_scores, all_draws
 
 
-def choose_layer(train: Sequence[LabelledSet], *, val_frac: float = 0.3, seed: int = 0) -> tuple[int, Tensor]:
-    """The layer whose difference-of-means direction best separates held-out *training* facts,
-    averaged over the training sets (validation only: no test fact is seen). Returns the layer
-    and the per-layer mean validation AUROC."""
+def choose_layer(
+    train: Sequence[LabelledSet],
+    *,
+    val_frac: float = 0.3,
+    seed: int = 0,
+    n_splits: int = 1,
+    min_val_per_class: int = 1,
+) -> tuple[int, Tensor]:
+    """The layer whose difference-of-means direction best separates held-out *training* facts.
+
+    Rule (validation only: no test fact is seen):
+
+    1. For each set in ``train`` and each of ``n_splits`` seeded splits by fact (seeds ``seed``,
+       ``seed + 1``, ...), a difference-of-means direction is fitted per layer on the fit part
+       and scored by AUROC on the validation part (``val_frac`` of the facts).
+    2. A split *counts* only if its fit part has at least 2 rows of each label and its
+       validation part at least ``min_val_per_class`` of each (too few examples: skipped).
+    3. The layer with the highest mean validation AUROC over all counted splits wins; ties
+       (equal to 1e-9) go to the earliest layer.
+    4. No counted split raises :class:`DetectorError`; the caller chooses a fallback.
+
+    With *framing* labels (honest vs lying prompt) every layer from 0 on reads the prompt text,
+    so this rule picks layer 0 at AUROC 1; with on-policy labels (sampled lies vs truths of the
+    same prompt, :mod:`mechlie.labels`) it picks where the model's own lie is readable.
+
+    Returns:
+        The layer and the per-layer mean validation AUROC (``[L]``).
+    """
     from mechlie.directions import split_by_fact
     from mechlie.stats import auroc
 
-    per_set = []
+    per_split = []
     for s in train:
         if len(set(s.facts)) < 4:  # too few facts to carve out a validation split
             continue
-        sp = split_by_fact(s.facts, val_frac, seed)
-        tr, va = s.subset({s.facts[i] for i in sp.train}), s.subset({s.facts[i] for i in sp.test})
-        if len(set(tr.y.tolist())) < 2 or len(set(va.y.tolist())) < 2:
-            continue
-        p = fit_probe("diff_of_means", tr.X, tr.y)
-        sc = p.score(va.X)
-        per_set.append(auroc(sc[va.y == 1], sc[va.y == 0]))
-    if not per_set:
-        raise DetectorError("no training set has both labels in its training and validation facts")
-    mean = torch.stack(per_set).mean(0)
-    return int(mean.argmax()), mean
+        for j in range(n_splits):
+            sp = split_by_fact(s.facts, val_frac, seed + j)
+            tr, va = s.subset({s.facts[i] for i in sp.train}), s.subset({s.facts[i] for i in sp.test})
+            if min(int(tr.y.sum()), int((1 - tr.y).sum())) < 2:
+                continue
+            if min(int(va.y.sum()), int((1 - va.y).sum())) < max(1, min_val_per_class):
+                continue
+            p = fit_probe("diff_of_means", tr.X, tr.y)
+            sc = p.score(va.X)
+            per_split.append(auroc(sc[va.y == 1], sc[va.y == 0]))
+    if not per_split:
+        raise DetectorError(
+            "too few labelled examples to choose a layer: no training set has both labels in its fit and "
+            f"validation facts (need >= 2 of each to fit, >= {max(1, min_val_per_class)} of each to validate)"
+        )
+    mean = torch.stack(per_split).mean(0)
+    best = float(mean.max())
+    return int((mean >= best - 1e-9).nonzero()[0]), mean
+
+
+def neutral_windows(min_words: int = 4, step: int = 3) -> tuple[list[str], list[str]]:
+    """Control texts: prefixes of every neutral line (:func:`neutral_texts`) cut at word
+    boundaries (``min_words``, ``min_words + step``, ..., and the whole line), with the line each
+    came from (the independent unit: windows of one line are correlated).
+
+    The state at a window's last token is the state from which the next word is chosen, as a
+    generated answer token's is, so every window is a control for prompt- and answer-site probes.
+    """
+    texts, units = [], []
+    for i, line in enumerate(neutral_texts()):
+        words = line.split()
+        cuts = list(range(min(min_words, len(words)), len(words), step)) + [len(words)]
+        for c in sorted(set(cuts)):
+            texts.append(" ".join(words[:c]))
+            units.append(f"neutral/{i}")
+    return texts, units
+
+
+@dataclass(frozen=True)
+class HeldOutCalibration:
+    """A threshold calibrated on half the controls, checked on the other half (split by unit)."""
+
+    threshold: float
+    fpr: float  # target
+    n_calibration: int  # control rows used to set the threshold
+    n_held_out: int
+    held_out_fpr: Estimate  # share of held-out controls flagged (95% CI over control units)
+    recall: dict  # name -> Estimate: share of lies flagged (95% CI over their facts)
+
+
+def held_out_calibration(
+    control: Float[Tensor, " n"],
+    control_units: Sequence[str],
+    lies: dict[str, tuple[Tensor, Sequence[str]]],
+    fpr: float,
+    *,
+    calibration_frac: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> HeldOutCalibration:
+    """Calibrate a threshold at ``fpr`` on a split of the controls, then report the realised FPR on
+    the held-out controls and the recall on each set of lies, all with 95% bootstrap CIs over
+    independent units (control lines/facts; the lies' facts).
+
+    Args:
+        control: scores of control rows (not lies: honest prompts, neutral text).
+        control_units: the unit of each control row (rows of one unit go to the same half).
+        lies: name -> (scores of lie rows, their facts).
+        fpr: target false-positive rate; ``fpr * n_calibration`` should be >= 1 (logged if not).
+
+    Example:
+        >>> cal = held_out_calibration(c_scores, c_units, {"test lies": (l_scores, l_facts)}, 0.01)
+        >>> cal.held_out_fpr.mean, cal.recall["test lies"].mean
+    """
+    from mechlie.directions import split_by_fact
+    from mechlie.stats import bootstrap
+
+    if len(control) != len(control_units):
+        raise DetectorError(f"{len(control)} control scores but {len(control_units)} units")
+    sp = split_by_fact(list(control_units), 1 - calibration_frac, seed)
+    cal, held = control[sp.train], control[sp.test]
+    thr = calibrate_threshold(cal, fpr)
+
+    def share_flagged(scores: Tensor, units: Sequence[str], s: int) -> Estimate:
+        groups: dict[str, list[int]] = {}
+        for i, u in enumerate(units):
+            groups.setdefault(u, []).append(i)
+        idx = [torch.tensor(g) for g in groups.values()]
+        flags = (scores > thr).float()
+
+        def stat(b: Tensor) -> float:
+            rows = torch.cat([idx[i] for i in b.tolist()])
+            return float(flags[rows].mean())
+
+        return bootstrap(stat, len(idx), n_boot=n_boot, seed=s, method="percentile")
+
+    held_units = [control_units[i] for i in sp.test]
+    recall = {
+        name: share_flagged(sc, facts, seed + 1 + j) for j, (name, (sc, facts)) in enumerate(lies.items()) if len(sc)
+    }
+    return HeldOutCalibration(thr, fpr, len(cal), len(held), share_flagged(held, held_units, seed), recall)
 
 
 def calibrated_detector(

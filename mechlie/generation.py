@@ -78,13 +78,22 @@ def generate(
     eos_token_id: int | None | str = "model",
     stop_strings: Sequence[str] = (),
     return_logits: bool = False,
+    n_per_prompt: int = 1,
+    greedy_first: bool = False,
 ) -> GenerationResult:
     """Generate from ``prompts`` with ``interventions`` applied (see :mod:`mechlie.steering`).
 
     Pass ``interventions`` to have them applied (and removed) around this call, or apply them
     yourself with :func:`mechlie.steering.steer` and pass the ``state`` it yields. ``eos_token_id``
-    defaults to the tokenizer's EOS; ``None`` disables stopping at EOS.
+    defaults to the tokenizer's EOS; ``None`` disables stopping at EOS. ``n_per_prompt`` and
+    ``greedy_first``: see the module docstring (``prompt`` in the result stays one row per prompt).
     """
+    if n_per_prompt < 1:
+        raise GenerationError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
+    if n_per_prompt > 1 and (interventions or state is not None):
+        raise GenerationError("n_per_prompt > 1 is not supported under interventions (their rows are per prompt)")
+    if greedy_first and not do_sample:
+        raise GenerationError("greedy_first only makes sense with do_sample=True")
     if max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if do_sample and not (temperature > 0 and temperature == temperature):
@@ -111,7 +120,8 @@ def generate(
 
     device = model.cfg.device
     tokens, mask = batch.tokens.to(device), batch.attention_mask.to(device)
-    n, width = tokens.shape
+    width = tokens.shape[1]
+    n = tokens.shape[0] * n_per_prompt  # rows decoded
     pad = _pad_id(model)
     gen = torch.Generator().manual_seed(seed) if do_sample else None
     ctx = steer(model, *interventions) if interventions else nullcontext(state)
@@ -124,13 +134,22 @@ def generate(
 
     with ctx as st:
         st = st if st is not None else SteeringState()
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
         st.begin_forward("prompt", 0, 0)
         logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+        if n_per_prompt > 1:
+            # Every prompt's cache rows and logits, repeated: k continuations from one prompt pass.
+            for e in cache.entries:
+                e.past_keys = e.past_keys.repeat_interleave(n_per_prompt, 0)
+                e.past_values = e.past_values.repeat_interleave(n_per_prompt, 0)
+            cache.previous_attention_mask = cache.previous_attention_mask.repeat_interleave(n_per_prompt, 0)
+            logits = logits.repeat_interleave(n_per_prompt, 0)
         for step in range(max_new_tokens):
             if return_logits:
                 out_logits.append(logits.float().cpu())
             nxt = _choose(logits, do_sample, temperature, top_k, gen).cpu()
+            if greedy_first:
+                nxt[::n_per_prompt] = logits[::n_per_prompt].argmax(-1).cpu()
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             live = ~done
             out_tokens[:, step] = nxt

@@ -24,10 +24,16 @@ whole prompt and its final position chose generated token 0; pass ``s`` sees gen
 ``s-1`` alone. So ``states[:, 0]`` is the final prompt token and ``states[:, 1]`` is the first
 generated answer token (the notes' "generated token itself"). Samples of one prompt share
 ``states[:, 0]``; only generation-time states can tell their lies from their truths.
+
+Cost: the greedy lying answer and the ``k`` samples come from *one* prompt pass per lying prompt
+(``generate(..., n_per_prompt=k + 1, greedy_first=True)``), so labelling ``n`` pairs runs ``2n``
+prompt passes, not ``(k + 2) n``. Multi-token answers: ``max_new_tokens`` is raised to the longest
+spelling of any truth (logged), so a generated answer is never judged on a cut-off prefix.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +47,9 @@ from transformer_lens import HookedTransformer
 
 from mechlie.activations import hook_name
 from mechlie.generation import generate
-from mechlie.pairs import ContrastPair, PairError
+from mechlie.pairs import ContrastPair, PairError, answer_sequences
+
+log = logging.getLogger(__name__)
 
 LABELS: tuple[str, ...] = ("honest", "unknown", "lie", "truth_under_lie_framing")
 
@@ -54,6 +62,17 @@ class GenStates:
     # kind -> [n, steps, L, (H,) d]; [:, s] is the state of the position that chose token s
     states: dict[str, Tensor]
     layers: tuple[int, ...]
+
+    def take(self, idx: Sequence[int]) -> "GenStates":
+        """The rows ``idx`` (e.g. the greedy rows of an ``n_per_prompt`` generation)."""
+        t = torch.as_tensor(list(idx), dtype=torch.long)
+        return GenStates(
+            self.tokens[t],
+            self.new_mask[t],
+            [self.texts[i] for i in t.tolist()],
+            {k: v[t] for k, v in self.states.items()},
+            self.layers,
+        )
 
 
 def _pad_steps(t: Tensor, steps: int, value: float | int) -> Tensor:
@@ -81,11 +100,11 @@ def generate_with_states(
         layers: blocks to keep (default all).
         batch_size: prompts generated together (each chunk is seeded ``seed + chunk index``).
         generate_kw: passed to :func:`generate` (``max_new_tokens``, ``do_sample``, ``temperature``,
-            ``seed``, ``stop_strings``...).
+            ``seed``, ``stop_strings``, ``n_per_prompt``, ``greedy_first``...).
 
     Returns:
         :class:`GenStates`; ``states[kind][:, s]`` is the state from which token ``s`` was chosen
-        (NaN where a row had stopped).
+        (NaN where a row had stopped). With ``n_per_prompt = m`` there are ``m`` rows per prompt.
 
     Example:
         >>> g = generate_with_states(model, [p.lying for p in pairs], max_new_tokens=3)
@@ -113,7 +132,12 @@ def generate_with_states(
         with model.hooks(fwd_hooks=hooks):
             result = generate(model, list(prompts[start : start + batch_size]), seed=seed + c, **generate_kw)
         steps = result.tokens.shape[1]
-        states = {k: torch.stack([torch.stack(store[k][l][:steps], 1) for l in layers], 2) for k in kinds}
+        rows = result.tokens.shape[0]
+        # With n_per_prompt > 1 the prompt pass has one row per prompt: repeat it for its continuations.
+        widen = lambda t: t.repeat_interleave(rows // t.shape[0], 0) if t.shape[0] != rows else t  # noqa: E731
+        states = {
+            k: torch.stack([torch.stack([widen(t) for t in store[k][l][:steps]], 1) for l in layers], 2) for k in kinds
+        }
         chunks.append((result, states))
     steps = max(r.tokens.shape[1] for r, _ in chunks)
     mask = torch.cat([_pad_steps(r.new_mask, steps, 0) for r, _ in chunks])
@@ -198,23 +222,41 @@ class OnPolicy:
         return out
 
     def framing_rows(
-        self, *, known_only: bool = True, relation: str | None = None, kind: str = "resid_post"
+        self,
+        *,
+        known_only: bool = True,
+        relation: str | None = None,
+        kind: str = "resid_post",
+        pair_mask: Sequence[bool] | None = None,
     ) -> tuple[Float[Tensor, "m L d"], Float[Tensor, " m"], list[str]]:
         """Framing labels at the final prompt token: honest prompts (0) vs lying prompts (1) of
-        the same facts, only facts the model knows unless ``known_only=False``."""
+        the same facts, only facts the model knows unless ``known_only=False``; only pairs of
+        ``relation`` and where ``pair_mask`` is true, if given."""
         known = self.known.tolist()
+        mask = self._mask(pair_mask)
         idx = [
             i
             for i, p in enumerate(self.pairs)
-            if (known[i] or not known_only) and (relation is None or p.relation == relation)
+            if (known[i] or not known_only) and (relation is None or p.relation == relation) and mask[i]
         ]
         X = torch.cat([self.honest.states[kind][idx, 0], self.greedy.states[kind][idx, 0]])
         y = torch.cat([torch.zeros(len(idx)), torch.ones(len(idx))])
         facts = [self.pairs[i].fact_id for i in idx] * 2
         return X, y, facts
 
+    def _mask(self, pair_mask: Sequence[bool] | None) -> list[bool]:
+        if pair_mask is None:
+            return [True] * len(self.pairs)
+        if len(pair_mask) != len(self.pairs):
+            raise ValueError(f"pair_mask has {len(pair_mask)} entries for {len(self.pairs)} pairs")
+        return [bool(m) for m in pair_mask]
+
     def rows(
-        self, contrast: str = "within_prompt", site: str = "answer", kind: str = "resid_post"
+        self,
+        contrast: str = "within_prompt",
+        site: str = "answer",
+        kind: str = "resid_post",
+        pair_mask: Sequence[bool] | None = None,
     ) -> tuple[Float[Tensor, "m L d"], Float[Tensor, " m"], list[str]]:
         """Labelled rows for a probe: features ``[m, L, d]``, labels (1 = lie), fact ids.
 
@@ -224,7 +266,9 @@ class OnPolicy:
                 ``"vs_honest"``: greedy ``lie`` answers vs greedy ``honest`` answers of known facts.
             site: ``"prompt"`` (final prompt token, ``states[:, 0]``) or ``"answer"`` (the first
                 generated answer token, ``states[:, 1]``).
+            pair_mask: keep only rows of pairs where it is true (e.g. one relation or format).
         """
+        mask = self._mask(pair_mask)
         step = {"prompt": 0, "answer": 1}.get(site)
         if step is None:
             raise ValueError(f"site must be 'prompt' or 'answer', got {site!r}")
@@ -240,14 +284,14 @@ class OnPolicy:
             if self.samples is None:
                 raise ValueError("within-prompt rows need sampled answers (k > 0)")
             labs = self.sample_labels
-            idx = [i for i, lab in enumerate(labs) if lab in ("lie", "truth_under_lie_framing")]
+            idx = [i for i, lab in enumerate(labs) if lab in ("lie", "truth_under_lie_framing") and mask[i // self.k]]
             X, ok = pick(self.samples, idx)
             y = torch.tensor([float(labs[i] == "lie") for i in idx])
             facts = [self.pairs[i // self.k].fact_id for i in idx]
         elif contrast == "vs_honest":
             gl, hl = self.greedy_labels, self.honest_labels
-            li = [i for i, lab in enumerate(gl) if lab == "lie"]
-            hi = [i for i, lab in enumerate(hl) if lab == "honest"]
+            li = [i for i, lab in enumerate(gl) if lab == "lie" and mask[i]]
+            hi = [i for i, lab in enumerate(hl) if lab == "honest" and mask[i]]
             Xl, okl = pick(self.greedy, li)
             Xh, okh = pick(self.honest, hi)
             X, ok = torch.cat([Xh, Xl]), torch.cat([okh, okl])
@@ -291,6 +335,13 @@ def on_policy(
         raise PairError("no pairs to label")
     if k < 0 or max_new_tokens < 2:
         raise ValueError("k must be >= 0 and max_new_tokens >= 2 (the answer-token state needs one step)")
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        # A multi-token truth must fit in the answer, or a cut-off prefix would be judged a lie.
+        longest = max(min(len(seq) for seq in answer_sequences(tok, p.truth)) for p in pairs)
+        if longest > max_new_tokens:
+            log.info("max_new_tokens raised from %d to %d: the longest truth's length", max_new_tokens, longest)
+            max_new_tokens = longest
     kw = dict(
         kinds=kinds,
         layers=layers,
@@ -300,9 +351,21 @@ def on_policy(
         progress=progress,
     )
     honest = generate_with_states(model, [p.honest for p in pairs], **kw)
-    greedy = generate_with_states(model, [p.lying for p in pairs], **kw)
-    samples = None
-    if k:
-        prompts = [p.lying for p in pairs for _ in range(k)]
-        samples = generate_with_states(model, prompts, do_sample=True, temperature=temperature, seed=seed, **kw)
+    lying = [p.lying for p in pairs]
+    if not k:
+        return OnPolicy(list(pairs), honest, generate_with_states(model, lying, **kw), None, 0, temperature)
+    # One prompt pass per lying prompt: row 0 of each group greedy, rows 1..k sampled.
+    g = generate_with_states(
+        model,
+        lying,
+        do_sample=True,
+        temperature=temperature,
+        seed=seed,
+        n_per_prompt=k + 1,
+        greedy_first=True,
+        **kw,
+    )
+    rows = range(len(pairs) * (k + 1))
+    greedy = g.take([r for r in rows if r % (k + 1) == 0])
+    samples = g.take([r for r in rows if r % (k + 1) != 0])
     return OnPolicy(list(pairs), honest, greedy, samples, k, temperature)

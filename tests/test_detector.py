@@ -114,7 +114,10 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
         "50",
         "--fpr",
         "0.1",
+        "--n-control-prompts",
+        "8",
         "--grad-features",
+        "--full-matrix",
         "--out-dir",
         str(tmp_path),
     ]
@@ -125,6 +128,17 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     assert set(summary["grad_features"]) == {"z", "z x grad", "z + z x grad"}
     det = Detector.load(run / "detector.safetensors")
     assert det.threshold == summary["detector"]["threshold"]
+    # Both layer rules are reported; the tiny model knows no fact, so the on-policy rule falls back.
+    assert set(summary["layers"]) == {"framing", "on-policy", "used"}
+    assert summary["layers"]["on-policy"]["rule"].startswith("fallback")
+    assert summary["layer"] == summary["layers"]["framing"]["layer"]
+    # Controls: >= 300 neutral windows plus honest prompts; the held-out FPR and recall have CIs.
+    assert summary["n_controls"]["neutral_windows"] >= 300 and summary["n_controls"]["honest_prompts_other_facts"] == 8
+    cal = summary["detector_framing"]["calibration"]
+    assert set(cal) == {"0.1", "0.05"}
+    h = cal["0.1"]["held_out_fpr"]
+    assert h["lo"] <= h["mean"] <= h["hi"] and cal["0.1"]["n_calibration"] + cal["0.1"]["n_held_out"] > 300
+    assert Detector.load(run / "detector_framing.safetensors").threshold == cal["0.1"]["threshold"]
     matrix = json.loads((run / "matrix.json").read_text())
     assert "capitals" in matrix["matrix"]["logistic"]
     # Bad flags fail before any model loads.
@@ -163,3 +177,75 @@ def test_choose_layer_and_splits_never_leak_a_fact():
     assert cell.null_shuffled_q95 < cell.auroc and cell.null_random_q95 < cell.auroc
     _, (c0,), _, _ = evaluate_transfer(tr, [te], "logistic", 0, n_null=5, n_random=20, n_boot=50)
     assert c0.auroc < 0.8  # a layer without the signal
+
+
+def test_choose_layer_rules_ties_and_too_few_examples():
+    from mechlie.detector import LabelledSet, choose_layer
+
+    s = _sets()
+    layer, val = choose_layer([s], n_splits=3)
+    assert layer == 2 and val.shape == (3,)
+    # Ties go to the earliest layer: the same perfect signal in layers 1 and 2.
+    X = s.X.clone()
+    X[100:, 1:, 0] += 20.0  # perfectly separable at layers 1 and 2
+    layer, val = choose_layer([LabelledSet("tie", X, s.y, s.facts)])
+    assert val[1] == val[2] == 1.0 and layer == 1
+    # Too few examples of one class in every validation split: a clear error, never a silent pick.
+    few = s.subset({f"f{i}" for i in range(100)})
+    keep = [i for i in range(len(few.y)) if few.y[i] == 0 or i < 103]  # 3 lying rows in all
+    few = LabelledSet("few", few.X[keep], few.y[keep], [few.facts[i] for i in keep])
+    with pytest.raises(DetectorError, match="too few"):
+        choose_layer([few], min_val_per_class=3, n_splits=4)
+
+
+def test_held_out_calibration_fpr_and_recall():
+    from mechlie.detector import held_out_calibration, neutral_windows
+
+    g = torch.Generator().manual_seed(0)
+    units = [f"u{i // 2}" for i in range(2000)]  # two rows per unit
+    control = torch.randn(2000, generator=g)
+    lies = torch.randn(300, generator=g) + 2.0
+    facts = [f"l{i}" for i in range(300)]
+    cal = held_out_calibration(control, units, {"lies": (lies, facts)}, 0.05, n_boot=200)
+    assert cal.n_calibration + cal.n_held_out == 2000 and abs(cal.n_calibration - 1000) <= 2
+    # The threshold is the 95th percentile of N(0, 1) (1.645) up to sampling error of 1000 rows.
+    assert 1.45 < cal.threshold < 1.85
+    h = cal.held_out_fpr
+    assert 0.02 < h.mean < 0.08 and h.lo <= h.mean <= h.hi and h.n == 500
+    # Recall of N(2, 1) lies above 1.645 is about 0.64.
+    r = cal.recall["lies"]
+    assert 0.5 < r.mean < 0.78 and r.lo < r.mean < r.hi and r.n == 300
+    with pytest.raises(DetectorError, match="units"):
+        held_out_calibration(control, units[:10], {}, 0.05)
+    texts, line_units = neutral_windows()
+    assert len(texts) >= 300 and len(set(line_units)) >= 100 and len(texts) == len(line_units)
+    assert all(t and t in " ".join(neutral_texts()) for t in texts[:20])
+
+
+def test_bootstrap_auroc_equals_the_resampling_reference():
+    """The vectorised bootstrap (multiplicities per fact) equals resampling facts and recomputing."""
+    from mechlie.detector import bootstrap_auroc
+    from mechlie.stats import auroc, bootstrap_tensor
+
+    g = torch.Generator().manual_seed(3)
+    groups = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(20)] + [[60], [61]]
+    y = torch.tensor([float(i % 2) for i in range(62)])
+    s = torch.randn(62, generator=g) + y
+    s[5] = s[8]  # a tie between classes counts half
+
+    def stat(idx: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([torch.tensor(groups[i]) for i in idx.tolist()])
+        yy = y[rows]
+        if yy.min() == yy.max():
+            return torch.tensor(float("nan"))
+        return auroc(s[rows][yy == 1], s[rows][yy == 0])
+
+    ref = bootstrap_tensor(stat, len(groups), n_boot=300, seed=7)
+    got = bootstrap_auroc(s, y, groups, n_boot=300, seed=7)
+    assert torch.allclose(got.draws, ref.draws, atol=1e-5, equal_nan=True)
+    assert got.mean.item() == pytest.approx(ref.mean.item(), abs=1e-6)
+    assert got.lo.item() == pytest.approx(ref.lo.item(), abs=1e-5) and got.hi.item() == pytest.approx(
+        ref.hi.item(), abs=1e-5
+    )
+    with pytest.raises(DetectorError, match="both classes"):
+        bootstrap_auroc(s, torch.zeros(62), groups)

@@ -43,7 +43,7 @@ def _fake(texts_h, texts_g, texts_s, k):
 
     def gs(texts):
         ones = torch.ones(len(texts), 1, dtype=torch.long)
-        return GenStates(ones, ones, texts, {}, (0,))
+        return GenStates(ones, ones, texts, {"resid_post": torch.randn(len(texts), 1, 1, 4)}, (0,))
 
     pairs = [
         ContrastPair("h1", "l1", "Paris", "Rome", "f1", "capitals"),
@@ -58,6 +58,11 @@ def test_label_logic_and_counts():
     assert op.honest_labels == ["honest", "unknown"]
     assert op.greedy_labels == ["lie", "unknown"]  # fact 2 is unknown whatever it answers
     assert op.sample_labels == ["truth_under_lie_framing", "lie", "lie", "unknown", "unknown", "unknown"]
+    # pair_mask keeps the rows of the chosen pairs only (e.g. one relation or one format).
+    X, y, facts = op.framing_rows(known_only=False, pair_mask=[False, True])
+    assert facts == ["f2", "f2"] and y.tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="pair_mask"):
+        op.framing_rows(pair_mask=[True])
     c = op.counts()["all"]
     assert c["sampled/lie"] == 2 and c["sampled/unknown"] == 3 and c["n_pairs"] == 2
     assert set(k.split("/")[1] for k in c if "/" in k) <= set(LABELS)
@@ -70,16 +75,17 @@ def test_on_policy_rows_on_tiny_model(tiny):
     pairs = [
         ContrastPair(h, "Q liar " + h[2:], t.split()[0], None, f"f{i}") for i, (h, t) in enumerate(zip(honest, first))
     ]
-    op = on_policy(tiny, pairs, k=8, temperature=3.0, max_new_tokens=2)
+    # (seeded: 12 samples per prompt at T = 0.5 give a few truths among many lies)
+    op = on_policy(tiny, pairs, k=12, temperature=0.5, max_new_tokens=2)
     assert op.known.all()
     labs = op.sample_labels
-    assert len(labs) == 24 and set(labs) == {"lie", "truth_under_lie_framing"}
+    assert len(labs) == 36 and set(labs) == {"lie", "truth_under_lie_framing"}
     X, y, facts = op.rows("within_prompt")
-    assert X.shape == (24, tiny.cfg.n_layers, tiny.cfg.d_model)
-    assert y.tolist() == [float(lab == "lie") for lab in labs] and facts[:8] == ["f0"] * 8
+    assert X.shape == (36, tiny.cfg.n_layers, tiny.cfg.d_model)
+    assert y.tolist() == [float(lab == "lie") for lab in labs] and facts[:12] == ["f0"] * 12
     # Samples of one prompt share the prompt state but not the answer-token state.
     Xp, _, _ = op.rows("within_prompt", site="prompt")
-    assert torch.allclose(Xp[0], Xp[7]) and not torch.allclose(X[0], X[1:8], atol=1e-3)
+    assert torch.allclose(Xp[0], Xp[11]) and not torch.allclose(X[0], X[1:12], atol=1e-3)
     Xh, yh, _ = op.rows("vs_honest")
     assert (yh == 0).sum() == 3 and len(Xh) == 3 + sum(lab == "lie" for lab in op.greedy_labels)
     with pytest.raises(ValueError, match="site"):
@@ -98,3 +104,38 @@ def test_on_policy_labels_agree_with_greedy_top1(smol):
     agree_lying = (lying_true == (b.lying.correct & b.known)).float().mean().item()
     assert agree_known >= 11 / 12 and agree_lying >= 11 / 12, (agree_known, agree_lying)
     assert sum(op.counts()["all"].get(f"greedy/{lab}", 0) for lab in LABELS) == 12
+
+
+def test_one_prompt_pass_for_greedy_and_samples_equals_separate_runs(tiny):
+    """n_per_prompt/greedy_first: the greedy row equals plain greedy generation, and every sampled
+    row's states equal a teacher-forced pass over prompt + its own generated tokens."""
+    prompts = ["Q What is the capital of France ? A :", "Q capital of Peru ? A :", "Q hot ? A :"]
+    kw = dict(kinds=("resid_post",), max_new_tokens=3, eos_token_id=None)
+    plain = generate_with_states(tiny, prompts, **kw)
+    g = generate_with_states(
+        tiny, prompts, do_sample=True, temperature=5.0, n_per_prompt=4, greedy_first=True, batch_size=2, **kw
+    )
+    assert g.tokens.shape == (12, 3) and len(g.texts) == 12
+    greedy = g.take([0, 4, 8])
+    assert torch.equal(greedy.tokens, plain.tokens)
+    assert torch.allclose(greedy.states["resid_post"], plain.states["resid_post"], atol=1e-4)
+    samples = g.take([i for i in range(12) if i % 4])
+    assert len({tuple(t) for t in samples.tokens.tolist()}) > 3  # temperature 5: the samples differ
+    b = tokenize(tiny, [p for p in prompts for _ in range(3)])
+    for step in (1, 2):
+        tokens = torch.cat([b.tokens, samples.tokens[:, :step]], 1)
+        mask = torch.cat([b.attention_mask, torch.ones(9, step, dtype=torch.long)], 1)
+        ref = collect(tiny, Batch(tokens, mask), kinds=("resid_post",), progress=False)["resid_post"]
+        assert torch.allclose(samples.states["resid_post"][:, step], ref, atol=1e-4)
+    # Samples share their prompt's final-token state.
+    assert torch.allclose(samples.states["resid_post"][:3, 0], plain.states["resid_post"][:1, 0].expand(3, -1, -1))
+
+
+def test_on_policy_generates_long_enough_for_multi_token_truths(tiny):
+    prompts = ["Q capital of France ? A :", "Q capital of Peru ? A :"]
+    pairs = [
+        ContrastPair(p, "Q liar " + p[2:], "Lima Santiago Chile Paris", None, f"f{i}") for i, p in enumerate(prompts)
+    ]
+    op = on_policy(tiny, pairs, k=2, max_new_tokens=2, progress=False)
+    # The four-token truth raises the budget from 2 to 4 tokens (the tiny tokenizer has no EOS: all run to it).
+    assert op.honest.tokens.shape[1] == 4 and op.samples.tokens.shape[1] == 4

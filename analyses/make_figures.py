@@ -3,7 +3,8 @@
     python analyses/make_figures.py results/head_sweep/<run> results/sae_features/<run>
     python analyses/make_figures.py RUN... --out report/report.md
 
-Each RUN folder is recognised by its kind (head sweep, SAE features; see mechlie.report) and read
+Each RUN folder is recognised by its kind (head sweep, patching sweep, function vectors, steering,
+detection, SAE features; see mechlie.report) and read
 only from its saved files. Writes, under the folder of --out, one subfolder of figures per run
 (SVG + PNG, one style, 95% CIs where the saved data have them) and report.md with the headline
 numbers. A folder of an unknown kind, an older format or with a missing file is refused with one

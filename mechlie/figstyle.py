@@ -36,7 +36,18 @@ pio.templates["mechlie"] = go.layout.Template(
 
 
 def styled(fig: go.Figure, title: str, *, width: int = 800, height: int = 450) -> go.Figure:
-    fig.update_layout(template="mechlie", title=title, width=width, height=height)
+    """The house template, and the title wrapped to the figure's width (long titles name model,
+    dataset and n; a cut title would lose them)."""
+    import textwrap
+
+    lines = textwrap.wrap(title, width=max(40, int(width / 8.2))) or [""]
+    fig.update_layout(
+        template="mechlie",
+        title="<br>".join(lines),
+        width=width,
+        height=height + 18 * (len(lines) - 1),
+        margin={"t": 70 + 18 * (len(lines) - 1)},
+    )
     return fig
 
 
@@ -52,11 +63,12 @@ def bars_ci(
 ) -> go.Figure:
     """Grouped bars with 95% CI error bars: ``series[name][i] = (mean, lo, hi)``."""
     fig = go.Figure()
-    for name, vals in series.items():
+    for i, (name, vals) in enumerate(series.items()):
         m = [v[0] for v in vals]
         fig.add_trace(
             go.Bar(
                 name=name,
+                offsetgroup=str(i),  # null_markers(group=i) lines up with these bars
                 x=list(categories),
                 y=m,
                 error_y={
@@ -112,14 +124,67 @@ def lines_ci(
 
 
 def heatmap(
-    values, title: str, *, x_label: str = "head", y_label: str = "layer", colorbar: str = "", zmid: float | None = None
+    values,
+    title: str,
+    *,
+    x_label: str = "head",
+    y_label: str = "layer",
+    colorbar: str = "",
+    zmid: float | None = None,
+    x_ticks: Sequence[str] | None = None,
+    y_ticks: Sequence[str] | None = None,
+    annotate: bool = False,
 ) -> go.Figure:
+    """A heatmap; ``x_ticks`` / ``y_ticks`` name the columns / rows; ``annotate`` prints each value."""
     z = values.detach().float().cpu().numpy() if hasattr(values, "detach") else values
+    kw = {}
+    if x_ticks is not None:
+        kw["x"] = list(x_ticks)
+    if y_ticks is not None:
+        kw["y"] = list(y_ticks)
+    if annotate:
+        kw["text"] = [
+            ["" if v != v else f"{v:.2f}" for v in row] for row in (z.tolist() if hasattr(z, "tolist") else z)
+        ]
+        kw["texttemplate"] = "%{text}"
     fig = go.Figure(
-        go.Heatmap(z=z, colorscale="RdBu_r" if zmid is not None else "Viridis", zmid=zmid, colorbar={"title": colorbar})
+        go.Heatmap(
+            z=z, colorscale="RdBu_r" if zmid is not None else "Viridis", zmid=zmid, colorbar={"title": colorbar}, **kw
+        )
     )
     fig.update_layout(xaxis_title=x_label, yaxis_title=y_label)
+    if x_ticks is not None or y_ticks is not None:
+        fig.update_xaxes(type="category")
+        fig.update_yaxes(type="category")
     return styled(fig, title, width=650, height=600)
+
+
+def null_markers(
+    fig: go.Figure,
+    categories: Sequence[str],
+    values: Sequence[float | None],
+    name: str,
+    *,
+    group: int | None = None,
+    symbol: str = "line-ew-open",
+) -> go.Figure:
+    """Mark a per-category null / control level (e.g. the 95th percentile of a null) on a
+    :func:`bars_ci` chart; ``group=i`` puts each mark on series ``i``'s bar."""
+    kw = {}
+    if group is not None:
+        fig.update_layout(scattermode="group")
+        kw = {"offsetgroup": str(group)}
+    fig.add_trace(
+        go.Scatter(
+            x=list(categories),
+            y=list(values),
+            mode="markers",
+            name=name,
+            marker={"symbol": symbol, "size": 22, "color": "#222", "line": {"width": 2.5, "color": "#222"}},
+            **kw,
+        )
+    )
+    return fig
 
 
 def _alpha(hex_color: str, a: float) -> str:
@@ -139,7 +204,14 @@ def save_all(
     jobs = [(stem, fmt) for stem in figs for fmt in formats]
     tmps = [out_dir / f".{stem}.{os.getpid()}.tmp.{fmt}" for stem, fmt in jobs]
     try:
-        pio.write_images([figs[stem] for stem, _ in jobs], [str(t) for t in tmps])
+        # kaleido renders at its own default size unless told the layout's (700 x 500 cuts titles)
+        pio.write_images(
+            [figs[stem] for stem, _ in jobs],
+            [str(t) for t in tmps],
+            width=[figs[stem].layout.width for stem, _ in jobs],
+            height=[figs[stem].layout.height for stem, _ in jobs],
+            scale=[2 if fmt == "png" else 1 for _, fmt in jobs],
+        )
         for t in tmps:
             if not t.is_file() or t.stat().st_size == 0:
                 raise OSError(f"kaleido wrote no image to {t}")

@@ -11,8 +11,9 @@ Everything is built in memory first: a missing file, a run of an unknown kind or
 raises :class:`RunFormatError` before anything is written, and images are renamed into place only
 when all have rendered.
 
-Kinds: ``head_sweep`` (``analyses/head_sweep.py``) and ``sae_features``
-(``analyses/sae_features.py``). Adding one is one function::
+Kinds: ``head_sweep`` (``analyses/head_sweep.py``), ``patching_sweep``, ``function_vectors``,
+``steering`` (``analyses/steering_demo.py``), ``detection`` (``analyses/detect.py``) and
+``sae_features`` (``analyses/sae_features.py``). Adding one is one function::
 
     @register_kind("my_kind", detect=lambda run: (run / "my_result.safetensors").is_file())
     def my_kind(run: Path) -> RunReport: ...
@@ -349,6 +350,39 @@ def sae_report(run: Path) -> RunReport:
                 f"Red: ΔP(truth) when the top features are {mode}d at the final token "
                 "(band: 95% CI over pairs); grey: the same for random features of matched mean activation."
             )
+        op = r.get("on_policy")
+        if op and op.get("features"):
+            ofe = op["features"]
+            figs[f"{tag}_on_policy"] = figstyle.bars_ci(
+                [f"f{f['feature']}" for f in ofe],
+                {"f(lie) − f(truth)": [(f["diff"], f["lo"], f["hi"]) for f in ofe]},
+                f"SAE features of on-policy lies vs truths, same lying prompts ({s['model']}, {site}, "
+                f"n={op['n_test']} held-out pairs)",
+                y_label="activation difference",
+                hline=op["null_max_diff"],
+                hline_name="95% null of the max |difference| (label swaps)",
+                symmetric_hline=True,
+            )
+            captions[f"{tag}_on_policy"] = (
+                "Answers sampled under the lying prompt, at the first answer token: lies minus truths, per pair "
+                "(means of its samples), features chosen on training pairs, 95% CIs over held-out pairs."
+            )
+            fr = op.get("framing_features") or []
+            if fr:
+                figs[f"{tag}_framing_on_policy"] = figstyle.bars_ci(
+                    [f"f{f['feature']}" for f in fr],
+                    {"f(lie) − f(truth), on-policy": [(f["diff"], f["lo"], f["hi"]) for f in fr]},
+                    f"The lie direction's (framing) features on on-policy lies vs truths ({s['model']}, {site}, "
+                    f"n={op['n_test']} pairs)",
+                    y_label="activation difference",
+                    hline=op["null_max_diff"],
+                    hline_name="on-policy null of the max",
+                    symmetric_hline=True,
+                )
+                captions[f"{tag}_framing_on_policy"] = (
+                    "Do the features that separate honest from lying prompts also separate the lies the model "
+                    "tells from its truths under the same prompt? 95% CIs over held-out pairs."
+                )
         q = r["sae"].get("quality")
         if q:
             headline.append(
@@ -363,6 +397,17 @@ def sae_report(run: Path) -> RunReport:
             f"(null of the max {r['null_max_diff']:.3f}), effect size {top['effect_size']:.2f}, "
             f"decoder cosine {top['cosine']:.2f}."
         )
+        if op:
+            counts = f"{op['n_lie']} sampled lies, {op['n_truth']} truths, {op['n_pairs_with_both']} pairs with both"
+            if op.get("features"):
+                t0 = op["features"][0]
+                headline.append(
+                    f"- On-policy ({counts}): top feature f{t0['feature']} lie − truth "
+                    f"{_fmt(t0['diff'], t0['lo'], t0['hi'], 3)} (null of the max {op['null_max_diff']:.3f}, "
+                    f"{op['n_test']} held-out pairs)."
+                )
+            else:
+                headline.append(f"- On-policy: {counts}; {op.get('too_few', 'no decomposition')}.")
         for mode, c in r["causal"].items():
             headline.append(
                 f"- {mode} {len(c['features'])} top features: ΔP(truth) "
@@ -557,3 +602,298 @@ def function_vectors_report(run: Path) -> RunReport:
                 f"diff of means {_fmt(d['mean'], d['lo'], d['hi'], 3)}."
             )
     return RunReport("function_vectors", run, f"Function vectors: {where}", headline, figs, captions)
+
+
+# ---------------------------------------------------------------------------------------------
+# steering (analyses/steering_demo.py)
+
+
+def _is_steering(run: Path) -> bool:
+    s = json.loads((run / "summary.json").read_text())
+    return s.get("kind") == "steering" or ("evaluation_on_test" in s and "chosen_on_validation" in s)
+
+
+def _est(d: dict) -> tuple[float, float, float]:
+    """(mean, lo, hi) of a saved :class:`mechlie.stats.Estimate` (``{"mean","lo","hi","n"}``)."""
+    return (d["mean"], d["lo"], d["hi"])
+
+
+def _config(run: Path) -> dict:
+    """The run's settings from ``config.json`` (mechlie.cli nests them under ``config``), or {}."""
+    p = run / "config.json"
+    if not p.is_file():
+        return {}
+    c = _json(p)
+    return c.get("config", c) if isinstance(c, dict) else {}
+
+
+def _setting(st: dict) -> str:
+    desc = f"L{st['layer']} " if st.get("layer", -1) >= 0 else ""
+    return f"{desc}α={st['alpha']:g}" + (f" {st['param']}" if st.get("param") else "")
+
+
+@register_kind("steering", detect=_is_steering)
+def steering_report(run: Path) -> RunReport:
+    s = _json(run / "summary.json")
+    _need(s, ("model", "evaluation_on_test", "chosen_on_validation", "best", "baseline"), run / "summary.json")
+    sweep = _json(run / "sweep.json")
+    _need(sweep, ("sweep",), run / "sweep.json")
+    ev = s["evaluation_on_test"]
+    if not ev:
+        raise RunFormatError(f"{run}/summary.json has no evaluated method: an unfinished run; rerun")
+    for r in ev.values():
+        _need(r, ("recovered", "kl", "control"), run / "summary.json")
+    methods = list(ev)
+    n = ev[methods[0]]["recovered"].get("n", "?")
+    ds = _config(run).get("dataset", "?")
+    where = f"{s['model']}, {ds}, n={n} test facts"
+    figs = {
+        "steering_recovered": figstyle.bars_ci(
+            methods,
+            {
+                "chosen setting, test (95% CI over facts)": [_est(ev[m]["recovered"]) for m in methods],
+                "random draws of the same size (mean, 95% of draws)": [
+                    _est(ev[m]["control"]["recovered"]) for m in methods
+                ],
+            },
+            f"Share of the honest−lying P(truth) gap closed on lying prompts ({where})",
+            y_label="gap recovered",
+            hline=1.0,
+            hline_name="honest baseline",
+        ),
+        "steering_kl": figstyle.bars_ci(
+            methods,
+            {
+                "chosen setting, test": [_est(ev[m]["kl"]) for m in methods],
+                "random draws of the same size": [_est(ev[m]["control"]["kl"]) for m in methods],
+            },
+            f"Side effect: KL(clean ‖ steered) per token on neutral text ({where})",
+            y_label="KL (nats)",
+        ),
+    }
+    captions = {
+        "steering_recovered": "Each method at its setting chosen on validation facts (KL budget), measured on test "
+        "facts: share of the P(truth) gap closed, 95% CI over facts; beside random interventions of the same size.",
+        "steering_kl": "The same settings' KL on held-out neutral text, 95% CI; beside the random draws.",
+    }
+    # Frontier: every validation sweep point, and the evaluated test points with CIs on both axes.
+    fig = go.Figure()
+    for i, (m, pts) in enumerate(sweep["sweep"].items()):
+        if not pts:
+            continue
+        c = figstyle.COLORS[i % len(figstyle.COLORS)]
+        fig.add_trace(
+            go.Scatter(
+                x=[max(p["kl"], 1e-6) for p in pts],
+                y=[p["recovered"] for p in pts],
+                mode="markers",
+                name=f"{m} (validation sweep)",
+                marker={"color": c, "size": 6, "opacity": 0.45},
+                text=[_setting(p["setting"]) for p in pts],
+            )
+        )
+        if m in ev:
+            r = ev[m]
+            kl, rec = _est(r["kl"]), _est(r["recovered"])
+            fig.add_trace(
+                go.Scatter(
+                    x=[max(kl[0], 1e-6)],
+                    y=[rec[0]],
+                    mode="markers",
+                    name=f"{m} chosen, test (95% CI)",
+                    marker={"color": c, "size": 12, "symbol": "diamond", "line": {"color": "#222", "width": 1}},
+                    error_x={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [kl[2] - kl[0]],
+                        "arrayminus": [kl[0] - kl[1]],
+                    },
+                    error_y={
+                        "type": "data",
+                        "symmetric": False,
+                        "array": [rec[2] - rec[0]],
+                        "arrayminus": [rec[0] - rec[1]],
+                    },
+                )
+            )
+    fig.add_hline(y=1.0, line_dash="dash", line_color="#555", annotation_text="honest baseline")
+    fig.update_layout(
+        xaxis_type="log", xaxis_title="KL per token on neutral text (nats, log)", yaxis_title="gap recovered"
+    )
+    figs["steering_frontier"] = figstyle.styled(
+        fig, f"Honesty recovered vs side effects ({where}; sweep on validation facts, chosen points on test)", width=950
+    )
+    captions["steering_frontier"] = (
+        "Every swept setting on validation facts (small markers) and each method's chosen setting on test facts "
+        "(diamonds, 95% CIs on both axes)."
+    )
+    resid = [p for p in sweep["sweep"].get("resid", []) if p["setting"].get("layer", -1) >= 0]
+    if resid:
+        layers = sorted({p["setting"]["layer"] for p in resid})
+        alphas = sorted({p["setting"]["alpha"] for p in resid})
+        grid = torch.full((len(alphas), len(layers)), float("nan"))
+        for p in resid:
+            grid[alphas.index(p["setting"]["alpha"]), layers.index(p["setting"]["layer"])] = p["recovered"]
+        figs["steering_resid_dose"] = figstyle.heatmap(
+            grid,
+            f"Residual steering on validation facts: gap recovered by layer and α ({s['model']})",
+            x_label="layer",
+            y_label="α (< 0: toward honesty)",
+            colorbar="recovered",
+            zmid=0.0,
+            x_ticks=[str(l) for l in layers],
+            y_ticks=[f"{a:g}" for a in alphas],
+            annotate=True,
+        )
+        captions["steering_resid_dose"] = "Dose-response of the residual difference-of-means vector (validation)."
+    b = s["best"]
+    headline = [
+        f"- Best method on test: **{b['method']}** ({_setting(b['setting'])}): gap recovered "
+        f"{_fmt(*_est(b['recovered']), 3)} at KL {_fmt(*_est(b['kl']), 3)} nats "
+        f"(goal: {b.get('goal', '?')}: {'met' if b.get('goal_met') else 'NOT met'})."
+    ]
+    for m in methods:
+        r = ev[m]
+        c = r["control"]
+        headline.append(
+            f"- {m} ({_setting(s['chosen_on_validation'][m]['setting'])}): recovered {_fmt(*_est(r['recovered']), 3)}, "
+            f"KL {_fmt(*_est(r['kl']), 3)}; {c.get('n_draws', '?')} random draws: recovered "
+            f"{_fmt(*_est(c['recovered']), 3)} (mean, 95% of draws)."
+        )
+    return RunReport("steering", run, f"Steering: {where}", headline, figs, captions)
+
+
+# ---------------------------------------------------------------------------------------------
+# detection (analyses/detect.py)
+
+
+def _is_detection(run: Path) -> bool:
+    s = json.loads((run / "summary.json").read_text())
+    return s.get("kind") == "detection" or ("loro" in s and "detector" in s and "key_cells" in s)
+
+
+@register_kind("detection", detect=_is_detection)
+def detection_report(run: Path) -> RunReport:
+    s = _json(run / "summary.json")
+    _need(s, ("model", "n_pairs", "layer", "loro", "loro_on_policy", "key_cells", "detector"), run / "summary.json")
+    mx = _json(run / "matrix.json")
+    _need(mx, ("matrix",), run / "matrix.json")
+    rels = _config(run).get("relations") or s.get("relations") or "?"
+    rels = "+".join(rels) if isinstance(rels, list) else str(rels)
+    where = f"{s['model']}, {rels}, n={s['n_pairs']} pairs, layer {s['layer']}"
+    figs: dict[str, go.Figure] = {}
+    captions: dict[str, str] = {}
+    headline: list[str] = []
+    # Leave-one-relation-out AUROC per probe, framing vs on-policy labels, with each null's 95th pct.
+    probes = sorted(set(s["loro"]) | set(s["loro_on_policy"]))
+    if probes:
+        series, nulls = {}, {}
+        for name, key in (("framing labels", "loro"), ("on-policy labels", "loro_on_policy")):
+            d = s[key]
+            nan = (float("nan"),) * 3
+            series[name] = [(d[p]["mean_auroc"], d[p]["lo"], d[p]["hi"]) if p in d else nan for p in probes]
+            nulls[name] = [d.get(p, {}).get("null_shuffled_q95") for p in probes]
+        fig = figstyle.bars_ci(
+            probes,
+            series,
+            f"Leave-one-relation-out AUROC of each probe ({where})",
+            y_label="AUROC (mean over held-out relations)",
+            hline=0.5,
+            hline_name="chance",
+        )
+        for i, (name, vals) in enumerate(nulls.items()):
+            if any(v is not None for v in vals):
+                figstyle.null_markers(fig, probes, vals, f"{name}: shuffled-label null, 95th pct.", group=i)
+        figs["detect_loro"] = fig
+        captions["detect_loro"] = (
+            "Probes trained on the other relations, tested on the held-out relation's test facts; 95% CI from "
+            "the bootstrap over facts; markers: the 95th percentile of the shuffled-label null."
+        )
+        for p in probes:
+            for name, key in (("framing", "loro"), ("on-policy", "loro_on_policy")):
+                d = s[key].get(p)
+                if d and d.get("mean_auroc") is not None:
+                    beats = d.get("null_shuffled_q95") is not None and d["lo"] > d["null_shuffled_q95"]
+                    headline.append(
+                        f"- {p}, {name} labels, leave-one-relation-out AUROC {_fmt(d['mean_auroc'], d['lo'], d['hi'])}"
+                        f" over {d.get('n_relations', '?')} relations; shuffled null 95th pct. "
+                        f"{_num(d.get('null_shuffled_q95'))}, random-direction null {_num(d.get('null_random_q95'))}"
+                        f" ({'CI above the null' if beats else 'no better than the control'})."
+                    )
+    # Key transfer cells.
+    cells = [(p, c, v) for p, row in s["key_cells"].items() for c, v in row.items() if v.get("auroc") is not None]
+    if cells:
+        names = [f"{p}: {c}" for p, c, _ in cells]
+        fig = figstyle.bars_ci(
+            names,
+            {"AUROC (95% CI over facts)": [(v["auroc"], v["lo"], v["hi"]) for _, _, v in cells]},
+            f"Transfer AUROC, train set → test set ({where})",
+            y_label="AUROC",
+            hline=0.5,
+            hline_name="chance",
+        )
+        figstyle.null_markers(fig, names, [v.get("null_shuffled_q95") for _, _, v in cells], "shuffled null, 95th pct.")
+        figstyle.null_markers(
+            fig, names, [v.get("null_random_q95") for _, _, v in cells], "random direction, 95th pct."
+        )
+        figs["detect_transfer"] = fig
+        captions["detect_transfer"] = "Key train → test cells of the generalisation matrix, with both nulls."
+    # The generalisation matrix, one heatmap per probe.
+    for p, rows in mx["matrix"].items():
+        train = list(rows)
+        test = sorted({t for r in rows.values() for t in r})
+        if not train or not test:
+            continue
+        grid = [[(rows[a].get(b) or {}).get("auroc") for b in test] for a in train]
+        grid = [[float("nan") if v is None else v for v in row] for row in grid]
+        figs[f"detect_matrix_{p}"] = figstyle.heatmap(
+            grid,
+            f"{p}: AUROC, probe trained on row, tested on column ({where})",
+            x_label="test set",
+            y_label="train set",
+            colorbar="AUROC",
+            zmid=0.5,
+            x_ticks=test,
+            y_ticks=train,
+            annotate=True,
+        )
+        captions[f"detect_matrix_{p}"] = f"Generalisation matrix of the {p} probe (held-out facts)."
+    # Calibrated detectors: held-out FPR and recall with CIs, at each target FPR.
+    same = {k: v for k, v in s["detector"].items() if k != "path"} == {
+        k: v for k, v in (s.get("detector_framing") or {}).items() if k != "path"
+    }
+    if same:  # detect.py saves the framing detector as the main one when on-policy rows were too few
+        headline.append("- Too few on-policy rows for an on-policy detector: the main detector is the framing one.")
+    for key, label in (("detector", "main"), ("detector_framing", "framing")):
+        d = s.get(key)
+        if not d or not d.get("calibration") or (same and key == "detector"):
+            continue
+        cal = d["calibration"]
+        targets = sorted(cal, key=float)
+        series = {"held-out false-positive rate": [_est(cal[t]["held_out_fpr"]) for t in targets]}
+        for rname in sorted({r for t in targets for r in cal[t].get("recall", {})}):
+            nan = (float("nan"),) * 3
+            series[f"recall: {rname}"] = [
+                _est(cal[t]["recall"][rname]) if rname in cal[t]["recall"] else nan for t in targets
+            ]
+        fig = figstyle.bars_ci(
+            [f"target FPR {t}" for t in targets],
+            series,
+            f"{label.capitalize()} detector ({d.get('probe', '?')}, {d.get('site', '?')} site, layer "
+            f"{d.get('layer', '?')}): calibrated on controls ({s['model']})",
+            y_label="rate",
+        )
+        figs[f"detect_{label}_calibration"] = fig
+        captions[f"detect_{label}_calibration"] = (
+            "Threshold set on control text at each target false-positive rate; held-out FPR and recall, 95% CIs."
+        )
+        for t in targets:
+            c = cal[t]
+            rec = "; ".join(f"recall on {r} {_fmt(*_est(v))}" for r, v in c.get("recall", {}).items())
+            headline.append(
+                f"- {label} detector at target FPR {t}: held-out FPR {_fmt(*_est(c['held_out_fpr']), 3)}; {rec}."
+            )
+    lc = s.get("label_counts")
+    if lc:
+        headline.append("- On-policy label counts: " + ", ".join(f"{k} {v}" for k, v in lc.items()) + ".")
+    return RunReport("detection", run, f"Lie detection: {where}", headline, figs, captions)

@@ -285,3 +285,78 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     assert run_script(SAEFeaturesConfig, main, argv=["--sites", "blocks.x", "--out-dir", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory) -> dict[str, Path]:
+    """Steering and detection runs written by their own scripts on tiny models (the saved formats
+    make_figures reads are those of analyses/steering_demo.py and analyses/detect.py)."""
+    from steer_fixtures import word_pairs
+
+    import mechlie.models
+    import mechlie.pairs
+    from analyses import detect, steering_demo
+    from mechlie.cli import run_script
+
+    tmp = tmp_path_factory.mktemp("script_runs")
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(mechlie.models, "load_model", lambda *a, **k: tiny_model())
+        mp.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: word_pairs())
+        argv = (
+            "--model tiny --layers 1 2 --head-ks 2 --head-alphas -2 --resid-alphas -1 -3 --edit-budgets 0.05 "
+            "--edit-scales -1 --edit-steps 3 --n-controls 3 --n-boot 50 --val-frac 0.34 --test-frac 0.34 "
+            "--causal-pairs 2 --n-demo 2 --max-new-tokens 2 --methods resid iti learned"
+        ).split()
+        assert (
+            run_script(steering_demo.Config, steering_demo.main, argv=argv + ["--out-dir", str(tmp / "steering")]) == 0
+        )
+        mp.undo()
+        model = tiny_model(n_ctx=256)
+        mp.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+        argv = (
+            "--relations capitals opposites numbers --n-pairs 10 --k 2 --no-known-filter --probes diff_of_means "
+            "logistic --n-null 3 --n-random 20 --n-boot 50 --fpr 0.1 --n-control-prompts 8"
+        ).split()
+        assert run_script(detect.Config, detect.main, argv=argv + ["--out-dir", str(tmp / "detection")]) == 0
+    finally:
+        mp.undo()
+    return {kind: next(p for p in (tmp / kind).iterdir() if p.is_dir()) for kind in ("steering", "detection")}
+
+
+def test_steering_and_detection_runs_regenerate_every_figure(script_runs, tmp_path):
+    from analyses.make_figures import main
+
+    out = tmp_path / "report" / "report.md"
+    assert main([str(r) for r in script_runs.values()] + ["--out", str(out)]) == 0
+    text = out.read_text()
+    for kind, run in script_runs.items():
+        rep = R.build_report(run)
+        assert rep.kind == kind and rep.headline and rep.title in text
+        for stem in rep.figures:
+            for fmt in ("svg", "png"):
+                f = out.parent / f"{kind}-{run.name}" / f"{stem}.{fmt}"
+                assert f.is_file() and f.stat().st_size > 1000, f
+    steer = R.build_report(script_runs["steering"])
+    assert {"steering_recovered", "steering_kl", "steering_frontier", "steering_resid_dose"} <= set(steer.figures)
+    s = json.loads((script_runs["steering"] / "summary.json").read_text())
+    bars = steer.figures["steering_recovered"].data[0]
+    assert list(bars.x) == list(s["evaluation_on_test"])  # one bar per evaluated method, with its CI
+    for m, y, plus, minus in zip(bars.x, bars.y, bars.error_y.array, bars.error_y.arrayminus):
+        r = s["evaluation_on_test"][m]["recovered"]
+        assert (y, y + plus, y - minus) == pytest.approx((r["mean"], r["hi"], r["lo"]))
+    assert "n=" in steer.figures["steering_recovered"].layout.title.text and "Best method on test" in text
+    det = R.build_report(script_runs["detection"])
+    d = json.loads((script_runs["detection"] / "summary.json").read_text())
+    assert {"detect_loro", "detect_transfer", "detect_matrix_logistic"} <= set(det.figures)
+    loro = det.figures["detect_loro"].data[0]  # framing labels: mean AUROC with its CI per probe
+    for p, y, plus in zip(loro.x, loro.y, loro.error_y.array):
+        assert y == pytest.approx(d["loro"][p]["mean_auroc"]) and y + plus == pytest.approx(d["loro"][p]["hi"])
+    assert f"n={d['n_pairs']} pairs" in det.figures["detect_loro"].layout.title.text
+    # A steering run whose evaluation file is gone, or a detection run without matrix.json: refused.
+    for kind, name in (("steering", "sweep.json"), ("detection", "matrix.json")):
+        broken = tmp_path / f"broken_{kind}"
+        shutil.copytree(script_runs[kind], broken)
+        (broken / name).unlink()
+        with pytest.raises(R.RunFormatError, match="missing results file"):
+            R.build_report(broken)

@@ -19,8 +19,8 @@ import time
 import torch
 
 from mechlie.cli import RunDir, run_script
-from mechlie.head_sweep import HeadSweepConfig, run_head_sweep, summarize, sweep_figures
-from mechlie.plotting import png_problem, save_figure
+from mechlie.head_sweep import HeadSweepConfig, patching_summary, run_head_sweep, summarize, sweep_figures
+from mechlie.plotting import png_problem, save_figures
 
 
 def main(cfg: HeadSweepConfig, run: RunDir) -> dict:
@@ -28,11 +28,21 @@ def main(cfg: HeadSweepConfig, run: RunDir) -> dict:
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
+    times = {}
     model = load_model(cfg.model)
+    times["load_model"] = time.time() - t0
     res = run_head_sweep(cfg, model, run)
-    summary = summarize(res)
-    summary["figures"] = {name: save_figure(fig, run.path / name) for name, fig in sweep_figures(res).items()}
+    times["sweep"] = time.time() - t0 - sum(times.values())
+    ps = patching_summary(res)  # bootstrapped once for the summary and the figures
+    summary = summarize(res, ps=ps)
+    times["summary"] = time.time() - t0 - sum(times.values())
+    summary["figures"] = save_figures(sweep_figures(res, ps=ps), run.path)
+    times["figures"] = time.time() - t0 - sum(times.values())
+    if cfg.views:
+        summary["views"] = head_views(cfg, model, res, summary)
+        times["views"] = time.time() - t0 - sum(times.values())
     summary["seconds"] = round(time.time() - t0, 1)
+    summary["stage_seconds"] = {k: round(v, 1) for k, v in times.items()}
 
     b, d = summary["behaviour"], summary["data"]
     print(
@@ -63,12 +73,35 @@ def main(cfg: HeadSweepConfig, run: RunDir) -> dict:
             f"  L{t['layer']:>2}H{t['head']}: {t['effect']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]  "
             f"top-1 {t['top1_share']:.2f}, top-{cfg.top_k} {t['topk_share']:.2f}  (AUROC {t['auroc']:.2f})"
         )
+    if summary.get("views"):
+        print(f"\nHead views (top 3 heads, {VIEW_PAIRS} held-out pairs): {summary['views']}")
     for w in summary["warnings"]:
         print(f"\nWARNING: {w}")
     if png_problem():
         print(f"\n{png_problem()}")
-    print(f"\nWrote {run.path}/: figures {', '.join(summary['figures'])} (.html/.png) in {summary['seconds']} s")
+    stages = ", ".join(f"{k} {v} s" for k, v in summary["stage_seconds"].items())
+    figs = ", ".join(summary["figures"])
+    print(f"\nWrote {run.path}/: figures {figs} (.html/.png) in {summary['seconds']} s ({stages})")
     return summary
+
+
+VIEW_PAIRS = 8  # held-out pairs shown in the head views (one batch of 16 prompts: a few seconds)
+
+
+def head_views(cfg: HeadSweepConfig, model, res, summary: dict) -> str | None:
+    """circuitsvis views of the top 3 heads by patching effect (mechlie.views), on the first
+    VIEW_PAIRS patched pairs; None, with a warning, when the prompts are not few-shot."""
+    from mechlie.pairs import PairError
+    from mechlie.views import write_head_views
+
+    top3 = [(t["layer"], t["head"]) for t in summary["top_heads_by_patching"][:3]]
+    by_fact = {p.fact_id: p for p in res.pairs}
+    pairs = [by_fact[f] for f in res.patch_pairs[:VIEW_PAIRS]]
+    try:
+        return str(write_head_views(model, pairs, top3, res.run_dir, n_boot=cfg.n_boot, seed=cfg.seed))
+    except PairError as e:  # e.g. instruct prompts have no demonstrations to attend to
+        summary["warnings"].append(f"head views not written: {e}")
+        return None
 
 
 def _ci(e: dict, p: int = 3) -> str:

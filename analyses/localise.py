@@ -228,7 +228,7 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
 
     # 4. circuit diagram
     figs["circuit"] = circuit_figure(receiver, names, est.mean, pr.channels, curves["restore"].minimal_set)
-    summary["figures"] = {name: plotting.save_figure(fig, run.path / name) for name, fig in figs.items()}
+    summary["figures"] = plotting.save_figures(figs, run.path)
     save_tensors(run.file("scores.safetensors"), tensors, {"receiver": list(receiver), "senders": names})
     summary["seconds"] = round(time.time() - t0, 1)
     print(f"\nWrote {run.path}/ in {summary['seconds']} s")

@@ -117,7 +117,8 @@ class JointResult:
 
 
 @torch.inference_mode()
-def _source_z(model: HookedTransformer, prompts: Sequence[str], batch_size: int) -> tuple[Tensor, Tensor]:
+def source_z(model: HookedTransformer, prompts: Sequence[str], batch_size: int = 16) -> tuple[Tensor, Tensor]:
+    """Final-position ``z`` of every head ``[n, L, H, d_head]`` and the logits of ``prompts``."""
     from mechlie.kv import collect_batch
 
     acts = collect_batch(model, tokenize(model, list(prompts)), ("z",), batch_size=batch_size)
@@ -134,13 +135,17 @@ def joint_patch(
     batch_size: int = 16,
     max_rows: int = 1024,
     progress: bool = True,
+    source: tuple[Tensor, Tensor] | None = None,
 ) -> JointResult:
     """Patch each set of heads together (their ``z`` at the final position) from source to target.
 
     Args:
         pairs: (honest, lying) pairs.
-        head_sets: sets of (layer, head); each set is one row per pair.
+        head_sets: sets of (layer, head); each set is one row per pair. Identical sets (as sets)
+            run once.
         direction: ``"restore"`` (honest into lying) or ``"induce"`` (lying into honest).
+        source: the source prompts' final-position ``z`` ``[n, L, H, d_head]`` and logits, if
+            already collected (:func:`source_z`).
 
     Returns:
         :class:`JointResult` with ``[n_pairs, n_sets]`` scores; ``effect()`` is normalized.
@@ -151,12 +156,22 @@ def joint_patch(
     """
     if not pairs:
         raise PairError("no pairs to patch")
-    sets = tuple(check_heads(model, s) for s in head_sets)
-    if not sets:
+    all_sets = tuple(check_heads(model, s) for s in head_sets)
+    if not all_sets:
         raise ValueError("no head sets to patch")
+    # Patching is order-free within a set: run each distinct set once (e.g. every random k-set of
+    # k = all heads is the same set).
+    key = [frozenset(s) for s in all_sets]
+    first = {k: i for i, k in reversed(list(enumerate(key)))}
+    uniq_keys = list(dict.fromkeys(key))
+    sets = tuple(all_sets[first[k]] for k in uniq_keys)
+    pos = {k: j for j, k in enumerate(uniq_keys)}
+    back = torch.tensor([pos[k] for k in key])
     src_prompts, tgt_prompts = _sides(pairs, direction)
     answers = answer_set(model.tokenizer, pairs)
-    src_z, src_logits = _source_z(model, src_prompts, batch_size)
+    src_z, src_logits = source_z(model, src_prompts, batch_size) if source is None else source
+    if src_z.shape[0] != len(pairs) or src_logits.shape[0] != len(pairs):
+        raise ValueError(f"source activations hold {src_z.shape[0]} prompts for {len(pairs)} pairs")
     n, S = len(pairs), len(sets)
     # entries of one pair's rows: set s holds its heads
     set_of = torch.cat([torch.full((len(s),), i) for i, s in enumerate(sets)])
@@ -180,7 +195,12 @@ def joint_patch(
         p_truth[idx] = sc.p_truth.reshape(S, B).T
         logit_diff[idx] = sc.logit_diff.reshape(S, B).T
     return JointResult(
-        direction, sets, p_truth, logit_diff, score_logits(src_logits, answers), score_logits(tgt_logits, answers)
+        direction,
+        all_sets,
+        p_truth[:, back],
+        logit_diff[:, back],
+        score_logits(src_logits, answers),
+        score_logits(tgt_logits, answers),
     )
 
 
@@ -215,7 +235,9 @@ class TopKCurve:
     minimal_set: tuple[Head, ...]
     n_heads: int
     n_test: int
-    all_k_effect: Float[Tensor, " k_all"] = field(default_factory=lambda: torch.empty(0))  # every k = 1..n_heads
+    # every k = 1..k_cap (the first curve k every bootstrap resample has crossed the threshold at;
+    # all heads if none): enough to find the minimal k of the data and of every resample
+    all_k_effect: Float[Tensor, " k_all"] = field(default_factory=lambda: torch.empty(0))
 
     @property
     def minimal_share(self) -> float:
@@ -239,6 +261,13 @@ class TopKCurve:
             "minimal_set": [list(h) for h in self.minimal_set],
             "ranking_top10": [list(h) for h in self.ranking[:10]],
         }
+
+
+def _percentiles(draws: Tensor, level: float = 0.95) -> Tensor:
+    """2.5% and 97.5% quantiles over draws (non-finite draws ignored), ``[2, *c]``: the
+    percentile CI of :func:`mechlie.stats.bootstrap_tensor`."""
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
+    return torch.nanquantile(draws.masked_fill(~torch.isfinite(draws), float("nan")), q, dim=0)
 
 
 def minimal_k(effects: Float[Tensor, " k_all"], threshold: float) -> int | None:
@@ -304,17 +333,34 @@ def topk_curve(
     )
     g = torch.Generator().manual_seed(seed)
     rand_sets = [[ranking[int(i)] for i in torch.randperm(N, generator=g)[:k]] for k in ks for _ in range(n_random)]
-    all_top = [ranking[:k] for k in range(1, N + 1)]
-    res = joint_patch(model, test, all_top + rand_sets, direction=direction, batch_size=batch_size, progress=progress)
     n = len(test)
-    top_all = res.effect(metric)[:N]  # every k
-    rand = res.effect(metric)[N:].reshape(len(ks), n_random)
+    src_prompts, _ = _sides(test, direction)
+    source = source_z(model, src_prompts, batch_size)
+
+    def joint(sets):
+        return joint_patch(
+            model, test, sets, direction=direction, batch_size=batch_size, progress=progress, source=source
+        )
+
+    # Round 1: the curve's k, the random k-sets, and the bootstrap draws of the curve.
+    res = joint([ranking[:k] for k in ks] + rand_sets)
+    grid = res.effect(metric)[: len(ks)]
+    rand = res.effect(metric)[len(ks) :].reshape(len(ks), n_random)
+    top_draws = bootstrap_draws(lambda i: res.effect(metric, i)[: len(ks)], n, n_boot=n_boot, seed=seed)
     top_est = [
-        Estimate(float(e.mean), float(e.lo), float(e.hi), n)
-        for e in (bootstrap_tensor(lambda i: res.effect(metric, i)[k - 1 : k], n, n_boot=n_boot, seed=seed) for k in ks)
+        Estimate(float(grid[j]), float(lo), float(hi), n)
+        for j, (lo, hi) in enumerate(_percentiles(top_draws).T.tolist())
     ]
+    # Round 2: every k up to k_cap, the first curve k whose top-k set reaches the threshold on the
+    # full data and on every bootstrap resample: each one's minimal k is <= k_cap, so searching
+    # k = 1..k_cap is exact (without such a k, every k up to all heads is searched).
+    crossed = (grid >= threshold) & (top_draws >= threshold).all(0)
+    k_cap = ks[int(crossed.nonzero()[0, 0])] if bool(crossed.any()) else N
+    every = joint([ranking[:k] for k in range(1, k_cap + 1)])
+    top_all = every.effect(metric)
     kmin = minimal_k(top_all, threshold)
-    draws = bootstrap_draws(lambda i: res.effect(metric, i)[:N], n, n_boot=n_boot, seed=seed)
+    # The same seed gives the same resamples of the test pairs as the curve's CIs.
+    draws = bootstrap_draws(lambda i: every.effect(metric, i), n, n_boot=n_boot, seed=seed)
     kd = torch.tensor([float(minimal_k(d, threshold) or math.inf) for d in draws])
     lo, hi = (
         torch.quantile(kd.clamp(max=N + 1), torch.tensor([0.025, 0.975])).tolist() if len(kd) else (math.nan, math.nan)

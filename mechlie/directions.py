@@ -303,7 +303,16 @@ def score_directions(
         r = torch.cat([rows[i] for i in idx.tolist()]) if not one_each else torch.cat(rows)[idx]
         return auroc(proj_l[r], proj_h[r])
 
-    ci = stats.bootstrap_tensor(held_out_auroc, len(rows), n_boot=n_boot, seed=seed)
+    def held_out_auroc_batched(idx: Tensor) -> Tensor:
+        # one pair per fact: a block of resamples [b, n] at once, the sample axis first for auroc
+        r = torch.cat(rows)[idx]
+        return auroc(proj_l[r].movedim(1, 0), proj_h[r].movedim(1, 0))
+
+    ci = (
+        stats.bootstrap_tensor(held_out_auroc_batched, len(rows), n_boot=n_boot, seed=seed, batched=True)
+        if one_each
+        else stats.bootstrap_tensor(held_out_auroc, len(rows), n_boot=n_boot, seed=seed)
+    )
 
     def scores(dirs: Tensor, swap_te: Tensor | None) -> Tensor:
         """Held-out AUROC of ``dirs[k, *c, d]``; ``swap_te[k, n_te]`` swaps test labels per draw."""

@@ -35,18 +35,30 @@ import torch
 from transformer_lens import HookedTransformer
 
 from mechlie import stats
-from mechlie.activations import Activations, collect
+from mechlie.activations import Activations
 from mechlie.cli import RunDir, prepare_run
 from mechlie.directions import DirectionScores, Split, score_directions, split_by_fact
 from mechlie.io import load_tensors, save_tensors
-from mechlie.kv import top_heads
+from mechlie.kv import FinalActs, collect_batch, top_heads
 from mechlie.metrics import AnswerScores, Behaviour, score_logits
 from mechlie.models import DEFAULT_MODEL
-from mechlie.pairs import RELATIONS, ContrastPair, PairError, answer_set, load_builtin, load_pairs_file
+from mechlie.pairs import (
+    RELATIONS,
+    AnswerTokenError,
+    ContrastPair,
+    PairError,
+    answer_set,
+    answer_token_ids,
+    load_builtin,
+    load_pairs_file,
+    tokenize,
+)
 
 log = logging.getLogger(__name__)
 
 PAIR_FILE_SUFFIXES = (".csv", ".jsonl")
+PATCH_KINDS = ("z", "resid_pre")  # patched at the final position: each head's z, each layer's input
+ACT_KINDS = ("head_out", "resid_post") + PATCH_KINDS  # stage 1: directions (head_out, resid_post) + patching
 MIN_TEST_FACTS = 10  # below this the held-out AUROC's CI is too wide to mean much: warn
 
 
@@ -67,6 +79,17 @@ class HeadSweepConfig:
         },
     )
     max_rows: int = field(default=0, metadata={"help": "pairs file: use only its first N rows (0 = every row)"})
+    multi_token: Literal["first", "drop"] = field(
+        default="first",
+        metadata={
+            "help": "pairs whose truth or lie is several tokens: 'first' scores them by the first token of each "
+            "spelling (a pair whose truth and lie share a first token is an error), 'drop' leaves them out (counted)"
+        },
+    )
+    views: bool = field(
+        default=True,
+        metadata={"help": "write circuitsvis views of the top 3 heads (lying_heads.html/.json)", "run": False},
+    )
     n_patch: int = field(default=24, metadata={"help": "pairs to patch (held-out facts first)"})
     known_only: bool = field(default=True, metadata={"help": "keep facts the model answers correctly when honest"})
     test_frac: float = field(default=0.3, metadata={"help": "share of facts held out to score directions"})
@@ -87,6 +110,8 @@ class HeadSweepConfig:
             )
         if is_file and not Path(self.dataset).is_file():
             raise FileNotFoundError(f"--dataset: no such file: {self.dataset}")
+        if self.multi_token not in ("first", "drop"):
+            raise ValueError(f"--multi-token must be first or drop, got {self.multi_token!r}")
         if self.fmt not in ("instruct", "fewshot", "both"):
             raise ValueError(f"--fmt must be instruct, fewshot or both, got {self.fmt!r}")
         if self.n_pairs < 0 or self.max_rows < 0:
@@ -132,14 +157,16 @@ def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair
     if cfg.is_file:
         path = Path(cfg.dataset)
         n_rows = _count_rows(path)
-        pairs = load_pairs_file(path, tokenizer=tokenizer, on_multitoken="drop")
+        on_multi = "drop" if cfg.multi_token == "drop" else "keep"
+        pairs = load_pairs_file(path, tokenizer=tokenizer, on_multitoken=on_multi)
         info = {"source": str(path), "rows_read": n_rows, "rows_dropped_multitoken_answer": n_rows - len(pairs)}
         if cfg.max_rows and cfg.max_rows < len(pairs):
             info["rows_not_used_max_rows"] = len(pairs) - cfg.max_rows
             pairs = pairs[: cfg.max_rows]
         info["pairs_used"] = len(pairs)
         log.info(
-            "%s: %d rows read, %d dropped (an answer is not one token), %d not used (--max-rows), %d pairs used",
+            "%s: %d rows read, %d dropped (an answer is not one token; --multi-token drop), %d not used "
+            "(--max-rows), %d pairs used",
             path,
             n_rows,
             info["rows_dropped_multitoken_answer"],
@@ -147,7 +174,8 @@ def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair
             len(pairs),
         )
     else:
-        pairs = load_builtin(cfg.dataset, cfg.fmt, tokenizer=tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
+        kw = {"multi_token": "drop"} if cfg.multi_token == "drop" else {}
+        pairs = load_builtin(cfg.dataset, cfg.fmt, tokenizer=tokenizer, n=cfg.n_pairs or None, seed=cfg.seed, **kw)
         info = {
             "source": f"built-in {cfg.dataset} ({cfg.fmt})",
             "pairs_per_relation": cfg.n_pairs or "all",
@@ -156,7 +184,24 @@ def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair
         log.info("built-in %s (%s): %d pairs", cfg.dataset, cfg.fmt, len(pairs))
     if not pairs:
         raise PairError(f"no usable pairs in {info['source']}")
+    # Multi-token answers are scored by the first token of each spelling: say how many, and refuse
+    # (before any model pass) a pair whose truth and lie cannot be told apart that way.
+    answer_set(tokenizer, pairs, multi_token="first")
+    info["pairs_multitoken_answer"] = sum(_multi_token(tokenizer, p) for p in pairs)
+    if info["pairs_multitoken_answer"]:
+        log.info("%d pairs have a multi-token answer: scored by its first token", info["pairs_multitoken_answer"])
     return pairs, info
+
+
+def _multi_token(tokenizer, pair: ContrastPair) -> bool:
+    """Whether the truth or the lie has no one-token spelling."""
+    try:
+        answer_token_ids(tokenizer, pair.truth)
+        if pair.lie:
+            answer_token_ids(tokenizer, pair.lie)
+    except AnswerTokenError:
+        return True
+    return False
 
 
 def _fact_units(fact_ids: list[str]) -> list[torch.Tensor]:
@@ -291,27 +336,29 @@ def run_head_sweep(
         >>> res = run_head_sweep(HeadSweepConfig(dataset="capitals", n_pairs=20), model)
         >>> summarize(res)["head_auroc"]["null"]["n_pass"]
     """
-    from mechlie.patching import patch_final_position
+    from mechlie.patching import patch_final_positions
 
     run = run if run is not None else prepare_run(cfg)
     warnings: list[str] = []
     all_pairs, data = load_sweep_pairs(cfg, model.tokenizer)
 
     def acts() -> dict[str, Activations]:
-        # One pass per prompt gives both the behaviour (final logits) and the activations.
-        kinds = ("head_out", "resid_post")
-        return {
-            side: collect(
+        # One pass per prompt gives the behaviour (final logits), the activations the directions
+        # are fit on, and the honest activations patching takes (z, resid_pre): no second run.
+        out = {}
+        for side in ("honest", "lying"):
+            prompts = [getattr(p, side) for p in all_pairs]
+            fa = collect_batch(
                 model,
-                [getattr(p, side) for p in all_pairs],
-                kinds=kinds,
+                tokenize(model, prompts),
+                ACT_KINDS,
                 batch_size=cfg.batch_size,
                 progress=progress,
                 desc=f"{side} prompts",
-                return_logits=True,
             )
-            for side in ("honest", "lying")
-        }
+            meta = {"model": model.cfg.model_name, "n": len(prompts), "kinds": list(ACT_KINDS), "position": -1}
+            out[side] = Activations(fa.acts, -1, meta, fa.logits)
+        return out
 
     a = run.stage("activations.safetensors", acts, _save_acts, _load_acts)
     if len(a["honest"].logits) != len(all_pairs):
@@ -383,10 +430,18 @@ def run_head_sweep(
         warnings.append(msg)
 
     def patch() -> dict:
-        return {
-            kind: patch_final_position(model, patch_pairs, kind, batch_size=cfg.batch_size, progress=progress)
-            for kind in ("z", "resid_pre")
-        }
+        # The honest runs of the patched pairs are stage 1's (when its file has z and resid_pre).
+        pos = {id(p): i for i, p in enumerate(all_pairs)}
+        rows = torch.tensor([pos[id(p)] for p in patch_pairs])
+        h = a["honest"]
+        clean = (
+            FinalActs({k: h.acts[k][rows] for k in PATCH_KINDS}, h.logits[rows])
+            if all(k in h.acts for k in PATCH_KINDS)
+            else None
+        )
+        return patch_final_positions(
+            model, patch_pairs, PATCH_KINDS, batch_size=cfg.batch_size, progress=progress, clean=clean
+        )
 
     pr = run.stage("patching.safetensors", patch, _save_patch, _load_patch)
     return HeadSweepResult(
@@ -449,12 +504,13 @@ def patching_summary(res: HeadSweepResult, k: int | None = None) -> dict:
     }
 
 
-def summarize(res: HeadSweepResult, k: int | None = None) -> dict:
-    """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control."""
+def summarize(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
+    """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control
+    (``ps``: :func:`patching_summary` of the same ``res`` and ``k``, if already computed)."""
     cfg = res.config
     k = k or cfg.top_k
     h, r = res.heads, res.resid
-    ps = patching_summary(res, k)
+    ps = ps or patching_summary(res, k)
     hp = res.head_patch
     beh = res.behaviour
     auroc_heads = []
@@ -514,14 +570,15 @@ def summarize(res: HeadSweepResult, k: int | None = None) -> dict:
     }
 
 
-def sweep_figures(res: HeadSweepResult, k: int | None = None) -> dict:
-    """The head sweep's figures, by file stem; every effect drawn with its 95% CI."""
+def sweep_figures(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
+    """The head sweep's figures, by file stem; every effect drawn with its 95% CI (``ps`` as in
+    :func:`summarize`)."""
     from mechlie import plotting
 
     cfg = res.config
     k = k or cfg.top_k
     h, r = res.heads, res.resid
-    ps = patching_summary(res, k)
+    ps = ps or patching_summary(res, k)
     L = h.auroc.shape[0]
     n_p = len(res.patch_pairs)
     where = f"{Path(cfg.model).name}, {Path(cfg.dataset).name} ({cfg.fmt})"

@@ -291,6 +291,7 @@ def run_rows(
     fwd_hooks: Sequence[Hook] = (),
     start_layers: Int[Tensor, " R"] | None = None,
     fast: bool | None = None,
+    baseline: "Baseline | None" = None,
 ) -> Float[Tensor, "R t vocab"]:
     """Logits of ``R`` rows, each ``t`` new tokens over its prompt's cached prefix.
 
@@ -304,6 +305,8 @@ def run_rows(
             and is identical to its prompt's plain run (same tokens) below it; those blocks skip
             it. Hooks at block ``j`` then see rows ``0 .. k_j - 1``, those with start ``<= j``.
         fast: force (True) or forbid (False) the shared-prefix attention; default: when supported.
+        baseline: the prompts' plain residuals (:func:`baseline_inputs`), when the caller runs
+            several chunks of rows over the same cache; computed here when needed and not given.
 
     Returns:
         float32 logits ``[R, t, d_vocab]``.
@@ -330,12 +333,14 @@ def run_rows(
             return model(tokens, attention_mask=new_mask, past_kv_cache=cache.tl_view(prompt)).float()
     base_resid = None
     if start_layers is not None and int(start_layers.max()) > 0:
-        # One baseline pass per prompt: the residual each row joins with at its start layer.
-        uniq, first = _first_rows(prompt)
-        if not bool((tokens == tokens[first][torch.searchsorted(uniq, prompt)]).all()):
+        # The residual each row joins with at its start layer: its prompt's plain run.
+        if baseline is None:
+            uniq, first = _first_rows(prompt)
+            baseline = baseline_inputs(model, cache, tokens[first], uniq)
+        base_index = baseline.index(prompt)
+        if not bool((tokens == baseline.tokens.to(dev)[base_index]).all()):
             raise ValueError("rows that skip blocks must have their prompt's tokens")
-        base_resid = _layer_inputs(model, cache, uniq, tokens[first])
-        base_index = torch.searchsorted(uniq, prompt)
+        base_resid = baseline.resid
     state = _RowState(cache, prompt)
     mask_full = torch.cat([cache.mask[prompt].to(dev), torch.ones((R, t), dtype=cache.mask.dtype, device=dev)], dim=1)
     starts = torch.zeros(R, dtype=torch.long) if start_layers is None else start_layers.cpu()
@@ -381,8 +386,32 @@ def _shape_only_cache(model, cache: PrefixCache, prompt: Tensor, mask: Tensor) -
     )
 
 
-def _layer_inputs(model, cache: PrefixCache, prompts: Tensor, tokens: Tensor) -> list[Tensor]:
-    """``blocks.l.hook_resid_pre`` of the plain rows ``prompts`` (for every block ``l``)."""
+@dataclass(frozen=True)
+class Baseline:
+    """``blocks.l.hook_resid_pre`` (every block ``l``) of the plain rows of ``prompts``: where a
+    row that starts at block ``l`` joins its prompt's unchanged run."""
+
+    prompts: Int[Tensor, " u"]  # sorted cache rows
+    tokens: Int[Tensor, "u t"]
+    resid: tuple[Tensor, ...]  # per layer [u, t, d_model]
+
+    def index(self, prompt: Int[Tensor, " R"]) -> Int[Tensor, " R"]:
+        """Position of each row's prompt in ``prompts`` (an error if one is missing)."""
+        i = torch.searchsorted(self.prompts, prompt).clamp(max=len(self.prompts) - 1)
+        if not bool((self.prompts[i] == prompt).all()):
+            raise ValueError("the baseline does not cover every row's prompt")
+        return i
+
+
+@torch.inference_mode()
+def baseline_inputs(
+    model: HookedTransformer, cache: PrefixCache, tokens: Int[Tensor, "u t"], prompts: Int[Tensor, " u"] | None = None
+) -> Baseline:
+    """One plain pass of ``prompts`` (default: every prompt of ``cache``) with their ``tokens``,
+    keeping each block's input; computed once and shared by every chunk of rows over ``cache``."""
+    prompts = torch.arange(cache.n_prompts) if prompts is None else prompts.to(torch.long).cpu()
+    if bool((prompts[1:] <= prompts[:-1]).any()):
+        raise ValueError("baseline prompts must be sorted and distinct")
     store: list[Tensor | None] = [None] * model.cfg.n_layers
 
     def saver(i: int):
@@ -398,7 +427,7 @@ def _layer_inputs(model, cache: PrefixCache, prompts: Tensor, tokens: Tensor) ->
         tokens,
         fwd_hooks=[(hook_name("resid_pre", i), saver(i)) for i in range(model.cfg.n_layers)],
     )
-    return store  # type: ignore[return-value]
+    return Baseline(prompts, tokens.cpu(), tuple(store))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,6 +465,7 @@ def collect_batch(
     out: dict[str, list[Tensor]] = {k: [] for k in need}
     logits = []
     n = batch.tokens.shape[0]
+    last = hook_name("resid_post", L - 1)
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         store: dict[tuple[str, int], Tensor] = {}
 
@@ -445,8 +475,22 @@ def collect_batch(
 
             return hook
 
-        with model.hooks(fwd_hooks=[(hook_name(k, l), saver(k, l)) for k in need for l in range(L)]):
-            lg = model(batch.tokens[s : s + batch_size], attention_mask=batch.attention_mask[s : s + batch_size])
+        def final(act, hook):
+            store["final"] = act[:, -1:].clone()
+
+        tokens, mask = batch.tokens[s : s + batch_size], batch.attention_mask[s : s + batch_size]
+        # Columns that are padding in every prompt of this slice change nothing (positions come
+        # from the mask): drop them.
+        pad = int((mask.sum(0) == 0).cumprod(0).sum())
+        tokens, mask = tokens[:, pad:], mask[:, pad:]
+        hooks = [(hook_name(k, l), saver(k, l)) for k in need for l in range(L)] + [(last, final)]
+        with model.hooks(fwd_hooks=hooks):
+            # No unembedding of every position: only the final one is needed (a fifth of the FLOPs).
+            model(tokens, attention_mask=mask, return_type=None)
+            x = store.pop("final")
+            if model.cfg.normalization_type is not None:
+                x = model.ln_final(x)
+            lg = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
         logits.append(lg[:, -1].float().cpu())
         for k in need:
             out[k].append(torch.stack([store[(k, l)] for l in range(L)], dim=1))
@@ -472,6 +516,8 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
 
 __all__ = [
     "HEAD_KINDS",
+    "Baseline",
+    "baseline_inputs",
     "FinalActs",
     "PrefixCache",
     "collect_batch",

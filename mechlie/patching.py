@@ -36,7 +36,16 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import HEAD_KINDS, LAYER_KINDS, hook_name
-from mechlie.kv import PrefixCache, collect_batch, final_tokens, run_rows, top_heads
+from mechlie.kv import (
+    Baseline,
+    FinalActs,
+    PrefixCache,
+    baseline_inputs,
+    collect_batch,
+    final_tokens,
+    run_rows,
+    top_heads,
+)
 from mechlie.kv import prefix_cache as _prefix_cache
 from mechlie.metrics import AnswerScores, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
@@ -50,7 +59,9 @@ __all__ = [
     "Patches",
     "component_grid",
     "patch_final_position",
+    "patch_final_positions",
     "patch_runs",
+    "patch_runs_kinds",
     "prefix_cache",
     "score_patches",
     "top_heads",
@@ -81,7 +92,16 @@ class PatchResult:
 
     def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
         """The effect of every component with a 95% bootstrap CI over pairs (same resamples)."""
-        return bootstrap_tensor(lambda i: self.effect(metric, i), len(self.p_truth), n_boot=n_boot, seed=seed)
+        patched = getattr(self, metric)
+        lo, hi = getattr(self.corrupt, metric), getattr(self.clean, metric)
+        extra = (1,) * (patched.ndim - 1)
+
+        def effects(idx: Tensor) -> Tensor:  # idx [b, n]: a block of resamples at once -> [b, *c]
+            return normalized_effect(
+                patched[idx].mean(1), lo[idx].mean(1).reshape(-1, *extra), hi[idx].mean(1).reshape(-1, *extra)
+            )
+
+        return bootstrap_tensor(effects, len(patched), n_boot=n_boot, seed=seed, batched=True)
 
 
 def component_grid(model: HookedTransformer, kind: str) -> tuple[int, ...]:
@@ -148,12 +168,14 @@ def score_patches(
     answers: AnswerSet,
     *,
     max_rows: int = 512,
+    baseline: Baseline | None = None,
 ) -> AnswerScores:
     """Score ``R`` rows (row ``r`` continues prompt ``prompt[r]`` with the new tokens
     ``tokens[prompt[r]]``, usually its final token, with the entries of ``patches`` for that row)
     at their last new token against ``answers`` (one row of answer ids per prompt). Rows run in
-    chunks of ``max_rows``, sorted by
-    the first block they change, each over the cached prefix (:func:`mechlie.kv.run_rows`).
+    chunks of ``max_rows``, sorted by the first block they change, each over the cached prefix
+    (:func:`mechlie.kv.run_rows`). The prompts' plain residuals (where a row joins at its first
+    changed block) are computed once for every chunk, or taken from ``baseline``.
 
     Example:
         >>> p = Patches("z", rows, layers, heads, clean_z[prompt[rows], layers, heads])
@@ -170,6 +192,9 @@ def score_patches(
     order = torch.argsort(start * R + torch.arange(R))  # stable by start layer
     where = torch.empty(R, dtype=torch.long)
     where[order] = torch.arange(R)
+    if baseline is None and int(start.max()) > 0:
+        uniq = prompt.unique()
+        baseline = baseline_inputs(model, cache, tokens[uniq], uniq)
     p_truth, logit_diff, correct, cov = (
         torch.empty(R),
         torch.empty(R),
@@ -190,7 +215,13 @@ def score_patches(
         )
         pr = prompt[rows]
         logits = run_rows(
-            model, cache, pr, tokens[pr], fwd_hooks=sub.hooks(where[sub.row] - c0), start_layers=start[rows]
+            model,
+            cache,
+            pr,
+            tokens[pr],
+            fwd_hooks=sub.hooks(where[sub.row] - c0),
+            start_layers=start[rows],
+            baseline=baseline,
         )[:, -1]
         s = score_logits(logits, AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
         p_truth[rows], logit_diff[rows], correct[rows], cov[rows] = (
@@ -211,6 +242,7 @@ def patch_final_position(
     batch_size: int = 16,
     max_rows: int = 1024,
     progress: bool = True,
+    clean: FinalActs | None = None,
 ) -> PatchResult:
     """Patch every component of ``kind`` from honest into lying, at the final position.
 
@@ -220,6 +252,8 @@ def patch_final_position(
             ``"resid_pre"`` patches that layer's whole vector.
         batch_size: prompts per prefix cache (their patches share passes).
         max_rows: rows of one single-token pass (memory: ``max_rows x d_vocab`` logits).
+        clean: the honest prompts' final-position activations and logits, when already collected
+            (:func:`mechlie.kv.collect_batch`); otherwise they are run here.
 
     Returns:
         :class:`PatchResult` with per-pair scores ``[n, layer, (head)]``.
@@ -228,17 +262,41 @@ def patch_final_position(
         >>> res = patch_final_position(model, pairs, "z")
         >>> res.effect().shape  # [n_layers, n_heads]; 1 = fully honest
     """
+    return patch_final_positions(
+        model, pairs, (kind,), batch_size=batch_size, max_rows=max_rows, progress=progress, clean=clean
+    )[kind]
+
+
+@torch.inference_mode()
+def patch_final_positions(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    kinds: Sequence[str] = ("z", "resid_pre"),
+    *,
+    batch_size: int = 16,
+    max_rows: int = 1024,
+    progress: bool = True,
+    clean: FinalActs | None = None,
+) -> dict[str, PatchResult]:
+    """:func:`patch_final_position` for several kinds at once: each lying prompt's prefix is
+    cached once for all of them.
+
+    Example:
+        >>> res = patch_final_positions(model, pairs, ("z", "resid_pre"))
+        >>> res["z"].effect().shape, res["resid_pre"].effect().shape
+    """
     if len(pairs) == 0:
         raise PairError("no pairs to patch")
-    return patch_runs(
+    return patch_runs_kinds(
         model,
         [p.honest for p in pairs],
         [p.lying for p in pairs],
         answer_set(model.tokenizer, pairs),
-        kind,
+        kinds,
         batch_size=batch_size,
         max_rows=max_rows,
         progress=progress,
+        clean=clean,
     )
 
 
@@ -268,10 +326,51 @@ def patch_runs(
     batch_size: int = 16,
     max_rows: int = 1024,
     progress: bool = True,
+    clean: FinalActs | None = None,
 ) -> PatchResult:
     """Patch each component of ``kind`` from ``clean_prompts[i]``'s run into ``corrupt_prompts[i]``'s."""
-    if kind not in PATCHABLE:
-        raise ValueError(f"cannot patch {kind!r}; patchable kinds: {PATCHABLE}")
+    return patch_runs_kinds(
+        model,
+        clean_prompts,
+        corrupt_prompts,
+        answers,
+        (kind,),
+        batch_size=batch_size,
+        max_rows=max_rows,
+        progress=progress,
+        clean=clean,
+    )[kind]
+
+
+@torch.inference_mode()
+def patch_runs_kinds(
+    model: HookedTransformer,
+    clean_prompts: Sequence[str],
+    corrupt_prompts: Sequence[str],
+    answers: AnswerSet,
+    kinds: Sequence[str] = ("z",),
+    *,
+    batch_size: int = 16,
+    max_rows: int = 1024,
+    progress: bool = True,
+    clean: FinalActs | None = None,
+) -> dict[str, PatchResult]:
+    """Patch each component of every kind of ``kinds`` from ``clean_prompts[i]``'s run into
+    ``corrupt_prompts[i]``'s; the corrupt prefixes are cached once for all kinds.
+
+    Args:
+        answers: one row per pair (:func:`mechlie.pairs.answer_set`).
+        kinds: patchable kinds (:data:`PATCHABLE`), each component of each patched on its own.
+        clean: the clean prompts' final-position activations (every kind of ``kinds``) and logits,
+            when already collected; otherwise one clean pass collects them.
+
+    Returns:
+        ``{kind: PatchResult}``.
+    """
+    kinds = tuple(kinds)
+    bad = [k for k in kinds if k not in PATCHABLE]
+    if bad or not kinds or len(set(kinds)) != len(kinds):
+        raise ValueError(f"cannot patch {bad or list(kinds)}; patchable kinds: {PATCHABLE} (each once)")
     if batch_size < 1 or max_rows < 1:
         raise ValueError("batch_size and max_rows must be >= 1")
     n = len(clean_prompts)
@@ -280,29 +379,44 @@ def patch_runs(
             f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
             f"({len(answers.truth)}), and at least one"
         )
-    clean = collect_batch(
-        model, tokenize(model, list(clean_prompts)), (kind,), batch_size=batch_size, progress=progress, desc="clean run"
-    )
-    grid = component_grid(model, kind)
-    p_truth, logit_diff = torch.empty((n, *grid)), torch.empty((n, *grid))
+    if clean is None:
+        clean = collect_batch(
+            model,
+            tokenize(model, list(clean_prompts)),
+            kinds,
+            batch_size=batch_size,
+            progress=progress,
+            desc="clean run",
+        )
+    else:
+        grids = {k: (n, *component_grid(model, k)) for k in kinds}
+        for k in kinds:
+            if k not in clean.acts or tuple(clean.acts[k].shape[: len(grids[k])]) != grids[k]:
+                raise ValueError(f"clean activations need {k!r} of shape {grids[k]} + (d,)")
+        if tuple(clean.logits.shape) != (n, model.cfg.d_vocab):
+            raise ValueError(f"clean logits need shape {(n, model.cfg.d_vocab)}, got {tuple(clean.logits.shape)}")
+    grids = {k: component_grid(model, k) for k in kinds}
+    p_truth = {k: torch.empty((n, *g)) for k, g in grids.items()}
+    logit_diff = {k: torch.empty((n, *g)) for k, g in grids.items()}
     corrupt_logits = torch.empty((n, model.cfg.d_vocab))
-    for s in tqdm(range(0, n, batch_size), desc=f"patching {kind}", disable=not progress, leave=False):
+    desc = f"patching {', '.join(kinds)}"
+    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         idx = slice(s, min(n, s + batch_size))
         b = tokenize(model, list(corrupt_prompts[idx]))
         B = b.tokens.shape[0]
         cache = _prefix_cache(model, b)
         last = final_tokens(b)
+        base = baseline_inputs(model, cache, last)  # shared by every kind and chunk of rows
         corrupt_logits[idx] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
         ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
-        prompt, patches = _single_component_patches(kind, grid, clean.acts[kind][idx], B)
-        sc = score_patches(model, cache, last, prompt, patches, ans, max_rows=max_rows)
-        # rows are (component, prompt): reshape to [prompt, *grid]
-        p_truth[idx] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid)
-        logit_diff[idx] = sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
-    return PatchResult(
-        kind=kind,
-        p_truth=p_truth,
-        logit_diff=logit_diff,
-        clean=score_logits(clean.logits, answers),
-        corrupt=score_logits(corrupt_logits, answers),
-    )
+        for kind, grid in grids.items():
+            prompt, patches = _single_component_patches(kind, grid, clean.acts[kind][idx], B)
+            sc = score_patches(model, cache, last, prompt, patches, ans, max_rows=max_rows, baseline=base)
+            # rows are (component, prompt): reshape to [prompt, *grid]
+            p_truth[kind][idx] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid)
+            logit_diff[kind][idx] = sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
+    clean_scores, corrupt_scores = score_logits(clean.logits, answers), score_logits(corrupt_logits, answers)
+    return {
+        k: PatchResult(kind=k, p_truth=p_truth[k], logit_diff=logit_diff[k], clean=clean_scores, corrupt=corrupt_scores)
+        for k in kinds
+    }

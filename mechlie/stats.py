@@ -167,12 +167,19 @@ def bootstrap(
     return Estimate(full, lo, hi, n, level)
 
 
-def bootstrap_draws(stat: Callable[[Tensor], Tensor], n: int, *, n_boot: int = 1000, seed: int = 0) -> Tensor:
-    """``stat`` on ``n_boot`` seeded index resamples of ``n`` units, stacked: ``[n_boot, *c]``."""
+def bootstrap_draws(
+    stat: Callable[[Tensor], Tensor], n: int, *, n_boot: int = 1000, seed: int = 0, batched: bool = False
+) -> Tensor:
+    """``stat`` on ``n_boot`` seeded index resamples of ``n`` units, stacked: ``[n_boot, *c]``.
+
+    With ``batched=True``, ``stat`` takes a ``[b, n]`` block of resamples and returns ``[b, *c]``
+    (same resamples, one call per block of 100 instead of one per resample)."""
     if n < 1:
         raise ValueError("bootstrap needs at least one unit")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n, (n_boot, n), generator=g)
+    if batched:
+        return torch.cat([torch.as_tensor(stat(idx[b : b + 100])).float() for b in range(0, n_boot, 100)])
     return torch.stack([torch.as_tensor(stat(i)).float() for i in idx])
 
 
@@ -183,6 +190,7 @@ def bootstrap_tensor(
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
+    batched: bool = False,
 ) -> TensorEstimate:
     """Percentile bootstrap CIs of a tensor-valued statistic, every component from the same draws.
 
@@ -190,6 +198,8 @@ def bootstrap_tensor(
         stat: ``stat(idx)`` -> tensor ``[*c]`` for a LongTensor of ``n`` resampled unit indices.
         n: number of independent units (pairs, facts).
         n_boot, level, seed: as in ``bootstrap``.
+        batched: ``stat`` also takes a ``[b, n]`` block of resamples, returning ``[b, *c]``
+            (:func:`bootstrap_draws`); the point estimate is ``stat(arange(n)[None])[0]``.
 
     Returns:
         ``TensorEstimate(mean=stat(all), lo, hi, n, draws)``; draws that are not finite (a
@@ -203,8 +213,8 @@ def bootstrap_tensor(
     """
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level}")
-    full = torch.as_tensor(stat(torch.arange(n))).float()
-    draws = bootstrap_draws(stat, n, n_boot=n_boot, seed=seed)
+    full = torch.as_tensor(stat(torch.arange(n)[None])[0] if batched else stat(torch.arange(n))).float()
+    draws = bootstrap_draws(stat, n, n_boot=n_boot, seed=seed, batched=batched)
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2])
     lo, hi = torch.nanquantile(draws.masked_fill(~torch.isfinite(draws), float("nan")), q, dim=0)
     return TensorEstimate(full, lo, hi, n, draws, level)

@@ -84,6 +84,40 @@ def test_minimal_set_is_exact_with_a_planted_head():
     assert minimal_k(torch.tensor([0.1, 0.5, 0.85, 0.9]), 0.8) == 3 and minimal_k(torch.tensor([0.1]), 0.8) is None
 
 
+def test_minimal_set_search_equals_brute_force_over_every_k():
+    """The curve searches k only up to the first curve k every resample has crossed; the minimal k
+    and its CI must equal a search over every k = 1..all heads (same resamples)."""
+    from mechlie.stats import bootstrap_draws
+
+    model = tiny_model(seed=2, attn_only=True, n_layers=2)
+    with torch.no_grad():  # three heads write (strongly), the rest nothing: a curve that climbs
+        for layer in range(2):
+            for h in range(model.cfg.n_heads):
+                model.blocks[layer].attn.W_O[h] *= 10.0 if (layer, h) in ((1, 2), (0, 1), (1, 0)) else 0.0
+    pairs = many_pairs()
+    train, test = pairs[:3], pairs[3:]
+    curve = topk_curve(model, train, test, n_random=3, n_boot=100, threshold=0.8, progress=False)
+    N = model.cfg.n_layers * model.cfg.n_heads
+    full = joint_patch(model, test, [curve.ranking[:k] for k in range(1, N + 1)], progress=False)
+    eff = full.effect()
+    assert curve.minimal_k == minimal_k(eff, 0.8) == 2
+    draws = bootstrap_draws(lambda i: full.effect("logit_diff", i), 5, n_boot=100)
+    kd = torch.tensor([float(minimal_k(d, 0.8) or N + 1) for d in draws])
+    assert curve.minimal_k_ci == pytest.approx(tuple(torch.quantile(kd, torch.tensor([0.025, 0.975])).tolist()))
+    assert curve.minimal_k_ci[0] < curve.minimal_k_ci[1]  # resamples disagree: the CI is not trivial
+    k_all = len(curve.all_k_effect)
+    assert k_all < N  # the search stopped early, and still agrees with every k
+    assert (curve.all_k_effect - eff[:k_all]).abs().max() < 1e-4
+    assert [e.mean for e in curve.top] == pytest.approx([float(eff[k - 1]) for k in curve.ks], abs=1e-4)
+    # identical sets (in any order) run once and give identical columns
+    sets = [[(0, 1), (1, 2)], [(1, 2), (0, 1)], [(1, 0)]]
+    res = joint_patch(model, test, sets, progress=False)
+    assert torch.equal(res.logit_diff[:, 0], res.logit_diff[:, 1]) and len(res.sets) == 3
+    assert (
+        res.logit_diff[:, 2] - joint_patch(model, test, sets[2:], progress=False).logit_diff[:, 0]
+    ).abs().max() < 1e-5
+
+
 def _split_twin(model: HookedTransformer) -> HookedTransformer:
     """The same weights, with use_split_qkv_input so each head's q/k/v input can be hooked."""
     cfg = HookedTransformerConfig(**{**model.cfg.to_dict(), "use_split_qkv_input": True})

@@ -131,3 +131,30 @@ def test_bad_input(tiny):
         patch_runs(tiny, [pairs[0].honest], [], answer_set(tiny.tokenizer, pairs[:1]), progress=False)
     with pytest.raises(ValueError):
         patch_final_position(tiny, pairs, "nope", progress=False)
+
+
+def test_several_kinds_and_collected_clean_runs_equal_separate_patching(tiny):
+    """One prefix cache for several kinds, and the clean activations taken from an earlier pass
+    (as the head sweep does with its stage-1 run, batched differently), change nothing."""
+    from mechlie.kv import FinalActs, collect_batch
+    from mechlie.patching import patch_final_positions
+
+    pairs = make_pairs(equal_length=False)
+    clean = collect_batch(tiny, tokenize(tiny, [p.honest for p in pairs]), ("z", "resid_pre"), batch_size=3)
+    both = patch_final_positions(tiny, pairs, ("z", "resid_pre"), batch_size=2, max_rows=7, progress=False, clean=clean)
+    for kind in ("z", "resid_pre"):
+        alone = patch_final_position(tiny, pairs, kind, progress=False)
+        assert (both[kind].logit_diff - alone.logit_diff).abs().max() < 1e-4
+        assert (both[kind].clean.p_truth - alone.clean.p_truth).abs().max() < 1e-5
+        assert both[kind].logit_diff.std() > 1e-3  # the patches differ, so equality means something
+    # the batched bootstrap of the effect equals the one-resample-at-a-time bootstrap
+    from mechlie.stats import bootstrap_tensor
+
+    r = both["z"]
+    ref = bootstrap_tensor(lambda i: r.effect("logit_diff", i), len(pairs), n_boot=200, seed=3)
+    got = r.effect_ci("logit_diff", n_boot=200, seed=3)
+    assert (got.draws - ref.draws).abs().max() < 1e-5 and (got.lo - ref.lo).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="clean activations"):
+        patch_final_positions(tiny, pairs, ("z",), clean=FinalActs({"z": clean.acts["z"][:2]}, clean.logits[:2]))
+    with pytest.raises(ValueError, match="each once"):
+        patch_final_positions(tiny, pairs, ("z", "z"))

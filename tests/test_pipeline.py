@@ -12,7 +12,7 @@ import torch
 from mechlie.head_sweep import HeadSweepConfig, load_sweep_pairs, run_head_sweep, summarize, sweep_figures
 from mechlie.io import load_tensors
 from mechlie.metrics import behaviour
-from mechlie.pairs import load_builtin, tokenize
+from mechlie.pairs import PairError, load_builtin, tokenize
 from mechlie.patching import patch_final_position
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,6 +91,8 @@ def test_head_sweep_writes_every_file_and_resumes(tmp_path):
     assert any("held-out facts" in w for w in summary["warnings"])  # 12 pairs: a tiny test set
     assert summary["behaviour"]["all"]["n"] >= summary["behaviour"]["known"]["n"] == summary["n_pairs"]
     assert str(run) in out.stdout
+    # circuitsvis views of the top 3 heads, on by default
+    assert summary["views"].endswith("lying_heads.html") and (run / "lying_heads.json").is_file()
     d, meta = load_tensors(run / "directions.safetensors")
     assert d["head_out"]["auroc"].shape == (30, 9) and d["head_out"]["null_auroc"].shape == (30, 30, 9)
 
@@ -176,10 +178,24 @@ def test_pairs_file_uses_every_row_and_logs_what_was_dropped(tmp_path, caplog, t
     cfg = HeadSweepConfig(dataset=str(f), out_dir=str(tmp_path))
     with caplog.at_level(logging.INFO):
         pairs, info = load_sweep_pairs(cfg, tiny.tokenizer)
-    assert len(pairs) == 40 and info["rows_read"] == 43 and info["rows_dropped_multitoken_answer"] == 3
-    assert "43 rows read" in caplog.text and "40 pairs used" in caplog.text
+    # multi-token answers are kept (scored by their first token) unless asked
+    assert len(pairs) == 43 and info["rows_read"] == 43 and info["rows_dropped_multitoken_answer"] == 0
+    assert info["pairs_multitoken_answer"] == 3
+    assert "43 rows read" in caplog.text and "43 pairs used" in caplog.text
+    drop = HeadSweepConfig(dataset=str(f), multi_token="drop", out_dir=str(tmp_path))
+    pairs, info = load_sweep_pairs(drop, tiny.tokenizer)
+    assert len(pairs) == 40 and info["rows_dropped_multitoken_answer"] == 3 and info["pairs_multitoken_answer"] == 0
+    # a pair whose truth and lie share a first token cannot be scored by first tokens: a clear error
+    shared = tmp_path / "shared.jsonl"
+    shared.write_text(
+        f.read_text()
+        + json.dumps({"honest": "a ?", "lying": "b ?", "truth": "Zanzibar City", "lie": "Zanzibar"})
+        + "\n"
+    )
+    with pytest.raises(PairError, match="share a first token"):
+        load_sweep_pairs(HeadSweepConfig(dataset=str(shared), out_dir=str(tmp_path)), tiny.tokenizer)
     pairs, info = load_sweep_pairs(HeadSweepConfig(dataset=str(f), max_rows=25, out_dir=str(tmp_path)), tiny.tokenizer)
-    assert len(pairs) == 25 and info["rows_not_used_max_rows"] == 15
+    assert len(pairs) == 25 and info["rows_not_used_max_rows"] == 18
 
 
 def test_tiny_head_sweep_end_to_end_with_cis_and_warning(tmp_path, tiny):

@@ -897,3 +897,99 @@ def detection_report(run: Path) -> RunReport:
     if lc:
         headline.append("- On-policy label counts: " + ", ".join(f"{k} {v}" for k, v in lc.items()) + ".")
     return RunReport("detection", run, f"Lie detection: {where}", headline, figs, captions)
+
+
+# ---------------------------------------------------------------------------------------------
+# localise (analyses/localise.py)
+
+
+def _is_localise(run: Path) -> bool:
+    s = json.loads((run / "summary.json").read_text())
+    return s.get("kind") == "localise" or ("topk_restore" in s and "path" in s and "positions" in s)
+
+
+@register_kind("localise", detect=_is_localise)
+def localise_report(run: Path) -> RunReport:
+    s = _json(run / "summary.json")
+    _need(s, ("model", "n_pairs", "n_test", "topk_restore", "path", "positions"), run / "summary.json")
+    ds = _config(run).get("dataset", "?")
+    figs: dict[str, go.Figure] = {}
+    captions: dict[str, str] = {}
+    headline: list[str] = []
+    for direction in ("restore", "induce"):
+        c = s.get(f"topk_{direction}")
+        if not c:
+            continue
+        _need(c, ("ks", "top", "random_mean", "random_lo", "random_hi", "threshold"), run / "summary.json")
+        where = f"{s['model']}, {ds}, n={c.get('n_test_pairs', s['n_test'])} held-out pairs"
+        fig = figstyle.lines_ci(
+            c["ks"],
+            {
+                "top-k heads, ranked on training pairs (95% CI over pairs)": (
+                    [e["mean"] for e in c["top"]],
+                    [e["lo"] for e in c["top"]],
+                    [e["hi"] for e in c["top"]],
+                ),
+                "random k-sets (mean, 95% of draws)": (c["random_mean"], c["random_lo"], c["random_hi"]),
+            },
+            f"{direction.capitalize()}: k heads patched together ({where})",
+            x_label="k (heads patched together, log)",
+            y_label="normalized logit-diff effect",
+        )
+        fig.update_xaxes(type="log")
+        fig.add_hline(y=c["threshold"], line_dash="dot", line_color="#555", annotation_text=f"{c['threshold']:.0%}")
+        figs[f"localise_topk_{direction}"] = fig
+        how = "honest into lying" if direction == "restore" else "lying into honest"
+        captions[f"localise_topk_{direction}"] = (
+            f"{direction}: the top-k heads patched jointly ({how}), beside random k-sets."
+        )
+        if c.get("minimal_k"):
+            lo, hi = c["minimal_k_ci"]
+            headline.append(
+                f"- {direction}: {c['minimal_k']} heads ({100 * c['minimal_share']:.1f}% of {c['n_heads']}) reach "
+                f"{c['threshold']:.0%} of the effect (95% CI of k [{lo:.0f}, {hi:.0f}]); top: "
+                + ", ".join(f"L{l}H{h}" for l, h in c["minimal_set"][:8])
+                + "."
+            )
+        else:
+            headline.append(f"- {direction}: no top-k set reaches {c['threshold']:.0%} of the effect.")
+    p = s["path"]
+    tops = p.get("top_senders") or []
+    if tops:
+        chans = [k for k in tops[0] if k != "sender"]
+        r = p["receiver"]
+        figs["localise_path_senders"] = figstyle.bars_ci(
+            [t["sender"] for t in tops],
+            {ch: [(t[ch]["mean"], t[ch]["lo"], t[ch]["hi"]) for t in tops] for ch in chans},
+            f"Path patching into L{r[0]}H{r[1]}: top senders by channel ({s['model']}, {ds}, n={p['n_pairs']} pairs)",
+            y_label="normalized effect (restore)",
+        )
+        captions["localise_path_senders"] = "Each sender's effect through the receiver's query, key and value inputs."
+
+        def per_channel(t: dict) -> str:
+            return ", ".join(f"{ch} {_fmt(t[ch]['mean'], t[ch]['lo'], t[ch]['hi'])}" for ch in chans)
+
+        headline.append(
+            f"- Path patching into L{r[0]}H{r[1]}: top senders "
+            + ", ".join(f"{t['sender']} ({per_channel(t)})" for t in tops[:3])
+            + "."
+        )
+    q = s["positions"]
+    if q.get("effect"):
+        diff = set(q.get("differing_offsets", []))
+        labels = [f"{o}{'*' if o in diff else ''}" for o in q["offsets"]]
+        r = p["receiver"]
+        figs["localise_receiver_positions"] = figstyle.bars_ci(
+            labels,
+            {"effect (95% CI over pairs)": list(zip(q["effect"], q["lo"], q["hi"]))},
+            f"L{r[0]}H{r[1]}'s keys/values from the honest run, one source position at a time "
+            f"({s['model']}, {ds}, n={p['n_pairs']} pairs; * = tokens differ)",
+            y_label="normalized effect",
+        )
+        captions["localise_receiver_positions"] = "Which source positions the receiver takes the lie from."
+        headline.append(
+            f"- Receiver inputs: summed effect {q['sum_effect_differing']:+.3f} at the positions where the prompts "
+            f"differ vs {q['sum_effect_other']:+.3f} elsewhere; attention on differing positions "
+            f"{q['attention_on_differing']:.2f}."
+        )
+    return RunReport("localise", run, f"Localise: {s['model']}, {ds}, n={s['n_pairs']} pairs", headline, figs, captions)

@@ -289,13 +289,15 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def script_runs(tmp_path_factory) -> dict[str, Path]:
-    """Steering and detection runs written by their own scripts on tiny models (the saved formats
-    make_figures reads are those of analyses/steering_demo.py and analyses/detect.py)."""
+    """Steering, detection and localise runs written by their own scripts on tiny models (the saved
+    formats make_figures reads are those of analyses/steering_demo.py, detect.py and localise.py)."""
     from steer_fixtures import word_pairs
+    from test_circuits import many_pairs
 
+    import mechlie.kv
     import mechlie.models
     import mechlie.pairs
-    from analyses import detect, steering_demo
+    from analyses import detect, localise, steering_demo
     from mechlie.cli import run_script
 
     tmp = tmp_path_factory.mktemp("script_runs")
@@ -319,12 +321,18 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
             "logistic --n-null 3 --n-random 20 --n-boot 50 --fpr 0.1 --n-control-prompts 8"
         ).split()
         assert run_script(detect.Config, detect.main, argv=argv + ["--out-dir", str(tmp / "detection")]) == 0
+        mp.undo()
+        mp.setattr(mechlie.kv, "load_model_split", lambda *a, **k: tiny_model(seed=3))
+        mp.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: many_pairs())
+        argv = "--n-random 4 --n-boot 20 --n-path-pairs 2 --receiver 2.1".split()
+        assert run_script(localise.LocaliseConfig, localise.main, argv=argv + ["--out-dir", str(tmp / "localise")]) == 0
     finally:
         mp.undo()
-    return {kind: next(p for p in (tmp / kind).iterdir() if p.is_dir()) for kind in ("steering", "detection")}
+    kinds = ("steering", "detection", "localise")
+    return {kind: next(p for p in (tmp / kind).iterdir() if p.is_dir()) for kind in kinds}
 
 
-def test_steering_and_detection_runs_regenerate_every_figure(script_runs, tmp_path):
+def test_steering_detection_localise_runs_regenerate_every_figure(script_runs, tmp_path):
     from analyses.make_figures import main
 
     out = tmp_path / "report" / "report.md"
@@ -353,6 +361,14 @@ def test_steering_and_detection_runs_regenerate_every_figure(script_runs, tmp_pa
     for p, y, plus in zip(loro.x, loro.y, loro.error_y.array):
         assert y == pytest.approx(d["loro"][p]["mean_auroc"]) and y + plus == pytest.approx(d["loro"][p]["hi"])
     assert f"n={d['n_pairs']} pairs" in det.figures["detect_loro"].layout.title.text
+    loc = R.build_report(script_runs["localise"])
+    ls = json.loads((script_runs["localise"] / "summary.json").read_text())
+    assert {"localise_topk_restore", "localise_topk_induce", "localise_receiver_positions"} <= set(loc.figures)
+    band, line = loc.figures["localise_topk_restore"].data[:2]  # the top-k curve and its CI band
+    top = ls["topk_restore"]["top"]
+    assert list(line.y) == pytest.approx([e["mean"] for e in top])
+    assert list(band.y) == pytest.approx([e["hi"] for e in top] + [e["lo"] for e in top][::-1])
+    assert "held-out pairs" in loc.figures["localise_topk_restore"].layout.title.text
     # A steering run whose evaluation file is gone, or a detection run without matrix.json: refused.
     for kind, name in (("steering", "sweep.json"), ("detection", "matrix.json")):
         broken = tmp_path / f"broken_{kind}"

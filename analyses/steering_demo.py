@@ -24,7 +24,17 @@ from mechlie.cli import RunDir, run_script
 
 log = logging.getLogger("mechlie")
 
-METHODS = ("resid", "iti", "causal", "ablation", "learned", "lowrank")
+METHODS = ("resid", "iti", "causal", "causal_mean", "probe_mean", "ablation", "learned", "lowrank")
+
+
+def parse_head(text: str) -> tuple[int, int]:
+    """``"L20H5"`` -> ``(20, 5)``."""
+    import re
+
+    m = re.fullmatch(r"L(\d+)H(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"--causal-heads takes heads like L20H5, got {text!r}")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _neg(xs: tuple[float, ...], name: str) -> None:
@@ -50,6 +60,18 @@ class Config:
         default=(-1.0, -2.0, -4.0), metadata={"help": "signed alphas for head shifts (x sigma)"}
     )
     causal_pairs: int = field(default=8, metadata={"help": "training pairs patched to rank heads causally"})
+    causal_heads: tuple[str, ...] = field(
+        default=(), metadata={"help": "heads for the causal kinds, e.g. L20H5 L29H1 (default: patch training pairs)"}
+    )
+    mean_alphas: tuple[float, ...] = field(
+        default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for mean patching (-1 = set z to the honest mean)"}
+    )
+    sae_layer: int = field(
+        default=19,
+        metadata={
+            "help": "also learn a vector here, to compare with the SAE cached at the next block's resid_pre (-1: off)"
+        },
+    )
     edit_budgets: tuple[float, ...] = field(
         default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"}
     )
@@ -69,6 +91,9 @@ class Config:
     transfer_format: str = field(
         default="instruct", metadata={"help": "another prompt format for the test facts ('' = none)"}
     )
+    scoring: str = field(
+        default="first", metadata={"help": "'first': first answer token; 'full': teacher-forced full answers"}
+    )
     n_demo: int = 8
     max_new_tokens: int = 4
     batch_size: int = field(default=16, metadata={"run": False})
@@ -81,7 +106,7 @@ class Config:
             raise ValueError(f"unknown methods {sorted(bad)}; methods: {METHODS}")
         if any(l < 0 for l in self.layers):
             raise ValueError(f"--layers must be >= 0, got {list(self.layers)}")
-        for name in ("resid_alphas", "head_alphas", "edit_scales"):
+        for name in ("resid_alphas", "head_alphas", "edit_scales", "mean_alphas"):
             _neg(getattr(self, name), name.replace("_", "-"))
         if any(k < 1 for k in self.head_ks) or not self.head_ks:
             raise ValueError(f"--head-ks must be >= 1, got {list(self.head_ks)}")
@@ -109,6 +134,15 @@ class Config:
             raise ValueError(
                 f"--lowrank-component must be attn_out, mlp_out or resid_post, got {self.lowrank_component!r}"
             )
+        heads = [parse_head(h) for h in self.causal_heads]
+        if heads and max(self.head_ks) > len(heads):
+            raise ValueError(f"--head-ks {list(self.head_ks)} asks for more heads than the {len(heads)} --causal-heads")
+        if self.sae_layer < -1:
+            raise ValueError(f"--sae-layer must be a layer or -1 (off), got {self.sae_layer}")
+        if self.scoring not in ("first", "full"):
+            raise ValueError(f"--scoring must be 'first' or 'full', got {self.scoring!r}")
+        if self.scoring == "full" and {"causal_mean", "probe_mean"} & set(self.methods):
+            raise ValueError("--scoring full cannot score final-position mean patching: drop causal_mean/probe_mean")
         if not self.kl_budget > 0:
             raise ValueError(f"--kl-budget must be > 0, got {self.kl_budget}")
         from mechlie.pairs import FORMATS, RELATIONS
@@ -124,6 +158,8 @@ class Config:
         n_layers = _n_layers_without_loading(self.model)
         if n_layers is not None and any(l >= n_layers for l in self.layers):
             raise ValueError(f"--layers {list(self.layers)}: {self.model} has {n_layers} layers (0..{n_layers - 1})")
+        if n_layers is not None and self.sae_layer >= n_layers:
+            raise ValueError(f"--sae-layer {self.sae_layer}: {self.model} has {n_layers} layers")
 
 
 def _n_layers_without_loading(name: str) -> int | None:
@@ -140,6 +176,25 @@ def _n_layers_without_loading(name: str) -> int | None:
         return None
 
 
+def _cached_sae_rows(model, layer: int):
+    """``(path, decoder rows)`` of the cached SAE at ``blocks.{layer+1}.hook_resid_pre`` (= resid_post of
+    block ``layer``, where a learned vector is added), as analyses/sae_features.py trains it with its
+    default settings; or the reason it is absent (it is not trained here: that takes long)."""
+    try:
+        from mechlie import sae as msae
+        from mechlie.models import default_cache_dir
+
+        cfg = msae.SAETrainConfig(site=f"blocks.{layer + 1}.hook_resid_pre")
+        path = default_cache_dir() / "sae" / msae.cache_key(model, cfg)
+        if not (path / "mechlie.json").is_file():
+            return f"no cached SAE for {cfg.site} (run analyses/sae_features.py first)"
+        sae = msae.load_sae(path)
+        msae.check_sae(sae, model, msae.Site.parse(cfg.site))
+        return str(path), msae.decoder_rows(sae).float().cpu()
+    except Exception as e:  # the SAE is optional here: report why it is missing
+        return f"SAE not loaded: {type(e).__name__}: {str(e)[:200]}"
+
+
 def main(cfg: Config, run: RunDir) -> dict:
     import torch
 
@@ -147,9 +202,8 @@ def main(cfg: Config, run: RunDir) -> dict:
     from mechlie import steering_eval as se
     from mechlie import steering_figures as sf
     from mechlie.generation import generate
-    from mechlie.metrics import score_logits
     from mechlie.models import load_model
-    from mechlie.pairs import AnswerSet, load_builtin
+    from mechlie.pairs import load_builtin
     from mechlie.plotting import save_figure
 
     t0 = time.time()
@@ -169,12 +223,18 @@ def main(cfg: Config, run: RunDir) -> dict:
         len(held),
     )
     data = se.prepare(
-        model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, seed=cfg.seed, batch_size=cfg.batch_size
+        model,
+        pairs,
+        val_frac=cfg.val_frac,
+        test_frac=cfg.test_frac,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        scoring=cfg.scoring,
     )
     neutral_test = se.split_lines(se.neutral_lines(), cfg.seed)[2]
     if held:
         data.extra[f"relation:{cfg.transfer_relation}"] = se.eval_set(
-            model, f"relation:{cfg.transfer_relation}", held, neutral_test, cfg.batch_size
+            model, f"relation:{cfg.transfer_relation}", held, neutral_test, cfg.batch_size, scoring=cfg.scoring
         )
     if cfg.transfer_format:
         test_facts = {p.fact_id for p in data.test.pairs}
@@ -185,7 +245,7 @@ def main(cfg: Config, run: RunDir) -> dict:
         ]
         if other:
             data.extra[f"format:{cfg.transfer_format}"] = se.eval_set(
-                model, f"format:{cfg.transfer_format}", other, neutral_test, cfg.batch_size
+                model, f"format:{cfg.transfer_format}", other, neutral_test, cfg.batch_size, scoring=cfg.scoring
             )
     base = {
         name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -205,12 +265,22 @@ def main(cfg: Config, run: RunDir) -> dict:
         grid["ablation"] = [S("ablation", l, -1.0) for l in layers]
     if "iti" in cfg.methods:
         grid["iti"] = [S("iti", -1, a, str(k)) for k in cfg.head_ks for a in cfg.head_alphas]
+    if {"causal", "causal_mean"} & set(cfg.methods):
+        se.attach_causal_heads(
+            model,
+            data,
+            max_pairs=cfg.causal_pairs,
+            batch_size=cfg.batch_size,
+            heads=[parse_head(h) for h in cfg.causal_heads],
+        )
+        log.info("causal heads: %s", ", ".join(f"L{l}H{h}" for l, h in data.causal_heads[: max(cfg.head_ks)]))
     if "causal" in cfg.methods:
-        se.attach_causal_heads(model, data, max_pairs=cfg.causal_pairs, batch_size=cfg.batch_size)
         grid["causal"] = [S("causal", -1, a, str(k)) for k in cfg.head_ks for a in cfg.head_alphas]
-    train_cfg = lambda b: edits.TrainConfig(
-        kl_budget=b, steps=cfg.edit_steps, max_pairs=cfg.edit_pairs, seed=cfg.seed, batch_size=cfg.batch_size
-    )
+    for kind in ("causal_mean", "probe_mean"):
+        if kind in cfg.methods:
+            grid[kind] = [S(kind, -1, a, str(k)) for k in cfg.head_ks for a in cfg.mean_alphas]
+    train_cfg = lambda b: edits.TrainConfig(kl_budget=b, steps=cfg.edit_steps, max_pairs=cfg.edit_pairs, seed=cfg.seed)
+    sae_layer = cfg.sae_layer if 0 <= cfg.sae_layer < L else None
     mid = layers[len(layers) // 2]
     for method in ("learned", "lowrank"):
         if method not in cfg.methods:
@@ -234,12 +304,21 @@ def main(cfg: Config, run: RunDir) -> dict:
                 )
             data.edits[name] = run.stage(f"{name}.safetensors", train, edits.save_edit, edits.load_edit)
             grid[method] += [S(method, -1, a, name) for a in cfg.edit_scales]
+            if method == "learned" and sae_layer is not None and sae_layer not in layers:
+                # the same edit at the SAE's layer: its direction can be compared with the decoder rows
+                name = f"learned@{b:g}/L{sae_layer}"
+                train = lambda b=b: edits.train_vector(model, data.train, data.neutral_train, [sae_layer], train_cfg(b))
+                data.edits[name] = run.stage(
+                    f"{name.replace('/', '_')}.safetensors", train, edits.save_edit, edits.load_edit
+                )
+                grid[method] += [S(method, -1, a, name) for a in cfg.edit_scales]
 
     points = {m: se.sweep(model, data, g) for m, g in grid.items()}
     run.write_json("sweep.json", {"baseline": base, "sweep": points})
     chosen = {m: se.choose(p, cfg.kl_budget) for m, p in points.items()}
     evals: dict[str, dict] = {}
-    for m, c in chosen.items():
+    # learned edits first: if a long run is cut short, the partial evaluation.json has them
+    for m, c in sorted(chosen.items(), key=lambda mc: mc[0] not in ("learned", "lowrank")):
         evals[m] = se.evaluate(model, data, c.setting, n_controls=cfg.n_controls, n_boot=cfg.n_boot, seed=cfg.seed)
         for name in data.extra:
             evals[m][f"transfer:{name}"] = se.evaluate(
@@ -249,9 +328,25 @@ def main(cfg: Config, run: RunDir) -> dict:
 
     # how the learned edits line up with the difference of means and with probes
     alignment = {}
+    sae_rows = _cached_sae_rows(model, sae_layer) if sae_layer is not None else None
     for name, e in data.edits.items():
         at = sorted(e.vectors) if isinstance(e, edits.LearnedVector) else [e.layer]
         alignment[name] = {f"layer {l}": edits.alignment(e, se.reference_directions(data, l), l) for l in at}
+        for l in at:
+            alignment[name][f"layer {l}"]["random_direction_typical_abs_cos"] = (
+                2 / (3.14159 * model.cfg.d_model)
+            ) ** 0.5
+            if isinstance(sae_rows, tuple) and l == sae_layer:
+                alignment[name][f"layer {l}"]["sae_decoder_rows"] = edits.row_alignment(e.direction(l), sae_rows[1]) | {
+                    "sae": sae_rows[0]
+                }
+    if sae_layer is not None:
+        dom = se.reference_directions(data, sae_layer, ("diff_of_means",))["diff_of_means"]
+        alignment["diff_of_means (reference)"] = {
+            f"layer {sae_layer}": {"sae_decoder_rows": edits.row_alignment(dom, sae_rows[1]) | {"sae": sae_rows[0]}}
+            if isinstance(sae_rows, tuple)
+            else {"sae_decoder_rows": sae_rows}
+        }
 
     # demo: held-out prompts where the model really lies, with the best method at its chosen point
     ok = {m: r for m, r in evals.items() if r["kl"].mean <= cfg.kl_budget} or evals
@@ -260,14 +355,13 @@ def main(cfg: Config, run: RunDir) -> dict:
     iv, iv_lie = se.intervention(model, data, setting), se.intervention(model, data, setting.flipped())
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
 
-    def table(rows: list[int], prompt_of, ivx, base_scores) -> list[dict]:
+    def table(rows: list[int], which: str, ivx, base_scores) -> list[dict]:
         if not rows:
             return []
         ps = [data.test.pairs[i] for i in rows]
-        prompts = [prompt_of(p) for p in ps]
+        prompts = [getattr(p, which) for p in ps]
         before, after = generate(model, prompts, **gen_kw), generate(model, prompts, interventions=[ivx], **gen_kw)
-        sub = AnswerSet(*(t[rows] for t in (data.test.answers.truth, data.test.answers.lie, data.test.answers.choices)))
-        p_after = score_logits(se.last_logits(model, se.batches(model, prompts, cfg.batch_size), [ivx]), sub).p_truth
+        p_after = se.score_prompts(model, ps, which, [ivx], scoring=cfg.scoring, batch_size=cfg.batch_size).p_truth
         return [
             {
                 "question": p.question,
@@ -282,8 +376,8 @@ def main(cfg: Config, run: RunDir) -> dict:
 
     lies = se.lying_rows(data.test)
     honest_ok = [i for i in range(len(data.test.pairs)) if bool(data.test.base_honest.correct[i])]
-    flip_back = table(lies[: cfg.n_demo], lambda p: p.lying, iv, data.test.base_lying)
-    into_lies = table(honest_ok[: cfg.n_demo], lambda p: p.honest, iv_lie, data.test.base_honest)
+    flip_back = table(lies[: cfg.n_demo], "lying", iv, data.test.base_lying)
+    into_lies = table(honest_ok[: cfg.n_demo], "honest", iv_lie, data.test.base_honest)
 
     figures = {
         "frontier": save_figure(
@@ -360,7 +454,16 @@ def _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_l
     )
     for name, per_layer in alignment.items():
         for where, cos in per_layer.items():
-            print(f"  {name} {where}: " + ", ".join(f"{k} {v:+.2f}" for k, v in cos.items()))
+            flat = ", ".join(f"{k} {v:+.3f}" for k, v in cos.items() if isinstance(v, float))
+            print(f"  {name} {where}: {flat}")
+            sae = cos.get("sae_decoder_rows")
+            if isinstance(sae, dict):
+                print(
+                    f"    SAE decoder rows ({sae['n_rows']}): max |cos| {sae['max_abs_cos']:.3f} (row {sae['row']}), "
+                    f"random directions' max |cos| {sae['null_max_mean']:.3f} (95% quantile {sae['null_max_q95']:.3f})"
+                )
+            elif sae is not None:
+                print(f"    SAE: {sae}")
     print(
         f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): "
         f"{'met' if evals[best]['recovered'].mean >= 0.85 and evals[best]['kl'].mean <= 0.1 else 'NOT met'}"

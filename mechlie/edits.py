@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.metrics import gather_logprob
-from mechlie.pairs import Batch, ContrastPair, PairError, answer_set, tokenize
+from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
 from mechlie.steering import AddVectors, Hook, SteeringError, SteeringState, random_like
 
 Component = Literal["attn_out", "mlp_out", "resid_post"]
@@ -181,6 +181,31 @@ def alignment(
     }
 
 
+def row_alignment(
+    direction: Float[Tensor, " d_model"], rows: Float[Tensor, "n_rows d_model"], *, n_null: int = 200, seed: int = 0
+) -> dict:
+    """How well ``direction`` lines up with the best of many candidate directions (e.g. an SAE's
+    decoder rows): the largest ``|cos|`` over ``rows``, against the null of that *maximum* for
+    ``n_null`` random Gaussian directions (a single random cosine is ~``1/sqrt(d)``, the max over
+    thousands of rows is several times larger)."""
+    unit = lambda t: t.float() / t.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    r = unit(rows)
+    cos = r @ unit(direction.flatten())
+    g = torch.Generator().manual_seed(seed)
+    null = (unit(torch.randn(n_null, r.shape[1], generator=g)) @ r.T).abs().amax(-1)
+    best = int(cos.abs().argmax())
+    return {
+        "max_abs_cos": float(cos.abs().max()),
+        "row": best,
+        "cos": float(cos[best]),
+        "null_max_mean": float(null.mean()),
+        "null_max_q95": float(null.quantile(0.95)),
+        "share_null_at_least": float((null >= cos.abs().max()).float().mean()),
+        "n_rows": int(r.shape[0]),
+        "n_null": n_null,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # training
 
@@ -188,13 +213,23 @@ def alignment(
 @dataclass(frozen=True)
 class TrainConfig:
     """How a learned edit is trained. ``lam``: KL weight (the penalty); ``kl_budget``: if set, KL on
-    the training neutral lines is held at or under it (dual ascent on ``lam``, then a projection)."""
+    the training neutral lines is held at or under it (dual ascent on ``lam``, then a projection).
+
+    Cost (see ``benchmarks/bench_edits.py``): each step runs ``batch_size`` lying prompts and
+    ``neutral_per_step`` neutral lines (minibatches drawn from seeded permutations; ``None`` = all
+    lines every step), forward and backward. With ``skip_frozen`` the blocks below the first edited
+    block run once, before training: their output cannot depend on the edit, so each step starts
+    from that cached residual (``start_at_layer``) and gives the same numbers as a full forward.
+    The final projection and the recorded ``train_kl`` always use *all* training neutral lines.
+    """
 
     lam: float = 1.0
     kl_budget: float | None = None
     steps: int = 40
     lr: float = 0.05  # step (RMS per coordinate), as a fraction of the typical residual norm / sqrt(d_model)
-    batch_size: int = 16
+    batch_size: int = 8  # lying prompts per step
+    neutral_per_step: int | None = 8  # neutral lines per step (None = every line, every step)
+    skip_frozen: bool = True  # start each step's forward at the first edited block (cached input)
     max_pairs: int | None = None  # training pairs used (None = all)
     seed: int = 0
     progress: bool = True
@@ -210,6 +245,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.neutral_per_step is not None and self.neutral_per_step < 1:
+            raise ValueError(f"neutral_per_step must be >= 1 or None (all lines), got {self.neutral_per_step}")
 
 
 def _final_name(model: HookedTransformer) -> str:
@@ -220,21 +257,49 @@ def _final_name(model: HookedTransformer) -> str:
     )
 
 
-def _truth_logprob(model: HookedTransformer, b: Batch, truth: Tensor, hooks: list[Hook]) -> Float[Tensor, " b"]:
+@dataclass
+class _Rows:
+    """Prompts tokenized once (left-padded), with their residual input to block ``start`` when the
+    frozen blocks below it are skipped."""
+
+    tokens: Tensor
+    mask: Tensor
+    start: int
+    resid: Tensor | None  # [n, pos, d_model] input to block ``start`` (None: run from the embeddings)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def cols(self, idx: Tensor) -> slice:
+        """The columns of rows ``idx`` that hold a real token in some row (left padding trimmed)."""
+        return slice(int(self.mask[idx].bool().any(0).nonzero()[0]), None)
+
+    def forward(self, model: HookedTransformer, idx: Tensor, **kw) -> Tensor | None:
+        sl = self.cols(idx)
+        mask = self.mask[idx][:, sl]
+        if self.resid is None:
+            return model(self.tokens[idx][:, sl], attention_mask=mask, **kw)
+        # Positions come from the attention mask, so trimmed left padding changes nothing.
+        return model(self.resid[idx][:, sl], start_at_layer=self.start, attention_mask=mask, **kw)
+
+
+def _truth_logprob(model: HookedTransformer, rows: _Rows, idx: Tensor, truth: Tensor, hooks: list[Hook]) -> Tensor:
     kept: list[Tensor] = []
     with model.hooks(fwd_hooks=hooks + [(_final_name(model), lambda a, hook: kept.append(a[:, -1]))]):
-        model(b.tokens, attention_mask=b.attention_mask, return_type=None)
-    return gather_logprob(model.unembed(kept[0][:, None])[:, 0].float().log_softmax(-1), truth.to(kept[0].device))
+        rows.forward(model, idx, return_type=None)
+    lp = model.unembed(kept[0][:, None])[:, 0].float().log_softmax(-1)
+    return gather_logprob(lp, truth[idx].to(kept[0].device))
 
 
-def _neutral_kl(model: HookedTransformer, nbs: Sequence[Batch], clean: Sequence[Tensor], hooks: list[Hook]) -> Tensor:
-    """Token-weighted mean KL(clean || edited) over the real tokens of the neutral batches."""
+def _neutral_kl(model: HookedTransformer, rows: _Rows, clean: Tensor, idx: Tensor, hooks: list[Hook]) -> Tensor:
+    """Token-weighted mean KL(clean || edited) over the real tokens of neutral lines ``idx``."""
     tot, n = 0.0, 0
     with model.hooks(fwd_hooks=hooks):
-        for b, lp_c in zip(nbs, clean):
-            lp_s = model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1)
-            real = b.attention_mask.bool().to(lp_s.device)
-            lp_c = lp_c.to(lp_s.device)
+        for chunk in idx.split(32):
+            lp_s = rows.forward(model, chunk).float().log_softmax(-1)
+            sl = rows.cols(chunk)
+            real = rows.mask[chunk][:, sl].bool().to(lp_s.device)
+            lp_c = clean[chunk][:, sl].to(lp_s.device)
             tot = tot + ((lp_c.exp() * (lp_c - lp_s)).sum(-1) * real).sum()
             n += int(real.sum())
     return tot / max(n, 1)
@@ -242,11 +307,35 @@ def _neutral_kl(model: HookedTransformer, nbs: Sequence[Batch], clean: Sequence[
 
 @dataclass
 class _Setup:
-    lying: list[Batch]
-    truth: list[Tensor]
-    neutral: list[Batch]
-    clean: list[Tensor]
+    lying: _Rows
+    truth: Tensor  # [n, k] truth ids of each lying prompt
+    neutral: _Rows
+    clean: Tensor  # [lines, pos, vocab] unedited log-probs of the neutral lines
     ref_norm: float  # typical residual norm at the edited layers (sets the step size)
+    seconds: float  # setup time (tokenizing, the cached frozen blocks, the clean log-probs)
+
+
+def _rows(
+    model: HookedTransformer, prompts: Sequence[str], start: int, skip: bool, names: Sequence[str] = ()
+) -> tuple[_Rows, dict[str, Tensor]]:
+    """Tokenize, and run the frozen blocks ``0 .. start-1`` once; also return the activations ``names``."""
+    b = tokenize(model, list(prompts))
+    skip = skip and start > 0
+    keep = ({f"blocks.{start}.hook_resid_pre"} if skip else set()) | set(names)
+    acts: dict[str, list[Tensor]] = {n: [] for n in keep}
+    if keep:
+        stop = max([start] + [int(n.split(".")[1]) for n in keep]) + 1
+        for chunk in torch.arange(len(b.tokens)).split(32):
+            _, cache = model.run_with_cache(
+                b.tokens[chunk],
+                attention_mask=b.attention_mask[chunk],
+                names_filter=lambda n: n in keep,
+                stop_at_layer=stop,
+            )
+            for n in keep:
+                acts[n].append(cache[n].detach())
+    out = {n: torch.cat(v) for n, v in acts.items()}
+    return _Rows(b.tokens, b.attention_mask, start, out.get(f"blocks.{start}.hook_resid_pre") if skip else None), out
 
 
 def _setup(
@@ -256,27 +345,39 @@ def _setup(
     layers: Sequence[int],
     cfg: TrainConfig,
 ) -> _Setup:
+    t0 = time.time()
     if len(pairs) == 0:
         raise PairError("no training pairs for the learned edit")
     if len(neutral) == 0:
         raise ValueError("no neutral lines for the KL penalty")
     pairs = list(pairs)[: cfg.max_pairs] if cfg.max_pairs else list(pairs)
-    ans = answer_set(model.tokenizer, pairs).truth
-    bs = cfg.batch_size
-    lying = [tokenize(model, [p.lying for p in pairs[i : i + bs]]) for i in range(0, len(pairs), bs)]
-    truth = [ans[i : i + bs] for i in range(0, len(pairs), bs)]
-    nb = [tokenize(model, list(neutral[i : i + bs])) for i in range(0, len(neutral), bs)]
+    truth = answer_set(model.tokenizer, pairs).truth
+    start = min(layers)
     with torch.no_grad():
-        clean = [model(b.tokens, attention_mask=b.attention_mask).float().log_softmax(-1) for b in nb]
-        _, cache = model.run_with_cache(
-            lying[0].tokens,
-            attention_mask=lying[0].attention_mask,
-            names_filter=lambda n: n in {f"blocks.{l}.hook_resid_post" for l in layers},
-        )
-        ref = torch.stack(
-            [cache[f"blocks.{l}.hook_resid_post"][:, -1].float().norm(dim=-1).mean() for l in layers]
-        ).mean()
-    return _Setup(lying, truth, nb, clean, float(ref))
+        names = [f"blocks.{l}.hook_resid_post" for l in layers]
+        lying, cache = _rows(model, [p.lying for p in pairs], start, cfg.skip_frozen, names)
+        neutral_rows, _ = _rows(model, neutral, start, cfg.skip_frozen)
+        every = torch.arange(len(neutral_rows))
+        clean = torch.cat([neutral_rows.forward(model, c).float().log_softmax(-1) for c in every.split(32)])
+        final = torch.stack([cache[n][:, -1].float().norm(dim=-1).mean() for n in names]).mean()
+    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0)
+
+
+class _Minibatches:
+    """Row indices, ``size`` at a time, from seeded permutations (each row once per epoch)."""
+
+    def __init__(self, n: int, size: int | None, seed: int):
+        self.n, self.size = n, min(size or n, n)
+        self.g = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    def next(self) -> Tensor:
+        if self.size == self.n:
+            return torch.arange(self.n)
+        while len(self.order) < self.size:
+            self.order += torch.randperm(self.n, generator=self.g).tolist()
+        out, self.order = self.order[: self.size], self.order[self.size :]
+        return torch.tensor(sorted(out))
 
 
 class _TensorAdam:
@@ -320,14 +421,15 @@ def _optimise(
     for p in frozen:
         p.requires_grad_(False)  # gradients flow only into the edit
     lam, hist = float(cfg.lam), []
+    lying_mb = _Minibatches(len(s.lying), cfg.batch_size, cfg.seed)
+    neutral_mb = _Minibatches(len(s.neutral), cfg.neutral_per_step, cfg.seed + 1)
     try:
         with torch.enable_grad():
             opt = _TensorAdam(params, lr=cfg.lr * s.ref_norm / math.sqrt(model.cfg.d_model))
             for step in tqdm(range(cfg.steps), desc="train edit", disable=not cfg.progress):
-                i = step % len(s.lying)
                 hooks = make_hooks()
-                task = -_truth_logprob(model, s.lying[i], s.truth[i], hooks).mean()
-                kl = _neutral_kl(model, s.neutral, s.clean, hooks)
+                task = -_truth_logprob(model, s.lying, lying_mb.next(), s.truth, hooks).mean()
+                kl = _neutral_kl(model, s.neutral, s.clean, neutral_mb.next(), hooks)
                 loss = task + lam * kl
                 opt.zero_grad()
                 loss.backward()
@@ -339,24 +441,21 @@ def _optimise(
     finally:
         for p in frozen:
             p.requires_grad_(True)
+    t_train = time.time() - t0
     edit = make_edit()
+    every = torch.arange(len(s.neutral))
+    train_kl = lambda e: float(_neutral_kl(model, s.neutral, s.clean, every, _plain_hooks(model, e)))
     with torch.no_grad():
-        kl_final = float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit)))
+        kl_final = train_kl(edit)
         scale = 1.0
         if cfg.kl_budget is not None and kl_final > cfg.kl_budget:
-            lo, hi = 0.0, 1.0  # KL(0) = 0 <= budget: bisect on the edit's scale
-            for _ in range(14):
+            lo, hi = 0.0, 1.0  # KL(0) = 0 <= budget: bisect on the edit's scale (to 1/1024 of it)
+            for _ in range(10):
                 mid = (lo + hi) / 2
-                if (
-                    float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit.scaled(-mid))))
-                    <= cfg.kl_budget
-                ):
-                    lo = mid
-                else:
-                    hi = mid
+                lo, hi = (mid, hi) if train_kl(edit.scaled(-mid)) <= cfg.kl_budget else (lo, mid)
             scale = lo
             edit = _bake(edit, scale)
-            kl_final = float(_neutral_kl(model, s.neutral, s.clean, _plain_hooks(model, edit)))
+            kl_final = train_kl(edit)
     info = {
         "lam": cfg.lam,
         "lam_final": lam,
@@ -364,9 +463,16 @@ def _optimise(
         "steps": cfg.steps,
         "projection_scale": scale,
         "train_kl": kl_final,
-        "n_train_pairs": sum(len(b.tokens) for b in s.lying),
-        "n_neutral_lines": sum(len(b.tokens) for b in s.neutral),
-        "seconds": time.time() - t0,
+        "n_train_pairs": len(s.lying),
+        "n_neutral_lines": len(s.neutral),
+        "pairs_per_step": min(cfg.batch_size, len(s.lying)),
+        "neutral_per_step": min(cfg.neutral_per_step or len(s.neutral), len(s.neutral)),
+        "start_block": s.lying.start if s.lying.resid is not None else 0,
+        "threads": torch.get_num_threads(),
+        "seconds_setup": s.seconds,
+        "seconds_steps": t_train,
+        "seconds_projection": time.time() - t0 - t_train,
+        "seconds": s.seconds + time.time() - t0,
         "history": hist,
     }
     return edit, info
@@ -487,8 +593,13 @@ def train_lowrank(
     # Its mean write at the final position of the training lying prompts (for alignment).
     writes = []
     with torch.no_grad():
-        for b in s.lying:
-            _, cache = model.run_with_cache(b.tokens, attention_mask=b.attention_mask, names_filter=name)
+        for chunk in torch.arange(len(s.lying)).split(32):
+            _, cache = model.run_with_cache(
+                s.lying.tokens[chunk],
+                attention_mask=s.lying.mask[chunk],
+                names_filter=name,
+                stop_at_layer=layer + 1,
+            )
             y = cache[name][:, -1].float().cpu()
             writes.append((y @ edit.A + edit.c) @ edit.B)
     info["mean_write"] = torch.cat(writes).mean(0)
@@ -545,6 +656,7 @@ __all__ = [
     "TrainConfig",
     "alignment",
     "load_edit",
+    "row_alignment",
     "save_edit",
     "train_lowrank",
     "train_vector",

@@ -4,7 +4,7 @@ An intervention is anything that implements the :class:`Intervention` protocol: 
 (raise :class:`SteeringError` if it cannot apply) and ``hooks(model, state)`` (a list of
 ``(hook_name, fn)`` forward hooks that read the :class:`SteeringState`). :func:`steer` applies any
 number of them and always removes their hooks; users add their own (a clamp, an SAE feature) without
-touching mechlie. Three are built in, each a small frozen dataclass:
+touching mechlie. Four are built in, each a small frozen dataclass:
 
 - :class:`AddVectors`: add ``alpha * vector[l]`` to ``blocks.l.hook_resid_post`` for each chosen
   layer ``l``. ``vector`` is used as given (not normalized): with a difference-of-means direction
@@ -16,6 +16,10 @@ touching mechlie. Three are built in, each a small frozen dataclass:
   ``alpha * sigma * unit``: ``unit`` is the head's difference-of-means direction in z-space
   (honest -> lying) and ``sigma`` the standard deviation of the training activations projected on
   it. The head's write to the residual stream therefore moves by ``alpha * sigma * unit @ W_O[l, h]``.
+- :class:`HeadSetMean`: mean-patching of chosen heads at the final position: ``z`` of head
+  ``(l, h)`` at each pass's last position moves toward its mean over honest training prompts
+  (``alpha = -1`` sets it there; ``alpha > 0`` moves it toward the lying mean). Used on the heads
+  that activation patching ranks highest ("causally chosen"), or on ITI's probe-ranked ones.
 - :class:`DirectionalAblation`: project a unit direction ``u`` out of the residual stream at every
   layer (Arditi et al. 2024): ``x <- x - (x . u) u``. With ``where="writes"`` (default, as in the
   paper) this is applied to ``blocks.l.hook_resid_pre`` (so the embeddings are cleaned at block 0)
@@ -89,15 +93,19 @@ class SteeringState:
             raise SteeringError(f"phase must be 'prompt' or 'generated', got {phase!r}")
         self.phase, self.step, self.start = phase, step, start
 
-    def select(self, policy: str, seq_len: int) -> slice | None:
-        """The slice of this pass's positions that ``policy`` touches (None: touch nothing)."""
+    def select(self, policy: str, seq_len: int, *, last_only: bool = False) -> slice | None:
+        """The slice of this pass's positions that ``policy`` touches (None: touch nothing);
+        ``last_only``: only the pass's final position (what a final-position intervention touches)."""
         if policy != "all" and policy != self.phase:
             return None
-        key = (self.step, self.phase, policy)
+        key = (self.step, self.phase, policy, last_only)
+        first = seq_len - 1 if last_only else 0
         if key not in self._logged:  # one record per pass, not one per hook
             self._logged.add(key)
-            self.log.append(Touch(self.step, self.phase, policy, tuple(range(self.start, self.start + seq_len))))
-        return slice(0, seq_len)
+            self.log.append(
+                Touch(self.step, self.phase, policy, tuple(range(self.start + first, self.start + seq_len)))
+            )
+        return slice(first, seq_len)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +234,72 @@ class HeadShift:
 
             out.append((f"blocks.{layer}.attn.hook_z", hook))
         return out
+
+
+@dataclass(frozen=True)
+class HeadSetMean:
+    """Move heads' ``hook_z`` at each pass's *final position* toward a mean: ``z += |alpha| (target - z)``,
+    ``target`` the honest-run mean if ``alpha < 0`` and the lying-run mean if ``alpha > 0``.
+
+    ``alpha = -1`` sets each head's final-position ``z`` to its mean over honest training prompts
+    (mean-patching the head, as activation patching found it); ``|alpha| < 1`` interpolates. Only
+    the final position of each forward pass is touched (in generation, each new token's).
+    """
+
+    heads: tuple[tuple[int, int], ...]
+    honest: Float[Tensor, "k d_head"]  # mean z at the final position, honest training prompts
+    lying: Float[Tensor, "k d_head"]  # the same on lying training prompts
+    alpha: float
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
+
+    def validate(self, model: HookedTransformer) -> None:
+        _check_alpha(self.alpha)
+        _check_policy(self.policy)
+        if not self.heads:
+            raise SteeringError("HeadSetMean needs at least one head")
+        for name, t in (("honest", self.honest), ("lying", self.lying)):
+            if t.shape != (len(self.heads), model.cfg.d_head) or not torch.isfinite(t).all():
+                raise SteeringError(
+                    f"{name} means must be finite with shape [{len(self.heads)}, {model.cfg.d_head}], "
+                    f"got {tuple(t.shape)}"
+                )
+        for layer, head in self.heads:
+            _check_layer(model, layer)
+            if not 0 <= head < model.cfg.n_heads:
+                raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
+        target = (self.honest if self.alpha < 0 else self.lying).float().to(model.cfg.device)
+        w = abs(self.alpha)
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(self.heads):
+            by_layer.setdefault(layer, []).append(i)
+        out = []
+        for layer, rows in by_layer.items():
+            heads = torch.tensor([self.heads[i][1] for i in rows], device=model.cfg.device)
+            tgt = target[rows]  # [k_l, d_head]
+
+            def hook(z: Tensor, hook, heads=heads, tgt=tgt) -> Tensor:
+                sl = state.select(self.policy, z.shape[1], last_only=True)
+                if sl is not None:
+                    x = z[:, sl, heads]
+                    z[:, sl, heads] = x + w * (tgt.to(z.dtype) - x)
+                return z
+
+            out.append((f"blocks.{layer}.attn.hook_z", hook))
+        return out
+
+
+def random_head_set_mean(
+    shift: HeadSetMean, honest: Float[Tensor, "layer head d_head"], lying: Float[Tensor, "layer head d_head"], seed: int
+) -> HeadSetMean:
+    """Control: as many heads, drawn at random (seeded, without replacement), each moved toward its own mean."""
+    n_layers, n_heads = honest.shape[:2]
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(n_layers * n_heads, generator=g)[: len(shift.heads)].tolist()
+    heads = tuple((i // n_heads, i % n_heads) for i in flat)
+    pick = lambda t: torch.stack([t[l, h] for l, h in heads])  # noqa: E731
+    return HeadSetMean(heads, pick(honest), pick(lying), shift.alpha, shift.policy)
 
 
 @dataclass(frozen=True)
@@ -392,6 +466,7 @@ __all__ = [
     "AddVectors",
     "DirectionalAblation",
     "HeadDirections",
+    "HeadSetMean",
     "HeadShift",
     "Intervention",
     "POLICIES",
@@ -401,6 +476,7 @@ __all__ = [
     "head_directions",
     "head_write",
     "positions_touched",
+    "random_head_set_mean",
     "random_head_shift",
     "random_like",
     "residual_directions",

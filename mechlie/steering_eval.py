@@ -21,6 +21,11 @@ same size:
   control: the same heads along random z-directions whose *write* ``|shift @ W_O|`` matches.
 - ``causal``: the same head shift on the ``K`` heads that activation patching ranked highest on the
   training pairs (:func:`mechlie.patching.patch_final_position`), not the probe-ranked ones.
+- ``causal_mean``: the ``K`` patching-ranked heads' final-position ``z`` moved toward their
+  honest-run mean (:class:`mechlie.steering.HeadSetMean`; ``alpha = -1`` sets it to the mean);
+  control: ``K`` random heads moved toward their own means.
+- ``probe_mean``: the same on ITI's probe-ranked top-``K`` heads (head choice compared at equal
+  intervention).
 - ``ablation``: project ``d_l`` out everywhere; control: a random direction projected out.
 - ``fv``: a function vector (optional module).
 - ``learned`` / ``lowrank``: a learned edit (:mod:`mechlie.edits`) at scale ``-alpha`` of its
@@ -59,17 +64,19 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from mechlie.activations import collect
-from mechlie.metrics import AnswerScores, score_logits
+from mechlie.metrics import AnswerScores, answer_logprob, score_logits
 from mechlie.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
 from mechlie.stats import Estimate, bootstrap, normalized_effect
 from mechlie.steering import (
     AddVectors,
     DirectionalAblation,
     HeadDirections,
+    HeadSetMean,
     HeadShift,
     Intervention,
     SteeringError,
     head_directions,
+    random_head_set_mean,
     random_head_shift,
     random_like,
     residual_directions,
@@ -226,40 +233,126 @@ def split_lines(lines: Sequence[str], seed: int = 0, n_train: int = 16) -> tuple
     return order[:n_train], rest[: len(rest) // 2], rest[len(rest) // 2 :]
 
 
+SCORINGS: tuple[str, ...] = ("first", "full")
+
+
 @dataclass
 class EvalSet:
-    """One side of the split, tokenized once, with its unsteered baselines."""
+    """One side of the split, tokenized once, with its unsteered baselines.
+
+    ``scoring`` says how answers are scored: ``"first"`` (default) by the first token of each
+    spelling at the final prompt position (:func:`mechlie.pairs.answer_set`, ``multi_token="first"``);
+    ``"full"`` by the teacher-forced log-probability of the whole answer
+    (:func:`mechlie.metrics.answer_logprob`, run under the steering hooks), with "correct" meaning
+    the full truth is more likely than the full lie. Pairs whose truth and lie share a first token
+    can only be scored ``"full"`` (their ``answers`` is then None).
+    """
 
     name: str
     pairs: list[ContrastPair]
-    answers: AnswerSet
+    answers: AnswerSet | None
     honest: list[Batch]
     lying: list[Batch]
     base_honest: AnswerScores
     base_lying: AnswerScores
     neutral: list[Batch]  # this side's neutral lines
     clean_neutral: list[Tensor]  # their unsteered log-probs
+    scoring: str = "first"
+    batch_size: int = 16
+
+
+def score_prompts(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    which: str,
+    interventions: Sequence[Intervention] = (),
+    *,
+    scoring: str = "first",
+    answers: AnswerSet | None = None,
+    bs: Sequence[Batch] | None = None,
+    batch_size: int = 16,
+) -> AnswerScores:
+    """Answer scores of the ``which`` (``"honest"`` or ``"lying"``) prompts of ``pairs`` under ``interventions``.
+
+    ``scoring="first"``: first-token scores at the final position (``answers`` and the tokenized
+    ``bs`` are made here when not given). ``scoring="full"``: full answers, teacher-forced inside
+    :func:`mechlie.steering.steer`, so the answer tokens are steered like any prompt position.
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    prompts = [getattr(p, which) for p in pairs]
+    if scoring == "first":
+        answers = answers if answers is not None else answer_set(model.tokenizer, pairs)
+        return score_logits(last_logits(model, bs or batches(model, prompts, batch_size), interventions), answers)
+    if any(isinstance(iv, HeadSetMean) for iv in interventions):
+        # It patches each pass's last position: in a teacher-forced pass that is the answer's last
+        # token, not the final prompt token, so the answer's probability would not see it.
+        raise SteeringError("final-position mean patching cannot be scored on full answers; use scoring='first'")
+    with torch.no_grad(), steer(model, *interventions):
+        lt = answer_logprob(model, prompts, [p.truth for p in pairs], batch_size=batch_size)
+        ll = answer_logprob(model, prompts, [p.lie for p in pairs], batch_size=batch_size)
+    return AnswerScores(
+        p_truth=lt.exp(),
+        logit_diff=lt - ll,
+        correct=lt > ll,
+        choice_cov=torch.full_like(lt, float("nan")),
+        logp_truth_seq=lt,
+        logp_lie_seq=ll,
+    )
+
+
+def score(
+    model: HookedTransformer, es: EvalSet, which: str, interventions: Sequence[Intervention] = ()
+) -> AnswerScores:
+    """:func:`score_prompts` on an evaluation set's honest or lying prompts, with its scoring."""
+    return score_prompts(
+        model,
+        es.pairs,
+        which,
+        interventions,
+        scoring=es.scoring,
+        answers=es.answers,
+        bs=es.honest if which == "honest" else es.lying,
+        batch_size=es.batch_size,
+    )
 
 
 def eval_set(
-    model: HookedTransformer, name: str, pairs: Sequence[ContrastPair], neutral: Sequence[str], batch_size: int = 16
+    model: HookedTransformer,
+    name: str,
+    pairs: Sequence[ContrastPair],
+    neutral: Sequence[str],
+    batch_size: int = 16,
+    *,
+    scoring: str = "first",
 ) -> EvalSet:
+    """Tokenize one side of the split and score its unsteered baselines (``scoring``: see :class:`EvalSet`)."""
     if len(pairs) == 0:
         raise PairError(f"the {name} set has no pairs")
-    answers = answer_set(model.tokenizer, pairs)
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+    try:
+        answers = answer_set(model.tokenizer, pairs)
+    except PairError:
+        if scoring == "first":
+            raise
+        answers = None  # truth and lie share a first token somewhere: full answers only
     honest = batches(model, [p.honest for p in pairs], batch_size)
     lying = batches(model, [p.lying for p in pairs], batch_size)
     nb = batches(model, list(neutral), batch_size)
+    kw = dict(scoring=scoring, answers=answers, batch_size=batch_size)
     return EvalSet(
         name,
         list(pairs),
         answers,
         honest,
         lying,
-        score_logits(last_logits(model, honest), answers),
-        score_logits(last_logits(model, lying), answers),
+        score_prompts(model, pairs, "honest", bs=honest, **kw),
+        score_prompts(model, pairs, "lying", bs=lying, **kw),
         nb,
         token_logprobs(model, nb),
+        scoring,
+        batch_size,
     )
 
 
@@ -277,6 +370,7 @@ class SteeringData:
     edits: dict[str, Intervention] = field(default_factory=dict)  # learned edits by name
     extra: dict[str, EvalSet] = field(default_factory=dict)  # transfer sets (other relations / formats)
     train_resid: tuple[Tensor, Tensor] | None = None  # training (honest, lying) resid_post [n, layer, d], for probes
+    head_means: tuple[Tensor, Tensor] | None = None  # mean final-position z [layer, head, d_head]: (honest, lying)
     fv: Float[Tensor, " d_model"] | None = None
     fv_layer: int | None = None
 
@@ -290,6 +384,7 @@ def prepare(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    scoring: str = "first",
 ) -> SteeringData:
     """Split by fact (train / val / test), fit directions on train, score the baselines of val and test.
 
@@ -297,6 +392,7 @@ def prepare(
         model: the model.
         pairs: contrast pairs (honest, lying); at least 3 distinct facts.
         val_frac, test_frac: shares of facts held out for validation and for test.
+        scoring: ``"first"`` (first answer token) or ``"full"`` (teacher-forced full answers), see :class:`EvalSet`.
 
     Returns:
         :class:`SteeringData`; add learned edits with :mod:`mechlie.edits` and causal heads with
@@ -320,12 +416,13 @@ def prepare(
     rows = list(range(len(train)))
     return SteeringData(
         train=train,
-        val=eval_set(model, "val", [pairs[i] for i in split.val], n_va, batch_size),
-        test=eval_set(model, "test", [pairs[i] for i in split.test], n_te, batch_size),
+        val=eval_set(model, "val", [pairs[i] for i in split.val], n_va, batch_size, scoring=scoring),
+        test=eval_set(model, "test", [pairs[i] for i in split.test], n_te, batch_size, scoring=scoring),
         neutral_train=n_tr,
         resid_dirs=residual_directions(h["resid_post"], li["resid_post"], rows),
         heads=head_directions(h["z"], li["z"], rows),
         train_resid=(h["resid_post"].float(), li["resid_post"].float()),
+        head_means=(h["z"].float().mean(0), li["z"].float().mean(0)),
     )
 
 
@@ -345,11 +442,25 @@ def reference_directions(
 
 
 def attach_causal_heads(
-    model: HookedTransformer, data: SteeringData, *, max_pairs: int = 24, batch_size: int = 16, progress: bool = True
+    model: HookedTransformer,
+    data: SteeringData,
+    *,
+    max_pairs: int = 24,
+    batch_size: int = 16,
+    progress: bool = True,
+    heads: Sequence[tuple[int, int]] = (),
 ) -> None:
     """Rank heads by their patching effect (honest -> lying ``z`` at the final position) on at most
-    ``max_pairs`` *training* pairs, and store the ranking in ``data.causal_heads``."""
+    ``max_pairs`` *training* pairs, and store the ranking in ``data.causal_heads``; or store ``heads``
+    as given (e.g. a head sweep's top heads; note that a sweep over *all* facts has seen the test facts)."""
     from mechlie.patching import patch_final_position
+
+    if heads:
+        for l, h in heads:
+            if not (0 <= l < model.cfg.n_layers and 0 <= h < model.cfg.n_heads):
+                raise SteeringError(f"head L{l}H{h} is not in this model ({model.cfg.n_layers} x {model.cfg.n_heads})")
+        data.causal_heads = tuple((int(l), int(h)) for l, h in heads)
+        return
 
     res = patch_final_position(model, data.train[:max_pairs], "z", batch_size=batch_size, progress=progress)
     eff = res.effect("p_truth").nan_to_num(-float("inf"))
@@ -442,15 +553,32 @@ def _k(s: Setting) -> int:
 
 
 def _causal_shift(data: SteeringData, s: Setting) -> HeadShift:
-    k = _k(s)
-    if not 0 < k <= len(data.causal_heads):
-        raise SteeringError(
-            f"causal kind needs 1..{len(data.causal_heads)} patched heads (attach_causal_heads first), got K={k}"
-        )
-    heads = data.causal_heads[:k]
+    heads = _causal_heads(data, s)
     units = torch.stack([data.heads.units[l, h] for l, h in heads])
     sigmas = torch.stack([data.heads.sigmas[l, h] for l, h in heads])
     return HeadShift(heads, units, sigmas, s.alpha)
+
+
+def _set_mean(data: SteeringData, heads: tuple[tuple[int, int], ...], s: Setting) -> HeadSetMean:
+    if data.head_means is None:
+        raise SteeringError("no head means kept (prepare() keeps them)")
+    hm, lm = data.head_means
+    pick = lambda t: torch.stack([t[l, h] for l, h in heads])  # noqa: E731
+    return HeadSetMean(heads, pick(hm), pick(lm), s.alpha)
+
+
+def _causal_heads(data: SteeringData, s: Setting) -> tuple[tuple[int, int], ...]:
+    k = _k(s)
+    if not 0 < k <= len(data.causal_heads):
+        raise SteeringError(
+            f"causal kinds need 1..{len(data.causal_heads)} ranked heads (attach_causal_heads first), got K={k}"
+        )
+    return data.causal_heads[:k]
+
+
+def _mean_control(data: SteeringData, iv: HeadSetMean, seed: int) -> HeadSetMean:
+    assert data.head_means is not None  # _set_mean checked it
+    return random_head_set_mean(iv, data.head_means[0], data.head_means[1], seed)
 
 
 def _edit(data: SteeringData, s: Setting):
@@ -482,6 +610,16 @@ register_kind(
 )
 register_kind(
     "causal", lambda m, d, s: _causal_shift(d, s), lambda m, d, s, seed: random_head_shift(_causal_shift(d, s), m, seed)
+)
+register_kind(
+    "causal_mean",
+    lambda m, d, s: _set_mean(d, _causal_heads(d, s), s),
+    lambda m, d, s, seed: _mean_control(d, _set_mean(d, _causal_heads(d, s), s), seed),
+)
+register_kind(
+    "probe_mean",
+    lambda m, d, s: _set_mean(d, d.heads.top(_k(s), s.alpha).heads, s),
+    lambda m, d, s, seed: _mean_control(d, _set_mean(d, d.heads.top(_k(s), s.alpha).heads, s), seed),
 )
 register_kind(
     "ablation",
@@ -532,9 +670,7 @@ def _recovered(s: AnswerScores, es: EvalSet) -> float:
 
 def measure(model: HookedTransformer, es: EvalSet, iv: Intervention) -> tuple[AnswerScores, NeutralEffects]:
     """Lying prompts' scores and neutral-text effects of one intervention on one evaluation set."""
-    return score_logits(last_logits(model, es.lying, [iv]), es.answers), neutral_effects(
-        model, es.neutral, es.clean_neutral, [iv]
-    )
+    return score(model, es, "lying", [iv]), neutral_effects(model, es.neutral, es.clean_neutral, [iv])
 
 
 def sweep(
@@ -627,7 +763,7 @@ def evaluate(
     n = len(hp)
     known = es.base_honest.correct
     lying_s, ne = measure(model, es, iv)
-    honest_s = score_logits(last_logits(model, es.honest, [iv]), es.answers)
+    honest_s = score(model, es, "honest", [iv])
     b = lambda stat, m=n: bootstrap(stat, m, n_boot=n_boot, seed=seed)
     lie = lambda s: lambda i: 1 - s.correct[i][known[i]].float().mean()
     res = {
@@ -647,9 +783,7 @@ def evaluate(
         "delta_ce": b(ne.dce_stat(), len(ne.dce_sum)),
     }
     if setting.kind != "ablation":
-        induced = score_logits(
-            last_logits(model, es.honest, [intervention(model, data, setting.flipped())]), es.answers
-        )
+        induced = score(model, es, "honest", [intervention(model, data, setting.flipped())])
         res["p_truth_honest_induced"] = b(lambda i: induced.p_truth[i].mean())
         res["induced"] = b(gap_fraction(induced.p_truth, lp, hp, toward_hi=False))
         res["lie_rate_induced"] = b(lie(induced))
@@ -688,6 +822,7 @@ __all__ = [
     "NeutralEffects",
     "Setting",
     "Split3",
+    "SCORINGS",
     "SteeringData",
     "SweepPoint",
     "attach_causal_heads",
@@ -710,6 +845,8 @@ __all__ = [
     "prepare",
     "reference_directions",
     "register_kind",
+    "score",
+    "score_prompts",
     "split_lines",
     "split_three",
     "spread",

@@ -46,6 +46,23 @@ def dose_heatmap(points: Sequence[SweepPoint], kind: str, metric: str = "p_truth
     return fig.update_traces(texttemplate="%{text}")  # print the values in the cells
 
 
+def _ci_point(x, y, name: str, symbol: str, size: int):
+    """One marker at ``(x.mean, y.mean)`` with asymmetric error bars ``[lo, hi]`` on both axes
+    (``x`` and ``y`` are :class:`mechlie.stats.Estimate`)."""
+    import plotly.graph_objects as go
+
+    err = lambda e: {"type": "data", "symmetric": False, "array": [e.hi - e.mean], "arrayminus": [e.mean - e.lo]}  # noqa: E731
+    return go.Scatter(
+        x=[x.mean],
+        y=[y.mean],
+        mode="markers",
+        name=name,
+        marker={"symbol": symbol, "size": size},
+        error_x=err(x),
+        error_y=err(y),
+    )
+
+
 def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None, kl_budget: float | None = 0.1):
     """Honesty recovered vs KL on neutral text.
 
@@ -57,52 +74,11 @@ def frontier_figure(points: Sequence[SweepPoint], evaluated: dict | None = None,
 
     fig = go.Figure()
     for name, r in (evaluated or {}).items():
-        rec, kl = r["recovered"], r["kl"]
-        fig.add_trace(
-            go.Scatter(
-                x=[kl.mean],
-                y=[rec.mean],
-                mode="markers",
-                name=f"{name} (chosen on val, test 95% CI)",
-                marker={"symbol": "diamond", "size": 13},
-                error_x={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [kl.hi - kl.mean],
-                    "arrayminus": [kl.mean - kl.lo],
-                },
-                error_y={
-                    "type": "data",
-                    "symmetric": False,
-                    "array": [rec.hi - rec.mean],
-                    "arrayminus": [rec.mean - rec.lo],
-                },
-            )
-        )
+        fig.add_trace(_ci_point(r["kl"], r["recovered"], f"{name} (chosen on val, test 95% CI)", "diamond", 13))
         c = r.get("control")
         if c:
-            ck, cr = c["kl"], c["recovered"]
-            fig.add_trace(
-                go.Scatter(
-                    x=[ck.mean],
-                    y=[cr.mean],
-                    mode="markers",
-                    name=f"{name} random, {c['n_draws']} draws (95% of draws)",
-                    marker={"symbol": "x-open", "size": 11},
-                    error_x={
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [ck.hi - ck.mean],
-                        "arrayminus": [ck.mean - ck.lo],
-                    },
-                    error_y={
-                        "type": "data",
-                        "symmetric": False,
-                        "array": [cr.hi - cr.mean],
-                        "arrayminus": [cr.mean - cr.lo],
-                    },
-                )
-            )
+            label = f"{name} random, {c['n_draws']} draws (95% of draws)"
+            fig.add_trace(_ci_point(c["kl"], c["recovered"], label, "x-open", 11))
     for kind in dict.fromkeys(p.kind for p in points):
         mine = [p for p in points if p.kind == kind]
         front = pareto(mine)

@@ -173,3 +173,38 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(se.last_logits(model, tokens, [back]), se.last_logits(model, tokens, [e]))
         assert back.info["train_kl"] == e.info["train_kl"]
     torch.testing.assert_close(edits.load_edit(tmp_path / "edit.safetensors").direction(), low.direction())
+
+
+def test_skipping_the_frozen_blocks_changes_nothing():
+    """Starting each step at the first edited block (cached input, trimmed left padding) trains the
+    same edit as running every block from the embeddings, for a vector and a low-rank edit."""
+    model = tiny_model(positional_embedding="rotary")
+    pairs = word_pairs() + [
+        replace(p, lying="you are a liar . " + p.lying, fact_id=p.fact_id + "/b") for p in word_pairs()
+    ]
+    neutral = NEUTRAL + ["Madrid", "the capital of Peru is Lima and the capital of Chile is Santiago"]
+    kw = dict(kl_budget=0.05, steps=6, batch_size=3, neutral_per_step=2, progress=False)
+    full = edits.train_vector(model, pairs, neutral, [1, 2], edits.TrainConfig(skip_frozen=False, **kw))
+    fast = edits.train_vector(model, pairs, neutral, [1, 2], edits.TrainConfig(skip_frozen=True, **kw))
+    assert fast.info["start_block"] == 1 and full.info["start_block"] == 0
+    for l in (1, 2):
+        torch.testing.assert_close(fast.vectors[l], full.vectors[l], atol=1e-4, rtol=1e-3)
+    assert full.vectors[1].norm() > 1e-2  # it did train
+    for a, b in zip(full.info["history"], fast.info["history"]):
+        assert abs(a["kl"] - b["kl"]) < 1e-4 + 1e-3 * a["kl"] and abs(a["nll_truth"] - b["nll_truth"]) < 1e-4
+    lr = [
+        edits.train_lowrank(model, pairs, neutral, 2, edits.TrainConfig(skip_frozen=s, **kw), component="mlp_out")
+        for s in (False, True)
+    ]
+    torch.testing.assert_close(lr[0].B, lr[1].B, atol=1e-4, rtol=1e-3)
+    assert lr[0].B.norm() > 1e-3
+    assert no_hooks(model)
+
+
+def test_minibatches_cover_every_row_each_epoch():
+    mb = edits._Minibatches(7, 3, seed=0)
+    seen = torch.cat([mb.next() for _ in range(7)])  # 21 rows = 3 epochs
+    assert sorted(seen.tolist()) == sorted(list(range(7)) * 3)
+    assert edits._Minibatches(5, None, 0).next().tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="neutral_per_step"):
+        edits.TrainConfig(neutral_per_step=0)

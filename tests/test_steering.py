@@ -11,11 +11,14 @@ from transformer_lens import HookedTransformer, HookedTransformerConfig
 from mechlie.steering import (
     AddVectors,
     DirectionalAblation,
+    HeadSetMean,
     HeadShift,
     Intervention,
     SteeringError,
     head_directions,
     head_write,
+    positions_touched,
+    random_head_set_mean,
     random_head_shift,
     random_like,
     residual_directions,
@@ -242,3 +245,39 @@ def test_user_defined_intervention_plugs_into_steer():
         with steer(model, object()):
             pass
     assert no_hooks_left(model)
+
+
+@torch.no_grad()
+def test_head_set_mean_patches_only_the_final_position():
+    model = tiny_model()
+    heads = ((0, 1), (2, 3), (2, 0))
+    honest, lying = torch.randn(3, 8), torch.randn(3, 8)
+    _, clean = model.run_with_cache(TOKENS)
+    for alpha, target in ((-1.0, honest), (1.0, lying), (-0.5, None)):
+        with steer(model, HeadSetMean(heads, honest, lying, alpha)) as state:
+            _, cache = model.run_with_cache(TOKENS)
+        assert positions_touched(state) == [(0, (TOKENS.shape[1] - 1,))]
+        for i, (l, h) in enumerate(heads):
+            z, z0 = cache[f"blocks.{l}.attn.hook_z"][:, :, h], clean[f"blocks.{l}.attn.hook_z"][:, :, h]
+            if target is not None:
+                torch.testing.assert_close(z[:, -1], target[i].expand(2, 8), atol=1e-5, rtol=1e-5)
+            elif l == 0:  # halfway from its own unpatched value (the same as clean below any patch)
+                torch.testing.assert_close(z[:, -1], (z0[:, -1] + honest[i]) / 2, atol=1e-5, rtol=1e-5)
+            if l == 0:  # block 0 runs before any patched head: earlier positions untouched
+                torch.testing.assert_close(z[:, :-1], z0[:, :-1])
+        # only the final position's residual (and so only its logits) can change
+        torch.testing.assert_close(cache["blocks.2.hook_resid_post"][:, :-1], clean["blocks.2.hook_resid_post"][:, :-1])
+        assert (cache["blocks.2.hook_resid_post"][:, -1] - clean["blocks.2.hook_resid_post"][:, -1]).abs().max() > 1e-3
+    assert no_hooks_left(model)
+    with pytest.raises(SteeringError, match="honest means"):
+        with steer(model, HeadSetMean(heads, torch.randn(3, 5), torch.randn(3, 5), -1.0)):
+            pass
+    with pytest.raises(SteeringError, match="head 9 out of range"):
+        with steer(model, HeadSetMean(((0, 9),), honest[:1], lying[:1], -1.0)):
+            pass
+    means_h, means_l = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    draws = [random_head_set_mean(HeadSetMean(heads, honest, lying, -1.0), means_h, means_l, seed) for seed in range(6)]
+    for d in draws:
+        assert len(set(d.heads)) == 3 and d.alpha == -1.0
+        torch.testing.assert_close(d.honest, torch.stack([means_h[l, h] for l, h in d.heads]))
+    assert len({d.heads for d in draws}) > 1

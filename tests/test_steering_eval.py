@@ -160,6 +160,27 @@ def test_kind_registry_and_controls_of_the_same_size(prepared):
     assert c["recovered"].lo <= c["recovered"].mean <= c["recovered"].hi
 
 
+def test_mean_patching_kinds_and_their_controls(prepared):
+    model, data = prepared
+    se.attach_causal_heads(model, data, heads=[(1, 2), (0, 3)])
+    assert data.causal_heads == ((1, 2), (0, 3))
+    with pytest.raises(SteeringError, match="not in this model"):
+        se.attach_causal_heads(model, data, heads=[(5, 0)])
+    hm, lm = data.head_means
+    assert hm.shape == (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+    iv = se.intervention(model, data, se.Setting("causal_mean", -1, -1.0, "2"))
+    assert iv.heads == ((1, 2), (0, 3))
+    torch.testing.assert_close(iv.honest[0], hm[1, 2]) and torch.testing.assert_close(iv.lying[1], lm[0, 3])
+    probe = se.intervention(model, data, se.Setting("probe_mean", -1, -1.0, "3"))
+    assert probe.heads == data.heads.top(3, -1.0).heads
+    ctrl = se.intervention(model, data, se.Setting("causal_mean", -1, -1.0, "2"), control_seed=3)
+    assert len(ctrl.heads) == 2 and ctrl.alpha == -1.0
+    with pytest.raises(SteeringError, match="causal kinds need"):
+        se.intervention(model, data, se.Setting("causal_mean", -1, -1.0, "3"))
+    pt = se.sweep(model, data, [se.Setting("causal_mean", -1, -1.0, "2")], progress=False)[0]
+    assert pt.split == "val" and pt.kl > 0
+
+
 def test_user_registered_kind(prepared):
     model, data = prepared
     se.register_kind(
@@ -179,7 +200,7 @@ def test_evaluate_on_test_with_controls(prepared):
     model, data = prepared
     r = se.evaluate(model, data, se.Setting("resid", 2, -4.0), n_controls=5, n_boot=200)
     assert r["on"] == "test" and r["n_facts"] == len(data.test.pairs)
-    assert r["n_neutral_lines"] == len(data.test.neutral[0].tokens) and r["control"]["n_draws"] == 5
+    assert r["n_neutral_lines"] == sum(len(b.tokens) for b in data.test.neutral) and r["control"]["n_draws"] == 5
     assert r["recovered"].lo <= r["recovered"].mean <= r["recovered"].hi
     assert r["kl"].mean > 1e-4  # a strong push changes the neutral text
     assert 0 <= r["control"]["share_recovering_at_least_real"] <= 1
@@ -295,3 +316,48 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         assert any(k.startswith("transfer:format") for k in r)
     assert (tmp_path / "t" / "learned@0.05.safetensors").is_file() and (tmp_path / "t" / "frontier.html").is_file()
     assert isinstance(summary["best"]["goal_met"], bool)
+
+
+def test_full_answer_scoring():
+    """Full answers: equal to first-token scores for one-token answers (steered or not); multi-token
+    answers sharing a first token are scored (first-token scoring refuses them), matching a
+    token-by-token reference under the same steering."""
+    from mechlie.pairs import answer_sequences, tokenize
+    from mechlie.steering import HeadSetMean, steer
+
+    model = word_model()
+    pairs = word_pairs()
+    neutral = ["the opposite of hot is cold", "Madrid is hot"]
+    first = se.eval_set(model, "x", pairs, neutral, scoring="first")
+    full = se.eval_set(model, "x", pairs, neutral, scoring="full")
+    torch.testing.assert_close(full.base_lying.p_truth, first.base_lying.p_truth, atol=1e-5, rtol=1e-4)
+    push = AddVectors({1: torch.randn(32, generator=torch.Generator().manual_seed(0))}, -3.0)
+    a, b = se.score(model, full, "lying", [push]), se.score(model, first, "lying", [push])
+    torch.testing.assert_close(a.p_truth, b.p_truth, atol=1e-5, rtol=1e-4)
+    assert (a.p_truth - full.base_lying.p_truth).abs().max() > 1e-3  # the push did something
+
+    multi = [replace(p, truth="Buenos Aires", lie="Buenos Delhi") for p in pairs[:3]]
+    with pytest.raises(PairError, match="share a first token"):
+        se.eval_set(model, "m", multi, neutral, scoring="first")
+    m = se.eval_set(model, "m", multi, neutral, scoring="full")
+    assert m.answers is None
+    got = se.score(model, m, "lying", [push])
+
+    def reference(prompt: str, answer: str) -> float:
+        ids = tokenize(model, [prompt]).tokens[0].tolist()
+        out = []
+        for seq in answer_sequences(model.tokenizer, answer):
+            with torch.no_grad(), steer(model, push):
+                lp = model(torch.tensor([ids + seq])).log_softmax(-1)[0]
+            out.append(sum(float(lp[len(ids) - 1 + t, tok]) for t, tok in enumerate(seq)))
+        return float(torch.tensor(out).logsumexp(0))
+
+    for i, p in enumerate(multi):
+        assert len(answer_sequences(model.tokenizer, p.truth)[0]) == 2
+        assert abs(float(got.logp_truth_seq[i]) - reference(p.lying, p.truth)) < 1e-4
+        assert abs(float(got.logp_lie_seq[i]) - reference(p.lying, p.lie)) < 1e-4
+    assert bool(got.correct[0]) == bool(got.logp_truth_seq[0] > got.logp_lie_seq[0])
+    with pytest.raises(SteeringError, match="final-position mean patching"):
+        se.score(model, m, "lying", [HeadSetMean(((0, 1),), torch.zeros(1, 8), torch.zeros(1, 8), -1.0)])
+    with pytest.raises(ValueError, match="scoring must be one of"):
+        se.eval_set(model, "m", multi, neutral, scoring="last")

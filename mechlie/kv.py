@@ -84,6 +84,27 @@ class PrefixCache:
     def length(self) -> int:
         return int(self.mask.shape[1])
 
+    def select(self, prompts: Int[Tensor, " m"]) -> "PrefixCache":
+        """The prefixes of ``prompts`` (repeats allowed), as a cache of ``m`` prompts: e.g. one per
+        spelling of a teacher-forced answer, so that each cache row has one token sequence."""
+        idx = prompts.to(torch.long)
+        tl = TransformerLensKeyValueCache(
+            [
+                TransformerLensKeyValueCacheEntry(
+                    e.past_keys[idx.to(e.past_keys.device)], e.past_values[idx.to(e.past_values.device)], frozen=True
+                )
+                for e in self.tl.entries
+            ],
+            self.tl.previous_attention_mask[idx.to(self.tl.previous_attention_mask.device)],
+            frozen=True,
+        )
+        return PrefixCache(
+            tl,
+            tuple(k[idx.to(k.device)] for k in self.keys),
+            tuple(v[idx.to(v.device)] for v in self.values),
+            self.mask[idx.to(self.mask.device)],
+        )
+
     def truncate(self, p: int) -> "PrefixCache":
         """The first ``p`` cached positions (a view, no copy): the prefix of a patch at position ``p``."""
         if not 0 <= p <= self.length:

@@ -27,7 +27,7 @@ function vectors (:mod:`mechlie.function_vectors`) and vector addition all go th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -159,28 +159,23 @@ class Patches:
 
 
 @torch.inference_mode()
-def score_patches(
+def run_patches(
     model: HookedTransformer,
     cache: PrefixCache,
     tokens: Int[Tensor, "B t"],
     prompt: Int[Tensor, " R"],
     patches: Patches,
-    answers: AnswerSet,
+    reduce: Callable[[Tensor, Tensor], Tensor],
     *,
     max_rows: int = 512,
     baseline: Baseline | None = None,
-) -> AnswerScores:
-    """Score ``R`` rows (row ``r`` continues prompt ``prompt[r]`` with the new tokens
-    ``tokens[prompt[r]]``, usually its final token, with the entries of ``patches`` for that row)
-    at their last new token against ``answers`` (one row of answer ids per prompt). Rows run in
-    chunks of ``max_rows``, sorted by the first block they change, each over the cached prefix
-    (:func:`mechlie.kv.run_rows`). The prompts' plain residuals (where a row joins at its first
-    changed block) are computed once for every chunk, or taken from ``baseline``.
-
-    Example:
-        >>> p = Patches("z", rows, layers, heads, clean_z[prompt[rows], layers, heads])
-        >>> scores = score_patches(model, prefix, final_tokens(batch), prompt, p, answers)
-    """
+) -> Tensor:
+    """Run ``R`` rows (row ``r`` continues prompt ``prompt[r]`` with the new tokens
+    ``tokens[prompt[r]]``, with the entries of ``patches`` for that row) and return
+    ``reduce(logits[r, t, vocab], rows[r])`` for every row, in row order. Rows run in chunks of
+    ``max_rows``, sorted by the first block they change, each over the cached prefix
+    (:func:`mechlie.kv.run_rows`); the prompts' plain residuals (where a row joins at its first
+    changed block) are computed once for every chunk, or taken from ``baseline``."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     R = len(prompt)
@@ -195,12 +190,7 @@ def score_patches(
     if baseline is None and int(start.max()) > 0:
         uniq = prompt.unique()
         baseline = baseline_inputs(model, cache, tokens[uniq], uniq)
-    p_truth, logit_diff, correct, cov = (
-        torch.empty(R),
-        torch.empty(R),
-        torch.empty(R, dtype=torch.bool),
-        torch.empty(R),
-    )
+    out: Tensor | None = None
     for c0 in range(0, R, max_rows):
         rows = order[c0 : c0 + max_rows]
         keep = (where[patches.row] >= c0) & (where[patches.row] < c0 + len(rows))
@@ -222,15 +212,42 @@ def score_patches(
             fwd_hooks=sub.hooks(where[sub.row] - c0),
             start_layers=start[rows],
             baseline=baseline,
-        )[:, -1]
-        s = score_logits(logits, AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
-        p_truth[rows], logit_diff[rows], correct[rows], cov[rows] = (
-            s.p_truth.cpu(),
-            s.logit_diff.cpu(),
-            s.correct.cpu(),
-            s.choice_cov.cpu(),
         )
-    return AnswerScores(p_truth, logit_diff, correct, cov)
+        r = reduce(logits, rows).cpu()
+        if out is None:
+            out = torch.empty((R, *r.shape[1:]), dtype=r.dtype)
+        out[rows] = r
+    assert out is not None
+    return out
+
+
+@torch.inference_mode()
+def score_patches(
+    model: HookedTransformer,
+    cache: PrefixCache,
+    tokens: Int[Tensor, "B t"],
+    prompt: Int[Tensor, " R"],
+    patches: Patches,
+    answers: AnswerSet,
+    *,
+    max_rows: int = 512,
+    baseline: Baseline | None = None,
+) -> AnswerScores:
+    """Score ``R`` rows (:func:`run_patches`) at their last new token against ``answers`` (one row
+    of answer ids per prompt).
+
+    Example:
+        >>> p = Patches("z", rows, layers, heads, clean_z[prompt[rows], layers, heads])
+        >>> scores = score_patches(model, prefix, final_tokens(batch), prompt, p, answers)
+    """
+
+    def reduce(logits: Tensor, rows: Tensor) -> Tensor:
+        pr = prompt[rows]
+        s = score_logits(logits[:, -1], AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
+        return torch.stack([s.p_truth, s.logit_diff, s.correct.float(), s.choice_cov], 1)
+
+    x = run_patches(model, cache, tokens, prompt, patches, reduce, max_rows=max_rows, baseline=baseline)
+    return AnswerScores(x[:, 0], x[:, 1], x[:, 2] > 0.5, x[:, 3])
 
 
 @torch.inference_mode()
@@ -243,6 +260,7 @@ def patch_final_position(
     max_rows: int = 1024,
     progress: bool = True,
     clean: FinalActs | None = None,
+    answer: Literal["first", "full"] = "first",
 ) -> PatchResult:
     """Patch every component of ``kind`` from honest into lying, at the final position.
 
@@ -254,6 +272,10 @@ def patch_final_position(
         max_rows: rows of one single-token pass (memory: ``max_rows x d_vocab`` logits).
         clean: the honest prompts' final-position activations and logits, when already collected
             (:func:`mechlie.kv.collect_batch`); otherwise they are run here.
+        answer: ``"first"`` scores multi-token answers by the first token of each spelling (a
+            pair whose truth and lie share a first token raises :class:`PairError`); ``"full"``
+            by the teacher-forced log-probability of the whole answer (``full_answers`` of
+            :func:`patch_runs_kinds`), which tells such pairs apart.
 
     Returns:
         :class:`PatchResult` with per-pair scores ``[n, layer, (head)]``.
@@ -263,7 +285,7 @@ def patch_final_position(
         >>> res.effect().shape  # [n_layers, n_heads]; 1 = fully honest
     """
     return patch_final_positions(
-        model, pairs, (kind,), batch_size=batch_size, max_rows=max_rows, progress=progress, clean=clean
+        model, pairs, (kind,), batch_size=batch_size, max_rows=max_rows, progress=progress, clean=clean, answer=answer
     )[kind]
 
 
@@ -277,6 +299,7 @@ def patch_final_positions(
     max_rows: int = 1024,
     progress: bool = True,
     clean: FinalActs | None = None,
+    answer: Literal["first", "full"] = "first",
 ) -> dict[str, PatchResult]:
     """:func:`patch_final_position` for several kinds at once: each lying prompt's prefix is
     cached once for all of them.
@@ -287,16 +310,21 @@ def patch_final_positions(
     """
     if len(pairs) == 0:
         raise PairError("no pairs to patch")
+    if answer not in ("first", "full"):
+        raise ValueError(f"answer must be 'first' or 'full', got {answer!r}")
+    if answer == "full" and any(not p.lie for p in pairs):
+        raise PairError("full-answer scores need a lie answer for every pair")
     return patch_runs_kinds(
         model,
         [p.honest for p in pairs],
         [p.lying for p in pairs],
-        answer_set(model.tokenizer, pairs),
+        answer_set(model.tokenizer, pairs) if answer == "first" else None,
         kinds,
         batch_size=batch_size,
         max_rows=max_rows,
         progress=progress,
         clean=clean,
+        full_answers=([p.truth for p in pairs], [p.lie for p in pairs]) if answer == "full" else None,
     )
 
 
@@ -347,22 +375,29 @@ def patch_runs_kinds(
     model: HookedTransformer,
     clean_prompts: Sequence[str],
     corrupt_prompts: Sequence[str],
-    answers: AnswerSet,
+    answers: AnswerSet | None,
     kinds: Sequence[str] = ("z",),
     *,
     batch_size: int = 16,
     max_rows: int = 1024,
     progress: bool = True,
     clean: FinalActs | None = None,
+    full_answers: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> dict[str, PatchResult]:
     """Patch each component of every kind of ``kinds`` from ``clean_prompts[i]``'s run into
     ``corrupt_prompts[i]``'s; the corrupt prefixes are cached once for all kinds.
 
     Args:
-        answers: one row per pair (:func:`mechlie.pairs.answer_set`).
+        answers: one row per pair (:func:`mechlie.pairs.answer_set`): first-token scores.
         kinds: patchable kinds (:data:`PATCHABLE`), each component of each patched on its own.
         clean: the clean prompts' final-position activations (every kind of ``kinds``) and logits,
             when already collected; otherwise one clean pass collects them.
+        full_answers: (truths, lies), one string each per pair: score instead by the full answers
+            (``answers`` is then unused). Each spelling of each answer (:func:`mechlie.pairs.answer_sequences`)
+            is teacher-forced after the patched final token, as rows of one pass over the cached
+            prefix; ``log P`` sums over its tokens and ``logsumexp`` over spellings, as
+            :func:`mechlie.metrics.answer_logprob`. Then ``logit_diff`` is ``log P(truth) - log P(lie)``
+            and ``p_truth`` is ``P(truth)``, the full answer's probability.
 
     Returns:
         ``{kind: PatchResult}``.
@@ -374,10 +409,13 @@ def patch_runs_kinds(
     if batch_size < 1 or max_rows < 1:
         raise ValueError("batch_size and max_rows must be >= 1")
     n = len(clean_prompts)
-    if n == 0 or n != len(corrupt_prompts) or n != len(answers.truth):
+    n_ans = len(full_answers[0]) if full_answers is not None else len(answers.truth) if answers is not None else -1
+    if full_answers is not None and len(full_answers[1]) != n_ans:
+        raise PairError(f"{n_ans} truths but {len(full_answers[1])} lies")
+    if n == 0 or n != len(corrupt_prompts) or n != n_ans:
         raise PairError(
             f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
-            f"({len(answers.truth)}), and at least one"
+            f"({n_ans}), and at least one"
         )
     if clean is None:
         clean = collect_batch(
@@ -408,6 +446,15 @@ def patch_runs_kinds(
         last = final_tokens(b)
         base = baseline_inputs(model, cache, last)  # shared by every kind and chunk of rows
         corrupt_logits[idx] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
+        if full_answers is not None:
+            truths, lies = (list(x[idx]) for x in full_answers)
+            for kind, grid in grids.items():
+                lt, ll = _full_answer_patches(
+                    model, cache, last, truths, lies, kind, grid, clean.acts[kind][idx], max_rows
+                )
+                p_truth[kind][idx] = lt.exp().reshape(B, *grid)
+                logit_diff[kind][idx] = (lt - ll).reshape(B, *grid)
+            continue
         ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
         for kind, grid in grids.items():
             prompt, patches = _single_component_patches(kind, grid, clean.acts[kind][idx], B)
@@ -415,8 +462,73 @@ def patch_runs_kinds(
             # rows are (component, prompt): reshape to [prompt, *grid]
             p_truth[kind][idx] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid)
             logit_diff[kind][idx] = sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
-    clean_scores, corrupt_scores = score_logits(clean.logits, answers), score_logits(corrupt_logits, answers)
+    if full_answers is not None:
+        clean_scores = _full_answer_scores(model, clean_prompts, *full_answers, batch_size)
+        corrupt_scores = _full_answer_scores(model, corrupt_prompts, *full_answers, batch_size)
+    else:
+        clean_scores, corrupt_scores = score_logits(clean.logits, answers), score_logits(corrupt_logits, answers)
     return {
         k: PatchResult(kind=k, p_truth=p_truth[k], logit_diff=logit_diff[k], clean=clean_scores, corrupt=corrupt_scores)
         for k in kinds
     }
+
+
+def _full_answer_scores(
+    model: HookedTransformer, prompts: Sequence[str], truths: Sequence[str], lies: Sequence[str], batch_size: int
+) -> AnswerScores:
+    """Unpatched runs scored by the full answers (:func:`mechlie.metrics.answer_logprob`)."""
+    from mechlie.metrics import answer_logprob
+
+    lt = answer_logprob(model, list(prompts), list(truths), batch_size=batch_size)
+    ll = answer_logprob(model, list(prompts), list(lies), batch_size=batch_size)
+    return AnswerScores(lt.exp(), lt - ll, lt > ll, torch.full_like(lt, float("nan")), lt, ll)
+
+
+def _full_answer_patches(
+    model: HookedTransformer,
+    cache: PrefixCache,
+    last: Int[Tensor, "B 1"],
+    truths: Sequence[str],
+    lies: Sequence[str],
+    kind: str,
+    grid: tuple[int, ...],
+    clean: Tensor,
+    max_rows: int,
+) -> tuple[Float[Tensor, "B C"], Float[Tensor, "B C"]]:
+    """``log P(truth)`` and ``log P(lie)`` (full answers) of every prompt of ``cache`` with each
+    component of ``kind`` patched at the final prompt token. A spelling of ``t`` tokens is a row of
+    ``t`` new tokens (the final prompt token, then the spelling but its last token), over a cache
+    row of its own (:meth:`mechlie.kv.PrefixCache.select`), so rows of one spelling share a baseline."""
+    from mechlie.pairs import answer_sequences
+
+    B = len(truths)
+    C = int(torch.tensor(grid).prod())
+    spell = [  # (prompt, is truth, token ids)
+        (j, is_truth, seq)
+        for j in range(B)
+        for is_truth, text in ((True, truths[j]), (False, lies[j]))
+        for seq in answer_sequences(model.tokenizer, text)
+    ]
+    logp = torch.empty((len(spell), C))
+    for length in sorted({len(q) for _, _, q in spell}):
+        ids = [i for i, sp in enumerate(spell) if len(sp[2]) == length]
+        pj = torch.tensor([spell[i][0] for i in ids])
+        target = torch.tensor([spell[i][2] for i in ids])  # [S, length]
+        toks = torch.cat([last[pj].cpu(), target[:, :-1]], 1).to(last.device)  # [S, length]
+        sub = cache.select(pj)
+        prompt, patches = _single_component_patches(kind, grid, clean[pj], len(ids))
+
+        def reduce(logits: Tensor, rows: Tensor, prompt=prompt, target=target) -> Tensor:
+            lp = logits.log_softmax(-1)
+            return lp.gather(-1, target[prompt[rows]].to(lp.device)[..., None]).squeeze(-1).sum(-1)
+
+        rows_lp = run_patches(model, sub, toks, prompt, patches, reduce, max_rows=max(1, max_rows // length))
+        logp[ids] = rows_lp.reshape(C, len(ids)).T  # rows are (component, spelling)
+    out = []
+    for want in (True, False):
+        m = torch.full((B, len(spell)), float("-inf"))
+        for i, (j, is_truth, _) in enumerate(spell):
+            if is_truth == want:
+                m[j, i] = 0.0
+        out.append((m[:, :, None] + logp[None]).logsumexp(1))  # [B, C]: logsumexp over spellings
+    return out[0], out[1]

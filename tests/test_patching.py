@@ -158,3 +158,50 @@ def test_several_kinds_and_collected_clean_runs_equal_separate_patching(tiny):
         patch_final_positions(tiny, pairs, ("z",), clean=FinalActs({"z": clean.acts["z"][:2]}, clean.logits[:2]))
     with pytest.raises(ValueError, match="each once"):
         patch_final_positions(tiny, pairs, ("z", "z"))
+
+
+def test_full_answer_patching_equals_full_rerun_reference(tiny):
+    """Multi-token answers, including truth and lie sharing their first token: each head's z
+    patched at the final prompt token, the whole answer teacher-forced after it, equals a full
+    rerun of prompt + answer with the same patch (mechlie.metrics.answer_logprob semantics)."""
+    from mechlie.pairs import answer_sequences
+
+    base = make_pairs(equal_length=False)[:3]
+    answers = [("Mexico City", "Mexico Cairo"), ("La Paz", "La Santiago"), ("Buenos Aires", "Cairo")]
+    pairs = [ContrastPair(p.honest, p.lying, t, li, p.fact_id, p.relation) for p, (t, li) in zip(base, answers)]
+    with pytest.raises(PairError, match="share a first token"):
+        patch_final_position(tiny, pairs, "z", progress=False)  # first tokens cannot tell them apart
+    res = patch_final_position(tiny, pairs, "z", progress=False, answer="full", batch_size=2, max_rows=5)
+    tok = tiny.tokenizer
+
+    def logp(prompt, answer, hook=None):
+        ids = tokenize(tiny, [prompt]).tokens[0].tolist()
+        out = []
+        for seq in answer_sequences(tok, answer):
+            x = torch.tensor([ids + seq])
+            with torch.no_grad(), tiny.hooks(fwd_hooks=[hook] if hook else []):
+                lp = tiny(x).log_softmax(-1)[0]
+            pos = torch.arange(len(ids) - 1, len(ids) - 1 + len(seq))
+            out.append(lp[pos, torch.tensor(seq)].sum())
+        return torch.stack(out).logsumexp(0)
+
+    for i, p in enumerate(pairs):
+        store = {}
+        with (
+            torch.no_grad(),
+            tiny.hooks(fwd_hooks=[("blocks.1.attn.hook_z", lambda a, hook: store.update(z=a[0, -1]))]),
+        ):
+            tiny(tokenize(tiny, [p.honest]).tokens)
+        n_prompt = tokenize(tiny, [p.lying]).tokens.shape[1]
+        for head in (0, 3):
+
+            def put(act, hook, head=head):
+                act[0, n_prompt - 1, head] = store["z"][head]
+                return act
+
+            hook = ("blocks.1.attn.hook_z", put)
+            want = logp(p.lying, p.truth, hook) - logp(p.lying, p.lie, hook)
+            assert abs(float(res.logit_diff[i, 1, head]) - float(want)) < 1e-4, (i, head)
+            assert abs(float(res.p_truth[i, 1, head]) - float(logp(p.lying, p.truth, hook).exp())) < 1e-5
+        assert abs(float(res.corrupt.logit_diff[i]) - float(logp(p.lying, p.truth) - logp(p.lying, p.lie))) < 1e-4
+    assert res.logit_diff.std() > 1e-3  # patches change the answer scores

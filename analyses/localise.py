@@ -81,7 +81,7 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
     from mechlie.io import save_tensors
     from mechlie.kv import load_model_split
     from mechlie.pairs import load_builtin
-    from mechlie.stats import bootstrap_tensor
+    from mechlie.stats import bootstrap, bootstrap_tensor
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -192,10 +192,26 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
         rp.differs,
         rp.attention,
     )
+    tensors["positions_source_logit_diff"], tensors["positions_target_logit_diff"] = (
+        rp.source.logit_diff,
+        rp.target.logit_diff,
+    )
     differs = rp.differs.mean(0) > 0
     eff = pos_est.mean
     on = float(eff[differs].sum()) if differs.any() else 0.0
     best = eff.abs().argsort(descending=True)[:8].tolist()
+    # Each pair's own differing tokens (its demonstrations' answers sit at other offsets than
+    # another pair's): summed effect there vs at its other positions, normalized on the pair means.
+    own = {}
+    for name, m in (("own_differing", rp.differs), ("own_identical", 1 - rp.differs)):
+
+        def split(i, m=m):
+            gap = rp.source.logit_diff[i].mean() - rp.target.logit_diff[i].mean()
+            return ((rp.logit_diff[i] - rp.target.logit_diff[i, None]) * m[i]).sum(1).mean() / gap
+
+        own[name] = bootstrap(split, len(path_pairs), n_boot=cfg.n_boot, seed=cfg.seed).to_dict()
+    own["attention_own_differing"] = float((rp.attention * rp.differs).sum(1).mean())
+    own["n_own_differing_per_pair"] = float(rp.differs.sum(1).mean())
     summary["positions"] = {
         "offsets": list(rp.offsets),
         "effect": eff.tolist(),
@@ -208,12 +224,19 @@ def main(cfg: LocaliseConfig, run: RunDir) -> dict:
         "top_positions": [
             {"offset": rp.offsets[j], "differs": bool(differs[j]), **pos_est.at(j).to_dict()} for j in best
         ],
+        **own,
     }
     print(
         f"\nReceiver key/value inputs by source position (restore, one position at a time): summed effect "
         f"{on:+.3f} at the {int(differs.sum())} positions where the prompts differ vs "
         f"{float(eff[~differs].sum()):+.3f} elsewhere; attention from the final token on differing positions "
         f"{summary['positions']['attention_on_differing']:.2f}"
+    )
+    od, oi = own["own_differing"], own["own_identical"]
+    print(
+        f"  per pair, at its own {own['n_own_differing_per_pair']:.1f} differing tokens (the demonstrations' answers): "
+        f"{od['mean']:+.3f} [{od['lo']:+.3f}, {od['hi']:+.3f}] vs its other positions {oi['mean']:+.3f} "
+        f"[{oi['lo']:+.3f}, {oi['hi']:+.3f}]; attention on them {own['attention_own_differing']:.2f}"
     )
     for j in best:
         print(f"  offset {rp.offsets[j]:>4}{' (differs)' if differs[j] else '          '}: {pos_est.at(j):+.3f}")

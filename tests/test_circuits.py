@@ -264,6 +264,8 @@ def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsy
     assert summary["topk_restore"]["ks"] == [1, 2, 4, 8, 12]
     assert summary["path"]["receiver"] == [2, 1] and len(summary["path"]["top_senders"]) == 10
     assert (run / "circuit.html").is_file() and (run / "scores.safetensors").is_file()
+    pos = summary["positions"]
+    assert pos["own_differing"]["n"] == 2 and 0 <= pos["attention_own_differing"] <= 1 + 1e-6
     assert "minimal set" in capsys.readouterr().out
     # bad input fails before the model loads, with one line
     assert mod.run_script(mod.LocaliseConfig, mod.main, argv=["--receiver", "x.y", "--out-dir", str(tmp_path)]) == 2

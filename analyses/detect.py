@@ -518,9 +518,13 @@ def _detector(model, cfg: Config, train_test, controls: dict, layer: int, site: 
     for name, (X, facts) in extra.items():
         lies[name] = (det.score_features(X[:, list(layers)]) if len(X) else X.new_zeros(0), facts)
     cal = {}
-    for fpr in dict.fromkeys((cfg.fpr, 0.05)):
-        h = held_out_calibration(c, cu, lies, fpr, n_boot=cfg.n_boot, seed=cfg.seed)
-        cal[f"{fpr:g}"] = {
+    honest = [i for i, u in enumerate(cu) if not u.startswith("neutral/")]
+    for fpr, subset in [(f, None) for f in dict.fromkeys((cfg.fpr, 0.05))] + [(0.05, honest)]:
+        # The last row calibrates on honest prompts only: do the neutral windows set the threshold?
+        cc, uu = (c, cu) if subset is None else (c[subset], [cu[i] for i in subset])
+        name = f"{fpr:g}" if subset is None else f"{fpr:g} (honest-prompt controls only)"
+        h = held_out_calibration(cc, uu, lies, fpr, n_boot=cfg.n_boot, seed=cfg.seed)
+        cal[name] = {
             "threshold": h.threshold,
             "n_calibration": h.n_calibration,
             "n_held_out": h.n_held_out,

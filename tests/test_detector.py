@@ -135,7 +135,7 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     # Controls: >= 300 neutral windows plus honest prompts; the held-out FPR and recall have CIs.
     assert summary["n_controls"]["neutral_windows"] >= 300 and summary["n_controls"]["honest_prompts_other_facts"] == 8
     cal = summary["detector_framing"]["calibration"]
-    assert set(cal) == {"0.1", "0.05"}
+    assert set(cal) == {"0.1", "0.05", "0.05 (honest-prompt controls only)"}
     h = cal["0.1"]["held_out_fpr"]
     assert h["lo"] <= h["mean"] <= h["hi"] and cal["0.1"]["n_calibration"] + cal["0.1"]["n_held_out"] > 300
     assert Detector.load(run / "detector_framing.safetensors").threshold == cal["0.1"]["threshold"]

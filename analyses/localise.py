@@ -282,8 +282,14 @@ def circuit_figure(receiver, senders, effect, channels, minimal_set, top: int = 
                 showlegend=False,
             )
         )
+        # label near the sender's end of its edge, where edges are still apart
         fig.add_annotation(
-            x=0.5, y=(y + ry) / 2, text=f"{channels[best_c]} {w:+.2f}", showarrow=False, font={"size": 10}
+            x=0.2,
+            y=y + 0.2 * (ry - y),
+            text=f"{channels[best_c]} {w:+.2f}",
+            showarrow=False,
+            font={"size": 10},
+            yshift=8,
         )
     fig.add_trace(
         go.Scatter(

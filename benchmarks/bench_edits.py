@@ -17,9 +17,13 @@ Prints the seconds of each part and the ratio.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from mechlie import edits
 from mechlie import steering_eval as se

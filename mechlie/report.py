@@ -869,7 +869,7 @@ def detection_report(run: Path) -> RunReport:
         if not d or not d.get("calibration") or (same and key == "detector"):
             continue
         cal = d["calibration"]
-        targets = sorted(cal, key=float)
+        targets = sorted(cal, key=lambda t: (float(t.split()[0]), t))  # "0.05", "0.05 (honest-prompt controls only)"
         series = {"held-out false-positive rate": [_est(cal[t]["held_out_fpr"]) for t in targets]}
         for rname in sorted({r for t in targets for r in cal[t].get("recall", {})}):
             nan = (float("nan"),) * 3

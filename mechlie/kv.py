@@ -487,6 +487,10 @@ def collect_batch(
     logits = []
     n = batch.tokens.shape[0]
     last = hook_name("resid_post", L - 1)
+    # Prompts of similar length share a slice, so little padding is computed; results go back
+    # to the caller's order at the end.
+    order = batch.attention_mask.sum(1).argsort(stable=True)
+    batch = Batch(batch.tokens[order], batch.attention_mask[order])
     for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
         store: dict[tuple[str, int], Tensor] = {}
 
@@ -515,10 +519,11 @@ def collect_batch(
         logits.append(lg[:, -1].float().cpu())
         for k in need:
             out[k].append(torch.stack([store[(k, l)] for l in range(L)], dim=1))
-    acts = {k: torch.cat(v) for k, v in out.items()}
+    back = order.argsort()
+    acts = {k: torch.cat(v)[back] for k, v in out.items()}
     if "head_out" in kinds:
         acts["head_out"] = head_out_from_z(model, acts["z"]).float()
-    return FinalActs({k: acts[k] for k in kinds}, torch.cat(logits))
+    return FinalActs({k: acts[k] for k in kinds}, torch.cat(logits)[back])
 
 
 def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = True) -> tuple[tuple[int, int], ...]:

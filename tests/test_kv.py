@@ -116,6 +116,10 @@ def test_collect_batch_and_top_heads():
     assert acts.acts["head_out"].shape == (3, 2, 4, 32)
     ref = _full(model, batch, torch.arange(3))[:, -1]
     assert (acts.logits - ref).abs().max() < 1e-4
+    # Slices are formed by length (6, 7 | 9), yet every row comes back in the caller's order.
+    for i in range(3):
+        one = collect_batch(model, Batch(batch.tokens[i : i + 1], batch.attention_mask[i : i + 1]), ("resid_post",))
+        assert (one.acts["resid_post"][0] - acts.acts["resid_post"][i]).abs().max() < 1e-4
     scores = torch.tensor([[0.1, 0.9, float("nan")], [0.5, -1.0, 0.7]])
     assert top_heads(scores, 3) == ((0, 1), (1, 2), (1, 0))
     assert top_heads(scores, 1, largest=False) == ((1, 1),)

@@ -190,6 +190,32 @@ class AddVectors:
         return out
 
 
+def _check_heads(model: HookedTransformer, heads: tuple[tuple[int, int], ...], kind: str) -> None:
+    if not heads:
+        raise SteeringError(f"{kind} needs at least one head")
+    for layer, head in heads:
+        _check_layer(model, layer)
+        if not 0 <= head < model.cfg.n_heads:
+            raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
+
+
+def _z_hooks(model: HookedTransformer, heads: tuple[tuple[int, int], ...], per_head: Tensor, edit) -> list[Hook]:
+    """One ``hook_z`` hook per layer; ``edit(z, heads_of_layer, rows_of_per_head)`` changes ``z`` in place."""
+    by_layer: dict[int, list[int]] = {}
+    for i, (layer, _) in enumerate(heads):
+        by_layer.setdefault(layer, []).append(i)
+    out = []
+    for layer, rows in by_layer.items():
+        idx = torch.tensor([heads[i][1] for i in rows], device=model.cfg.device)
+
+        def hook(z: Tensor, hook, idx=idx, vals=per_head[rows]) -> Tensor:
+            edit(z, idx, vals.to(z.dtype))
+            return z
+
+        out.append((f"blocks.{layer}.attn.hook_z", hook))
+    return out
+
+
 @dataclass(frozen=True)
 class HeadShift:
     """ITI: shift head ``heads[i] = (l, h)``'s ``hook_z`` by ``alpha * sigmas[i] * units[i]``."""
@@ -203,37 +229,23 @@ class HeadShift:
     def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
         _check_policy(self.policy)
-        if not self.heads:
-            raise SteeringError("HeadShift needs at least one head")
+        _check_heads(model, self.heads, "HeadShift")
         if self.units.shape != (len(self.heads), model.cfg.d_head):
             raise SteeringError(
                 f"units must have shape [{len(self.heads)}, {model.cfg.d_head}], got {tuple(self.units.shape)}"
             )
         if self.sigmas.shape != (len(self.heads),) or not torch.isfinite(self.sigmas).all():
             raise SteeringError(f"sigmas must be {len(self.heads)} finite numbers")
-        for layer, head in self.heads:
-            _check_layer(model, layer)
-            if not 0 <= head < model.cfg.n_heads:
-                raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
 
     def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         shift = (self.alpha * self.sigmas[:, None] * self.units).float().to(model.cfg.device)
-        by_layer: dict[int, list[int]] = {}
-        for i, (layer, _) in enumerate(self.heads):
-            by_layer.setdefault(layer, []).append(i)
-        out = []
-        for layer, rows in by_layer.items():
-            heads = torch.tensor([self.heads[i][1] for i in rows], device=model.cfg.device)
-            delta = shift[rows]  # [k_l, d_head]
 
-            def hook(z: Tensor, hook, heads=heads, delta=delta) -> Tensor:
-                sl = state.select(self.policy, z.shape[1])
-                if sl is not None:
-                    z[:, sl, heads] = z[:, sl, heads] + delta.to(z.dtype)
-                return z
+        def edit(z: Tensor, heads: Tensor, delta: Tensor) -> None:
+            sl = state.select(self.policy, z.shape[1])
+            if sl is not None:
+                z[:, sl, heads] = z[:, sl, heads] + delta
 
-            out.append((f"blocks.{layer}.attn.hook_z", hook))
-        return out
+        return _z_hooks(model, self.heads, shift, edit)
 
 
 @dataclass(frozen=True)
@@ -255,39 +267,25 @@ class HeadSetMean:
     def validate(self, model: HookedTransformer) -> None:
         _check_alpha(self.alpha)
         _check_policy(self.policy)
-        if not self.heads:
-            raise SteeringError("HeadSetMean needs at least one head")
+        _check_heads(model, self.heads, "HeadSetMean")
         for name, t in (("honest", self.honest), ("lying", self.lying)):
             if t.shape != (len(self.heads), model.cfg.d_head) or not torch.isfinite(t).all():
                 raise SteeringError(
                     f"{name} means must be finite with shape [{len(self.heads)}, {model.cfg.d_head}], "
                     f"got {tuple(t.shape)}"
                 )
-        for layer, head in self.heads:
-            _check_layer(model, layer)
-            if not 0 <= head < model.cfg.n_heads:
-                raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
 
     def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         target = (self.honest if self.alpha < 0 else self.lying).float().to(model.cfg.device)
         w = abs(self.alpha)
-        by_layer: dict[int, list[int]] = {}
-        for i, (layer, _) in enumerate(self.heads):
-            by_layer.setdefault(layer, []).append(i)
-        out = []
-        for layer, rows in by_layer.items():
-            heads = torch.tensor([self.heads[i][1] for i in rows], device=model.cfg.device)
-            tgt = target[rows]  # [k_l, d_head]
 
-            def hook(z: Tensor, hook, heads=heads, tgt=tgt) -> Tensor:
-                sl = state.select(self.policy, z.shape[1], last_only=True)
-                if sl is not None:
-                    x = z[:, sl, heads]
-                    z[:, sl, heads] = x + w * (tgt.to(z.dtype) - x)
-                return z
+        def edit(z: Tensor, heads: Tensor, tgt: Tensor) -> None:
+            sl = state.select(self.policy, z.shape[1], last_only=True)
+            if sl is not None:
+                x = z[:, sl, heads]
+                z[:, sl, heads] = x + w * (tgt - x)
 
-            out.append((f"blocks.{layer}.attn.hook_z", hook))
-        return out
+        return _z_hooks(model, self.heads, target, edit)
 
 
 def random_head_set_mean(

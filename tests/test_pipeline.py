@@ -31,10 +31,15 @@ def test_capitals_p_truth_higher_when_honest(smol):
 def test_real_model_patching_equals_transformer_lens(smol):
     from test_patching import tl_reference
 
-    pairs = load_builtin("capitals", "fewshot", tokenizer=smol.tokenizer, n=12)
-    lens = [(len(tokenize(smol, [p.honest]).tokens[0]), len(tokenize(smol, [p.lying]).tokens[0])) for p in pairs]
-    same = [p for p, (a, b) in zip(pairs, lens) if a == b and a == lens[0][0]][:2]
-    assert len(same) == 2
+    # TransformerLens's reference patches position by position, so it needs two pairs whose four
+    # prompts all have one length: take the first length shared by two equal-length pairs.
+    pairs = load_builtin("capitals", "fewshot", tokenizer=smol.tokenizer, n=30)
+    by_len: dict[int, list] = {}
+    for p in pairs:
+        a, b = (len(tokenize(smol, [x]).tokens[0]) for x in (p.honest, p.lying))
+        if a == b:
+            by_len.setdefault(a, []).append(p)
+    same = next(v for v in by_len.values() if len(v) >= 2)[:2]
     ours = patch_final_position(smol, same, "resid_pre", progress=False)
     ref = tl_reference(smol, same, "resid_pre")
     assert (ours.effect() - ref).abs().max() <= 1e-4

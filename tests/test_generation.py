@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import tiny_model as _tiny
+from transformer_lens import HookedTransformer
 
 from mechlie.generation import GenerationError, generate
 from mechlie.pairs import Batch
@@ -12,22 +13,7 @@ from mechlie.steering import AddVectors, SteeringState, steer
 
 
 def tiny_model(pos: str = "rotary", seed: int = 0) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=64,
-        d_vocab=61,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type=pos,
-        seed=seed,
-    )
-    model = HookedTransformer(cfg)
-    model.eval()
-    return model
+    return _tiny(n_layers=3, attn_only=False, positional_embedding=pos, d_vocab=61, seed=seed)
 
 
 def left_pad(rows: list[list[int]], pad: int = 0) -> Batch:

@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import tiny_model as _tiny
+from transformer_lens import HookedTransformer
 
 from mechlie.steering import (
     AddVectors,
@@ -27,23 +28,7 @@ from mechlie.steering import (
 
 
 def tiny_model(normalization: str | None = "LN", attn_only: bool = False) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=3,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=32,
-        d_vocab=50,
-        act_fn="gelu",
-        normalization_type=normalization,
-        attn_only=attn_only,
-        positional_embedding_type="rotary",
-        seed=0,
-    )
-    m = HookedTransformer(cfg)
-    m.eval()
-    return m
+    return _tiny(n_layers=3, attn_only=attn_only, normalization=normalization, n_ctx=32)
 
 
 TOKENS = torch.tensor([[1, 5, 9, 13, 2, 7], [4, 4, 8, 30, 11, 3]])

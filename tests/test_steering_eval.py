@@ -9,7 +9,8 @@ import torch
 from conftest import no_hooks
 from conftest import tiny_model as word_model
 from steer_fixtures import word_pairs
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+from tiny_models import tiny_model as _tiny
+from transformer_lens import HookedTransformer
 
 from mechlie import steering_eval as se
 from mechlie import steering_figures as sf
@@ -18,22 +19,7 @@ from mechlie.steering import AddVectors, SteeringError
 
 
 def tiny_model() -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=2,
-        d_model=32,
-        n_heads=4,
-        d_head=8,
-        d_mlp=64,
-        n_ctx=32,
-        d_vocab=50,
-        act_fn="gelu",
-        normalization_type="LN",
-        positional_embedding_type="rotary",
-        seed=0,
-    )
-    m = HookedTransformer(cfg)
-    m.eval()
-    return m
+    return _tiny(attn_only=False, n_ctx=32)
 
 
 BATCH = Batch(torch.tensor([[0, 0, 3, 4, 5], [6, 7, 8, 9, 10]]), torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))

@@ -68,6 +68,17 @@ def register_kind(name: str, detect: Callable[[Path], bool]):
     return deco
 
 
+def summary_kind(name: str, *legacy_keys: str) -> Callable[[Path], bool]:
+    """A ``detect`` for :func:`register_kind`: the run's ``summary.json`` says ``kind: name``, or (runs
+    written before summaries carried a kind) it holds every one of ``legacy_keys``."""
+
+    def detect(run: Path) -> bool:
+        s = json.loads((run / "summary.json").read_text())
+        return s.get("kind") == name or (bool(legacy_keys) and all(k in s for k in legacy_keys))
+
+    return detect
+
+
 def _json(path: Path) -> dict:
     if not path.is_file():
         raise RunFormatError(f"missing results file: {path}")
@@ -278,11 +289,7 @@ def head_sweep_report(run: Path) -> RunReport:
 # SAE features
 
 
-def _is_sae(run: Path) -> bool:
-    return json.loads((run / "summary.json").read_text()).get("kind") == "sae_features"
-
-
-@register_kind("sae_features", detect=_is_sae)
+@register_kind("sae_features", detect=summary_kind("sae_features"))
 def sae_report(run: Path) -> RunReport:
     from mechlie.io import load_tensors
 
@@ -464,12 +471,7 @@ def sae_report(run: Path) -> RunReport:
 # patching sweep (analyses/patching_sweep.py)
 
 
-def _is_patching_sweep(run: Path) -> bool:
-    s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "patching_sweep" or ("component_ranking" in s and "positions" in s and "heads" in s)
-
-
-@register_kind("patching_sweep", detect=_is_patching_sweep)
+@register_kind("patching_sweep", detect=summary_kind("patching_sweep", "component_ranking", "positions", "heads"))
 def patching_sweep_report(run: Path) -> RunReport:
     from mechlie.io import load_tensors
 
@@ -541,12 +543,7 @@ def patching_sweep_report(run: Path) -> RunReport:
 # function vectors (analyses/function_vectors.py)
 
 
-def _is_function_vectors(run: Path) -> bool:
-    s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "function_vectors" or "top_heads_by_aie" in s
-
-
-@register_kind("function_vectors", detect=_is_function_vectors)
+@register_kind("function_vectors", detect=summary_kind("function_vectors", "top_heads_by_aie"))
 def function_vectors_report(run: Path) -> RunReport:
     from mechlie.io import load_tensors
     from mechlie.stats import bootstrap_tensor
@@ -608,11 +605,6 @@ def function_vectors_report(run: Path) -> RunReport:
 # steering (analyses/steering_demo.py)
 
 
-def _is_steering(run: Path) -> bool:
-    s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "steering" or ("evaluation_on_test" in s and "chosen_on_validation" in s)
-
-
 def _est(d: dict) -> tuple[float, float, float]:
     """(mean, lo, hi) of a saved :class:`mechlie.stats.Estimate` (``{"mean","lo","hi","n"}``)."""
     return (d["mean"], d["lo"], d["hi"])
@@ -632,7 +624,7 @@ def _setting(st: dict) -> str:
     return f"{desc}α={st['alpha']:g}" + (f" {st['param']}" if st.get("param") else "")
 
 
-@register_kind("steering", detect=_is_steering)
+@register_kind("steering", detect=summary_kind("steering", "evaluation_on_test", "chosen_on_validation"))
 def steering_report(run: Path) -> RunReport:
     s = _json(run / "summary.json")
     _need(s, ("model", "evaluation_on_test", "chosen_on_validation", "best", "baseline"), run / "summary.json")
@@ -767,12 +759,7 @@ def steering_report(run: Path) -> RunReport:
 # detection (analyses/detect.py)
 
 
-def _is_detection(run: Path) -> bool:
-    s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "detection" or ("loro" in s and "detector" in s and "key_cells" in s)
-
-
-@register_kind("detection", detect=_is_detection)
+@register_kind("detection", detect=summary_kind("detection", "loro", "detector", "key_cells"))
 def detection_report(run: Path) -> RunReport:
     s = _json(run / "summary.json")
     _need(s, ("model", "n_pairs", "layer", "loro", "loro_on_policy", "key_cells", "detector"), run / "summary.json")
@@ -903,12 +890,7 @@ def detection_report(run: Path) -> RunReport:
 # localise (analyses/localise.py)
 
 
-def _is_localise(run: Path) -> bool:
-    s = json.loads((run / "summary.json").read_text())
-    return s.get("kind") == "localise" or ("topk_restore" in s and "path" in s and "positions" in s)
-
-
-@register_kind("localise", detect=_is_localise)
+@register_kind("localise", detect=summary_kind("localise", "topk_restore", "path", "positions"))
 def localise_report(run: Path) -> RunReport:
     s = _json(run / "summary.json")
     _need(s, ("model", "n_pairs", "n_test", "topk_restore", "path", "positions"), run / "summary.json")

@@ -40,6 +40,7 @@ Choices worth knowing:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import random
@@ -337,6 +338,7 @@ def pairs_from_facts(
         chat = False
     honest_instr = HONEST_INSTRUCTION if fmt != "fewshot" else None
     lying_instr = LYING_INSTRUCTION if fmt != "fewshot" else None
+    firsts = functools.cache(lambda a: frozenset(first_token_ids(tokenizer, a)))  # once per answer
     out = []
     for t in targets:
         rng = random.Random(f"{seed}/{relation}/{t.fact_id or t.question}")
@@ -345,8 +347,8 @@ def pairs_from_facts(
             others = [x for x in pool if x != t.answer]
             if tokenizer is not None:
                 # A lie sharing the truth's first token would make the first-token metrics blind.
-                first = set(first_token_ids(tokenizer, t.answer))
-                distinct = [x for x in others if not first & set(first_token_ids(tokenizer, x))]
+                first = firsts(t.answer)
+                distinct = [x for x in others if not first & firsts(x)]
                 if not distinct:
                     log.warning(
                         "%s: every false answer shares %r's first token; first-token metrics fail", relation, t.answer

@@ -180,3 +180,22 @@ def test_malformed_jsonl_names_file_and_real_line(tmp_path):
         load_pairs_file(path)
     with pytest.raises(PairError, match="does not exist"):
         load_pairs_file(tmp_path / "missing.jsonl")
+
+
+def test_drawn_lie_never_shares_the_truths_first_token(tiny):
+    from mechlie.pairs import Fact, pairs_from_facts
+
+    demos = [Fact(f"q{i}?", a) for i, a in enumerate(["Tokyo", "Cairo", "Nairobi", "Havana", "Tehran", "Madrid"])]
+    # Every seed would sometimes draw "Lima Peru" if the first token were not checked.
+    for seed in range(20):
+        (p,) = pairs_from_facts(
+            [Fact("target?", "Lima Chile")],
+            demos,
+            "instruct",
+            answers=["Lima Chile", "Lima Peru", "Rome"],
+            tokenizer=tiny.tokenizer,
+            seed=seed,
+        )
+        assert p.lie == "Rome"
+    (p,) = pairs_from_facts([Fact("target?", "Lima Chile")], demos, "instruct", answers=["Lima Chile", "Lima Peru"])
+    assert p.lie == "Lima Peru"  # without a tokenizer nothing is known about tokens

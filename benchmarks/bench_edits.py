@@ -17,6 +17,7 @@ Prints the seconds of each part and the ratio.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,8 @@ def main() -> None:
         f"(scale {i['projection_scale']:.3f}), total {i['seconds']:.1f} s; train KL {i['train_kl']:.4f}"
     )
     print(f"one learned edit: {i['seconds']:.0f} s (target <= 180 s); naive / fast = {naive_total / i['seconds']:.1f}x")
+    # ru_maxrss is in KiB on Linux: the process's peak, model and both runs included
+    print(f"peak memory (RSS) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
 
 
 if __name__ == "__main__":

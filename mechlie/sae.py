@@ -561,8 +561,14 @@ def sae_qualities(
         }
         for sae, _ in saes
     ]
+    # Lines run shortest first (less left padding); per-line CEs go back to the caller's order below.
+    order = sorted(range(len(texts)), key=lambda j: len(model.tokenizer(texts[j])["input_ids"]))
+    # The SAE and zero-ablation passes start from the clean pass's residual at the first site's block:
+    # the blocks below it cannot see the splice.
+    start = min(site.layer for _, site in saes)
+    start_name = f"blocks.{start}.hook_resid_pre"
     for i in range(0, len(texts), batch_size):
-        b = tokenize(model, list(texts[i : i + batch_size]))
+        b = tokenize(model, [texts[j] for j in order[i : i + batch_size]])
         mask = b.attention_mask.bool()
         pos = mask.long().cumsum(-1) - 1
         keep = (mask & (pos >= 1)).cpu()
@@ -573,7 +579,11 @@ def sae_qualities(
             lp = logits[:, :-1].float().log_softmax(-1).gather(-1, tgt[..., None])[..., 0]
             return (-(lp * both).sum(-1) / both.sum(-1).clamp_min(1)).cpu()
 
-        ce_clean.append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+        stash: dict[str, Tensor] = {}
+        with model.hooks(fwd_hooks=[(start_name, lambda a, hook: stash.__setitem__("resid", a.clone()))]):
+            ce_clean.append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+        # site.write is in place, so each pass starts from its own copy of the stashed residual
+        rerun = lambda: model(stash["resid"].clone(), start_at_layer=start, attention_mask=b.attention_mask)  # noqa: E731
         for (sae, site), c, a in zip(saes, ce, acc):
             dev = sae.W_dec.device
 
@@ -594,13 +604,14 @@ def sae_qualities(
                 return site.write(act, torch.zeros_like(site.read(act)))
 
             with model.hooks(fwd_hooks=[(site.hook_name, splice)]):
-                c["sae"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
+                c["sae"].append(ce_of(rerun()))
             with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
-                c["zero"].append(ce_of(model(b.tokens, attention_mask=b.attention_mask)))
-    clean = torch.cat(ce_clean)
+                c["zero"].append(ce_of(rerun()))
+    back = torch.argsort(torch.as_tensor(order))  # row of each original line
+    clean = torch.cat(ce_clean)[back]
     out = []
     for c, a in zip(ce, acc):
-        cs, cz = torch.cat(c["sae"]), torch.cat(c["zero"])
+        cs, cz = torch.cat(c["sae"])[back], torch.cat(c["zero"])[back]
         # Total sum of squares about the mean: Σ‖x‖² − n‖x̄‖².
         sq_tot = a["xs_sq"] - float((a["xs_sum"] ** 2).sum()) / a["n"]
         rec = lambda i, cs=cs, cz=cz: (cz[i].mean() - cs[i].mean()) / (cz[i].mean() - clean[i].mean())  # noqa: E731

@@ -78,6 +78,36 @@ def test_quality_metrics_of_a_perfect_and_a_null_sae(tiny):
     assert no_hooks(tiny)
 
 
+def test_quality_passes_from_the_stashed_residual_equal_full_forwards(tiny):
+    """sae_qualities runs lines shortest first and starts the spliced passes at the first site's
+    block; per line, unpadded, full forwards must give the same CEs."""
+    g = torch.Generator().manual_seed(5)
+    texts = [t[: int(n)] for t, n in zip(word_texts(7, length=30, seed=2), torch.randint(20, 140, (7,), generator=g))]
+    sites = [S.Site("blocks.1.hook_resid_pre"), S.Site("blocks.1.attn.hook_z", 2)]
+    saes = [exact_sae(tiny.cfg.d_model, mirrored=False, seed=1), exact_sae(tiny.cfg.d_head, mirrored=False, seed=2)]
+    qs = S.sae_qualities(tiny, list(zip(saes, sites)), texts, batch_size=3, n_boot=50)
+
+    def line_ce(text: str, hooks) -> float:
+        toks = S.tokenize(tiny, [text]).tokens  # one line: no padding
+        with tiny.hooks(fwd_hooks=hooks):
+            lp = tiny(toks).log_softmax(-1)[0, :-1].gather(-1, toks[0, 1:, None])
+        return float(-lp.mean())
+
+    for (sae, site), q in zip(zip(saes, sites), qs):
+        splice = lambda a, hook, sae=sae, site=site: site.write(a, sae.decode(sae.encode(site.read(a).float())))
+        zero = lambda a, hook, site=site: site.write(a, torch.zeros_like(site.read(a)))
+        with torch.no_grad():
+            ref = {
+                k: sum(line_ce(t, h) for t in texts) / len(texts)
+                for k, h in (("clean", []), ("sae", [(site.hook_name, splice)]), ("zero", [(site.hook_name, zero)]))
+            }
+        assert abs(ref["sae"] - ref["clean"]) > 0.01 and abs(ref["zero"] - ref["clean"]) > 0.01  # the splices matter
+        assert q.ce_clean == pytest.approx(ref["clean"], abs=1e-4)
+        assert q.ce_sae == pytest.approx(ref["sae"], abs=1e-4)
+        assert q.ce_zero == pytest.approx(ref["zero"], abs=1e-4)
+    assert no_hooks(tiny)
+
+
 def test_decomposition_recovers_a_planted_feature():
     d, n, planted = 16, 40, 7
     sae = exact_sae(d, mirrored=False, seed=3)

@@ -1,5 +1,6 @@
 """Steer a lying model back to the truth: training-free directions, causally chosen heads and learned
-minimal edits, each chosen on validation facts and reported on test facts, against random controls.
+minimal edits (vectors, low-rank adapters, gated vectors), each chosen on validation facts and
+reported on test facts, against random controls.
 
     python analyses/steering_demo.py                         # default: a few minutes on a CPU
     python analyses/steering_demo.py --layers 8 14 --resid-alphas -1 -2 --no-lowrank
@@ -24,7 +25,7 @@ from mechlie.cli import RunDir, run_script
 
 log = logging.getLogger("mechlie")
 
-METHODS = ("resid", "iti", "causal", "causal_mean", "probe_mean", "ablation", "learned", "lowrank")
+METHODS = ("resid", "iti", "causal", "causal_mean", "probe_mean", "ablation", "learned", "lowrank", "gated")
 
 
 def parse_head(text: str) -> tuple[int, int]:
@@ -80,6 +81,9 @@ class Config:
     )
     edit_steps: int = field(default=30, metadata={"help": "gradient steps per learned edit"})
     edit_pairs: int = field(default=32, metadata={"help": "training pairs used to train an edit"})
+    gated_layers: tuple[int, ...] = field(
+        default=(), metadata={"help": "blocks of the gated vectors, one edit each (default: --layers and --sae-layer)"}
+    )
     lowrank_rank: int = 2
     lowrank_component: str = "attn_out"
     kl_budget: float = field(default=0.1, metadata={"help": "KL (nats/token) allowed when choosing on validation"})
@@ -104,8 +108,8 @@ class Config:
         bad = set(self.methods) - set(METHODS)
         if bad or not self.methods:
             raise ValueError(f"unknown methods {sorted(bad)}; methods: {METHODS}")
-        if any(l < 0 for l in self.layers):
-            raise ValueError(f"--layers must be >= 0, got {list(self.layers)}")
+        if any(l < 0 for l in self.layers + self.gated_layers):
+            raise ValueError(f"--layers and --gated-layers must be >= 0, got {list(self.layers + self.gated_layers)}")
         for name in ("resid_alphas", "head_alphas", "edit_scales", "mean_alphas"):
             _neg(getattr(self, name), name.replace("_", "-"))
         if any(k < 1 for k in self.head_ks) or not self.head_ks:
@@ -156,8 +160,12 @@ class Config:
         if self.transfer_format and self.transfer_format not in FORMATS:
             raise ValueError(f"--transfer-format must be one of {FORMATS} or '', got {self.transfer_format!r}")
         n_layers = _n_layers_without_loading(self.model)
-        if n_layers is not None and any(l >= n_layers for l in self.layers):
-            raise ValueError(f"--layers {list(self.layers)}: {self.model} has {n_layers} layers (0..{n_layers - 1})")
+        for name in ("layers", "gated_layers"):
+            ls = getattr(self, name)
+            if n_layers is not None and any(l >= n_layers for l in ls):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {list(ls)}: {self.model} has {n_layers} layers (0..{n_layers - 1})"
+                )
         if n_layers is not None and self.sae_layer >= n_layers:
             raise ValueError(f"--sae-layer {self.sae_layer}: {self.model} has {n_layers} layers")
 
@@ -210,8 +218,8 @@ def main(cfg: Config, run: RunDir) -> dict:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model)
     L = model.cfg.n_layers
-    if any(l >= L for l in cfg.layers):
-        raise ValueError(f"--layers {list(cfg.layers)}: the model has {L} layers (0..{L - 1})")
+    if any(l >= L for l in cfg.layers + cfg.gated_layers):
+        raise ValueError(f"--layers/--gated-layers {list(cfg.layers + cfg.gated_layers)}: the model has {L} layers")
     layers = cfg.layers or tuple(sorted({min(L - 1, round(f * L)) for f in (0.25, 0.45)}))
     pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
     held = [p for p in pairs if p.relation == cfg.transfer_relation]
@@ -313,12 +321,23 @@ def main(cfg: Config, run: RunDir) -> dict:
                 )
                 grid[method] += [S(method, -1, a, name) for a in cfg.edit_scales]
 
+    if "gated" in cfg.methods:
+        grid["gated"] = []
+        for l in cfg.gated_layers or sorted(set(layers) | ({sae_layer} if sae_layer is not None else set())):
+            for b in cfg.edit_budgets:
+                name = f"gated@{b:g}/L{l}"
+                train = lambda b=b, l=l: edits.train_gated(model, data.train, data.neutral_train, l, train_cfg(b))
+                data.edits[name] = run.stage(
+                    f"{name.replace('/', '_')}.safetensors", train, edits.save_edit, edits.load_edit
+                )
+                grid["gated"] += [S("gated", -1, a, name) for a in cfg.edit_scales]
+
     points = {m: se.sweep(model, data, g) for m, g in grid.items()}
     run.write_json("sweep.json", {"baseline": base, "sweep": points})
     chosen = {m: se.choose(p, cfg.kl_budget) for m, p in points.items()}
     evals: dict[str, dict] = {}
     # learned edits first: if a long run is cut short, the partial evaluation.json has them
-    for m, c in sorted(chosen.items(), key=lambda mc: mc[0] not in ("learned", "lowrank")):
+    for m, c in sorted(chosen.items(), key=lambda mc: mc[0] not in ("gated", "learned", "lowrank")):
         evals[m] = se.evaluate(model, data, c.setting, n_controls=cfg.n_controls, n_boot=cfg.n_boot, seed=cfg.seed)
         for name in data.extra:
             evals[m][f"transfer:{name}"] = se.evaluate(
@@ -340,6 +359,18 @@ def main(cfg: Config, run: RunDir) -> dict:
                 alignment[name][f"layer {l}"]["sae_decoder_rows"] = edits.row_alignment(e.direction(l), sae_rows[1]) | {
                     "sae": sae_rows[0]
                 }
+    # where the gated edits write: their gate's opening on held-out (test) text, unedited
+    gates = {
+        name: {
+            "test_lying_final": float(edits.gate_opening(model, e, [p.lying for p in data.test.pairs]).mean()),
+            "test_honest_final": float(edits.gate_opening(model, e, [p.honest for p in data.test.pairs]).mean()),
+            "test_neutral_tokens": float(edits.gate_opening(model, e, neutral_test, final_only=False).mean()),
+            "train_lying_final": e.info.get("gate_lying_final"),
+            "train_neutral_tokens": e.info.get("gate_neutral_tokens"),
+        }
+        for name, e in data.edits.items()
+        if isinstance(e, edits.GatedVector)
+    }
     if sae_layer is not None:
         dom = se.reference_directions(data, sae_layer, ("diff_of_means",))["diff_of_means"]
         alignment["diff_of_means (reference)"] = {
@@ -391,6 +422,12 @@ def main(cfg: Config, run: RunDir) -> dict:
             )
 
     _print(cfg, base, chosen, evals, alignment, best, setting, flip_back, into_lies, len(lies))
+    for name, g in gates.items():
+        print(
+            f"gate of {name}: mean opening {g['test_lying_final']:.3f} on test lying prompts (final token), "
+            f"{g['test_honest_final']:.3f} on test honest prompts, "
+            f"{g['test_neutral_tokens']:.3f} on test neutral tokens"
+        )
     best_r = evals[best]
     return {
         "model": model.cfg.model_name,
@@ -400,6 +437,7 @@ def main(cfg: Config, run: RunDir) -> dict:
         "evaluation_on_test": evals,
         "alignment": alignment,
         "edits": {n: e.info for n, e in data.edits.items()},
+        "gates": gates,
         "best": {
             "method": best,
             "setting": setting,

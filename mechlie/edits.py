@@ -10,13 +10,19 @@ Two edits, both :class:`mechlie.steering.Intervention` objects applied with :fun
   ``A: [d_model, r]``, ``c: [r]``, ``B: [r, d_model]``. It can only write inside the ``r``-dim row
   space of ``B``; its principal write direction is compared with the difference-of-means direction
   (:func:`alignment`): a learned probe.
+- :class:`GatedVector`: a vector added where a learned linear gate fires, at
+  ``blocks.l.hook_resid_post``: ``x += alpha * sigmoid(u @ w + b) * v`` with ``u = x / rms(x)``
+  (the model's own RMS scale, so the gate reads a direction, not a norm). The edit is conditional:
+  trained with the KL penalty, the gate learns to stay shut on neutral text and open on lying
+  prompts, which a constant vector cannot do (conditional activation steering, Lee et al. 2024).
+  ``w`` is itself a learned lie detector at that layer; ``v`` is the write.
 
 Sign convention (as in :mod:`mechlie.steering`): a stored edit points honest -> lying, and
 ``alpha = -1`` is the edit as trained, toward honesty (``alpha = +1`` pushes toward lying). So a
 learned vector's ``v_l`` is the *negated* trained shift, and its cosine with a diff-of-means
 direction is positive when they agree.
 
-Training (:func:`train_vector`, :func:`train_lowrank`), on training facts only: minimise
+Training (:func:`train_vector`, :func:`train_lowrank`, :func:`train_gated`), on training facts only: minimise
 
     L = mean_i -log P(truth_i | lying prompt_i, edit)  +  lam * KL_neutral
 
@@ -48,7 +54,15 @@ from transformer_lens import HookedTransformer
 
 from mechlie.metrics import gather_logprob
 from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
-from mechlie.steering import AddVectors, Hook, SteeringError, SteeringState, random_like
+from mechlie.steering import (
+    AddVectors,
+    Hook,
+    SteeringError,
+    SteeringState,
+    _check_alpha,
+    _check_policy,
+    random_like,
+)
 
 Component = Literal["attn_out", "mlp_out", "resid_post"]
 COMPONENTS: tuple[str, ...] = ("attn_out", "mlp_out", "resid_post")
@@ -166,7 +180,73 @@ class LowRankEdit:
         return -self.info["mean_write"]
 
 
-Edit = LearnedVector | LowRankEdit
+@dataclass(frozen=True)
+class GatedVector:
+    """A vector written where a learned gate fires: ``x += alpha * sigmoid(u @ w + b) * v`` at
+    ``blocks.{layer}.hook_resid_post``, ``u = x / rms(x)``. ``v`` points honest -> lying (as stored
+    by every edit here), so ``alpha = -1`` applies it as trained."""
+
+    layer: int
+    v: Float[Tensor, " d_model"]
+    w: Float[Tensor, " d_model"]
+    b: float
+    model_name: str
+    d_model: int
+    alpha: float = -1.0
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
+    info: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    def validate(self, model: HookedTransformer) -> None:
+        _check_model(model, self.model_name, self.d_model)
+        _check_alpha(self.alpha)
+        _check_policy(self.policy)
+        if not (isinstance(self.layer, int) and 0 <= self.layer < model.cfg.n_layers):
+            raise SteeringError(f"layer {self.layer!r} out of range: the model has {model.cfg.n_layers} layers")
+        for name, t in (("v", self.v), ("w", self.w)):
+            if t.shape != (model.cfg.d_model,):
+                raise SteeringError(f"{name} must have shape [{model.cfg.d_model}], got {tuple(t.shape)}")
+        if not math.isfinite(self.b):
+            raise SteeringError(f"the gate's bias must be finite, got {self.b!r}")
+
+    def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
+        dev = model.cfg.device
+        v, w = self.v.float().to(dev), self.w.float().to(dev)
+
+        def hook(x: Tensor, hook) -> Tensor:
+            sl = state.select(self.policy, x.shape[1])
+            if sl is not None:
+                xs = x[:, sl]
+                x[:, sl] = xs + self.alpha * (_gate(xs.float(), w, self.b)[..., None] * v).to(x.dtype)
+            return x
+
+        return [(self.hook_name, hook)]
+
+    def gate(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        """The gate's opening (0..1) on residual vectors ``x`` at this edit's hook."""
+        return _gate(x.float(), self.w.float().to(x.device), self.b)
+
+    def scaled(self, alpha: float) -> "GatedVector":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0) -> "GatedVector":
+        """The same gate (it opens at the same places) writing a random vector of the same norm:
+        does the learned *direction* matter, beyond where it is written."""
+        return replace(self, v=random_like(self.v, seed), info={"control_seed": seed})
+
+    def direction(self, layer: int | None = None) -> Float[Tensor, " d_model"]:
+        return self.v
+
+
+def _gate(x: Tensor, w: Tensor, b: float | Tensor) -> Tensor:
+    u = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return torch.sigmoid(u @ w + b)
+
+
+Edit = LearnedVector | LowRankEdit | GatedVector
 
 
 def alignment(
@@ -174,7 +254,7 @@ def alignment(
 ) -> dict[str, float]:
     """Cosine of the edit's honest -> lying direction with each reference direction (e.g. the
     difference of means at the same layer, a probe's weight, an SAE feature's decoder row)."""
-    layer = layer if layer is not None else (edit.layer if isinstance(edit, LowRankEdit) else min(edit.vectors))
+    layer = layer if layer is not None else (min(edit.vectors) if isinstance(edit, LearnedVector) else edit.layer)
     d = edit.direction(layer).float()
     return {
         k: float(torch.nn.functional.cosine_similarity(d, v.float().flatten(), dim=0)) for k, v in references.items()
@@ -389,8 +469,16 @@ class _TensorAdam:
     optimizer artifact. A per-tensor scale keeps the update along the gradient (rotation-equivariant).
     """
 
-    def __init__(self, params: list[Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-12):
+    def __init__(
+        self,
+        params: list[Tensor],
+        lr: float,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-12,
+        lr_scales: Sequence[float] | None = None,
+    ):
         self.params, self.lr, (self.b1, self.b2), self.eps, self.t = params, lr, betas, eps, 0
+        self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * len(params)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [0.0 for _ in params]
 
@@ -409,13 +497,20 @@ class _TensorAdam:
             self.v[i] = self.b2 * self.v[i] + (1 - self.b2) * float(g.pow(2).mean())
             m_hat = self.m[i] / (1 - self.b1**self.t)
             v_hat = self.v[i] / (1 - self.b2**self.t)
-            p.sub_(self.lr * m_hat / (math.sqrt(v_hat) + self.eps))
+            p.sub_(self.lr * self.lr_scales[i] * m_hat / (math.sqrt(v_hat) + self.eps))
 
 
 def _optimise(
-    model: HookedTransformer, params: list[Tensor], make_hooks, make_edit, s: _Setup, cfg: TrainConfig
+    model: HookedTransformer,
+    params: list[Tensor],
+    make_hooks,
+    make_edit,
+    s: _Setup,
+    cfg: TrainConfig,
+    lr_scales: Sequence[float] | None = None,
 ) -> tuple[Edit, dict]:
-    """Adam on ``params``; ``make_hooks()`` gives differentiable hooks, ``make_edit()`` the frozen edit."""
+    """Adam on ``params``; ``make_hooks()`` gives differentiable hooks, ``make_edit()`` the frozen edit.
+    ``lr_scales``: per-parameter multipliers of the step (for parameters not in residual units)."""
     t0 = time.time()
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
@@ -425,7 +520,7 @@ def _optimise(
     neutral_mb = _Minibatches(len(s.neutral), cfg.neutral_per_step, cfg.seed + 1)
     try:
         with torch.enable_grad():
-            opt = _TensorAdam(params, lr=cfg.lr * s.ref_norm / math.sqrt(model.cfg.d_model))
+            opt = _TensorAdam(params, lr=cfg.lr * s.ref_norm / math.sqrt(model.cfg.d_model), lr_scales=lr_scales)
             for step in tqdm(range(cfg.steps), desc="train edit", disable=not cfg.progress):
                 hooks = make_hooks()
                 task = -_truth_logprob(model, s.lying, lying_mb.next(), s.truth, hooks).mean()
@@ -487,6 +582,8 @@ def _bake(edit: Edit, scale: float) -> Edit:
     """The same edit with ``scale`` folded into its parameters (so alpha = -1 stays "as trained")."""
     if isinstance(edit, LearnedVector):
         return replace(edit, vectors={l: v * scale for l, v in edit.vectors.items()})
+    if isinstance(edit, GatedVector):
+        return replace(edit, v=edit.v * scale)
     return replace(edit, B=edit.B * scale)
 
 
@@ -606,6 +703,97 @@ def train_lowrank(
     return replace(edit, info=info | {"kind": "lowrank", "layer": layer, "component": component, "rank": rank})
 
 
+def train_gated(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    neutral: Sequence[str],
+    layer: int,
+    cfg: TrainConfig = TrainConfig(),
+    *,
+    gate_c: float = 0.1,
+    gate_lr: float = 0.1,
+) -> GatedVector:
+    """Train a gated vector at ``blocks.{layer}.hook_resid_post`` (:class:`GatedVector`). Args as in
+    :func:`train_vector`.
+
+    The gate starts as a probe: an L2-regularised logistic regression (strength ``1 / gate_c``,
+    balanced classes) of the training lying prompts' final position (1) against their honest
+    prompts' final position and every training neutral token (0). Trained from a closed or half-open
+    gate instead, the KL penalty shuts the gate on every token before the write has learned
+    anything (measured on SmolLM2: the gate ended at 0.06 on lying prompts). Then ``v`` (from 0)
+    and the gate (step scaled by ``gate_lr``) are trained together on the usual loss. ``info``
+    records the gate's mean opening on the training lying prompts' final position and on the
+    training neutral tokens, before and after training.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    if not (isinstance(layer, int) and 0 <= layer < model.cfg.n_layers):
+        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers")
+    if not gate_c > 0 or not gate_lr >= 0:
+        raise ValueError(f"gate_c must be > 0 and gate_lr >= 0, got {gate_c}, {gate_lr}")
+    t0 = time.time()
+    s = _setup(model, pairs, neutral, [layer], cfg)
+    d, dev = model.cfg.d_model, model.cfg.device
+    name = f"blocks.{layer}.hook_resid_post"
+    used = list(pairs)[: cfg.max_pairs] if cfg.max_pairs else list(pairs)
+    with torch.no_grad():
+        x_lie = _resid_at(model, s.lying, name)
+        x_hon = _resid_at(model, _rows(model, [p.honest for p in used], layer, False)[0], name)
+        x_neu = _resid_at(model, s.neutral, name, final_only=False)
+    unit = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+    X = torch.cat([unit(x_lie), unit(x_hon), unit(x_neu)]).numpy()
+    y = [1] * len(x_lie) + [0] * (len(x_hon) + len(x_neu))
+    probe = LogisticRegression(C=gate_c, class_weight="balanced", max_iter=2000).fit(X, y)
+    v = torch.zeros(d, device=dev, requires_grad=True)
+    w = torch.tensor(probe.coef_[0], dtype=torch.float32, device=dev).requires_grad_(True)
+    b = torch.tensor(float(probe.intercept_[0]), device=dev).requires_grad_(True)
+    opening = lambda x: float(_gate(x.to(dev), w.detach(), b.detach()).mean())  # noqa: E731
+    start = {"gate_lying_final_init": opening(x_lie), "gate_neutral_tokens_init": opening(x_neu)}
+    t_probe = time.time() - t0 - s.seconds
+
+    def make_hooks() -> list[Hook]:
+        return [(name, lambda x, hook: x + (_gate(x.float(), w, b)[..., None] * v).to(x.dtype))]
+
+    def make_edit() -> GatedVector:
+        return GatedVector(
+            layer, -v.detach().cpu().clone(), w.detach().cpu().clone(), float(b.detach()), model.cfg.model_name, d
+        )
+
+    # v is in residual units (the default step); w reads an RMS-normalised input whose entries are
+    # O(1), so its per-coordinate step is lr / sqrt(d) (|w| ~ 1 already gives logits ~ sqrt(d));
+    # the bias moves a few units over a run. gate_lr slows both: the probe is a good start.
+    scales = [1.0, gate_lr / s.ref_norm, gate_lr * 4.0 * math.sqrt(d) / s.ref_norm]
+    edit, info = _optimise(model, [v, w, b], make_hooks, make_edit, s, cfg, lr_scales=scales)
+    info |= start | {"gate_c": gate_c, "gate_lr": gate_lr, "seconds_gate_probe": t_probe, "seconds": time.time() - t0}
+    info["gate_lying_final"] = float(edit.gate(x_lie).mean())
+    info["gate_neutral_tokens"] = float(edit.gate(x_neu).mean())
+    return replace(edit, info=info | {"kind": "gated", "layer": layer})
+
+
+def gate_opening(
+    model: HookedTransformer, edit: GatedVector, texts: Sequence[str], *, final_only: bool = True
+) -> Float[Tensor, " n"]:
+    """The gate's opening (0..1) on ``texts``, unedited: at each text's final position, or at every
+    real token (``final_only=False``). Where does the edit write?"""
+    edit.validate(model)
+    with torch.no_grad():
+        rows, _ = _rows(model, list(texts), edit.layer, False)
+        return edit.gate(_resid_at(model, rows, edit.hook_name, final_only=final_only))
+
+
+def _resid_at(model: HookedTransformer, rows: _Rows, name: str, final_only: bool = True) -> Tensor:
+    """The clean activations at ``name``: each row's final position, or every real token."""
+    out = []
+    layer = int(name.split(".")[1])
+    for chunk in torch.arange(len(rows)).split(32):
+        _, cache = model.run_with_cache(
+            rows.tokens[chunk], attention_mask=rows.mask[chunk], names_filter=name, stop_at_layer=layer + 1
+        )
+        a = cache[name].float().cpu()
+        out.append(a[:, -1] if final_only else a[rows.mask[chunk].bool().cpu()])
+    return torch.cat(out)
+
+
 # ---------------------------------------------------------------------------------------------
 # saving (safetensors + JSON metadata, atomic)
 
@@ -626,6 +814,9 @@ def save_edit(path, edit: Edit):
     if isinstance(edit, LearnedVector):
         tensors = {"vectors": {str(l): v for l, v in edit.vectors.items()}}
         meta["type"] = "learned"
+    elif isinstance(edit, GatedVector):
+        tensors = {"v": edit.v, "w": edit.w}
+        meta |= {"type": "gated", "layer": edit.layer, "b": edit.b}
     else:
         tensors = {"A": edit.A, "c": edit.c, "B": edit.B}
         meta |= {"type": "lowrank", "layer": edit.layer, "component": edit.component}
@@ -645,19 +836,24 @@ def load_edit(path) -> Edit:
     )
     if meta["type"] == "learned":
         return LearnedVector({int(l): v for l, v in t["vectors"].items()}, **common)
+    if meta["type"] == "gated":
+        return GatedVector(meta["layer"], t["v"], t["w"], float(meta["b"]), **common)
     return LowRankEdit(meta["layer"], meta["component"], t["A"], t["c"], t["B"], **common)
 
 
 __all__ = [
     "COMPONENTS",
     "Edit",
+    "GatedVector",
     "LearnedVector",
     "LowRankEdit",
     "TrainConfig",
     "alignment",
+    "gate_opening",
     "load_edit",
     "row_alignment",
     "save_edit",
+    "train_gated",
     "train_lowrank",
     "train_vector",
 ]

@@ -28,8 +28,9 @@ same size:
   intervention).
 - ``ablation``: project ``d_l`` out everywhere; control: a random direction projected out.
 - ``fv``: a function vector (optional module).
-- ``learned`` / ``lowrank``: a learned edit (:mod:`mechlie.edits`) at scale ``-alpha`` of its
-  trained size (``alpha = -1`` is the edit as trained); control: a random edit of the same size.
+- ``learned`` / ``lowrank`` / ``gated``: a learned edit (:mod:`mechlie.edits`) at scale ``-alpha``
+  of its trained size (``alpha = -1`` is the edit as trained); control: a random edit of the same
+  size (for ``gated``: the same gate writing a random vector of the same norm).
 
 Effects of one setting on an evaluation set (:func:`evaluate`), each with a 95% bootstrap CI:
 
@@ -631,7 +632,7 @@ register_kind(
     lambda m, d, s: AddVectors({_fv(d)[0]: _fv(d)[1]}, s.alpha),
     lambda m, d, s, seed: AddVectors({_fv(d)[0]: random_like(_fv(d)[1], seed)}, s.alpha),
 )
-for _name in ("learned", "lowrank"):
+for _name in ("learned", "lowrank", "gated"):
     register_kind(
         _name,
         lambda m, d, s: _edit(d, s).scaled(s.alpha),

@@ -60,6 +60,36 @@ def test_learned_vector_recovers_planted_direction():
     assert edits.alignment(edit, {"planted": -p})["planted"] > 0.99
 
 
+def test_gated_vector_writes_the_planted_direction_where_its_gate_opens():
+    """The gate learns to open on the lying prompts and stay mostly shut on neutral text (where
+    the edit only costs KL), and the write is the planted direction."""
+    model, pairs, p = planted_model()
+    budget = 0.02
+    edit = edits.train_gated(model, pairs, NEUTRAL, 1, edits.TrainConfig(kl_budget=budget, steps=60, progress=False))
+    assert torch.nn.functional.cosine_similarity(-edit.v, p, dim=0) > 0.99
+    assert edit.info["train_kl"] <= budget
+    # the gate's opening, measured here from the clean residuals at its hook
+    name = edit.hook_name
+    lying = se.batches(model, [q.lying for q in pairs], 8)[0]
+    _, cache = model.run_with_cache(lying.tokens, attention_mask=lying.attention_mask, names_filter=name)
+    assert edit.gate(cache[name][:, -1]).min() > 0.9
+    neutral = se.batches(model, NEUTRAL, 8)[0]
+    _, cache = model.run_with_cache(neutral.tokens, attention_mask=neutral.attention_mask, names_filter=name)
+    assert edit.gate(cache[name][neutral.attention_mask.bool()]).mean() < 0.5
+    ans = se.answer_set(model.tokenizer, pairs)
+    lying_b = se.batches(model, [q.lying for q in pairs], 8)
+    before = se.score_logits(se.last_logits(model, lying_b), ans).p_truth.mean()
+    after = se.score_logits(se.last_logits(model, lying_b, [edit]), ans).p_truth.mean()
+    assert after > before + 0.2
+    nb = se.batches(model, NEUTRAL, 16)
+    assert se.neutral_effects(model, nb, se.token_logprobs(model, nb), [edit]).kl <= budget + 1e-5
+    ctrl = edit.random_control(seed=3)  # same gate, random write of the same norm
+    torch.testing.assert_close(ctrl.v.norm(), edit.v.norm(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(ctrl.w, edit.w) and ctrl.b == edit.b
+    assert abs(float(torch.nn.functional.cosine_similarity(ctrl.v, edit.v, dim=0))) < 0.9
+    assert no_hooks(model)
+
+
 def test_kl_budget_holds_on_the_training_batch():
     model = tiny_model()
     pairs = word_pairs()
@@ -145,6 +175,12 @@ def test_bad_input():
     with pytest.raises(SteeringError, match="trained on model"):
         with steer(model, replace(edit, model_name="another-model")):
             pass
+    gated = edits.train_gated(model, pairs, NEUTRAL, 1, edits.TrainConfig(steps=2, progress=False))
+    with pytest.raises(SteeringError, match="d_model=32"):
+        with steer(narrow, gated):
+            pass
+    with pytest.raises(SteeringError, match="layer 5 out of range"):
+        edits.train_gated(model, pairs, NEUTRAL, 5, edits.TrainConfig(steps=1, progress=False))
     for bad in (0.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match="kl_budget must be > 0"):
             edits.TrainConfig(kl_budget=bad)
@@ -166,13 +202,15 @@ def test_save_and_load_round_trip(tmp_path):
     pairs = word_pairs()
     vec = edits.train_vector(model, pairs, NEUTRAL, [0, 2], edits.TrainConfig(steps=3, progress=False))
     low = edits.train_lowrank(model, pairs, NEUTRAL, 1, edits.TrainConfig(steps=3, progress=False), rank=2)
-    for e in (vec, low):
+    gated = edits.train_gated(model, pairs, NEUTRAL, 2, edits.TrainConfig(steps=3, progress=False))
+    for e in (vec, low, gated):
         back = edits.load_edit(edits.save_edit(tmp_path / "edit.safetensors", e))
         assert type(back) is type(e) and back.model_name == e.model_name and back.alpha == e.alpha
         tokens = se.batches(model, NEUTRAL, 8)
         torch.testing.assert_close(se.last_logits(model, tokens, [back]), se.last_logits(model, tokens, [e]))
         assert back.info["train_kl"] == e.info["train_kl"]
-    torch.testing.assert_close(edits.load_edit(tmp_path / "edit.safetensors").direction(), low.direction())
+        if not isinstance(e, edits.LearnedVector):
+            torch.testing.assert_close(back.direction(), e.direction())
 
 
 def test_skipping_the_frozen_blocks_changes_nothing():

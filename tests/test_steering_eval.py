@@ -302,6 +302,9 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         assert any(k.startswith("transfer:format") for k in r)
     assert (tmp_path / "t" / "learned@0.05.safetensors").is_file() and (tmp_path / "t" / "frontier.html").is_file()
     assert isinstance(summary["best"]["goal_met"], bool)
+    # gated edits at each sweep layer (1, 2), with their gate's opening on held-out text
+    assert set(summary["gates"]) == {"gated@0.05/L1", "gated@0.05/L2"}
+    assert all(0.0 <= v <= 1.0 for g in summary["gates"].values() for v in g.values())
 
 
 def test_full_answer_scoring():

@@ -379,9 +379,10 @@ def main(cfg: Config, run: RunDir) -> dict:
             else {"sae_decoder_rows": sae_rows}
         }
 
-    # demo: held-out prompts where the model really lies, with the best method at its chosen point
-    ok = {m: r for m, r in evals.items() if r["kl"].mean <= cfg.kl_budget} or evals
-    best = max(ok, key=lambda m: ok[m]["recovered"].mean)
+    # demo: held-out prompts where the model really lies, with the method that did best on
+    # *validation* (choosing it on test would make the headline a best-of-N on test)
+    ok = {m: c for m, c in chosen.items() if c.kl <= cfg.kl_budget} or chosen
+    best = max(ok, key=lambda m: ok[m].recovered)
     setting = chosen[best].setting
     iv, iv_lie = se.intervention(model, data, setting), se.intervention(model, data, setting.flipped())
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
@@ -440,6 +441,7 @@ def main(cfg: Config, run: RunDir) -> dict:
         "gates": gates,
         "best": {
             "method": best,
+            "chosen_by": f"most recovered on validation among methods with validation KL <= {cfg.kl_budget}",
             "setting": setting,
             "recovered": best_r["recovered"],
             "kl": best_r["kl"],

@@ -740,7 +740,8 @@ def steering_report(run: Path) -> RunReport:
         captions["steering_resid_dose"] = "Dose-response of the residual difference-of-means vector (validation)."
     b = s["best"]
     headline = [
-        f"- Best method on test: **{b['method']}** ({_setting(b['setting'])}): gap recovered "
+        f"- Best method ({b.get('chosen_by', 'chosen on test by an older version')}), on test: "
+        f"**{b['method']}** ({_setting(b['setting'])}): gap recovered "
         f"{_fmt(*_est(b['recovered']), 3)} at KL {_fmt(*_est(b['kl']), 3)} nats "
         f"(goal: {b.get('goal', '?')}: {'met' if b.get('goal_met') else 'NOT met'})."
     ]

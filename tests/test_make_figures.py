@@ -353,7 +353,10 @@ def test_steering_detection_localise_runs_regenerate_every_figure(script_runs, t
     for m, y, plus, minus in zip(bars.x, bars.y, bars.error_y.array, bars.error_y.arrayminus):
         r = s["evaluation_on_test"][m]["recovered"]
         assert (y, y + plus, y - minus) == pytest.approx((r["mean"], r["hi"], r["lo"]))
-    assert "n=" in steer.figures["steering_recovered"].layout.title.text and "Best method on test" in text
+    assert (
+        "n=" in steer.figures["steering_recovered"].layout.title.text
+        and "Best method (most recovered on validation" in text
+    )
     det = R.build_report(script_runs["detection"])
     d = json.loads((script_runs["detection"] / "summary.json").read_text())
     assert {"detect_loro", "detect_transfer", "detect_matrix_logistic"} <= set(det.figures)

@@ -60,6 +60,7 @@ from mechlie.steering import (
     SteeringError,
     SteeringState,
     _check_alpha,
+    _check_layer,
     _check_policy,
     random_like,
 )
@@ -137,10 +138,9 @@ class LowRankEdit:
 
     def validate(self, model: HookedTransformer) -> None:
         _check_model(model, self.model_name, self.d_model)
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise SteeringError(f"alpha must be a finite number, got {self.alpha!r}")
-        if not 0 <= self.layer < model.cfg.n_layers:
-            raise SteeringError(f"layer {self.layer} out of range: the model has {model.cfg.n_layers} layers")
+        _check_alpha(self.alpha)
+        _check_policy(self.policy)
+        _check_layer(model, self.layer)
         if self.component not in COMPONENTS:
             raise SteeringError(f"component must be one of {COMPONENTS}, got {self.component!r}")
         if self.component == "mlp_out" and getattr(model.cfg, "attn_only", False):
@@ -204,8 +204,7 @@ class GatedVector:
         _check_model(model, self.model_name, self.d_model)
         _check_alpha(self.alpha)
         _check_policy(self.policy)
-        if not (isinstance(self.layer, int) and 0 <= self.layer < model.cfg.n_layers):
-            raise SteeringError(f"layer {self.layer!r} out of range: the model has {model.cfg.n_layers} layers")
+        _check_layer(model, self.layer)
         for name, t in (("v", self.v), ("w", self.w)):
             if t.shape != (model.cfg.d_model,):
                 raise SteeringError(f"{name} must have shape [{model.cfg.d_model}], got {tuple(t.shape)}")
@@ -393,6 +392,8 @@ class _Setup:
     clean: Tensor  # [lines, pos, vocab] unedited log-probs of the neutral lines
     ref_norm: float  # typical residual norm at the edited layers (sets the step size)
     seconds: float  # setup time (tokenizing, the cached frozen blocks, the clean log-probs)
+    pairs: list[ContrastPair]  # the training pairs used (after max_pairs)
+    lying_final: dict[str, Tensor]  # clean resid_post of each edited block at the lying prompts' final position
 
 
 def _rows(
@@ -439,8 +440,9 @@ def _setup(
         neutral_rows, _ = _rows(model, neutral, start, cfg.skip_frozen)
         every = torch.arange(len(neutral_rows))
         clean = torch.cat([neutral_rows.forward(model, c).float().log_softmax(-1) for c in every.split(32)])
-        final = torch.stack([cache[n][:, -1].float().norm(dim=-1).mean() for n in names]).mean()
-    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0)
+        lying_final = {n: cache[n][:, -1].float() for n in names}
+        final = torch.stack([a.norm(dim=-1).mean() for a in lying_final.values()]).mean()
+    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0, pairs, lying_final)
 
 
 class _Minibatches:
@@ -660,8 +662,7 @@ def train_lowrank(
         raise SteeringError(f"rank must be in 1..16, got {rank}")
     if component not in COMPONENTS:
         raise SteeringError(f"component must be one of {COMPONENTS}, got {component!r}")
-    if not (isinstance(layer, int) and 0 <= layer < model.cfg.n_layers):
-        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers")
+    _check_layer(model, layer)
     s = _setup(model, pairs, neutral, [layer], cfg)
     g = torch.Generator().manual_seed(cfg.seed)
     d = model.cfg.d_model
@@ -692,18 +693,8 @@ def train_lowrank(
     scales = [math.sqrt(d) / s.ref_norm**2, math.sqrt(d) / s.ref_norm, 1.0]
     edit, info = _optimise(model, [A, c, B], make_hooks, make_edit, s, cfg, lr_scales=scales)
     # Its mean write at the final position of the training lying prompts (for alignment).
-    writes = []
-    with torch.no_grad():
-        for chunk in torch.arange(len(s.lying)).split(32):
-            _, cache = model.run_with_cache(
-                s.lying.tokens[chunk],
-                attention_mask=s.lying.mask[chunk],
-                names_filter=name,
-                stop_at_layer=layer + 1,
-            )
-            y = cache[name][:, -1].float().cpu()
-            writes.append((y @ edit.A + edit.c) @ edit.B)
-    info["mean_write"] = torch.cat(writes).mean(0)
+    y = _acts_at(model, [p.lying for p in s.pairs], name)
+    info["mean_write"] = ((y @ edit.A + edit.c) @ edit.B).mean(0)
     return replace(edit, info=info | {"kind": "lowrank", "layer": layer, "component": component, "rank": rank})
 
 
@@ -731,19 +722,16 @@ def train_gated(
     """
     from sklearn.linear_model import LogisticRegression
 
-    if not (isinstance(layer, int) and 0 <= layer < model.cfg.n_layers):
-        raise SteeringError(f"layer {layer!r} out of range: the model has {model.cfg.n_layers} layers")
+    _check_layer(model, layer)
     if not gate_c > 0 or not gate_lr >= 0:
         raise ValueError(f"gate_c must be > 0 and gate_lr >= 0, got {gate_c}, {gate_lr}")
     t0 = time.time()
     s = _setup(model, pairs, neutral, [layer], cfg)
     d, dev = model.cfg.d_model, model.cfg.device
     name = f"blocks.{layer}.hook_resid_post"
-    used = list(pairs)[: cfg.max_pairs] if cfg.max_pairs else list(pairs)
-    with torch.no_grad():
-        x_lie = _resid_at(model, s.lying, name)
-        x_hon = _resid_at(model, _rows(model, [p.honest for p in used], layer, False)[0], name)
-        x_neu = _resid_at(model, s.neutral, name, final_only=False)
+    x_lie = s.lying_final[name].cpu()
+    x_hon = _acts_at(model, [p.honest for p in s.pairs], name)
+    x_neu = _acts_at(model, neutral, name, final_only=False)
     unit = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
     X = torch.cat([unit(x_lie), unit(x_hon), unit(x_neu)]).numpy()
     y = [1] * len(x_lie) + [0] * (len(x_hon) + len(x_neu))
@@ -780,22 +768,15 @@ def gate_opening(
     """The gate's opening (0..1) on ``texts``, unedited: at each text's final position, or at every
     real token (``final_only=False``). Where does the edit write?"""
     edit.validate(model)
+    return edit.gate(_acts_at(model, texts, edit.hook_name, final_only=final_only))
+
+
+def _acts_at(model: HookedTransformer, texts: Sequence[str], name: str, final_only: bool = True) -> Tensor:
+    """Clean activations at ``blocks.l.<hook>`` (on the CPU): each text's final position, or every real token."""
     with torch.no_grad():
-        rows, _ = _rows(model, list(texts), edit.layer, False)
-        return edit.gate(_resid_at(model, rows, edit.hook_name, final_only=final_only))
-
-
-def _resid_at(model: HookedTransformer, rows: _Rows, name: str, final_only: bool = True) -> Tensor:
-    """The clean activations at ``name``: each row's final position, or every real token."""
-    out = []
-    layer = int(name.split(".")[1])
-    for chunk in torch.arange(len(rows)).split(32):
-        _, cache = model.run_with_cache(
-            rows.tokens[chunk], attention_mask=rows.mask[chunk], names_filter=name, stop_at_layer=layer + 1
-        )
-        a = cache[name].float().cpu()
-        out.append(a[:, -1] if final_only else a[rows.mask[chunk].bool().cpu()])
-    return torch.cat(out)
+        rows, acts = _rows(model, list(texts), int(name.split(".")[1]), False, [name])
+    a = acts[name].float().cpu()
+    return a[:, -1] if final_only else a[rows.mask.bool().cpu()]
 
 
 # ---------------------------------------------------------------------------------------------

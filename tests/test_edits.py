@@ -246,3 +246,31 @@ def test_minibatches_cover_every_row_each_epoch():
     assert edits._Minibatches(5, None, 0).next().tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="neutral_per_step"):
         edits.TrainConfig(neutral_per_step=0)
+
+
+def test_training_does_not_depend_on_the_residual_streams_scale():
+    """Scaling every write to the residual stream by 30 (embeddings, attention and MLP outputs)
+    leaves a LayerNorm model's outputs unchanged; each edit's training must then follow the same
+    path, with each parameter's step in its own units. (Before, the low-rank edit's A and c stepped
+    in residual units: at SmolLM2's residual norms it diverged.)"""
+    k = 30.0
+    small, big = tiny_model(), tiny_model()
+    with torch.no_grad():
+        for name, p in big.named_parameters():
+            if name.endswith(("embed.W_E", "attn.W_O", "attn.b_O", "mlp.W_out", "mlp.b_out")):
+                p.mul_(k)
+    pairs = word_pairs()
+    tokens = se.batches(small, NEUTRAL, 8)[0]
+    torch.testing.assert_close(small(tokens.tokens), big(tokens.tokens), atol=1e-3, rtol=1e-3)
+    cfg = edits.TrainConfig(lam=0.1, steps=12, lr=0.1, progress=False)
+    train = {
+        "vector": lambda m: edits.train_vector(m, pairs, NEUTRAL, [1], cfg),
+        "lowrank": lambda m: edits.train_lowrank(m, pairs, NEUTRAL, 1, cfg, component="mlp_out", rank=2),
+        "gated": lambda m: edits.train_gated(m, pairs, NEUTRAL, 1, cfg),
+    }
+    for kind, fit in train.items():
+        a, b = fit(small).info["history"], fit(big).info["history"]
+        assert a[-1]["nll_truth"] < a[0]["nll_truth"] - 0.3, kind  # it trained
+        for x, y in zip(a, b):
+            assert abs(x["nll_truth"] - y["nll_truth"]) < 1e-2 + 1e-2 * x["nll_truth"], (kind, x, y)
+            assert abs(x["kl"] - y["kl"]) < 1e-3 + 1e-2 * x["kl"], (kind, x, y)

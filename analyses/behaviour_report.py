@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.models import DEFAULT_MODEL
+from mechlie.core.cli import RunDir, run_script
+from mechlie.core.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -41,10 +41,10 @@ def _ci(e: dict) -> str:
 
 
 def main(cfg: BehaviourConfig, run: RunDir) -> dict:
-    from mechlie.head_sweep import behaviour_report
-    from mechlie.metrics import behaviour
-    from mechlie.models import load_model
-    from mechlie.pairs import RELATIONS, load_builtin
+    from mechlie.core.metrics import behaviour
+    from mechlie.core.models import load_model
+    from mechlie.core.pairs import RELATIONS, load_builtin
+    from mechlie.studies.head_sweep import behaviour_report
 
     torch.set_grad_enabled(False)
     model = load_model(cfg.model)

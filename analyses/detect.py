@@ -7,7 +7,7 @@
 
 1. Pairs of every relation (``--relations``, ``--n-pairs`` each, in every format of ``--fmt``); the
    model answers each honest prompt greedily and each lying prompt greedily and ``--k`` times by
-   sampling, from one prompt pass (mechlie.labels). States are read from the generator: the final
+   sampling, from one prompt pass (mechlie.read.labels). States are read from the generator: the final
    prompt token and the first generated answer token. Multi-token answers are kept; a generated
    answer is compared with the full truth.
 2. Labelled sets (one split by fact for everything, so no test fact is ever trained on):
@@ -47,7 +47,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mechlie.cli import RunDir, run_script
+from mechlie.core.cli import RunDir, run_script
 
 log = logging.getLogger("mechlie")
 
@@ -97,7 +97,7 @@ class Config:
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        from mechlie.pairs import EXTRA_RELATIONS, FORMATS, RELATIONS
+        from mechlie.core.pairs import EXTRA_RELATIONS, FORMATS, RELATIONS
 
         RELATIONS = RELATIONS + EXTRA_RELATIONS  # noqa: N806
 
@@ -125,12 +125,12 @@ class Config:
 def main(cfg: Config, run: RunDir) -> dict:
     import torch
 
-    from mechlie.detector import DetectorError, LabelledSet, choose_layer, transfer_matrix
-    from mechlie.directions import split_by_fact
-    from mechlie.io import atomic_write_json
-    from mechlie.labels import on_policy
-    from mechlie.models import load_model
-    from mechlie.pairs import load_builtin
+    from mechlie.core.io import atomic_write_json
+    from mechlie.core.models import load_model
+    from mechlie.core.pairs import load_builtin
+    from mechlie.read.detector import DetectorError, LabelledSet, choose_layer, transfer_matrix
+    from mechlie.read.directions import split_by_fact
+    from mechlie.read.labels import on_policy
 
     t0 = time.time()
     timer: dict[str, float] = {}
@@ -375,8 +375,8 @@ def _loro(cfg: Config, table: dict, rel_sources: dict, suffix: str, layer: int, 
     relation's test facts. Mean AUROC over held-out relations, its CI from the bootstrap draws."""
     import torch
 
-    from mechlie.detector import LabelledSet, evaluate_transfer
-    from mechlie.probes import ProbeError
+    from mechlie.read.detector import LabelledSet, evaluate_transfer
+    from mechlie.read.probes import ProbeError
 
     out, roc = {}, {}
     for kind in cfg.probes:
@@ -432,10 +432,10 @@ def _controls(model, cfg: Config, pairs, op, test_facts: set) -> dict:
 
     import torch
 
-    from mechlie.activations import collect
-    from mechlie.detector import neutral_windows
-    from mechlie.labels import generate_with_states
-    from mechlie.pairs import load_builtin
+    from mechlie.core.activations import collect
+    from mechlie.core.pairs import load_builtin
+    from mechlie.read.detector import neutral_windows
+    from mechlie.read.labels import generate_with_states
 
     texts, units = neutral_windows()
     neutral = collect(model, texts, kinds=("resid_post",), progress=False, batch_size=4 * cfg.batch_size)["resid_post"]
@@ -496,8 +496,8 @@ def _detector(model, cfg: Config, train_test, controls: dict, layer: int, site: 
     controls at ``site``; report held-out FPR and recall (at ``cfg.fpr`` and 5%) with CIs."""
     from dataclasses import asdict, replace
 
-    from mechlie.detector import Detector, held_out_calibration, model_fingerprint
-    from mechlie.probes import fit_probe
+    from mechlie.read.detector import Detector, held_out_calibration, model_fingerprint
+    from mechlie.read.probes import fit_probe
 
     train, test = train_test
     L = model.cfg.n_layers
@@ -546,10 +546,10 @@ def _grad_feature_comparison(model, pairs, op, sets, cfg, layer, kw) -> dict:
     """LORO logistic AUROC at ``layer`` from per-head features: ``z``, ``z x grad`` and both."""
     import torch
 
-    from mechlie.activations import collect
-    from mechlie.detector import LabelledSet, evaluate_transfer
-    from mechlie.pairs import answer_set, tokenize
-    from mechlie.probes import grad_features
+    from mechlie.core.activations import collect
+    from mechlie.core.pairs import answer_set, tokenize
+    from mechlie.read.detector import LabelledSet, evaluate_transfer
+    from mechlie.read.probes import grad_features
 
     known = op.known.tolist()
     idx = [i for i, _ in enumerate(pairs) if known[i] or not cfg.known_filter]
@@ -608,7 +608,7 @@ def _figures(model, cfg: Config, run: RunDir, pairs, test_facts, det, matrix, na
     import torch
     from sklearn.metrics import roc_curve
 
-    from mechlie import plotting
+    from mechlie.report import plotting
 
     figs = {}
     # Per-token scores along generated answers to a few test lying prompts (the on-policy detector).

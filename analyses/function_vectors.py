@@ -1,4 +1,4 @@
-"""Lie function vector (Todd et al. 2023) on few-shot lying prompts; see mechlie.function_vectors.
+"""Lie function vector (Todd et al. 2023) on few-shot lying prompts; see mechlie.causal.function_vectors.
 
     python analyses/function_vectors.py                    # every known fact of every relation
     python analyses/function_vectors.py --n-per-relation 8 --n-random 50 --device cuda
@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.models import DEFAULT_MODEL
+from mechlie.core.cli import RunDir, run_script
+from mechlie.core.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,14 @@ class Config:
 
 
 def main(cfg: Config, run: RunDir) -> dict:
-    from mechlie.directions import split_by_fact
-    from mechlie.function_vectors import VECTOR_NAMES, run_function_vector
-    from mechlie.io import save_tensors
-    from mechlie.kv import load_model_split, top_heads
-    from mechlie.metrics import behaviour
-    from mechlie.pairs import load_builtin
-    from mechlie.patching import patch_final_position
-    from mechlie.plotting import heatmap, lines, save_figure, side_by_side
+    from mechlie.causal.function_vectors import VECTOR_NAMES, run_function_vector
+    from mechlie.causal.patching import patch_final_position
+    from mechlie.core.io import save_tensors
+    from mechlie.core.kv import load_model_split, top_heads
+    from mechlie.core.metrics import behaviour
+    from mechlie.core.pairs import load_builtin
+    from mechlie.read.directions import split_by_fact
+    from mechlie.report.plotting import heatmap, lines, save_figure, side_by_side
 
     torch.manual_seed(cfg.seed)
     model = load_model_split(cfg.model, device=cfg.device, dtype=cfg.dtype, n_devices=cfg.n_devices)

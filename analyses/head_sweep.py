@@ -18,13 +18,13 @@ import time
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.head_sweep import HeadSweepConfig, patching_summary, run_head_sweep, summarize, sweep_figures
-from mechlie.plotting import png_problem, save_figures
+from mechlie.core.cli import RunDir, run_script
+from mechlie.report.plotting import png_problem, save_figures
+from mechlie.studies.head_sweep import HeadSweepConfig, patching_summary, run_head_sweep, summarize, sweep_figures
 
 
 def main(cfg: HeadSweepConfig, run: RunDir) -> dict:
-    from mechlie.models import load_model  # imported late: flags and inputs are checked first
+    from mechlie.core.models import load_model  # imported late: flags and inputs are checked first
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -89,10 +89,10 @@ VIEW_PAIRS = 8  # held-out pairs shown in the head views (one batch of 16 prompt
 
 
 def head_views(cfg: HeadSweepConfig, model, res, summary: dict) -> str | None:
-    """circuitsvis views of the top 3 heads by patching effect (mechlie.views), on the first
+    """circuitsvis views of the top 3 heads by patching effect (mechlie.report.views), on the first
     VIEW_PAIRS patched pairs; None, with a warning, when the prompts are not few-shot."""
-    from mechlie.pairs import PairError
-    from mechlie.views import write_head_views
+    from mechlie.core.pairs import PairError
+    from mechlie.report.views import write_head_views
 
     top3 = [(t["layer"], t["head"]) for t in summary["top_heads_by_patching"][:3]]
     by_fact = {p.fact_id: p for p in res.pairs}

@@ -14,7 +14,7 @@
    from, marked where the honest and lying prompts differ (the demonstrations' answers).
 
 Writes results/localise/<run>/: summary.json, curves, heatmaps, the circuit diagram (.html/.png),
-and the raw per-pair scores (safetensors). See mechlie.circuits for the definitions and signs.
+and the raw per-pair scores (safetensors). See mechlie.causal.circuits for the definitions and signs.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.models import DEFAULT_MODEL
+from mechlie.core.cli import RunDir, run_script
+from mechlie.core.models import DEFAULT_MODEL
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -76,12 +76,13 @@ def parse_head(text: str) -> tuple[int, int]:
 
 
 def main(cfg: LocaliseConfig, run: RunDir) -> dict:
-    from mechlie import circuits, plotting
-    from mechlie.directions import split_by_fact
-    from mechlie.io import save_tensors
-    from mechlie.kv import load_model_split
-    from mechlie.pairs import load_builtin
-    from mechlie.stats import bootstrap, bootstrap_tensor
+    from mechlie.causal import circuits
+    from mechlie.core.io import save_tensors
+    from mechlie.core.kv import load_model_split
+    from mechlie.core.pairs import load_builtin
+    from mechlie.core.stats import bootstrap, bootstrap_tensor
+    from mechlie.read.directions import split_by_fact
+    from mechlie.report import plotting
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()

@@ -4,7 +4,7 @@
     python analyses/make_figures.py RUN... --out report/report.md
 
 Each RUN folder is recognised by its kind (head sweep, patching sweep, function vectors, steering,
-detection, SAE features; see mechlie.report) and read
+detection, SAE features; see mechlie.report.kinds) and read
 only from its saved files. Writes, under the folder of --out, one subfolder of figures per run
 (SVG + PNG, one style, 95% CIs where the saved data have them) and report.md with the headline
 numbers. A folder of an unknown kind, an older format or with a missing file is refused with one
@@ -17,7 +17,7 @@ import argparse
 import logging
 import sys
 
-from mechlie.report import RunFormatError, write_report
+from mechlie.report.kinds import RunFormatError, write_report
 
 
 def main(argv: list[str] | None = None) -> int:

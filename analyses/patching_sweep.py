@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.models import DEFAULT_MODEL
+from mechlie.core.cli import RunDir, run_script
+from mechlie.core.models import DEFAULT_MODEL
 
 METRICS = ("logit_diff", "p_truth")
 
@@ -61,15 +61,15 @@ class Config:
 
 
 def main(cfg: Config, run: RunDir) -> dict:
-    from mechlie.attribution import attribute_pairs
-    from mechlie.component_ranking import rank_components
-    from mechlie.io import save_tensors
-    from mechlie.kv import load_model_split, top_heads
-    from mechlie.pairs import load_builtin, tokenize
-    from mechlie.patching import patch_final_position
-    from mechlie.plotting import errorbars, heatmap, save_figure, side_by_side
-    from mechlie.position_patching import patch_positions
-    from mechlie.stats import spearman
+    from mechlie.causal.attribution import attribute_pairs
+    from mechlie.causal.component_ranking import rank_components
+    from mechlie.causal.patching import patch_final_position
+    from mechlie.causal.position_patching import patch_positions
+    from mechlie.core.io import save_tensors
+    from mechlie.core.kv import load_model_split, top_heads
+    from mechlie.core.pairs import load_builtin, tokenize
+    from mechlie.core.stats import spearman
+    from mechlie.report.plotting import errorbars, heatmap, save_figure, side_by_side
 
     out = run.path
     model = load_model_split(cfg.model, device=cfg.device, dtype=cfg.dtype, n_devices=cfg.n_devices)
@@ -103,7 +103,7 @@ def main(cfg: Config, run: RunDir) -> dict:
     cols = [width + o for o in pos.offsets]  # attribution columns are offsets from the end too
     att_pos = att.resid[:, cols][:, :, layers].mean(0)  # the same offsets and layers
     rho_pos = spearman(att_pos, pos_delta)
-    from mechlie.stats import bootstrap_tensor
+    from mechlie.core.stats import bootstrap_tensor
 
     pos_ci = bootstrap_tensor(lambda i: pos.effect(cfg.metric, i), len(pairs), n_boot=cfg.n_boot)
     group_ci = (

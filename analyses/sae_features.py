@@ -5,7 +5,7 @@
 
 For each site, an SAE is loaded from the cache or trained with sae-lens on an offline corpus
 (built-in pair prompts, mechlie/data/neutral.txt, the model's own samples; trained once per
-model/site/settings, see mechlie.sae), and the honest→lying difference at the final prompt token
+model/site/settings, see mechlie.sae.features), and the honest→lying difference at the final prompt token
 is decomposed into its features: effect sizes with bootstrap CIs over held-out pairs, decoder
 cosines with the difference-of-means direction, top-activating contexts, and a causal check
 (ablate / clamp the top features on lying prompts, beside matched random features). Writes
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mechlie.cli import RunDir, run_script
-from mechlie.models import DEFAULT_MODEL
+from mechlie.core.cli import RunDir, run_script
+from mechlie.core.models import DEFAULT_MODEL
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class SAEFeaturesConfig:
     run_name: str = ""
 
     def __post_init__(self) -> None:
-        from mechlie.sae import Site
+        from mechlie.sae.features import Site
 
         if not self.sites:
             raise ValueError("--sites needs at least one site")
@@ -93,7 +93,7 @@ class SAEFeaturesConfig:
         return out
 
     def train_config(self, site: str):
-        from mechlie.sae import SAETrainConfig
+        from mechlie.sae.features import SAETrainConfig
 
         return SAETrainConfig(
             site=site,
@@ -107,14 +107,14 @@ class SAEFeaturesConfig:
 
 
 def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
-    from mechlie import sae as S
-    from mechlie.directions import split_by_fact
-    from mechlie.io import save_tensors
-    from mechlie.metrics import score_logits
-    from mechlie.models import load_model
-    from mechlie.pairs import answer_set, load_builtin
-    from mechlie.report import write_figures
-    from mechlie.steering_eval import batches, last_logits
+    from mechlie.core.io import save_tensors
+    from mechlie.core.metrics import score_logits
+    from mechlie.core.models import load_model
+    from mechlie.core.pairs import answer_set, load_builtin
+    from mechlie.read.directions import split_by_fact
+    from mechlie.report.kinds import write_figures
+    from mechlie.sae import features as S
+    from mechlie.studies.steering_eval import batches, last_logits
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -219,10 +219,10 @@ def main(cfg: SAEFeaturesConfig, run: RunDir) -> dict:
 
 
 def on_policy_features(model, cfg: SAEFeaturesConfig, saes, pairs, split, summary: dict) -> None:
-    """On-policy lies vs truths: answers sampled under the same lying prompt (mechlie.labels), each
+    """On-policy lies vs truths: answers sampled under the same lying prompt (mechlie.read.labels), each
     site's features at the first answer token, into summary["sites"][site]["on_policy"]."""
-    from mechlie import sae as S
-    from mechlie.labels import on_policy
+    from mechlie.read.labels import on_policy
+    from mechlie.sae import features as S
 
     sites = [t.site for t in saes]
     op = on_policy(
@@ -267,7 +267,7 @@ def on_policy_features(model, cfg: SAEFeaturesConfig, saes, pairs, split, summar
 def distinct_first_tokens(tokenizer, pairs):
     """The pairs whose truth and lie differ in their first token (first-token metrics cannot score the
     others), and how many were left out (logged)."""
-    from mechlie.pairs import first_token_ids
+    from mechlie.core.pairs import first_token_ids
 
     keep = [p for p in pairs if not set(first_token_ids(tokenizer, p.truth)) & set(first_token_ids(tokenizer, p.lie))]
     if len(keep) < len(pairs):
@@ -280,7 +280,7 @@ def lying_heads(model, pairs, heads, run: RunDir, seed: int, batch_size: int = 1
     circuitsvis page (honest vs lying prompt side by side): lying_heads.html (+ .json)."""
     import json
 
-    from mechlie import views
+    from mechlie.report import views
 
     path = views.write_head_views(model, pairs, heads, run.path, batch_size=batch_size, seed=seed)
     rows = json.loads(path.with_suffix(".json").read_text())["rows"]

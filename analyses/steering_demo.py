@@ -6,7 +6,7 @@ reported on test facts, against random controls.
     python analyses/steering_demo.py --layers 8 14 --resid-alphas -1 -2 --no-lowrank
     python analyses/steering_demo.py --transfer-relation opposites --n-controls 32
 
-Pairs are split by fact into train / validation / test (mechlie.steering_eval). Directions and
+Pairs are split by fact into train / validation / test (mechlie.studies.steering_eval). Directions and
 learned edits are fitted on train; each method's hyperparameters (layer, alpha, K heads, the edit's
 KL budget and scale) are chosen on validation (most recovery with KL <= --kl-budget); the table
 reports test. Alpha is signed: directions point honest -> lying, so alpha < 0 steers toward honesty.
@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from mechlie.cli import RunDir, run_script
+from mechlie.core.cli import RunDir, run_script
 
 log = logging.getLogger("mechlie")
 
@@ -149,7 +149,7 @@ class Config:
             raise ValueError("--scoring full cannot score final-position mean patching: drop causal_mean/probe_mean")
         if not self.kl_budget > 0:
             raise ValueError(f"--kl-budget must be > 0, got {self.kl_budget}")
-        from mechlie.pairs import FORMATS, RELATIONS
+        from mechlie.core.pairs import FORMATS, RELATIONS
 
         if self.dataset != "all" and self.dataset not in RELATIONS:
             raise ValueError(f"--dataset must be 'all' or one of {RELATIONS}, got {self.dataset!r}")
@@ -173,7 +173,7 @@ class Config:
 def _n_layers_without_loading(name: str) -> int | None:
     """The layer count from a local checkpoint's config.json (no weights loaded); None if unknown."""
     try:
-        from mechlie.models import resolve_hf_dir
+        from mechlie.core.models import resolve_hf_dir
 
         d = resolve_hf_dir(name)
         if d is None:
@@ -189,8 +189,8 @@ def _cached_sae_rows(model, layer: int):
     block ``layer``, where a learned vector is added), as analyses/sae_features.py trains it with its
     default settings; or the reason it is absent (it is not trained here: that takes long)."""
     try:
-        from mechlie import sae as msae
-        from mechlie.models import default_cache_dir
+        from mechlie.core.models import default_cache_dir
+        from mechlie.sae import features as msae
 
         cfg = msae.SAETrainConfig(site=f"blocks.{layer + 1}.hook_resid_pre")
         path = default_cache_dir() / "sae" / msae.cache_key(model, cfg)
@@ -206,13 +206,13 @@ def _cached_sae_rows(model, layer: int):
 def main(cfg: Config, run: RunDir) -> dict:
     import torch
 
-    from mechlie import edits
-    from mechlie import steering_eval as se
-    from mechlie import steering_figures as sf
-    from mechlie.generation import generate
-    from mechlie.models import load_model
-    from mechlie.pairs import load_builtin
-    from mechlie.plotting import save_figure
+    from mechlie.control import edits
+    from mechlie.core.generation import generate
+    from mechlie.core.models import load_model
+    from mechlie.core.pairs import load_builtin
+    from mechlie.report import steering_figures as sf
+    from mechlie.report.plotting import save_figure
+    from mechlie.studies import steering_eval as se
 
     t0 = time.time()
     torch.manual_seed(cfg.seed)

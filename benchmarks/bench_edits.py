@@ -26,10 +26,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from mechlie import edits
-from mechlie import steering_eval as se
-from mechlie.models import load_model
-from mechlie.pairs import load_builtin
+from mechlie.control import edits
+from mechlie.core.models import load_model
+from mechlie.core.pairs import load_builtin
+from mechlie.studies import steering_eval as se
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     HF_HUB_OFFLINE=1 python benchmarks/bench_function_vectors.py [--n 2] [--naive-layers 2]
 
 The naive baseline reruns the whole prompt once per (prompt, head) with that head's final-position
-``z`` patched (:func:`mechlie.function_vectors.head_aie_naive`). Every timing is taken in this run,
+``z`` patched (:func:`mechlie.causal.function_vectors.head_aie_naive`). Every timing is taken in this run,
 on the same prompts:
 
 1. same work: the cached engine and the naive loop on the heads of the first ``--naive-layers``
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mechlie.attribution import attribute_pairs
-from mechlie.function_vectors import head_aie, head_aie_naive, mean_head_activations
-from mechlie.models import DEFAULT_MODEL, load_model
-from mechlie.pairs import answer_set, corrupted_fewshot, load_builtin, tokenize
-from mechlie.patching import patch_final_position
+from mechlie.causal.attribution import attribute_pairs
+from mechlie.causal.function_vectors import head_aie, head_aie_naive, mean_head_activations
+from mechlie.causal.patching import patch_final_position
+from mechlie.core.models import DEFAULT_MODEL, load_model
+from mechlie.core.pairs import answer_set, corrupted_fewshot, load_builtin, tokenize
 
 
 @dataclass

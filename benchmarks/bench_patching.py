@@ -8,7 +8,7 @@ the final token, on the same n equal-length pairs (TransformerLens's functions t
 batches), with the same metric. TransformerLens gets one forward pass over the n pairs per
 component (``generic_activation_patch`` restricted to the final position); mechlie runs each
 patch as a row of a single-token pass over the lying prompt's cached prefix
-(:func:`mechlie.kv.run_rows`). TransformerLens's head sweep costs the same for every layer, so it
+(:func:`mechlie.core.kv.run_rows`). TransformerLens's head sweep costs the same for every layer, so it
 runs on the heads of ``--tl-layers`` evenly spaced layers and its time is scaled to all layers
 (stated in the output); the numbers of both are compared on those heads. Printed: times, the
 speed-up measured in this run, the largest difference of the normalized effects, peak memory.
@@ -20,7 +20,7 @@ layer of every single-token pass: ``repeat_interleave`` of grouped key/value hea
 attention-score and z matmuls over the materialised cache (1.9 s + 1.5 s), ``contiguous`` copies
 (1.3 s), re-applying the rotary embedding to every cached key (1.7 s) and the ``cat`` of new onto
 cached keys (0.3 s). The useful work, the linear layers of the new token's rows (MLPs,
-projections, unembedding), took 2.3 s. Hence the fixes in :mod:`mechlie.kv`: attention against
+projections, unembedding), took 2.3 s. Hence the fixes in :mod:`mechlie.core.kv`: attention against
 each prompt's prefix computed directly (keys position-encoded once, grouped heads by reshaping
 the queries, no copies), rows of several prompts in one pass, rows running only from the block
 where they are patched (half the row-blocks for a head sweep), ``torch.inference_mode``.
@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from test_patching import tl_reference  # noqa: E402  (the TL call, shared with the equality test)
 
-from mechlie.models import load_model  # noqa: E402
-from mechlie.pairs import load_builtin, tokenize  # noqa: E402
-from mechlie.patching import patch_final_position  # noqa: E402
+from mechlie.causal.patching import patch_final_position  # noqa: E402
+from mechlie.core.models import load_model  # noqa: E402
+from mechlie.core.pairs import load_builtin, tokenize  # noqa: E402
 
 
 def peak_rss_mb() -> float:

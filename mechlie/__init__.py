@@ -20,7 +20,7 @@ from typing import Any
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     # models and data
-    **dict.fromkeys(("load_model", "DEFAULT_MODEL", "EMBEDDED", "ModelLoadError"), "mechlie.models"),
+    **dict.fromkeys(("load_model", "DEFAULT_MODEL", "EMBEDDED", "ModelLoadError"), "mechlie.core.models"),
     **dict.fromkeys(
         (
             "ContrastPair",
@@ -32,10 +32,10 @@ _EXPORTS: dict[str, str] = {
             "AnswerTokenError",
             "PromptTooLongError",
         ),
-        "mechlie.pairs",
+        "mechlie.core.pairs",
     ),
     # activations, directions (fit registry), probes and detection
-    **dict.fromkeys(("Activations", "collect"), "mechlie.activations"),
+    **dict.fromkeys(("Activations", "collect"), "mechlie.core.activations"),
     **dict.fromkeys(
         (
             "DirectionScores",
@@ -47,34 +47,40 @@ _EXPORTS: dict[str, str] = {
             "get_fit",
             "FITS",
         ),
-        "mechlie.directions",
+        "mechlie.read.directions",
     ),
-    **dict.fromkeys(("Probe", "fit_probe"), "mechlie.probes"),
-    **dict.fromkeys(("Detector", "fit_detector"), "mechlie.detector"),
+    **dict.fromkeys(("Probe", "fit_probe"), "mechlie.read.probes"),
+    **dict.fromkeys(("Detector", "fit_detector"), "mechlie.read.detector"),
     # behaviour and statistics
-    **dict.fromkeys(("Behaviour", "behaviour", "score_logits"), "mechlie.metrics"),
-    **dict.fromkeys(("Estimate", "bootstrap", "bootstrap_tensor", "auroc"), "mechlie.stats"),
+    **dict.fromkeys(("Behaviour", "behaviour", "score_logits"), "mechlie.core.metrics"),
+    **dict.fromkeys(("Estimate", "bootstrap", "bootstrap_tensor", "auroc"), "mechlie.core.stats"),
     # causal analysis
-    **dict.fromkeys(("PatchResult", "patch_final_position", "patch_runs"), "mechlie.patching"),
-    **dict.fromkeys(("PositionPatchResult", "patch_positions"), "mechlie.position_patching"),
-    **dict.fromkeys(("Attribution", "attribution_patching", "attribute_pairs"), "mechlie.attribution"),
-    **dict.fromkeys(("FunctionVector", "build_function_vector", "run_function_vector"), "mechlie.function_vectors"),
-    **dict.fromkeys(("joint_patch", "topk_curve", "path_patch", "receiver_positions"), "mechlie.circuits"),
+    **dict.fromkeys(("PatchResult", "patch_final_position", "patch_runs"), "mechlie.causal.patching"),
+    **dict.fromkeys(("PositionPatchResult", "patch_positions"), "mechlie.causal.position_patching"),
+    **dict.fromkeys(("Attribution", "attribution_patching", "attribute_pairs"), "mechlie.causal.attribution"),
+    **dict.fromkeys(
+        ("FunctionVector", "build_function_vector", "run_function_vector"), "mechlie.causal.function_vectors"
+    ),
+    **dict.fromkeys(("joint_patch", "topk_curve", "path_patch", "receiver_positions"), "mechlie.causal.circuits"),
     # on-policy labels, users' facts, SAEs and views
-    **dict.fromkeys(("on_policy",), "mechlie.labels"),
-    **dict.fromkeys(("load_facts", "pairs_from_user_facts"), "mechlie.facts"),
-    **dict.fromkeys(("load_sae", "train_sae", "FeatureClamp"), "mechlie.sae"),
-    **dict.fromkeys(("attention_html",), "mechlie.views"),
+    **dict.fromkeys(("on_policy",), "mechlie.read.labels"),
+    **dict.fromkeys(("load_facts", "pairs_from_user_facts"), "mechlie.core.facts"),
+    **dict.fromkeys(("load_sae", "train_sae", "FeatureClamp"), "mechlie.sae.features"),
+    **dict.fromkeys(("attention_html",), "mechlie.report.views"),
     # control
     **dict.fromkeys(
-        ("steer", "Intervention", "AddVectors", "HeadShift", "DirectionalAblation", "SteeringError"),
-        "mechlie.steering",
+        ("AddVectors", "HeadShift", "DirectionalAblation"),
+        "mechlie.control.steering",
     ),
-    **dict.fromkeys(("generate", "GenerationResult"), "mechlie.generation"),
-    **dict.fromkeys(("train_vector", "train_lowrank"), "mechlie.edits"),
+    **dict.fromkeys(
+        ("steer", "Intervention", "SteeringError", "Site"),
+        "mechlie.core.hooks",
+    ),
+    **dict.fromkeys(("generate", "GenerationResult"), "mechlie.core.generation"),
+    **dict.fromkeys(("train_vector", "train_lowrank"), "mechlie.control.edits"),
     # results and scripts
-    **dict.fromkeys(("save_tensors", "load_tensors", "to_frame"), "mechlie.io"),
-    **dict.fromkeys(("run_script", "RunDir"), "mechlie.cli"),
+    **dict.fromkeys(("save_tensors", "load_tensors", "to_frame"), "mechlie.core.io"),
+    **dict.fromkeys(("run_script", "RunDir"), "mechlie.core.cli"),
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,7 +26,7 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def smol():
-    from mechlie.models import load_model
+    from mechlie.core.models import load_model
 
     return load_model("smollm2-135m-instruct", device="cpu")
 

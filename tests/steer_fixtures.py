@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mechlie.pairs import ContrastPair
+from mechlie.core.pairs import ContrastPair
 
 COUNTRIES = [
     ("France", "Paris"),

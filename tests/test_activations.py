@@ -2,8 +2,8 @@ import pytest
 import torch
 from conftest import no_hooks, tiny_model
 
-from mechlie.activations import Activations, collect, head_out_from_z
-from mechlie.pairs import PromptTooLongError
+from mechlie.core.activations import Activations, collect, head_out_from_z
+from mechlie.core.pairs import PromptTooLongError
 
 PROMPTS = [
     "Q: What is the capital of France?\nA:",
@@ -69,7 +69,7 @@ def test_bad_arguments(tiny):
 
 
 def test_collect_accepts_a_batch(tiny):
-    from mechlie.pairs import tokenize
+    from mechlie.core.pairs import tokenize
 
     by_text = collect(tiny, PROMPTS, kinds=("z", "resid_post"), batch_size=3, progress=False, return_logits=True)
     by_batch = collect(

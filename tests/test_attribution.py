@@ -2,9 +2,9 @@ import pytest
 import torch
 from tiny_models import answers, random_batch, tiny_model
 
-from mechlie.attribution import attribution_patching, spearman
-from mechlie.metrics import score_logits
-from mechlie.pairs import Batch, PairError
+from mechlie.causal.attribution import attribution_patching, spearman
+from mechlie.core.metrics import score_logits
+from mechlie.core.pairs import Batch, PairError
 
 
 def _exact(model, clean, corrupt, ans, hook, pos, index=None):

@@ -6,10 +6,10 @@ from conftest import no_hooks, tiny_model
 from test_patching import make_pairs
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mechlie.circuits import Sender, joint_patch, k_grid, minimal_k, path_patch, receiver_positions, topk_curve
-from mechlie.metrics import score_logits
-from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
-from mechlie.patching import patch_runs
+from mechlie.causal.circuits import Sender, joint_patch, k_grid, minimal_k, path_patch, receiver_positions, topk_curve
+from mechlie.causal.patching import patch_runs
+from mechlie.core.metrics import score_logits
+from mechlie.core.pairs import ContrastPair, PairError, answer_set, tokenize
 
 QS = ["France", "Spain", "Italy", "Japan", "Peru", "Chile", "Egypt", "Kenya"]
 ANS = ["Paris", "Madrid", "Rome", "Tokyo", "Lima", "Santiago", "Cairo", "Nairobi"]
@@ -87,7 +87,7 @@ def test_minimal_set_is_exact_with_a_planted_head():
 def test_minimal_set_search_equals_brute_force_over_every_k():
     """The curve searches k only up to the first curve k every resample has crossed; the minimal k
     and its CI must equal a search over every k = 1..all heads (same resamples)."""
-    from mechlie.stats import bootstrap_draws
+    from mechlie.core.stats import bootstrap_draws
 
     model = tiny_model(seed=2, attn_only=True, n_layers=2)
     with torch.no_grad():  # three heads write (strongly), the rest nothing: a curve that climbs
@@ -249,12 +249,12 @@ def _script(name: str):
 def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     import json
 
-    import mechlie.kv
-    import mechlie.pairs
+    import mechlie.core.kv
+    import mechlie.core.pairs
 
     model = tiny_model(seed=3)
-    monkeypatch.setattr(mechlie.kv, "load_model_split", lambda *a, **k: model)
-    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: many_pairs())
+    monkeypatch.setattr(mechlie.core.kv, "load_model_split", lambda *a, **k: model)
+    monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: many_pairs())
     mod = _script("localise")
     argv = ["--n-random", "4", "--n-boot", "20", "--n-path-pairs", "2", "--receiver", "2.1", "--out-dir", str(tmp_path)]
     assert mod.run_script(mod.LocaliseConfig, mod.main, argv=argv) == 0
@@ -277,17 +277,17 @@ def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsy
 def test_function_vector_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
     import json
 
-    import mechlie.kv
-    import mechlie.metrics
-    import mechlie.pairs
+    import mechlie.core.kv
+    import mechlie.core.metrics
+    import mechlie.core.pairs
 
     model = tiny_model(seed=3)
-    monkeypatch.setattr(mechlie.kv, "load_model_split", lambda *a, **k: model)
+    monkeypatch.setattr(mechlie.core.kv, "load_model_split", lambda *a, **k: model)
     from test_function_vectors import word_pairs
 
     pairs = word_pairs()
-    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: pairs)
-    real = mechlie.metrics.behaviour
+    monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: pairs)
+    real = mechlie.core.metrics.behaviour
 
     def all_known(*a, **k):  # a random tiny model knows nothing; treat every fact as known
         b = real(*a, **k)
@@ -301,7 +301,7 @@ def test_function_vector_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch
             b.lying,
         )
 
-    monkeypatch.setattr(mechlie.metrics, "behaviour", all_known)
+    monkeypatch.setattr(mechlie.core.metrics, "behaviour", all_known)
     mod = _script("function_vectors")
     argv = ["--k", "3", "--n-random", "10", "--n-boot", "20", "--out-dir", str(tmp_path)]
     assert mod.run_script(mod.Config, mod.main, argv=argv) == 0

@@ -1,4 +1,4 @@
-"""mechlie.cli: flags from a config dataclass, early checks, run names keyed on data content,
+"""mechlie.core.cli: flags from a config dataclass, early checks, run names keyed on data content,
 refusal of a different config, resume, one-line user errors."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Literal
 import pytest
 import torch
 
-from mechlie.cli import RunDir, build_parser, parse_config, run_script
-from mechlie.io import load_tensors, save_tensors
+from mechlie.core.cli import RunDir, build_parser, parse_config, run_script
+from mechlie.core.io import load_tensors, save_tensors
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 import torch
 
-from mechlie.component_ranking import difference_scores, rank_family
+from mechlie.causal.component_ranking import difference_scores, rank_family
 
 
 def test_difference_score_finds_planted_component_and_ignores_scale():

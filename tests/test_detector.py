@@ -3,7 +3,8 @@ import random
 import pytest
 import torch
 
-from mechlie.detector import (
+from mechlie.core.pairs import ContrastPair
+from mechlie.read.detector import (
     Detector,
     DetectorError,
     calibrate_threshold,
@@ -11,7 +12,6 @@ from mechlie.detector import (
     model_fingerprint,
     neutral_texts,
 )
-from mechlie.pairs import ContrastPair
 from tests.conftest import WORDS, tiny_model
 
 
@@ -86,12 +86,12 @@ def test_bad_detector_input(tiny, tmp_path):
 def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     import json
 
-    import mechlie.models
+    import mechlie.core.models
     from analyses import detect as script
-    from mechlie.cli import run_script
+    from mechlie.core.cli import run_script
 
     model = tiny_model(n_ctx=256)
-    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(mechlie.core.models, "load_model", lambda *a, **k: model)
     argv = [
         "--relations",
         "capitals",
@@ -142,12 +142,12 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     matrix = json.loads((run / "matrix.json").read_text())
     assert "capitals" in matrix["matrix"]["logistic"]
     # Bad flags fail before any model loads.
-    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(mechlie.core.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     assert run_script(script.Config, script.main, argv=["--probes", "svm", "--out-dir", str(tmp_path)]) == 2
 
 
 def _sets(seed: int = 0):
-    from mechlie.detector import LabelledSet
+    from mechlie.read.detector import LabelledSet
 
     g = torch.Generator().manual_seed(seed)
     n, L, d = 100, 3, 64
@@ -159,8 +159,8 @@ def _sets(seed: int = 0):
 
 
 def test_choose_layer_and_splits_never_leak_a_fact():
-    from mechlie.detector import choose_layer, evaluate_transfer
-    from mechlie.directions import split_by_fact
+    from mechlie.read.detector import choose_layer, evaluate_transfer
+    from mechlie.read.directions import split_by_fact
 
     s = _sets()
     layer, val = choose_layer([s])
@@ -180,7 +180,7 @@ def test_choose_layer_and_splits_never_leak_a_fact():
 
 
 def test_choose_layer_rules_ties_and_too_few_examples():
-    from mechlie.detector import LabelledSet, choose_layer
+    from mechlie.read.detector import LabelledSet, choose_layer
 
     s = _sets()
     layer, val = choose_layer([s], n_splits=3)
@@ -199,7 +199,7 @@ def test_choose_layer_rules_ties_and_too_few_examples():
 
 
 def test_held_out_calibration_fpr_and_recall():
-    from mechlie.detector import held_out_calibration, neutral_windows
+    from mechlie.read.detector import held_out_calibration, neutral_windows
 
     g = torch.Generator().manual_seed(0)
     units = [f"u{i // 2}" for i in range(2000)]  # two rows per unit
@@ -224,8 +224,8 @@ def test_held_out_calibration_fpr_and_recall():
 
 def test_bootstrap_auroc_equals_the_resampling_reference():
     """The vectorised bootstrap (multiplicities per fact) equals resampling facts and recomputing."""
-    from mechlie.detector import bootstrap_auroc
-    from mechlie.stats import auroc, bootstrap_tensor
+    from mechlie.core.stats import auroc, bootstrap_tensor
+    from mechlie.read.detector import bootstrap_auroc
 
     g = torch.Generator().manual_seed(3)
     groups = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(20)] + [[60], [61]]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mechlie import stats
-from mechlie.directions import (
+from mechlie.core import stats
+from mechlie.read.directions import (
     FITS,
     DirectionScores,
     auroc,

@@ -1,4 +1,4 @@
-"""Learned minimal edits (mechlie.edits) on tiny random models."""
+"""Learned minimal edits (mechlie.control.edits) on tiny random models."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import torch
 from conftest import no_hooks, tiny_model
 from steer_fixtures import word_pairs
 
-from mechlie import edits
-from mechlie import steering_eval as se
-from mechlie.pairs import ContrastPair, PairError
-from mechlie.steering import SteeringError, steer
+from mechlie.control import edits
+from mechlie.control.steering import SteeringError, steer
+from mechlie.core.pairs import ContrastPair, PairError
+from mechlie.studies import steering_eval as se
 
 NEUTRAL = [
     "What is the capital of Spain ? Madrid is hot",

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from mechlie.facts import (
+from mechlie.core.facts import (
     REPE_DISHONEST,
     REPE_HONEST,
     FactsError,
@@ -12,7 +12,7 @@ from mechlie.facts import (
     load_statements,
     pairs_from_user_facts,
 )
-from mechlie.pairs import FORMATS, build_pairs, fewshot_demos
+from mechlie.core.pairs import FORMATS, build_pairs, fewshot_demos
 from tests.conftest import tiny_tokenizer
 
 # Small samples in each format, written for this project.

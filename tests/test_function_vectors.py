@@ -2,16 +2,16 @@ import pytest
 import torch
 from tiny_models import answers, random_batch, tiny_model
 
-from mechlie.function_vectors import (
+from mechlie.causal.function_vectors import (
     add_at_final_position,
     build_function_vector,
     head_aie,
     head_aie_naive,
     mean_head_activations,
 )
-from mechlie.kv import collect_batch
-from mechlie.metrics import score_logits
-from mechlie.pairs import ContrastPair, PairError, corrupted_fewshot, fewshot_demos, zero_shot_prompt
+from mechlie.core.kv import collect_batch
+from mechlie.core.metrics import score_logits
+from mechlie.core.pairs import ContrastPair, PairError, corrupted_fewshot, fewshot_demos, zero_shot_prompt
 
 PLANTED = (1, 2)
 
@@ -62,7 +62,7 @@ def test_cached_aie_equals_naive_loop(planted):
 
 
 def test_leave_one_out_means_and_per_prompt_aie(planted):
-    from mechlie.function_vectors import leave_one_out_means
+    from mechlie.causal.function_vectors import leave_one_out_means
 
     z = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0))
     loo = leave_one_out_means(z)
@@ -132,9 +132,9 @@ from steer_fixtures import word_pairs  # noqa: E402  (the shared word-level pair
 
 
 def test_run_function_vector_end_to_end(tiny):
-    from mechlie.function_vectors import VECTOR_NAMES, run_function_vector
-    from mechlie.metrics import final_logits
-    from mechlie.pairs import answer_set
+    from mechlie.causal.function_vectors import VECTOR_NAMES, run_function_vector
+    from mechlie.core.metrics import final_logits
+    from mechlie.core.pairs import answer_set
 
     pairs = word_pairs()
     train, test = pairs[:3], pairs[3:]
@@ -167,8 +167,8 @@ def test_run_function_vector_end_to_end(tiny):
 
 
 def test_attribution_ranks_like_exact_patching_on_a_tiny_model(tiny):
-    from mechlie.attribution import attribute_pairs, spearman
-    from mechlie.patching import patch_final_position
+    from mechlie.causal.attribution import attribute_pairs, spearman
+    from mechlie.causal.patching import patch_final_position
 
     pairs = word_pairs()
     exact = patch_final_position(tiny, pairs, "z", progress=False)

@@ -7,9 +7,9 @@ import torch
 from tiny_models import tiny_model as _tiny
 from transformer_lens import HookedTransformer
 
-from mechlie.generation import GenerationError, generate
-from mechlie.pairs import Batch
-from mechlie.steering import AddVectors, SteeringState, steer
+from mechlie.control.steering import AddVectors, SteeringState, steer
+from mechlie.core.generation import GenerationError, generate
+from mechlie.core.pairs import Batch
 
 
 def tiny_model(pos: str = "rotary", seed: int = 0) -> HookedTransformer:

@@ -1,4 +1,4 @@
-"""mechlie.io: safetensors results with JSON metadata, atomic writes, clear errors, to_frame."""
+"""mechlie.core.io: safetensors results with JSON metadata, atomic writes, clear errors, to_frame."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -6,7 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechlie.io import ResultFileError, UserError, atomic_write_json, load_tensors, read_json, save_tensors, to_frame
+from mechlie.core.io import (
+    ResultFileError,
+    UserError,
+    atomic_write_json,
+    load_tensors,
+    read_json,
+    save_tensors,
+    to_frame,
+)
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ import torch
 from conftest import no_hooks
 from tiny_models import random_batch, tiny_model
 
-from mechlie.activations import hook_name
-from mechlie.kv import collect_batch, fast_path_supported, final_tokens, prefix_cache, run_rows, top_heads
-from mechlie.pairs import Batch
+from mechlie.core.activations import hook_name
+from mechlie.core.kv import collect_batch, fast_path_supported, final_tokens, prefix_cache, run_rows, top_heads
+from mechlie.core.pairs import Batch
 
 
 def _left_padded(seed: int = 0) -> Batch:
@@ -145,7 +145,7 @@ def test_bad_rows():
 def test_real_model_rows_and_patches_equal_full_forward(smol):
     """SmolLM2 (grouped-query attention, rotary, RMSNorm): rows over the cached prefix, with a
     per-row head patch and skipped blocks, equal full forward passes."""
-    from mechlie.pairs import load_builtin, tokenize
+    from mechlie.core.pairs import load_builtin, tokenize
 
     pairs = load_builtin("capitals", "fewshot", tokenizer=smol.tokenizer, n=3)
     batch = tokenize(smol, [p.lying for p in pairs])

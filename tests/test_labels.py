@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from mechlie.activations import collect
-from mechlie.labels import LABELS, GenStates, OnPolicy, answer_matches, generate_with_states, on_policy
-from mechlie.metrics import behaviour
-from mechlie.pairs import Batch, ContrastPair, load_builtin, tokenize
+from mechlie.core.activations import collect
+from mechlie.core.metrics import behaviour
+from mechlie.core.pairs import Batch, ContrastPair, load_builtin, tokenize
+from mechlie.read.labels import LABELS, GenStates, OnPolicy, answer_matches, generate_with_states, on_policy
 
 
 def test_answer_matching():

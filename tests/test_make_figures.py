@@ -12,21 +12,21 @@ import torch
 from conftest import tiny_model
 from test_views import capital_pairs
 
-from mechlie import report as R
-from mechlie import sae as S
-from mechlie.io import atomic_write_json, save_tensors
+from mechlie.core.io import atomic_write_json, save_tensors
+from mechlie.report import kinds as R
+from mechlie.sae import features as S
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
-    from mechlie.pairs import load_builtin
-    from mechlie.patching import patch_final_position
+    from mechlie.causal.patching import patch_final_position
+    from mechlie.core.pairs import load_builtin
 
     tmp = tmp_path_factory.mktemp("runs")
     model = tiny_model(n_ctx=128)
-    # A head-sweep run as mechlie.head_sweep saves it: real patching results of a tiny model.
+    # A head-sweep run as mechlie.studies.head_sweep saves it: real patching results of a tiny model.
     hs = tmp / "head_sweep" / "tiny"
     hs.mkdir(parents=True)
     pairs = capital_pairs(model)  # words the tiny tokenizer knows, so honest and lying prompts differ
@@ -37,7 +37,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         "correct": a.correct,
         "choice_cov": a.choice_cov,
     }
-    save_tensors(  # the layout of mechlie.head_sweep's patching.safetensors
+    save_tensors(  # the layout of mechlie.studies.head_sweep's patching.safetensors
         hs / "patching.safetensors",
         {
             k: {
@@ -232,12 +232,12 @@ def test_bad_runs_are_refused_before_writing(runs, tmp_path):
 def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
     """analyses/sae_features.py on a tiny model: trains two SAEs (one pass), decomposes, writes
     the run, the lying-head page and its figures (the cache itself is tested in test_sae.py)."""
-    import mechlie.models
+    import mechlie.core.models
     from analyses.sae_features import SAEFeaturesConfig, main
-    from mechlie.cli import run_script
+    from mechlie.core.cli import run_script
 
     model = tiny_model(n_ctx=256)
-    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(mechlie.core.models, "load_model", lambda *a, **k: model)
     monkeypatch.setenv("MECHLIE_CACHE", str(tmp_path / "cache"))
     argv = [
         "--model",
@@ -282,7 +282,9 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
     assert (run / "figures" / "heads_dla.png").is_file() and (run / "figures" / "b2_resid_pre_features.svg").is_file()
     assert len(list((tmp_path / "cache" / "sae").iterdir())) == 2
     # Bad input fails before any model loads, with nothing written.
-    monkeypatch.setattr(mechlie.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(
+        mechlie.core.models, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded"))
+    )
     assert run_script(SAEFeaturesConfig, main, argv=["--sites", "blocks.x", "--out-dir", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
 
@@ -294,17 +296,17 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
     from steer_fixtures import word_pairs
     from test_circuits import many_pairs
 
-    import mechlie.kv
-    import mechlie.models
-    import mechlie.pairs
+    import mechlie.core.kv
+    import mechlie.core.models
+    import mechlie.core.pairs
     from analyses import detect, localise, steering_demo
-    from mechlie.cli import run_script
+    from mechlie.core.cli import run_script
 
     tmp = tmp_path_factory.mktemp("script_runs")
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(mechlie.models, "load_model", lambda *a, **k: tiny_model())
-        mp.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: word_pairs())
+        mp.setattr(mechlie.core.models, "load_model", lambda *a, **k: tiny_model())
+        mp.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: word_pairs())
         argv = (
             "--model tiny --layers 1 2 --head-ks 2 --head-alphas -2 --resid-alphas -1 -3 --edit-budgets 0.05 "
             "--edit-scales -1 --edit-steps 3 --n-controls 3 --n-boot 50 --val-frac 0.34 --test-frac 0.34 "
@@ -315,15 +317,15 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
         )
         mp.undo()
         model = tiny_model(n_ctx=256)
-        mp.setattr(mechlie.models, "load_model", lambda *a, **k: model)
+        mp.setattr(mechlie.core.models, "load_model", lambda *a, **k: model)
         argv = (
             "--relations capitals opposites numbers --n-pairs 10 --k 2 --no-known-filter --probes diff_of_means "
             "logistic --n-null 3 --n-random 20 --n-boot 50 --fpr 0.1 --n-control-prompts 8"
         ).split()
         assert run_script(detect.Config, detect.main, argv=argv + ["--out-dir", str(tmp / "detection")]) == 0
         mp.undo()
-        mp.setattr(mechlie.kv, "load_model_split", lambda *a, **k: tiny_model(seed=3))
-        mp.setattr(mechlie.pairs, "load_builtin", lambda *a, **k: many_pairs())
+        mp.setattr(mechlie.core.kv, "load_model_split", lambda *a, **k: tiny_model(seed=3))
+        mp.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: many_pairs())
         argv = "--n-random 4 --n-boot 20 --n-path-pairs 2 --receiver 2.1".split()
         assert run_script(localise.LocaliseConfig, localise.main, argv=argv + ["--out-dir", str(tmp / "localise")]) == 0
     finally:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mechlie.metrics import answer_logprob, behaviour, final_logits
-from mechlie.pairs import ContrastPair, PairError, answer_sequences, answer_set
+from mechlie.core.metrics import answer_logprob, behaviour, final_logits
+from mechlie.core.pairs import ContrastPair, PairError, answer_sequences, answer_set
 
 
 def token_by_token(model, prompt: str, answer: str) -> float:

@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from mechlie.models import EMBEDDED, ModelLoadError, check_gguf, embedded_gguf_path, load_hf, load_model, resolve_hf_dir
+from mechlie.core.models import (
+    EMBEDDED,
+    ModelLoadError,
+    check_gguf,
+    embedded_gguf_path,
+    load_hf,
+    load_model,
+    resolve_hf_dir,
+)
 
 PROMPTS = [
     "The capital of France is",
@@ -25,7 +33,7 @@ def test_logits_match_hugging_face(name, smol):
             got = model(ids).log_softmax(-1)
         worst = max(worst, (ref - got).abs().max().item())
         # Same tokenization through mechlie's own path as through HF's.
-        from mechlie.pairs import tokenize
+        from mechlie.core.pairs import tokenize
 
         assert tokenize(model, [p]).tokens.tolist() == ids.tolist()
     assert worst <= 1e-3, f"{name}: max |Δ log-prob| = {worst}"
@@ -94,7 +102,7 @@ def _overwrite_middle(path, n: int):
 
 
 def test_cache_checksums_catch_corruption_and_truncation(tmp_path):
-    from mechlie.models import CHECKSUMS, cache_problem, write_checksums
+    from mechlie.core.models import CHECKSUMS, cache_problem, write_checksums
 
     weights = _fake_checkpoint(tmp_path / "entry")
     write_checksums(tmp_path / "entry")
@@ -113,7 +121,7 @@ def test_cache_checksums_catch_corruption_and_truncation(tmp_path):
 
 
 def test_legacy_cache_without_checksums_is_checked_then_recorded(tmp_path):
-    from mechlie.models import CHECKSUMS, cache_problem
+    from mechlie.core.models import CHECKSUMS, cache_problem
 
     weights = _fake_checkpoint(tmp_path / "ok")
     assert cache_problem(tmp_path / "ok") is None
@@ -131,7 +139,7 @@ def test_legacy_cache_without_checksums_is_checked_then_recorded(tmp_path):
 
 
 def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):
-    import mechlie.models as models
+    import mechlie.core.models as models
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF fake")
@@ -147,7 +155,7 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, ca
     assert len(builds) == 1 and (d / models.CHECKSUMS).is_file() and (d / "SOURCE").is_file()
     assert models.gguf_to_hf_dir(gguf, tmp_path / "cache") == d and len(builds) == 1  # intact: reused
     _overwrite_middle(d / "model.safetensors", 1 << 14)
-    with caplog.at_level("WARNING", logger="mechlie.models"):
+    with caplog.at_level("WARNING", logger="mechlie.core.models"):
         assert models.gguf_to_hf_dir(gguf, tmp_path / "cache") == d
     assert len(builds) == 2 and models.cache_problem(d) is None
     assert any(str(d) in r.getMessage() and "damaged" in r.getMessage() for r in caplog.records)
@@ -155,7 +163,7 @@ def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, ca
 
 
 def test_failed_conversion_leaves_no_entry(tmp_path, monkeypatch):
-    import mechlie.models as models
+    import mechlie.core.models as models
 
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF fake")
@@ -172,7 +180,7 @@ def test_failed_conversion_leaves_no_entry(tmp_path, monkeypatch):
 
 
 def test_non_finite_weights_are_refused():
-    from mechlie.models import check_finite
+    from mechlie.core.models import check_finite
     from tests.tiny_models import tiny_model
 
     model = tiny_model()
@@ -188,8 +196,8 @@ def test_corrupted_real_cache_is_rebuilt(tmp_path, monkeypatch, smol):
     """Issue 8.9: 1 MB overwritten in the middle of the cached weights used to load silently."""
     import shutil
 
-    import mechlie.models as models
-    from mechlie.pairs import tokenize
+    import mechlie.core.models as models
+    from mechlie.core.pairs import tokenize
 
     src = resolve_hf_dir("smollm2-135m-instruct")
     cache = tmp_path / "cache"

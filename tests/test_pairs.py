@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from mechlie.io import OutputDirError, atomic_write_json, ensure_writable_dir
-from mechlie.pairs import (
+from mechlie.core.io import OutputDirError, atomic_write_json, ensure_writable_dir
+from mechlie.core.pairs import (
     RELATIONS,
     AnswerTokenError,
     ContrastPair,
@@ -20,7 +20,7 @@ from mechlie.pairs import (
 
 
 def test_builtin_has_enough_facts_and_formats_differ_only_in_framing(tiny):
-    from mechlie.pairs import _facts
+    from mechlie.core.pairs import _facts
 
     facts = _facts()
     assert set(RELATIONS) <= set(facts) and len(RELATIONS) >= 4
@@ -153,7 +153,7 @@ def test_no_copy_confound_truth_and_lie_never_in_demonstrations(fmt):
 
 def test_copy_confound_check_would_catch_a_copy():
     # The check above is not vacuous: a prompt that does show the truth is caught.
-    from mechlie.pairs import Fact, pairs_from_facts
+    from mechlie.core.pairs import Fact, pairs_from_facts
 
     demos = [Fact(f"q{i}?", a) for i, a in enumerate(["Paris", "Rome", "Lima", "Cairo", "Tokyo"])]
     with pytest.raises(PairError, match="avoid the answers"):
@@ -183,7 +183,7 @@ def test_malformed_jsonl_names_file_and_real_line(tmp_path):
 
 
 def test_drawn_lie_never_shares_the_truths_first_token(tiny):
-    from mechlie.pairs import Fact, pairs_from_facts
+    from mechlie.core.pairs import Fact, pairs_from_facts
 
     demos = [Fact(f"q{i}?", a) for i, a in enumerate(["Tokyo", "Cairo", "Nairobi", "Havana", "Tehran", "Madrid"])]
     # Every seed would sometimes draw "Lima Peru" if the first token were not checked.

@@ -4,9 +4,9 @@ import torch
 from conftest import no_hooks, tiny_model
 from transformer_lens import patching as tlp
 
-from mechlie.metrics import score_logits
-from mechlie.pairs import ContrastPair, PairError, answer_set, tokenize
-from mechlie.patching import patch_final_position, patch_runs
+from mechlie.causal.patching import patch_final_position, patch_runs
+from mechlie.core.metrics import score_logits
+from mechlie.core.pairs import ContrastPair, PairError, answer_set, tokenize
 
 QS = ["France", "Spain", "Italy", "Japan", "Peru"]
 ANS = ["Paris", "Madrid", "Rome", "Tokyo", "Lima"]
@@ -106,7 +106,7 @@ def test_corrupt_baseline_matches_full_forward(tiny):
 
 
 def test_hooks_removed_after_exception(tiny, monkeypatch):
-    import mechlie.patching as P
+    import mechlie.causal.patching as P
 
     calls = {"n": 0}
     real = P.score_logits
@@ -136,8 +136,8 @@ def test_bad_input(tiny):
 def test_several_kinds_and_collected_clean_runs_equal_separate_patching(tiny):
     """One prefix cache for several kinds, and the clean activations taken from an earlier pass
     (as the head sweep does with its stage-1 run, batched differently), change nothing."""
-    from mechlie.kv import FinalActs, collect_batch
-    from mechlie.patching import patch_final_positions
+    from mechlie.causal.patching import patch_final_positions
+    from mechlie.core.kv import FinalActs, collect_batch
 
     pairs = make_pairs(equal_length=False)
     clean = collect_batch(tiny, tokenize(tiny, [p.honest for p in pairs]), ("z", "resid_pre"), batch_size=3)
@@ -148,7 +148,7 @@ def test_several_kinds_and_collected_clean_runs_equal_separate_patching(tiny):
         assert (both[kind].clean.p_truth - alone.clean.p_truth).abs().max() < 1e-5
         assert both[kind].logit_diff.std() > 1e-3  # the patches differ, so equality means something
     # the batched bootstrap of the effect equals the one-resample-at-a-time bootstrap
-    from mechlie.stats import bootstrap_tensor
+    from mechlie.core.stats import bootstrap_tensor
 
     r = both["z"]
     ref = bootstrap_tensor(lambda i: r.effect("logit_diff", i), len(pairs), n_boot=200, seed=3)
@@ -163,8 +163,8 @@ def test_several_kinds_and_collected_clean_runs_equal_separate_patching(tiny):
 def test_full_answer_patching_equals_full_rerun_reference(tiny):
     """Multi-token answers, including truth and lie sharing their first token: each head's z
     patched at the final prompt token, the whole answer teacher-forced after it, equals a full
-    rerun of prompt + answer with the same patch (mechlie.metrics.answer_logprob semantics)."""
-    from mechlie.pairs import answer_sequences
+    rerun of prompt + answer with the same patch (mechlie.core.metrics.answer_logprob semantics)."""
+    from mechlie.core.pairs import answer_sequences
 
     base = make_pairs(equal_length=False)[:3]
     answers = [("Mexico City", "Mexico Cairo"), ("La Paz", "La Santiago"), ("Buenos Aires", "Cairo")]

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechlie.head_sweep import HeadSweepConfig, load_sweep_pairs, run_head_sweep, summarize, sweep_figures
-from mechlie.io import load_tensors
-from mechlie.metrics import behaviour
-from mechlie.pairs import PairError, load_builtin, tokenize
-from mechlie.patching import patch_final_position
+from mechlie.causal.patching import patch_final_position
+from mechlie.core.io import load_tensors
+from mechlie.core.metrics import behaviour
+from mechlie.core.pairs import PairError, load_builtin, tokenize
+from mechlie.studies.head_sweep import HeadSweepConfig, load_sweep_pairs, run_head_sweep, summarize, sweep_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,7 @@ def test_bad_settings_fail_before_the_model_loads(tmp_path):
 
 
 def test_run_name_keys_on_the_pairs_file_content(tmp_path):
-    from mechlie.cli import prepare_run
+    from mechlie.core.cli import prepare_run
 
     f = _pairs_file(tmp_path / "p.jsonl")
     cfg = HeadSweepConfig(dataset=str(f), out_dir=str(tmp_path / "out"))

@@ -2,9 +2,9 @@ import pytest
 import torch
 from tiny_models import answers, tiny_model
 
-from mechlie.metrics import score_logits
-from mechlie.pairs import AnswerSet, PairError, answer_set, tokenize
-from mechlie.position_patching import align_from_end, differing_groups, differing_offsets, patch_positions_tokens
+from mechlie.causal.position_patching import align_from_end, differing_groups, differing_offsets, patch_positions_tokens
+from mechlie.core.metrics import score_logits
+from mechlie.core.pairs import AnswerSet, PairError, answer_set, tokenize
 
 
 def test_align_from_end():
@@ -92,8 +92,8 @@ def _brute_many(model, clean, corrupt, layer, offs, ans):
 
 
 def test_default_sweep_covers_every_differing_position_and_groups(tiny):
-    from mechlie.pairs import ContrastPair
-    from mechlie.position_patching import patch_positions
+    from mechlie.causal.position_patching import patch_positions
+    from mechlie.core.pairs import ContrastPair
 
     # Few-shot pairs whose prompts differ only in the demonstrations' answers, far from the end.
     def prompt(a1, a2, q):

@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.nn.functional import cosine_similarity as cos
 
-from mechlie.activations import collect
-from mechlie.directions import auroc
-from mechlie.metrics import gather_logprob
-from mechlie.probes import (
+from mechlie.core.activations import collect
+from mechlie.core.metrics import gather_logprob
+from mechlie.read.directions import auroc
+from mechlie.read.probes import (
     PROBES,
     ProbeError,
     fit_probe,
@@ -150,7 +150,7 @@ def test_bad_input():
 
 
 def test_pair_fit_gives_a_direction_for_directions_module():
-    from mechlie.directions import get_fit, score_directions, split_by_fact
+    from mechlie.read.directions import get_fit, score_directions, split_by_fact
 
     honest, lying, u = planted(n=200, c=(2,), d=8)
     d = pair_fit("lat")(honest, lying)

@@ -46,7 +46,8 @@ def test_public_api_names_all_exist():
     assert "Direction" not in mechlie.__all__  # nothing builds it
     missing = [name for name in mechlie.__all__ if not hasattr(mechlie, name)]
     assert missing == []
-    assert mechlie.steer.__module__ == "mechlie.steering" and mechlie.Estimate.__module__ == "mechlie.stats"
+    assert mechlie.steer.__module__ == "mechlie.core.hooks"
+    assert mechlie.Estimate.__module__ == "mechlie.core.stats"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         mechlie.nope  # noqa: B018
 

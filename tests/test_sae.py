@@ -1,4 +1,4 @@
-"""mechlie.sae on tiny random models: sae-lens training, the cache, quality metrics, the
+"""mechlie.sae.features on tiny random models: sae-lens training, the cache, quality metrics, the
 decomposition of a planted lie feature, FeatureClamp, and bad input."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from conftest import no_hooks, tiny_model
 from sae_lens import StandardSAE, StandardSAEConfig
 
-from mechlie import sae as S
-from mechlie.steering import steer
+from mechlie.control.steering import steer
+from mechlie.sae import features as S
 
 WORDS = "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo honest liar".split()
 
@@ -229,9 +229,9 @@ def test_batched_causal_check_equals_one_feature_clamp_per_draw(tiny, spec, mode
     # ΔP(truth) must equal FeatureClamp applied through steer() on full forward passes.
     from steer_fixtures import COUNTRIES
 
-    from mechlie.metrics import score_logits
-    from mechlie.pairs import Fact, answer_set, pairs_from_facts
-    from mechlie.steering_eval import batches, last_logits
+    from mechlie.core.metrics import score_logits
+    from mechlie.core.pairs import Fact, answer_set, pairs_from_facts
+    from mechlie.studies.steering_eval import batches, last_logits
 
     facts = [Fact(f"What is the capital of {c} ?", a, fact_id=c) for c, a in COUNTRIES]
     pairs = pairs_from_facts(facts[:5], facts[5:], "fewshot", relation="capitals", tokenizer=tiny.tokenizer, n_shots=2)
@@ -295,8 +295,8 @@ def test_on_policy_effects_recover_a_planted_lie_feature():
 
 
 def test_on_policy_site_acts_are_the_first_answer_token_states(tiny):
-    from mechlie.labels import generate_with_states, on_policy
-    from mechlie.pairs import ContrastPair, tokenize
+    from mechlie.core.pairs import ContrastPair, tokenize
+    from mechlie.read.labels import generate_with_states, on_policy
 
     honest = ["Q capital of France ? A :", "Q capital of Peru ? A :", "Q capital of Cuba ? A :"]
     # The random model "knows" whatever it answers greedily when honest; use that as the truth.

@@ -3,7 +3,7 @@ import pytest
 import scipy.stats
 import torch
 
-from mechlie import stats
+from mechlie.core import stats
 
 
 def test_auroc_equals_mann_whitney_u_over_n1_n0_with_ties_and_batches():
@@ -28,7 +28,7 @@ def test_auroc_hand_example_and_errors():
 
 
 def test_directions_auroc_is_the_stats_auroc():
-    from mechlie import directions
+    from mechlie.read import directions
 
     assert directions.auroc is stats.auroc
 

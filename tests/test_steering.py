@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_model as _tiny
 from transformer_lens import HookedTransformer
 
-from mechlie.steering import (
+from mechlie.control.steering import (
     AddVectors,
     DirectionalAblation,
     HeadSetMean,

@@ -12,10 +12,10 @@ from steer_fixtures import word_pairs
 from tiny_models import tiny_model as _tiny
 from transformer_lens import HookedTransformer
 
-from mechlie import steering_eval as se
-from mechlie import steering_figures as sf
-from mechlie.pairs import Batch, PairError
-from mechlie.steering import AddVectors, SteeringError
+from mechlie.control.steering import AddVectors, SteeringError
+from mechlie.core.pairs import Batch, PairError
+from mechlie.report import steering_figures as sf
+from mechlie.studies import steering_eval as se
 
 
 def tiny_model() -> HookedTransformer:
@@ -236,7 +236,7 @@ def _demo():
     ],
 )
 def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, message):
-    from mechlie.cli import run_script
+    from mechlie.core.cli import run_script
 
     mod = _demo()
     loaded = []
@@ -247,13 +247,13 @@ def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, messa
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     """The whole demo (every method, controls, transfer, lies flipped back) on the tiny word model."""
-    import mechlie.models
-    import mechlie.pairs
-    from mechlie.cli import run_script
+    import mechlie.core.models
+    import mechlie.core.pairs
+    from mechlie.core.cli import run_script
 
     mod = _demo()
-    monkeypatch.setattr(mechlie.models, "load_model", lambda name, **kw: word_model())
-    monkeypatch.setattr(mechlie.pairs, "load_builtin", lambda *a, **kw: word_pairs())
+    monkeypatch.setattr(mechlie.core.models, "load_model", lambda name, **kw: word_model())
+    monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **kw: word_pairs())
     argv = [
         "--model",
         "tiny",
@@ -311,8 +311,8 @@ def test_full_answer_scoring():
     """Full answers: equal to first-token scores for one-token answers (steered or not); multi-token
     answers sharing a first token are scored (first-token scoring refuses them), matching a
     token-by-token reference under the same steering."""
-    from mechlie.pairs import answer_sequences, tokenize
-    from mechlie.steering import HeadSetMean, steer
+    from mechlie.control.steering import HeadSetMean, steer
+    from mechlie.core.pairs import answer_sequences, tokenize
 
     model = word_model()
     pairs = word_pairs()

@@ -1,4 +1,4 @@
-"""mechlie.views on tiny models: demo-answer positions, attention shares, DLA, circuitsvis HTML."""
+"""mechlie.report.views on tiny models: demo-answer positions, attention shares, DLA, circuitsvis HTML."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from conftest import no_hooks, tiny_model
 from steer_fixtures import COUNTRIES as CAPITALS  # noqa: E402  (the shared word list)
 
-from mechlie import views as V
-from mechlie.pairs import Fact, PairError, pairs_from_facts, tokenize
+from mechlie.core.pairs import Fact, PairError, pairs_from_facts, tokenize
+from mechlie.report import views as V
 
 
 def capital_pairs(model, n_targets: int = 4, n_shots: int = 3):
@@ -42,7 +42,7 @@ def test_attention_share_matches_the_pattern_and_dla_adds_up():
     tokens, pats = V.head_patterns(model, pairs[0].lying, heads)
     demo = V.demo_answer_positions(model, pairs[0].lying)
     assert torch.allclose(r.share_lying[0], pats[:, -1, demo].sum(-1), atol=1e-5)
-    from mechlie.pairs import answer_set
+    from mechlie.core.pairs import answer_set
 
     ans = answer_set(model.tokenizer, pairs)
     for i, p in enumerate(pairs):

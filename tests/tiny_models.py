@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mechlie.pairs import AnswerSet, Batch, _facts
+from mechlie.core.pairs import AnswerSet, Batch, _facts
 
 WORDS = (
     "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo Peru Lima "

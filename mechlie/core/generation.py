@@ -1,0 +1,191 @@
+"""Batched generation with a KV cache, under interventions that know the prompt/generated phase.
+
+:func:`generate` takes strings (tokenized with :func:`mechlie.core.pairs.tokenize`, left-padded) or a
+:class:`mechlie.core.pairs.Batch` of token ids and attention mask (tokenizer-free). It runs the prompt
+once into a ``TransformerLensKeyValueCache``, then one position per step, so a hook sees the whole
+(padded) prompt in the first pass and exactly one new position per later pass. Before every pass it
+tells the :class:`~mechlie.core.hooks.SteeringState` which phase is running, which is how the
+``"prompt"`` / ``"generated"`` position policies work.
+
+Decoding is greedy, or sampled from ``softmax(logits / temperature)`` (optionally top-k) with a
+seeded ``torch.Generator``. A row stops at EOS, when its decoded continuation contains a stop
+string, or after ``max_new_tokens``; once every row has stopped the loop ends. Tokens after a stop
+are the pad id and are 0 in ``new_mask``.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from mechlie.core.hooks import Intervention, SteeringError, SteeringState, steer
+from mechlie.core.pairs import Batch, PairError, tokenize
+
+
+class GenerationError(ValueError):
+    """Bad generation arguments."""
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt: Batch
+    tokens: Int[Tensor, "batch new"]  # generated ids; pad id after a row stopped
+    new_mask: Int[Tensor, "batch new"]  # 1 = a generated token kept (the EOS itself is kept)
+    logits: Float[Tensor, "batch new vocab"] | None  # the logits each token was chosen from
+    texts: list[str] | None  # decoded continuation, cut before a stop string
+    stop_reason: list[str]  # "eos", "stop_string" or "max_new_tokens"
+
+
+def _pad_id(model: HookedTransformer) -> int:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None:
+        return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return 0
+
+
+def _choose(
+    logits: Tensor, do_sample: bool, temperature: float, top_k: int | None, gen: torch.Generator | None
+) -> Tensor:
+    if not do_sample:
+        return logits.argmax(-1)
+    scaled = logits.float() / temperature
+    if top_k is not None:
+        kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = scaled.softmax(-1)
+    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
+
+
+@torch.no_grad()
+def generate(
+    model: HookedTransformer,
+    prompts: Sequence[str] | Batch,
+    *,
+    max_new_tokens: int = 16,
+    interventions: Sequence[Intervention] = (),
+    state: SteeringState | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    eos_token_id: int | None | str = "model",
+    stop_strings: Sequence[str] = (),
+    return_logits: bool = False,
+    n_per_prompt: int = 1,
+    greedy_first: bool = False,
+) -> GenerationResult:
+    """Generate from ``prompts`` with ``interventions`` applied (see :mod:`mechlie.control.steering`).
+
+    Pass ``interventions`` to have them applied (and removed) around this call, or apply them
+    yourself with :func:`mechlie.control.steering.steer` and pass the ``state`` it yields. ``eos_token_id``
+    defaults to the tokenizer's EOS; ``None`` disables stopping at EOS. ``n_per_prompt`` and
+    ``greedy_first``: see the module docstring (``prompt`` in the result stays one row per prompt).
+    """
+    if n_per_prompt < 1:
+        raise GenerationError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
+    if n_per_prompt > 1 and (interventions or state is not None):
+        raise GenerationError("n_per_prompt > 1 is not supported under interventions (their rows are per prompt)")
+    if greedy_first and not do_sample:
+        raise GenerationError("greedy_first only makes sense with do_sample=True")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not (temperature > 0 and temperature == temperature):
+        raise GenerationError(f"temperature must be > 0 when sampling, got {temperature}")
+    if interventions and state is not None:
+        raise GenerationError("pass either interventions (applied here) or the state of a steer() you opened")
+    tok = getattr(model, "tokenizer", None)
+    if stop_strings and tok is None:
+        raise GenerationError("stop strings need a tokenizer to decode with")
+    if isinstance(prompts, Batch):
+        batch = prompts
+        if batch.tokens.ndim != 2 or batch.tokens.shape != batch.attention_mask.shape or batch.tokens.shape[0] == 0:
+            raise GenerationError("a Batch needs 2-d tokens and attention_mask of the same, non-empty shape")
+    else:
+        if len(prompts) == 0:
+            raise PairError("no prompts to generate from")
+        if tok is None:
+            raise GenerationError("string prompts need a model with a tokenizer; pass a Batch of token ids")
+        batch = tokenize(model, list(prompts))
+    if eos_token_id == "model":
+        eos_token_id = tok.eos_token_id if tok is not None else None
+    if batch.tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise GenerationError(f"prompt ({batch.tokens.shape[1]}) + max_new_tokens exceeds n_ctx {model.cfg.n_ctx}")
+
+    device = model.cfg.device
+    tokens, mask = batch.tokens.to(device), batch.attention_mask.to(device)
+    width = tokens.shape[1]
+    n = tokens.shape[0] * n_per_prompt  # rows decoded
+    pad = _pad_id(model)
+    gen = torch.Generator().manual_seed(seed) if do_sample else None
+    ctx = steer(model, *interventions) if interventions else nullcontext(state)
+    out_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long)
+    out_mask = torch.zeros((n, max_new_tokens), dtype=torch.long)
+    out_logits: list[Tensor] = []
+    reason = ["max_new_tokens"] * n
+    done = torch.zeros(n, dtype=torch.bool)
+    texts = [""] * n if tok is not None else None
+
+    with ctx as st:
+        st = st if st is not None else SteeringState()
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, tokens.shape[0])
+        st.begin_forward("prompt", 0, 0)
+        logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
+        if n_per_prompt > 1:
+            # Every prompt's cache rows and logits, repeated: k continuations from one prompt pass.
+            for e in cache.entries:
+                e.past_keys = e.past_keys.repeat_interleave(n_per_prompt, 0)
+                e.past_values = e.past_values.repeat_interleave(n_per_prompt, 0)
+            cache.previous_attention_mask = cache.previous_attention_mask.repeat_interleave(n_per_prompt, 0)
+            logits = logits.repeat_interleave(n_per_prompt, 0)
+        for step in range(max_new_tokens):
+            if return_logits:
+                out_logits.append(logits.float().cpu())
+            nxt = _choose(logits, do_sample, temperature, top_k, gen).cpu()
+            if greedy_first:
+                nxt[::n_per_prompt] = logits[::n_per_prompt].argmax(-1).cpu()
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            live = ~done
+            out_tokens[:, step] = nxt
+            out_mask[live, step] = 1
+            for i in live.nonzero().flatten().tolist():
+                if eos_token_id is not None and int(nxt[i]) == eos_token_id:
+                    done[i], reason[i] = True, "eos"
+                elif stop_strings:
+                    text = tok.decode(out_tokens[i, : step + 1][out_mask[i, : step + 1].bool()])
+                    hit = [text.index(s) for s in stop_strings if s in text]
+                    if hit:
+                        done[i], reason[i] = True, "stop_string"
+            if done.all() or step == max_new_tokens - 1:
+                break
+            # Finished rows keep being fed (pad ids) so the batch stays rectangular; nothing reads them.
+            st.begin_forward("generated", step + 1, width + step)
+            logits = model(
+                nxt[:, None].to(device),
+                attention_mask=torch.ones((n, 1), dtype=mask.dtype, device=device),
+                past_kv_cache=cache,
+            )[:, -1]
+
+    if texts is not None:
+        for i in range(n):
+            text = tok.decode(out_tokens[i][out_mask[i].bool()], skip_special_tokens=True)
+            cuts = [text.index(s) for s in stop_strings if s in text]
+            texts[i] = text[: min(cuts)] if cuts else text
+    n_steps = int(out_mask.sum(0).nonzero().max()) + 1 if out_mask.any() else 0
+    return GenerationResult(
+        prompt=batch,
+        tokens=out_tokens[:, :n_steps],
+        new_mask=out_mask[:, :n_steps],
+        logits=torch.stack(out_logits, 1)[:, :n_steps] if return_logits else None,
+        texts=texts,
+        stop_reason=reason,
+    )
+
+
+__all__ = ["GenerationError", "GenerationResult", "SteeringError", "generate"]

@@ -1,0 +1,208 @@
+"""Behaviour at the answer position: P(truth), logit difference, lie rate and the summary metrics.
+
+Definitions (per prompt, from the next-token distribution after the final prompt token):
+
+- ``p_truth``: probability summed over the truth's single-token spellings (" Paris", "Paris").
+- ``logit_diff``: ``log P(truth) - log P(lie)`` with both summed over spellings; with one
+  spelling each this is exactly ``logit(truth) - logit(lie)``.
+- ``correct``: the top-1 token is a spelling of the truth.
+- ``choice_cov``: probability mass on any answer of the pair's relation (does it answer at all?).
+
+Multi-token answers: the first-token metrics above use the first token of each spelling (so a
+multi-token answer is scored, never dropped). :func:`answer_logprob` gives the teacher-forced
+log-probability of the *full* answer: ``log sum_spellings prod_j P(t_j | prompt, t_<j)``;
+``behaviour(..., full_answer=True)`` adds it (``logp_truth_seq``, ``logp_lie_seq``) and the
+full-answer logit difference ``logit_diff_seq = logp_truth_seq - logp_lie_seq``.
+
+Summary over pairs (the research notes' metrics):
+
+- ``balance``: share of honest prompts among all prompts scored (0.5 for pairs).
+- ``acc``: top-1 accuracy under the honest framing; ``lie_acc``: under the lying framing.
+- ``known``: facts answered correctly when honest. ``known_lie_acc`` is ``lie_acc`` on those,
+  and ``lie_rate = 1 - known_lie_acc``: the share of known facts the model does not state
+  truthfully when told to lie (a lie needs knowledge; see RESEARCH_NOTES).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_sequences, answer_set, tokenize
+
+
+def gather_logprob(logprobs: Float[Tensor, "n vocab"], ids: Int[Tensor, "n k"]) -> Float[Tensor, " n"]:
+    """log of the probability summed over ``ids`` (``-1`` = padding)."""
+    picked = logprobs.gather(-1, ids.clamp(min=0))
+    picked = picked.masked_fill(ids < 0, float("-inf"))
+    return picked.logsumexp(-1)
+
+
+@dataclass(frozen=True)
+class AnswerScores:
+    p_truth: Float[Tensor, " n"]
+    logit_diff: Float[Tensor, " n"]
+    correct: Bool[Tensor, " n"]
+    choice_cov: Float[Tensor, " n"]
+    logp_truth_seq: Float[Tensor, " n"] | None = None  # full answer, teacher-forced
+    logp_lie_seq: Float[Tensor, " n"] | None = None
+
+    @property
+    def logit_diff_seq(self) -> Float[Tensor, " n"] | None:
+        if self.logp_truth_seq is None or self.logp_lie_seq is None:
+            return None
+        return self.logp_truth_seq - self.logp_lie_seq
+
+
+def score_logits(logits: Float[Tensor, "n vocab"], answers: AnswerSet) -> AnswerScores:
+    logits = logits.float()
+    lp = logits.log_softmax(-1)
+    truth = answers.truth.to(lp.device)
+    lt = gather_logprob(lp, truth)
+    ll = gather_logprob(lp, answers.lie.to(lp.device))
+    top = logits.argmax(-1, keepdim=True)
+    return AnswerScores(
+        p_truth=lt.exp(),
+        logit_diff=lt - ll,
+        correct=(truth == top).any(-1),
+        choice_cov=gather_logprob(lp, answers.choices.to(lp.device)).exp(),
+    )
+
+
+@torch.no_grad()
+def final_logits(
+    model, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False, desc: str = "forward"
+) -> Float[Tensor, "n vocab"]:
+    """Next-token logits after each prompt's last token (batched, left-padded)."""
+    out = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        b = tokenize(model, prompts[i : i + batch_size])
+        out.append(model(b.tokens, attention_mask=b.attention_mask)[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    honest: AnswerScores
+    lying: AnswerScores
+
+    def subset(self, idx: Tensor) -> "Behaviour":
+        def pick(s: AnswerScores) -> AnswerScores:
+            seq = [None if t is None else t[idx] for t in (s.logp_truth_seq, s.logp_lie_seq)]
+            return AnswerScores(s.p_truth[idx], s.logit_diff[idx], s.correct[idx], s.choice_cov[idx], *seq)
+
+        return Behaviour(pick(self.honest), pick(self.lying))
+
+    @property
+    def known(self) -> Bool[Tensor, " n"]:
+        return self.honest.correct
+
+    def summary(self) -> dict[str, float | int]:
+        h, li, k = self.honest, self.lying, self.known
+        n = len(h.p_truth)
+        known_lie_acc = li.correct[k].float().mean().item() if k.any() else float("nan")
+        return {
+            "n": n,
+            "n_known": int(k.sum()),
+            "p_truth_honest": h.p_truth.mean().item(),
+            "p_truth_lying": li.p_truth.mean().item(),
+            "logit_diff_honest": h.logit_diff.mean().item(),
+            "logit_diff_lying": li.logit_diff.mean().item(),
+            "p_truth_honest_known": h.p_truth[k].mean().item() if k.any() else float("nan"),
+            "p_truth_lying_known": li.p_truth[k].mean().item() if k.any() else float("nan"),
+            "balance": 0.5,
+            "acc": h.correct.float().mean().item(),
+            "lie_acc": li.correct.float().mean().item(),
+            "known_lie_acc": known_lie_acc,
+            "lie_rate": 1.0 - known_lie_acc,
+            "choice_cov_honest": h.choice_cov.mean().item(),
+            "choice_cov_lying": li.choice_cov.mean().item(),
+            **(
+                {
+                    "logit_diff_seq_honest": h.logit_diff_seq.mean().item(),
+                    "logit_diff_seq_lying": li.logit_diff_seq.mean().item(),
+                }
+                if h.logit_diff_seq is not None and li.logit_diff_seq is not None
+                else {}
+            ),
+        }
+
+
+def behaviour(
+    model, pairs: Sequence[ContrastPair], *, batch_size: int = 16, progress: bool = True, full_answer: bool = False
+) -> Behaviour:
+    """Score honest and lying prompts of ``pairs`` (two batched forward passes per batch).
+
+    Multi-token answers are scored by their first token; with ``full_answer`` also by the
+    teacher-forced log-probability of the whole answer (:func:`answer_logprob`, more passes).
+    """
+    answers = answer_set(model.tokenizer, pairs, multi_token="first")
+    h = final_logits(model, [p.honest for p in pairs], batch_size=batch_size, progress=progress, desc="honest")
+    li = final_logits(model, [p.lying for p in pairs], batch_size=batch_size, progress=progress, desc="lying")
+    hs, ls = score_logits(h, answers), score_logits(li, answers)
+    if full_answer:
+        if any(p.lie is None for p in pairs):
+            raise PairError("full-answer scores need a lie answer for every pair")
+        seq = {}
+        for side in ("honest", "lying"):
+            prompts = [getattr(p, side) for p in pairs]
+            seq[side] = (
+                answer_logprob(model, prompts, [p.truth for p in pairs], batch_size=batch_size),
+                answer_logprob(model, prompts, [p.lie for p in pairs], batch_size=batch_size),
+            )
+        hs = AnswerScores(hs.p_truth, hs.logit_diff, hs.correct, hs.choice_cov, *seq["honest"])
+        ls = AnswerScores(ls.p_truth, ls.logit_diff, ls.correct, ls.choice_cov, *seq["lying"])
+    return Behaviour(hs, ls)
+
+
+@torch.no_grad()
+def answer_logprob(
+    model: HookedTransformer, prompts: Sequence[str], answers: Sequence[str], *, batch_size: int = 16
+) -> Float[Tensor, " n"]:
+    """Teacher-forced ``log P(answer | prompt)`` of the full answer, summed over its spellings.
+
+    Each spelling (``" X"`` and ``"X"``, :func:`mechlie.core.pairs.answer_sequences`) is appended to
+    the prompt's tokens; its log-probability is the sum over its tokens of the log-probability
+    of that token given the prompt and the answer's earlier tokens. Spellings are combined with
+    ``logsumexp`` (the probability of saying the answer either way).
+
+    Example:
+        >>> answer_logprob(model, ["Q: What is the capital of the USA?\nA:"], ["Washington"])
+    """
+    if len(prompts) != len(answers):
+        raise PairError(f"{len(prompts)} prompts but {len(answers)} answers")
+    rows: list[tuple[int, list[int], int]] = []  # (prompt index, token ids, answer length)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        b = tokenize(model, [p])
+        prompt_ids = b.tokens[0].tolist()
+        for seq in answer_sequences(model.tokenizer, a):
+            rows.append((i, prompt_ids + seq, len(seq)))
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    logps = torch.full((len(rows),), float("nan"))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(len(r[1]) for r in chunk)
+        if width > model.cfg.n_ctx:
+            raise PairError(f"prompt + answer ({width} tokens) exceeds the model context ({model.cfg.n_ctx})")
+        tokens = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for j, (_, ids, _) in enumerate(chunk):
+            tokens[j, width - len(ids) :] = torch.tensor(ids)
+            mask[j, width - len(ids) :] = 1
+        batch = Batch(tokens.to(model.cfg.device), mask.to(model.cfg.device))
+        lp = model(batch.tokens, attention_mask=batch.attention_mask).float().log_softmax(-1).cpu()
+        for j, (_, _ids, k) in enumerate(chunk):
+            # Position width-1-k+t predicts answer token t, which sits at width-k+t.
+            pos = torch.arange(width - 1 - k, width - 1)
+            logps[start + j] = lp[j, pos, tokens[j, pos + 1]].sum()
+    out = torch.full((len(prompts),), float("-inf"))
+    for i in range(len(prompts)):
+        mine = torch.tensor([logps[r] for r, row in enumerate(rows) if row[0] == i])
+        out[i] = mine.logsumexp(0)
+    return out

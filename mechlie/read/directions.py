@@ -1,0 +1,353 @@
+"""Directions (honest -> lying) from pluggable fits, fact-level splits, and held-out AUROC.
+
+A *fit* maps training activations to a direction for every component at once: tensors of shape
+``[n, *component, d]`` give directions of shape ``[*component, d]``, so one call scores every
+layer (``resid_*``: component = ``[L]``) or every head (``head_out`` / ``z``: component =
+``[L, H]``). Fits live in a registry (``FITS``, ``register_fit``, ``get_fit``); the default,
+``diff_of_means``, is ``mean(lying) - mean(honest)`` over the training facts. The probe kinds of
+:mod:`mechlie.read.probes` register themselves here, so ``score_directions(..., fit="logistic")``
+scores them, and their nulls, the same way.
+
+Scoring (``score_directions``): project the held-out facts' activations onto the direction and
+compute the AUROC of "lying" vs "honest" (0.5 = chance, 1 = perfect, < 0.5 = reversed), with a
+95% percentile-bootstrap CI over the held-out *facts* (``stats.bootstrap_tensor``). Two controls,
+each from many draws, computed on the same split:
+
+- the permutation null: in each of ``n_perm`` draws the honest/lying labels are swapped within a
+  random half of the pairs (``stats.paired_swap_masks``), on the training pairs *and* on the
+  held-out pairs; the direction is refit with the *same* fit and scored on the swapped held-out
+  labels. Under "the direction carries no honest/lying information" the learned AUROC is one more
+  draw of this distribution. Because we report the best of many components, the bar for "this
+  component beats chance" is ``stats.max_null_threshold``: the 95th percentile over draws of the
+  maximum over components (family-wise 5%).
+- random directions: ``n_random`` Gaussian directions scored on the real labels. Honest and lying
+  prompts differ in text, so random directions can separate them well; a learned direction that
+  does no better than the random bar has learned nothing beyond "the prompts differ".
+
+For the default diff-of-means fit the null is vectorised: a null direction is the mean of
+sign-flipped pair differences, one matrix product over a ``[n_perm, n_train]`` sign matrix.
+Any other fit is refit once per draw.
+
+Splits are made by ``fact_id``: both prompts of a fact, and every pair sharing a fact, land on the
+same side.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from mechlie.core import stats
+from mechlie.core.stats import auroc  # noqa: F401  (re-exported: directions.auroc is stats.auroc)
+
+
+@dataclass(frozen=True)
+class Direction:
+    vector: Float[Tensor, " d"]
+    hook_name: str  # where it is read, e.g. "blocks.12.hook_resid_post"
+    method: str = "diff_of_means"
+    head: int | None = None  # for a per-head direction, the head whose output it lives in
+
+
+@dataclass(frozen=True)
+class Split:
+    train: list[int]
+    test: list[int]
+    fact_ids: Sequence[str] | None = None  # per row; held-out CIs resample facts (else rows)
+
+
+def split_by_fact(fact_ids: Sequence[str], test_frac: float = 0.3, seed: int = 0) -> Split:
+    """Indices into ``fact_ids`` split so that no fact appears on both sides."""
+    if not 0 < test_frac < 1:
+        raise ValueError("test_frac must be in (0, 1)")
+    facts = sorted(set(fact_ids))
+    if len(facts) < 2:
+        raise ValueError(f"need at least 2 distinct facts to split, got {len(facts)}")
+    random.Random(seed).shuffle(facts)
+    n_test = min(max(1, round(test_frac * len(facts))), len(facts) - 1)
+    test_facts = set(facts[:n_test])
+    test = [i for i, f in enumerate(fact_ids) if f in test_facts]
+    train = [i for i, f in enumerate(fact_ids) if f not in test_facts]
+    return Split(train, test, list(fact_ids))
+
+
+Fit = Callable[[Tensor, Tensor], Tensor]
+"""``fit(honest[n, *c, d], lying[n, *c, d]) -> direction[*c, d]`` (pointing honest -> lying)."""
+
+FITS: dict[str, Callable[..., Fit]] = {}
+"""Registered fit factories by name: ``FITS[name](**hyperparameters)`` returns a ``Fit``."""
+
+
+def register_fit(name: str) -> Callable[[Callable[..., Fit]], Callable[..., Fit]]:
+    """Decorator registering a factory ``(**hyperparameters) -> Fit`` under ``name``.
+
+    Example:
+        >>> @register_fit("first_row")
+        ... def first_row() -> Fit:
+        ...     return lambda honest, lying: lying[0] - honest[0]
+        >>> get_fit("first_row")(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
+        [1.0, 1.0, 1.0]
+    """
+
+    def deco(factory: Callable[..., Fit]) -> Callable[..., Fit]:
+        if name in FITS and FITS[name] is not factory:
+            raise ValueError(f"a fit named {name!r} is already registered")
+        FITS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_fit(fit: str | Fit, **hyperparameters) -> Fit:
+    """The ``Fit`` registered under ``fit`` (built with ``hyperparameters``), or ``fit`` itself if callable."""
+    if callable(fit):
+        if hyperparameters:
+            raise ValueError("hyperparameters only apply to a registered fit name")
+        return fit
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; registered: {sorted(FITS)}")
+    return FITS[fit](**hyperparameters)
+
+
+def diff_of_means(honest: Float[Tensor, "n *c d"], lying: Float[Tensor, "n *c d"]) -> Float[Tensor, "*c d"]:
+    """Mean lying activation minus mean honest activation (the default fit)."""
+    if honest.shape[1:] != lying.shape[1:]:
+        raise ValueError(f"honest {tuple(honest.shape)} and lying {tuple(lying.shape)} shapes differ")
+    return lying.float().mean(0) - honest.float().mean(0)
+
+
+@register_fit("diff_of_means")
+def _diff_of_means_factory() -> Fit:
+    return diff_of_means
+
+
+def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, " n *c"]:
+    unit = direction / direction.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return (acts.float() * unit).sum(-1)
+
+
+@dataclass(frozen=True)
+class DirectionScores:
+    """Held-out scores of a fitted direction per component, with CIs and many-draw controls."""
+
+    direction: Float[Tensor, "*c d"]  # fitted on the training facts
+    auroc: Float[Tensor, "*c"]  # held out
+    auroc_lo: Float[Tensor, "*c"]  # 95% bootstrap CI over held-out facts
+    auroc_hi: Float[Tensor, "*c"]
+    train_auroc: Float[Tensor, "*c"]
+    null_auroc: Float[Tensor, " perm *c"]  # within-pair label swaps (train and test), same fit
+    random_auroc: Float[Tensor, " rand *c"]  # Gaussian directions, real labels
+    null_bar: float  # 95th percentile over draws of the max over components of null_auroc
+    random_bar: float  # the same for random_auroc
+    n_test_facts: int
+    n_test: int  # held-out pairs
+    fit: str = "diff_of_means"
+
+    @property
+    def null_mean(self) -> Float[Tensor, "*c"]:
+        return self.null_auroc.mean(0)
+
+    @property
+    def null_q95(self) -> Float[Tensor, "*c"]:
+        """Per-component 95th percentile of the null (uncorrected for the choice of component)."""
+        return torch.quantile(self.null_auroc, 0.95, dim=0)
+
+    @property
+    def random_mean(self) -> Float[Tensor, "*c"]:
+        return self.random_auroc.mean(0)
+
+    @property
+    def beats_null(self) -> Tensor:
+        """Components whose held-out AUROC exceeds the max-over-components null bar."""
+        return self.auroc > self.null_bar
+
+    @property
+    def beats_random(self) -> Tensor:
+        return self.auroc > self.random_bar
+
+    def summary(self) -> dict:
+        """JSON-ready numbers: the best component against the max-null bars, and how many pass."""
+        best = int(self.auroc.flatten().argmax())
+        idx = list(torch.unravel_index(torch.tensor(best), self.auroc.shape)) if self.auroc.ndim else []
+        at = tuple(int(i) for i in idx)
+        return {
+            "fit": self.fit,
+            "n_test_pairs": self.n_test,
+            "n_test_facts": self.n_test_facts,
+            "n_components": int(self.auroc.numel()),
+            "max": {
+                "auroc": float(self.auroc[at]),
+                "lo": float(self.auroc_lo[at]),
+                "hi": float(self.auroc_hi[at]),
+                "component": list(at),
+            },
+            "mean": float(self.auroc.mean()),
+            "null": {
+                "n_draws": int(self.null_auroc.shape[0]),
+                "mean": float(self.null_auroc.mean()),
+                "max_bar_95": self.null_bar,
+                "n_pass": int(self.beats_null.sum()),
+            },
+            "random": {
+                "n_draws": int(self.random_auroc.shape[0]),
+                "mean": float(self.random_auroc.mean()),
+                "max_bar_95": self.random_bar,
+                "n_pass": int(self.beats_random.sum()),
+            },
+        }
+
+    def to_tensors(self) -> tuple[dict[str, Tensor], dict]:
+        """Tensors and JSON metadata, for ``mechlie.core.io.save_tensors``."""
+        tensors = {
+            k: getattr(self, k)
+            for k in ("direction", "auroc", "auroc_lo", "auroc_hi", "train_auroc", "null_auroc", "random_auroc")
+        }
+        meta = {k: getattr(self, k) for k in ("null_bar", "random_bar", "n_test_facts", "n_test", "fit")}
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], meta: dict) -> "DirectionScores":
+        return cls(**tensors, **meta)
+
+
+def _unit(d: Tensor) -> Tensor:
+    return d / d.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def null_directions(
+    honest: Float[Tensor, "n *c d"],
+    lying: Float[Tensor, "n *c d"],
+    swaps: Tensor,
+    fit: str | Fit = "diff_of_means",
+) -> Float[Tensor, "perm *c d"]:
+    """The fit refit on each draw of within-pair label swaps (``swaps[perm, n]``, True = swap).
+
+    Diff of means is linear in the pair differences, so its null directions are one matrix
+    product: ``mean_i s_i (lying_i - honest_i)`` with signs ``s = 1 - 2 swap``.
+    """
+    fit_fn = get_fit(fit)
+    if swaps.shape[1] != len(honest):
+        raise ValueError(f"swaps has {swaps.shape[1]} columns for {len(honest)} pairs")
+    if fit_fn is diff_of_means:
+        signs = 1.0 - 2.0 * swaps.float()  # [P, n]
+        diffs = (lying.float() - honest.float()).reshape(len(honest), -1)
+        return (signs @ diffs / len(honest)).reshape(len(swaps), *honest.shape[1:])
+    out = []
+    for m in swaps:
+        w = m.reshape(-1, *([1] * (honest.ndim - 1)))
+        out.append(fit_fn(torch.where(w, lying, honest), torch.where(w, honest, lying)).float())
+    return torch.stack(out)
+
+
+def score_directions(
+    honest: Float[Tensor, "n *c d"],
+    lying: Float[Tensor, "n *c d"],
+    split: Split,
+    *,
+    fit: str | Fit = "diff_of_means",
+    n_perm: int = 200,
+    n_random: int = 200,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> DirectionScores:
+    """Fit a direction on ``split.train`` and score it, its CI and its controls on ``split.test``.
+
+    Args:
+        honest, lying: activations; row ``i`` of each holds the two prompts of pair ``i``.
+        split: train/test rows (from ``split_by_fact``; its ``fact_ids`` make the CI resample facts).
+        fit: a registered fit name (``FITS``) or a ``Fit``; the null refits with the same one.
+        n_perm: draws of the within-pair label-swap null.
+        n_random: random Gaussian directions.
+        n_boot: bootstrap resamples of the held-out facts.
+        seed: seeds the swaps, the random directions and the bootstrap.
+
+    Returns:
+        ``DirectionScores`` (see its fields; ``summary()`` gives the JSON numbers).
+
+    Example:
+        >>> h, l = torch.randn(40, 3, 8), torch.randn(40, 3, 8) + 1.0
+        >>> s = score_directions(h, l, split_by_fact([f"f{i}" for i in range(40)]), n_perm=50)
+        >>> bool((s.auroc > s.null_bar).all())
+        True
+    """
+    if honest.shape != lying.shape:
+        raise ValueError(f"honest {tuple(honest.shape)} and lying {tuple(lying.shape)} must match")
+    if set(split.train) & set(split.test):
+        raise ValueError("train and test share rows")
+    if not split.train or not split.test:
+        raise ValueError("train and test must both be non-empty")
+    if n_perm < 1 or n_random < 1:
+        raise ValueError("n_perm and n_random must be >= 1")
+    fit_fn = get_fit(fit)
+    fit_name = fit if isinstance(fit, str) else getattr(fit, "__name__", "custom")
+    tr, te = torch.tensor(split.train), torch.tensor(split.test)
+    h_tr, l_tr, h_te, l_te = honest[tr].float(), lying[tr].float(), honest[te].float(), lying[te].float()
+    direction = fit_fn(h_tr, l_tr).float()
+    c_shape = direction.shape[:-1]
+
+    proj_h, proj_l = project(h_te, direction), project(l_te, direction)
+
+    # CI over held-out facts: every pair of a resampled fact comes along (pairs sharing a fact
+    # are not independent).
+    facts = [split.fact_ids[i] for i in split.test] if split.fact_ids is not None else list(range(len(te)))
+    order = sorted(set(facts), key=facts.index)
+    rows = [torch.tensor([j for j, f in enumerate(facts) if f == u]) for u in order]
+    one_each = all(len(r) == 1 for r in rows)
+
+    def held_out_auroc(idx: Tensor) -> Tensor:
+        r = torch.cat([rows[i] for i in idx.tolist()]) if not one_each else torch.cat(rows)[idx]
+        return auroc(proj_l[r], proj_h[r])
+
+    def held_out_auroc_batched(idx: Tensor) -> Tensor:
+        # one pair per fact: a block of resamples [b, n] at once, the sample axis first for auroc
+        r = torch.cat(rows)[idx]
+        return auroc(proj_l[r].movedim(1, 0), proj_h[r].movedim(1, 0))
+
+    ci = (
+        stats.bootstrap_tensor(held_out_auroc_batched, len(rows), n_boot=n_boot, seed=seed, batched=True)
+        if one_each
+        else stats.bootstrap_tensor(held_out_auroc, len(rows), n_boot=n_boot, seed=seed)
+    )
+
+    def scores(dirs: Tensor, swap_te: Tensor | None) -> Tensor:
+        """Held-out AUROC of ``dirs[k, *c, d]``; ``swap_te[k, n_te]`` swaps test labels per draw."""
+        u = _unit(dirs).reshape(len(dirs), -1, dirs.shape[-1])  # [k, C, d]
+        ph = torch.einsum("ncd,kcd->nkc", h_te.reshape(len(te), -1, dirs.shape[-1]), u)
+        pl = torch.einsum("ncd,kcd->nkc", l_te.reshape(len(te), -1, dirs.shape[-1]), u)
+        if swap_te is not None:
+            w = swap_te.T.unsqueeze(-1)  # [n_te, k, 1]
+            ph, pl = torch.where(w, pl, ph), torch.where(w, ph, pl)
+        return auroc(pl, ph).reshape(len(dirs), *c_shape)
+
+    null_chunks, rand_chunks = [], []
+    # Chunks bound the memory: a draw's directions are [*c, d] (155k floats for 270 heads).
+    chunk = 50
+    swap_tr = stats.paired_swap_masks(len(tr), n_perm, seed)
+    swap_te = stats.paired_swap_masks(len(te), n_perm, seed + 1)
+    for k in range(0, n_perm, chunk):
+        dirs = null_directions(h_tr, l_tr, swap_tr[k : k + chunk], fit_fn)
+        null_chunks.append(scores(dirs, swap_te[k : k + chunk]))
+    g = torch.Generator().manual_seed(seed)
+    for k in range(0, n_random, chunk):
+        m = min(chunk, n_random - k)
+        rand_chunks.append(scores(torch.randn(m, *direction.shape, generator=g), None))
+    null_auroc, random_auroc = torch.cat(null_chunks), torch.cat(rand_chunks)
+    return DirectionScores(
+        direction=direction,
+        auroc=auroc(proj_l, proj_h),
+        auroc_lo=ci.lo,
+        auroc_hi=ci.hi,
+        train_auroc=auroc(project(l_tr, direction), project(h_tr, direction)),
+        null_auroc=null_auroc,
+        random_auroc=random_auroc,
+        null_bar=stats.max_null_threshold(null_auroc),
+        random_bar=stats.max_null_threshold(random_auroc),
+        n_test_facts=len(rows),
+        n_test=len(te),
+        fit=fit_name,
+    )

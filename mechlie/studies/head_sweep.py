@@ -1,0 +1,684 @@
+"""The head sweep: behaviour, per-head and per-layer directions, and patching, on one dataset.
+
+Pipeline (each stage's output is saved in the run folder, a :class:`mechlie.core.cli.RunDir` whose
+name is keyed on the settings and on the dataset file's content, and reused on a rerun, so an
+interrupted sweep resumes where it stopped and an edited data file starts a new run):
+
+1. ``activations.safetensors``: ``head_out``, ``resid_post`` and the next-token logits at the
+   final prompt token for the honest and lying prompt of every pair (one forward pass each).
+2. ``behaviour.json``: P(truth), logit difference, lie rate and the summary metrics, per relation
+   and overall, for *all* pairs and for the *known* pairs (facts the model answers correctly when
+   honest), with 95% bootstrap CIs over facts. Later stages keep known facts only, unless
+   ``known_only=False``.
+3. ``directions.safetensors``: difference-of-means directions per (layer, head) and per layer,
+   fit on the training facts, scored on held-out facts (AUROC with a CI over facts), against the
+   within-pair label-swap null and random directions, each from many draws; the bar for "a
+   component beats chance" is the 95th percentile of the null's maximum over components
+   (:func:`mechlie.read.directions.score_directions`).
+4. ``patching.safetensors``: the per-pair metrics after patching each head's ``z`` and each
+   layer's ``resid_pre`` from the honest run into the lying run at the final position, on
+   ``n_patch`` pairs (held-out facts first, so they did not fit any direction). The effect is
+   normalized on the means (0 = lying, 1 = honest) and bootstrapped over pairs; the top heads'
+   rank stability is the share of resamples in which each is top-1 / in the top k.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformer_lens import HookedTransformer
+
+from mechlie.core import stats
+from mechlie.core.activations import Activations
+from mechlie.core.cli import RunDir, prepare_run
+from mechlie.core.io import load_tensors, save_tensors
+from mechlie.core.kv import FinalActs, collect_batch, top_heads
+from mechlie.core.metrics import AnswerScores, Behaviour, score_logits
+from mechlie.core.models import DEFAULT_MODEL
+from mechlie.core.pairs import (
+    RELATIONS,
+    AnswerTokenError,
+    ContrastPair,
+    PairError,
+    answer_set,
+    answer_token_ids,
+    load_builtin,
+    load_pairs_file,
+    tokenize,
+)
+from mechlie.read.directions import DirectionScores, Split, score_directions, split_by_fact
+
+log = logging.getLogger(__name__)
+
+PAIR_FILE_SUFFIXES = (".csv", ".jsonl")
+PATCH_KINDS = ("z", "resid_pre")  # patched at the final position: each head's z, each layer's input
+ACT_KINDS = ("head_out", "resid_post") + PATCH_KINDS  # stage 1: directions (head_out, resid_post) + patching
+MIN_TEST_FACTS = 10  # below this the held-out AUROC's CI is too wide to mean much: warn
+
+
+@dataclass(frozen=True)
+class HeadSweepConfig:
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    dataset: str = field(
+        default="all",
+        metadata={"help": f"a relation ({'|'.join(RELATIONS)}), all, or a .csv/.jsonl file of pairs", "path": True},
+    )
+    fmt: Literal["instruct", "fewshot", "both"] = field(
+        default="fewshot", metadata={"help": "prompt format (built-in datasets only)", "aliases": ("--format",)}
+    )
+    n_pairs: int = field(
+        default=30,
+        metadata={
+            "help": "built-in datasets: pairs per relation, a seeded sample (0 = all); not used for a pairs file"
+        },
+    )
+    max_rows: int = field(default=0, metadata={"help": "pairs file: use only its first N rows (0 = every row)"})
+    multi_token: Literal["first", "drop"] = field(
+        default="first",
+        metadata={
+            "help": "pairs whose truth or lie is several tokens: 'first' scores them by the first token of each "
+            "spelling (a pair whose truth and lie share a first token is an error), 'drop' leaves them out (counted)"
+        },
+    )
+    views: bool = field(
+        default=True,
+        metadata={"help": "write circuitsvis views of the top 3 heads (lying_heads.html/.json)", "run": False},
+    )
+    n_patch: int = field(default=24, metadata={"help": "pairs to patch (held-out facts first)"})
+    known_only: bool = field(default=True, metadata={"help": "keep facts the model answers correctly when honest"})
+    test_frac: float = field(default=0.3, metadata={"help": "share of facts held out to score directions"})
+    n_perm: int = field(default=200, metadata={"help": "draws of the within-pair label-swap null"})
+    n_random: int = field(default=200, metadata={"help": "random directions (control)"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for every CI"})
+    top_k: int = field(default=10, metadata={"help": "top heads reported (and the k of rank stability)"})
+    seed: int = 0
+    batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", "run": False})
+    out_dir: str = "results/head_sweep"
+    run_name: str = field(default="", metadata={"help": "default: derived from the settings and the data"})
+
+    def __post_init__(self) -> None:
+        is_file = Path(self.dataset).suffix in PAIR_FILE_SUFFIXES
+        if self.dataset not in RELATIONS + ("all",) and not is_file:
+            raise ValueError(
+                f"--dataset must be one of {RELATIONS + ('all',)} or a .csv/.jsonl file, got {self.dataset!r}"
+            )
+        if is_file and not Path(self.dataset).is_file():
+            raise FileNotFoundError(f"--dataset: no such file: {self.dataset}")
+        if self.multi_token not in ("first", "drop"):
+            raise ValueError(f"--multi-token must be first or drop, got {self.multi_token!r}")
+        if self.fmt not in ("instruct", "fewshot", "both"):
+            raise ValueError(f"--fmt must be instruct, fewshot or both, got {self.fmt!r}")
+        if self.n_pairs < 0 or self.max_rows < 0:
+            raise ValueError("--n-pairs and --max-rows must be >= 0 (0 = all)")
+        if self.n_patch < 1 or self.batch_size < 1 or self.top_k < 1:
+            raise ValueError("--n-patch, --batch-size and --top-k must be >= 1")
+        if self.n_perm < 20 or self.n_random < 20 or self.n_boot < 100:
+            raise ValueError("--n-perm and --n-random must be >= 20 and --n-boot >= 100 for a usable null and CI")
+        if not 0 < self.test_frac < 1:
+            raise ValueError(f"--test-frac must be in (0, 1), got {self.test_frac}")
+
+    @property
+    def is_file(self) -> bool:
+        return Path(self.dataset).suffix in PAIR_FILE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class HeadSweepResult:
+    config: HeadSweepConfig
+    behaviour: dict
+    pairs: list[ContrastPair]  # the pairs analysed (known only, unless known_only=False)
+    split: Split
+    heads: DirectionScores  # [L, H]
+    resid: DirectionScores  # [L]
+    head_patch: "PatchResult"  # z, [n_patch, L, H]  # noqa: F821
+    resid_patch: "PatchResult"  # resid_pre, [n_patch, L]  # noqa: F821
+    patch_pairs: list[str]
+    data: dict  # rows read / used / dropped, and why
+    warnings: list[str]
+    run_dir: Path
+
+
+def _count_rows(path: Path) -> int:
+    """Data rows in a pairs file (non-empty JSONL lines, or CSV records)."""
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return sum(1 for _ in csv.DictReader(f))
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair], dict]:
+    """The sweep's pairs and what was read, used and dropped (logged; nothing is cut silently)."""
+    if cfg.is_file:
+        path = Path(cfg.dataset)
+        n_rows = _count_rows(path)
+        on_multi = "drop" if cfg.multi_token == "drop" else "keep"
+        pairs = load_pairs_file(path, tokenizer=tokenizer, on_multitoken=on_multi)
+        info = {"source": str(path), "rows_read": n_rows, "rows_dropped_multitoken_answer": n_rows - len(pairs)}
+        if cfg.max_rows and cfg.max_rows < len(pairs):
+            info["rows_not_used_max_rows"] = len(pairs) - cfg.max_rows
+            pairs = pairs[: cfg.max_rows]
+        info["pairs_used"] = len(pairs)
+        log.info(
+            "%s: %d rows read, %d dropped (an answer is not one token; --multi-token drop), %d not used "
+            "(--max-rows), %d pairs used",
+            path,
+            n_rows,
+            info["rows_dropped_multitoken_answer"],
+            info.get("rows_not_used_max_rows", 0),
+            len(pairs),
+        )
+    else:
+        kw = {"multi_token": "drop"} if cfg.multi_token == "drop" else {}
+        pairs = load_builtin(cfg.dataset, cfg.fmt, tokenizer=tokenizer, n=cfg.n_pairs or None, seed=cfg.seed, **kw)
+        info = {
+            "source": f"built-in {cfg.dataset} ({cfg.fmt})",
+            "pairs_per_relation": cfg.n_pairs or "all",
+            "pairs_used": len(pairs),
+        }
+        log.info("built-in %s (%s): %d pairs", cfg.dataset, cfg.fmt, len(pairs))
+    if not pairs:
+        raise PairError(f"no usable pairs in {info['source']}")
+    # Multi-token answers are scored by the first token of each spelling: say how many, and refuse
+    # (before any model pass) a pair whose truth and lie cannot be told apart that way.
+    answer_set(tokenizer, pairs, multi_token="first")
+    info["pairs_multitoken_answer"] = sum(_multi_token(tokenizer, p) for p in pairs)
+    if info["pairs_multitoken_answer"]:
+        log.info("%d pairs have a multi-token answer: scored by its first token", info["pairs_multitoken_answer"])
+    return pairs, info
+
+
+def _multi_token(tokenizer, pair: ContrastPair) -> bool:
+    """Whether the truth or the lie has no one-token spelling."""
+    try:
+        answer_token_ids(tokenizer, pair.truth)
+        if pair.lie:
+            answer_token_ids(tokenizer, pair.lie)
+    except AnswerTokenError:
+        return True
+    return False
+
+
+def _fact_units(fact_ids: list[str]) -> list[torch.Tensor]:
+    """Row indices of each distinct fact, in first-seen order (the bootstrap's units)."""
+    order = list(dict.fromkeys(fact_ids))
+    pos = {f: i for i, f in enumerate(order)}
+    rows: list[list[int]] = [[] for _ in order]
+    for j, f in enumerate(fact_ids):
+        rows[pos[f]].append(j)
+    return [torch.tensor(r) for r in rows]
+
+
+BEHAVIOUR_CI_METRICS = ("p_truth_honest", "p_truth_lying", "logit_diff_honest", "logit_diff_lying", "p_truth_gap")
+
+
+def behaviour_cis(beh: Behaviour, fact_ids: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Mean P(truth) and logit difference, honest and lying, and the P(truth) gap, with 95% CIs
+    bootstrapped over facts (all pairs of a resampled fact come along)."""
+    units = _fact_units(fact_ids)
+    series = {
+        "p_truth_honest": beh.honest.p_truth,
+        "p_truth_lying": beh.lying.p_truth,
+        "logit_diff_honest": beh.honest.logit_diff,
+        "logit_diff_lying": beh.lying.logit_diff,
+        "p_truth_gap": beh.honest.p_truth - beh.lying.p_truth,
+    }
+    single = all(len(u) == 1 for u in units)
+    first = torch.stack([u[0] for u in units])
+    out = {}
+    for name, x in series.items():
+        x = x.float()
+        if single:  # one pair per fact: a unit is a row
+            stat = lambda i, x=x: x[first[i]].mean()  # noqa: E731
+        else:
+            stat = lambda i, x=x: x[torch.cat([units[j] for j in i.tolist()])].mean()  # noqa: E731
+        out[name] = stats.bootstrap(stat, len(units), n_boot=n_boot, seed=seed).to_dict()
+    return out
+
+
+def behaviour_report(beh: Behaviour, pairs: list[ContrastPair], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """Behaviour for all pairs and for the known pairs, overall (with CIs) and per relation."""
+    fact_ids = [p.fact_id for p in pairs]
+    known = beh.known
+    kidx = torch.nonzero(known).flatten()
+    report: dict = {"all": beh.summary(), "all_ci": behaviour_cis(beh, fact_ids, n_boot=n_boot, seed=seed)}
+    if len(kidx):
+        report["known_pairs"] = beh.subset(kidx).summary()
+        report["known_ci"] = behaviour_cis(
+            beh.subset(kidx), [fact_ids[i] for i in kidx.tolist()], n_boot=n_boot, seed=seed
+        )
+    report["relations"] = {}
+    rel = [p.relation for p in pairs]
+    for r in sorted(set(rel)):
+        idx = torch.tensor([i for i, x in enumerate(rel) if x == r])
+        sub = beh.subset(idx)
+        report["relations"][r] = {
+            "all": sub.summary(),
+            "all_ci": behaviour_cis(sub, [fact_ids[i] for i in idx.tolist()], n_boot=n_boot, seed=seed),
+        }
+    report["known"] = [bool(k) for k in known.tolist()]  # per pair: the mask the later stages use
+    return report
+
+
+def _scores_tensors(s: AnswerScores) -> dict:
+    out = {"p_truth": s.p_truth, "logit_diff": s.logit_diff, "correct": s.correct, "choice_cov": s.choice_cov}
+    if s.logp_truth_seq is not None:
+        out.update(logp_truth_seq=s.logp_truth_seq, logp_lie_seq=s.logp_lie_seq)
+    return out
+
+
+def _save_patch(path: Path, results: dict) -> None:
+    tensors = {
+        k: {
+            "p_truth": r.p_truth,
+            "logit_diff": r.logit_diff,
+            "clean": _scores_tensors(r.clean),
+            "corrupt": _scores_tensors(r.corrupt),
+        }
+        for k, r in results.items()
+    }
+    save_tensors(path, tensors, {k: {"kind": r.kind} for k, r in results.items()})
+
+
+def _load_patch(path: Path) -> dict:
+    from mechlie.causal.patching import PatchResult
+
+    tensors, meta = load_tensors(path)
+    return {
+        k: PatchResult(
+            kind=meta[k]["kind"],
+            p_truth=t["p_truth"],
+            logit_diff=t["logit_diff"],
+            clean=AnswerScores(**t["clean"]),
+            corrupt=AnswerScores(**t["corrupt"]),
+        )
+        for k, t in tensors.items()
+    }
+
+
+def _save_acts(path: Path, acts: dict[str, Activations]) -> None:
+    save_tensors(
+        path,
+        {side: {"acts": a.acts, "logits": a.logits} for side, a in acts.items()},
+        {side: {"position": a.position, "meta": a.meta} for side, a in acts.items()},
+    )
+
+
+def _load_acts(path: Path) -> dict[str, Activations]:
+    tensors, meta = load_tensors(path)
+    return {
+        side: Activations(dict(t["acts"]), meta[side]["position"], meta[side]["meta"], t["logits"])
+        for side, t in tensors.items()
+    }
+
+
+def run_head_sweep(
+    cfg: HeadSweepConfig, model: HookedTransformer, run: RunDir | None = None, progress: bool = True
+) -> HeadSweepResult:
+    """Run (or resume) the head sweep.
+
+    Args:
+        cfg: the settings (checked when built).
+        model: the model to study.
+        run: the run folder (``mechlie.core.cli.prepare_run(cfg)`` if not given: named from the
+            settings and the dataset file's content; a folder with another config is refused).
+        progress: show tqdm bars.
+
+    Returns:
+        :class:`HeadSweepResult`; :func:`summarize` turns it into the JSON summary.
+
+    Example:
+        >>> res = run_head_sweep(HeadSweepConfig(dataset="capitals", n_pairs=20), model)
+        >>> summarize(res)["head_auroc"]["null"]["n_pass"]
+    """
+    from mechlie.causal.patching import patch_final_positions
+
+    run = run if run is not None else prepare_run(cfg)
+    warnings: list[str] = []
+    all_pairs, data = load_sweep_pairs(cfg, model.tokenizer)
+
+    def acts() -> dict[str, Activations]:
+        # One pass per prompt gives the behaviour (final logits), the activations the directions
+        # are fit on, and the honest activations patching takes (z, resid_pre): no second run.
+        out = {}
+        for side in ("honest", "lying"):
+            prompts = [getattr(p, side) for p in all_pairs]
+            fa = collect_batch(
+                model,
+                tokenize(model, prompts),
+                ACT_KINDS,
+                batch_size=cfg.batch_size,
+                progress=progress,
+                desc=f"{side} prompts",
+            )
+            meta = {"model": model.cfg.model_name, "n": len(prompts), "kinds": list(ACT_KINDS), "position": -1}
+            out[side] = Activations(fa.acts, -1, meta, fa.logits)
+        return out
+
+    a = run.stage("activations.safetensors", acts, _save_acts, _load_acts)
+    if len(a["honest"].logits) != len(all_pairs):
+        raise PairError(
+            f"{run.path}/activations.safetensors holds {len(a['honest'].logits)} pairs, the data "
+            f"{len(all_pairs)}; delete that folder and rerun"
+        )
+    answers = answer_set(model.tokenizer, all_pairs)
+    beh = Behaviour(score_logits(a["honest"].logits, answers), score_logits(a["lying"].logits, answers))
+    report = behaviour_report(beh, all_pairs, n_boot=cfg.n_boot, seed=cfg.seed)
+    run.write_json("behaviour.json", report)
+    keep = torch.tensor(report["known"]) if cfg.known_only else torch.ones(len(all_pairs), dtype=torch.bool)
+    pairs = [p for p, k in zip(all_pairs, keep.tolist()) if k]
+    data["pairs_analysed"] = len(pairs)
+    if cfg.known_only:
+        data["pairs_dropped_unknown"] = len(all_pairs) - len(pairs)
+        log.info(
+            "kept %d known pairs of %d (%d dropped: the honest prompt's top-1 token is not the truth)",
+            len(pairs),
+            len(all_pairs),
+            len(all_pairs) - len(pairs),
+        )
+    if len(pairs) < 4:
+        raise PairError(f"only {len(pairs)} usable pairs after the known filter; use more pairs or --no-known-only")
+    split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
+    n_test_facts = len({pairs[i].fact_id for i in split.test})
+    if n_test_facts < MIN_TEST_FACTS:
+        msg = (
+            f"only {n_test_facts} held-out facts (< {MIN_TEST_FACTS}): held-out AUROCs are very noisy; "
+            "see their CIs, and use more pairs"
+        )
+        log.warning(msg)
+        warnings.append(msg)
+    kept = {side: {k: v[keep] for k, v in a[side].acts.items()} for side in ("honest", "lying")}
+
+    def dirs() -> dict[str, DirectionScores]:
+        out = {}
+        for kind in ("head_out", "resid_post"):
+            log.info("scoring %s directions (%d null draws, %d random directions)", kind, cfg.n_perm, cfg.n_random)
+            t0 = time.perf_counter()
+            out[kind] = score_directions(
+                kept["honest"][kind],
+                kept["lying"][kind],
+                split,
+                n_perm=cfg.n_perm,
+                n_random=cfg.n_random,
+                n_boot=cfg.n_boot,
+                seed=cfg.seed,
+            )
+            log.info("%s directions scored in %.1f s", kind, time.perf_counter() - t0)
+        return out
+
+    def save_dirs(path: Path, d: dict[str, DirectionScores]) -> None:
+        parts = {k: v.to_tensors() for k, v in d.items()}
+        save_tensors(path, {k: t for k, (t, _) in parts.items()}, {k: m for k, (_, m) in parts.items()})
+
+    def load_dirs(path: Path) -> dict[str, DirectionScores]:
+        tensors, meta = load_tensors(path)
+        return {k: DirectionScores.from_tensors(tensors[k], meta[k]) for k in tensors}
+
+    d = run.stage("directions.safetensors", dirs, save_dirs, load_dirs)
+
+    # Patch held-out pairs first: none of them helped fit a direction.
+    order = split.test + split.train
+    patch_pairs = [pairs[i] for i in order[: cfg.n_patch]]
+    if len(patch_pairs) < cfg.n_patch:
+        msg = f"--n-patch {cfg.n_patch} but only {len(patch_pairs)} pairs are available: patching {len(patch_pairs)}"
+        log.warning(msg)
+        warnings.append(msg)
+
+    def patch() -> dict:
+        # The honest runs of the patched pairs are stage 1's (when its file has z and resid_pre).
+        pos = {id(p): i for i, p in enumerate(all_pairs)}
+        rows = torch.tensor([pos[id(p)] for p in patch_pairs])
+        h = a["honest"]
+        clean = (
+            FinalActs({k: h.acts[k][rows] for k in PATCH_KINDS}, h.logits[rows])
+            if all(k in h.acts for k in PATCH_KINDS)
+            else None
+        )
+        return patch_final_positions(
+            model, patch_pairs, PATCH_KINDS, batch_size=cfg.batch_size, progress=progress, clean=clean
+        )
+
+    pr = run.stage("patching.safetensors", patch, _save_patch, _load_patch)
+    return HeadSweepResult(
+        cfg,
+        report,
+        pairs,
+        split,
+        d["head_out"],
+        d["resid_post"],
+        pr["z"],
+        pr["resid_pre"],
+        [p.fact_id for p in patch_pairs],
+        data,
+        warnings,
+        run.path,
+    )
+
+
+def _head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def patching_summary(res: HeadSweepResult, k: int | None = None) -> dict:
+    """Patching effects with 95% CIs over pairs, and the rank stability of the top heads."""
+    cfg = res.config
+    k = k or cfg.top_k
+    z = res.head_patch.effect_ci("logit_diff", n_boot=cfg.n_boot, seed=cfg.seed)
+    zp = res.head_patch.effect_ci("p_truth", n_boot=cfg.n_boot, seed=cfg.seed)
+    r = res.resid_patch.effect_ci("logit_diff", n_boot=cfg.n_boot, seed=cfg.seed)
+    rp = res.resid_patch.effect_ci("p_truth", n_boot=cfg.n_boot, seed=cfg.seed)
+    top1, topk = stats.rank_stability(z.draws, k)
+    h = res.heads
+    heads = []
+    for rank, (l, hd) in enumerate(top_heads(z.mean, k), start=1):
+        heads.append(
+            {
+                "rank": rank,
+                "layer": l,
+                "head": hd,
+                "effect": float(z.mean[l, hd]),
+                "lo": float(z.lo[l, hd]),
+                "hi": float(z.hi[l, hd]),
+                "effect_p_truth": float(zp.mean[l, hd]),
+                "p_truth_lo": float(zp.lo[l, hd]),
+                "p_truth_hi": float(zp.hi[l, hd]),
+                "top1_share": float(top1[l, hd]),
+                f"top{k}_share": float(topk[l, hd]),
+                "topk_share": float(topk[l, hd]),
+                "auroc": float(h.auroc[l, hd]),
+            }
+        )
+    return {
+        "z": z,
+        "z_p_truth": zp,
+        "resid": r,
+        "resid_p_truth": rp,
+        "top1": top1,
+        "topk": topk,
+        "top_heads": heads,
+    }
+
+
+def summarize(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
+    """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control
+    (``ps``: :func:`patching_summary` of the same ``res`` and ``k``, if already computed)."""
+    cfg = res.config
+    k = k or cfg.top_k
+    h, r = res.heads, res.resid
+    ps = ps or patching_summary(res, k)
+    hp = res.head_patch
+    beh = res.behaviour
+    auroc_heads = []
+    for l, hd in top_heads(h.auroc, k):
+        auroc_heads.append(
+            {
+                "layer": l,
+                "head": hd,
+                "auroc": float(h.auroc[l, hd]),
+                "lo": float(h.auroc_lo[l, hd]),
+                "hi": float(h.auroc_hi[l, hd]),
+                "null_q95": float(h.null_q95[l, hd]),
+                "random_mean": float(h.random_mean[l, hd]),
+                "beats_null_max_bar": bool(h.beats_null[l, hd]),
+                "patch_effect": float(ps["z"].mean[l, hd]),
+            }
+        )
+    return {
+        "kind": "head_sweep",
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "fmt": cfg.fmt,
+        "data": res.data,
+        "n_pairs": len(res.pairs),
+        "n_train": len(res.split.train),
+        "n_test": len(res.split.test),
+        "n_test_facts": h.n_test_facts,
+        "warnings": res.warnings,
+        "behaviour": {
+            "all": {**beh["all"], "ci": beh["all_ci"]},
+            "known": {**beh.get("known_pairs", {}), "ci": beh.get("known_ci", {})},
+        },
+        "head_auroc": {**h.summary(), "null_mean_per_head_range": [float(h.null_mean.min()), float(h.null_mean.max())]},
+        "resid_auroc": {
+            **r.summary(),
+            "per_layer": r.auroc.tolist(),
+            "per_layer_lo": r.auroc_lo.tolist(),
+            "per_layer_hi": r.auroc_hi.tolist(),
+            "null_mean": r.null_mean.tolist(),
+            "null_q95": r.null_q95.tolist(),
+            "random_mean": r.random_mean.tolist(),
+        },
+        "patching": {
+            "n_pairs": len(res.patch_pairs),
+            "honest_logit_diff": float(hp.clean.logit_diff.mean()),
+            "lying_logit_diff": float(hp.corrupt.logit_diff.mean()),
+            "honest_p_truth": float(hp.clean.p_truth.mean()),
+            "lying_p_truth": float(hp.corrupt.p_truth.mean()),
+            "resid_effect_logit_diff": ps["resid"].mean.tolist(),
+            "resid_effect_logit_diff_lo": ps["resid"].lo.tolist(),
+            "resid_effect_logit_diff_hi": ps["resid"].hi.tolist(),
+            "resid_effect_p_truth": ps["resid_p_truth"].mean.tolist(),
+            "n_boot": cfg.n_boot,
+        },
+        "top_heads_by_patching": ps["top_heads"],
+        "top_heads_by_auroc": auroc_heads,
+    }
+
+
+def sweep_figures(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
+    """The head sweep's figures, by file stem; every effect drawn with its 95% CI (``ps`` as in
+    :func:`summarize`)."""
+    from mechlie.report import plotting
+
+    cfg = res.config
+    k = k or cfg.top_k
+    h, r = res.heads, res.resid
+    ps = ps or patching_summary(res, k)
+    L = h.auroc.shape[0]
+    n_p = len(res.patch_pairs)
+    where = f"{Path(cfg.model).name}, {Path(cfg.dataset).name} ({cfg.fmt})"
+    n_txt = f"n={len(res.pairs)} pairs, {h.n_test_facts} held-out facts"
+    top = ps["top_heads"]
+    labels = [_head_label(t["layer"], t["head"]) for t in top]
+    auroc_top = top_heads(h.auroc, k)
+    figs = {
+        "head_auroc": plotting.heatmap(
+            h.auroc,
+            f"Held-out AUROC per head ({where}, {n_txt})<br><sup>max-null 95% bar {h.null_bar:.3f} "
+            f"({int(h.beats_null.sum())}/{h.auroc.numel()} heads pass); random-direction bar {h.random_bar:.3f} "
+            f"({int(h.beats_random.sum())} pass)</sup>",
+            colorbar="AUROC",
+            zmid=0.5,
+        ),
+        "head_patching": plotting.heatmap(
+            ps["z"].mean,
+            f"Patching each head's z honest→lying at the final token ({where}, n={n_p} pairs)"
+            "<br><sup>normalized effect on the logit difference: 0 = lying, 1 = honest</sup>",
+            colorbar="norm. effect",
+            zmid=0.0,
+        ),
+        "top_heads": plotting.errorbars(
+            labels,
+            {
+                "patching effect (logit diff)": (
+                    [t["effect"] for t in top],
+                    [t["lo"] for t in top],
+                    [t["hi"] for t in top],
+                ),
+                "patching effect (P(truth))": (
+                    [t["effect_p_truth"] for t in top],
+                    [t["p_truth_lo"] for t in top],
+                    [t["p_truth_hi"] for t in top],
+                ),
+            },
+            f"Top {k} heads by patching effect, 95% CI over {n_p} pairs ({where})",
+            y_label="normalized effect",
+            secondary={
+                "share of resamples top-1": [t["top1_share"] for t in top],
+                f"share of resamples in top {k}": [t["topk_share"] for t in top],
+            },
+            secondary_label="rank stability",
+        ),
+        "top_heads_auroc": plotting.errorbars(
+            [_head_label(l, hd) for l, hd in auroc_top],
+            {
+                "held-out AUROC": (
+                    [float(h.auroc[l, hd]) for l, hd in auroc_top],
+                    [float(h.auroc_lo[l, hd]) for l, hd in auroc_top],
+                    [float(h.auroc_hi[l, hd]) for l, hd in auroc_top],
+                )
+            },
+            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}</sup>",
+            y_label="AUROC",
+            hlines={
+                f"max-null 95% bar ({cfg.n_perm} label swaps)": h.null_bar,
+                f"random-direction max 95% bar ({cfg.n_random})": h.random_bar,
+            },
+        ),
+        "layer_curves": plotting.lines(
+            range(L),
+            {
+                "resid_post AUROC (held out)": r.auroc.tolist(),
+                "null (label swaps), 95th pct": r.null_q95.tolist(),
+                "random directions, mean": r.random_mean.tolist(),
+                "resid_pre patching effect (logit diff)": ps["resid"].mean.tolist(),
+                "resid_pre patching effect (P(truth))": ps["resid_p_truth"].mean.tolist(),
+            },
+            f"Per layer: residual direction AUROC and residual patching effect ({where})"
+            f"<br><sup>{n_txt}; {n_p} pairs patched; bands: 95% CIs</sup>",
+            y_label="AUROC / normalized effect",
+            bands={
+                "resid_post AUROC (held out)": (r.auroc_lo.tolist(), r.auroc_hi.tolist()),
+                "resid_pre patching effect (logit diff)": (ps["resid"].lo.tolist(), ps["resid"].hi.tolist()),
+                "resid_pre patching effect (P(truth))": (
+                    ps["resid_p_truth"].lo.tolist(),
+                    ps["resid_p_truth"].hi.tolist(),
+                ),
+            },
+        ),
+    }
+    beh = res.behaviour
+    groups = {"all pairs": beh["all_ci"]}
+    if "known_ci" in beh:
+        groups["known pairs"] = beh["known_ci"]
+    for rel, v in beh["relations"].items():
+        groups[f"{rel} (all)"] = v["all_ci"]
+    figs["behaviour"] = plotting.errorbars(
+        list(groups),
+        {
+            name: (
+                [g[m]["mean"] for g in groups.values()],
+                [g[m]["lo"] for g in groups.values()],
+                [g[m]["hi"] for g in groups.values()],
+            )
+            for m, name in (("p_truth_honest", "P(truth) honest"), ("p_truth_lying", "P(truth) lying"))
+        },
+        f"P(truth) by framing, 95% CI over facts ({where}; all {beh['all']['n']} pairs, {beh['all']['n_known']} known)",
+        y_label="P(truth)",
+    )
+    return figs

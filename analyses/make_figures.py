@@ -3,12 +3,11 @@
     python analyses/make_figures.py results/head_sweep/<run> results/sae_features/<run>
     python analyses/make_figures.py RUN... --out report/report.md
 
-Each RUN folder is recognised by its kind (head sweep, patching sweep, function vectors, steering,
-detection, SAE features; see mechlie.report.kinds) and read
-only from its saved files. Writes, under the folder of --out, one subfolder of figures per run
-(SVG + PNG, one style, 95% CIs where the saved data have them) and report.md with the headline
-numbers. A folder of an unknown kind, an older format or with a missing file is refused with one
-line, before anything is written.
+Each RUN folder is read back by the study that wrote it (its summary.json names it; see
+mechlie.studies), from its saved files only. Writes, under the folder of --out, one subfolder of
+figures per run (SVG + PNG, one style, 95% CIs where the saved data have them) and report.md with
+the headline numbers. A folder of an unknown study, an older format or with a missing file is
+refused with one line, before anything is written.
 """
 
 from __future__ import annotations
@@ -17,7 +16,9 @@ import argparse
 import logging
 import sys
 
-from mechlie.report.kinds import RunFormatError, write_report
+from mechlie.core.io import UserError
+from mechlie.report.markdown import write_report
+from mechlie.studies.base import load_result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kaleido", "choreographer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        out = write_report(args.runs, args.out)
-    except (RunFormatError, OSError, ValueError, KeyError) as e:
+        results = [load_result(run) for run in args.runs]  # every run is read before anything is written
+        command = " ".join(["python analyses/make_figures.py", *args.runs, "--out", args.out])
+        out = write_report(results, args.out, command=command)
+    except (UserError, OSError, ValueError, KeyError) as e:
         if args.debug:
             raise
         print(f"error: {e} (--debug shows the traceback)", file=sys.stderr)

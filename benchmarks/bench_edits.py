@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from mechlie.control import edits
 from mechlie.core.models import load_model
-from mechlie.core.pairs import load_builtin
+from mechlie.core.pairs import load_builtin, neutral_lines
 from mechlie.studies import steering_eval as se
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     pairs = load_builtin("all", "fewshot", tokenizer=model.tokenizer, n=20, seed=0)
     split = se.split_three([p.fact_id for p in pairs], seed=0)
     train = [pairs[i] for i in split.train]
-    neutral = se.split_lines(se.neutral_lines(), 0)[0]
+    neutral = se.split_lines(neutral_lines(), 0)[0]
     layers = [8, 14]
     print(f"model loaded in {time.time() - t0:.1f} s; torch threads {torch.get_num_threads()}")
     print(f"{min(32, len(train))} training pairs, {len(neutral)} neutral lines, layers {layers}")

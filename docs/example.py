@@ -12,7 +12,7 @@ scores = ml.score_directions(honest, lying, ml.split_by_fact([p.fact_id for p in
 table = ml.to_frame({"auroc": scores.auroc, "lo": scores.auroc_lo, "hi": scores.auroc_hi}, ["layer"])
 print(table.nlargest(3, "auroc"))  # 95% CIs over held-out facts
 
-# Steer against the direction (it points honest -> lying) at layer 14, alpha -2 (see "Steering and ablation").
+# Steer against the direction (it points honest -> lying) at block 14's output; alpha < 0 is toward honesty.
 layer = 14
 with ml.steer(model, ml.AddVectors({layer: scores.direction[layer]}, alpha=-2.0)):
     after = ml.behaviour(model, pairs, progress=False).summary()

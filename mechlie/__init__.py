@@ -1,9 +1,10 @@
 """mechlie: where a language model represents lying, which components cause it, and control.
 
-The pipeline, one module per step: ``models`` -> ``pairs`` -> ``activations`` -> ``directions``
-(fit registry) / ``probes`` -> ``patching`` / ``position_patching`` / ``attribution`` ->
-``steering`` (interventions) / ``generation`` / ``function_vectors`` -> ``metrics`` / ``stats``
--> ``plotting``; ``io`` writes results, ``cli`` runs the scripts in ``analyses/``.
+Subpackages by role, each importing only those before it: ``core`` (models, pairs, activations,
+the KV runner, generation, metrics with the one final-logits path, stats, io, cli, and ``hooks``:
+``steer``, ``Site`` and ``hook_name``) < ``read`` (one fit registry behind directions and probes,
+labels, detector) < ``causal`` (patching family) < ``control`` (interventions, learned edits) <
+``sae`` < ``report`` < ``studies``; ``analyses/`` scripts launch the studies.
 
 The names below are imported lazily, on first use, so ``import mechlie`` is fast (a script's
 ``--help`` and its flag checks do not wait for torch and TransformerLens) and each submodule can
@@ -25,8 +26,6 @@ _EXPORTS: dict[str, str] = {
         (
             "ContrastPair",
             "load_builtin",
-            "load_pairs_file",
-            "pairs_from_dataset",
             "tokenize",
             "PairError",
             "AnswerTokenError",
@@ -49,7 +48,8 @@ _EXPORTS: dict[str, str] = {
         ),
         "mechlie.read.directions",
     ),
-    **dict.fromkeys(("Probe", "fit_probe"), "mechlie.read.probes"),
+    **dict.fromkeys(("Probe", "fit_probe", "probe_kinds"), "mechlie.read.probes"),
+    **dict.fromkeys(("register_probe",), "mechlie.read.fits"),
     **dict.fromkeys(("Detector", "fit_detector"), "mechlie.read.detector"),
     # behaviour and statistics
     **dict.fromkeys(("Behaviour", "behaviour", "score_logits"), "mechlie.core.metrics"),
@@ -64,8 +64,10 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("joint_patch", "topk_curve", "path_patch", "receiver_positions"), "mechlie.causal.circuits"),
     # on-policy labels, users' facts, SAEs and views
     **dict.fromkeys(("on_policy",), "mechlie.read.labels"),
-    **dict.fromkeys(("load_facts", "pairs_from_user_facts"), "mechlie.core.facts"),
-    **dict.fromkeys(("load_sae", "train_sae", "FeatureClamp"), "mechlie.sae.features"),
+    **dict.fromkeys(
+        ("load_facts", "pairs_from_user_facts", "load_pairs_file", "pairs_from_dataset"), "mechlie.core.facts"
+    ),
+    **dict.fromkeys(("load_sae", "train_sae", "FeatureClamp"), "mechlie.sae"),
     **dict.fromkeys(("attention_html",), "mechlie.report.views"),
     # control
     **dict.fromkeys(
@@ -73,7 +75,7 @@ _EXPORTS: dict[str, str] = {
         "mechlie.control.steering",
     ),
     **dict.fromkeys(
-        ("steer", "Intervention", "SteeringError", "Site"),
+        ("steer", "Intervention", "SteeringError", "Site", "hook_name"),
         "mechlie.core.hooks",
     ),
     **dict.fromkeys(("generate", "GenerationResult"), "mechlie.core.generation"),

@@ -36,3 +36,43 @@ def word_pairs() -> list[ContrastPair]:
             )
         )
     return out
+
+
+def written(model, iv, tokens):
+    """What intervention ``iv`` writes on a clean run of ``tokens``: ``{hook name: edited - clean}``,
+    each hook applied to the clean activation at its point (the hooks edit in place and return it)."""
+    import torch
+
+    from mechlie.core.hooks import SteeringState
+
+    hooks = iv.hooks(model, SteeringState())
+    names = {name for name, _ in hooks}
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)
+    out = {}
+    for name, fn in hooks:
+        act = cache[name].clone()
+        out[name] = out.get(name, 0) + fn(act.clone(), None) - act
+    return out
+
+
+def check_intervention_contract(model, iv, tokens, sites=None):
+    """The contract every built-in intervention keeps: ``scaled(2a)`` writes twice what ``scaled(a)``
+    writes; ``random_control`` is the same type, differs, and (checked by the caller) keeps the size;
+    ``sites`` (or ``sites`` given, for interventions whose sites need the model) name the hooks."""
+    import torch
+
+    a = 0.5 if iv.alpha >= 0 else -0.5
+    one, two = written(model, iv.scaled(a), tokens), written(model, iv.scaled(2 * a), tokens)
+    assert one.keys() == two.keys() and one
+    for name in one:
+        assert one[name].abs().max() > 1e-4, name  # it writes something
+        torch.testing.assert_close(two[name], 2 * one[name], atol=1e-4, rtol=1e-4)
+    ctrl = iv.random_control(seed=1, model=model)
+    assert type(ctrl) is type(iv) and ctrl.alpha == iv.alpha
+    mine, theirs = written(model, iv, tokens), written(model, ctrl, tokens)
+    assert mine.keys() == theirs.keys()
+    assert any((mine[n] - theirs[n]).abs().max() > 1e-3 for n in mine)  # a different write
+    sites = iv.sites if sites is None else sites
+    assert {s.hook for s in sites} == set(one)
+    return ctrl

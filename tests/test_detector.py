@@ -3,15 +3,9 @@ import random
 import pytest
 import torch
 
-from mechlie.core.pairs import ContrastPair
-from mechlie.read.detector import (
-    Detector,
-    DetectorError,
-    calibrate_threshold,
-    fit_detector,
-    model_fingerprint,
-    neutral_texts,
-)
+from mechlie.core.models import model_id
+from mechlie.core.pairs import ContrastPair, neutral_lines
+from mechlie.read.detector import Detector, DetectorError, calibrate_threshold, fit_detector
 from tests.conftest import WORDS, tiny_model
 
 
@@ -45,7 +39,7 @@ def test_calibrate_threshold_quantile():
 @pytest.mark.parametrize("probe,layers", [("logistic", (1,)), ("ensemble", (0, 1, 2))])
 def test_saved_detector_reloads_to_identical_scores(tiny, tmp_path, probe, layers):
     pairs = tiny_pairs()
-    det = fit_detector(tiny, pairs, neutral_texts(), probe=probe, layers=layers)
+    det = fit_detector(tiny, pairs, neutral_lines(), probe=probe, layers=layers)
     path = det.save(tmp_path / "det.safetensors")
     again = Detector.load(path)
     assert again.threshold == det.threshold and again.layers == det.layers and again.model_hash == det.model_hash
@@ -59,10 +53,11 @@ def test_saved_detector_reloads_to_identical_scores(tiny, tmp_path, probe, layer
 
 
 def test_detector_refuses_another_model(tiny):
-    det = fit_detector(tiny, tiny_pairs(), neutral_texts(), probe="diff_of_means", layers=(0,))
+    det = fit_detector(tiny, tiny_pairs(), neutral_lines(), probe="diff_of_means", layers=(0,))
     other = tiny_model(seed=1)
-    assert model_fingerprint(other) != model_fingerprint(tiny)
-    assert model_fingerprint(tiny_model(seed=0)) == model_fingerprint(tiny)
+    assert model_id(other) != model_id(tiny)
+    assert model_id(tiny_model(seed=0)) == model_id(tiny)
+    assert model_id(tiny) == model_id(tiny) and len(model_id(tiny)) == 16
     with pytest.raises(DetectorError, match="weights"):
         det.score(other, ["Q A"])
     with pytest.raises(DetectorError, match="d_model"):
@@ -71,7 +66,7 @@ def test_detector_refuses_another_model(tiny):
 
 def test_bad_detector_input(tiny, tmp_path):
     with pytest.raises(DetectorError, match="one layer"):
-        fit_detector(tiny, tiny_pairs(), neutral_texts(), probe="logistic", layers=(0, 1))
+        fit_detector(tiny, tiny_pairs(), neutral_lines(), probe="logistic", layers=(0, 1))
     with pytest.raises(DetectorError, match="control"):
         fit_detector(tiny, tiny_pairs(), ["one"], probe="logistic")
     bad = tmp_path / "x.safetensors"
@@ -87,8 +82,8 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     import json
 
     import mechlie.core.models
-    from analyses import detect as script
-    from mechlie.core.cli import run_script
+    from mechlie.studies.base import launch, load_result
+    from mechlie.studies.detection import STUDY, DetectionResult
 
     model = tiny_model(n_ctx=256)
     monkeypatch.setattr(mechlie.core.models, "load_model", lambda *a, **k: model)
@@ -121,7 +116,7 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
         "--out-dir",
         str(tmp_path),
     ]
-    assert run_script(script.Config, script.main, argv=argv) == 0
+    assert launch(STUDY, argv=argv) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["loro"]) == {"diff_of_means", "logistic", "lat"}
@@ -141,9 +136,14 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     assert Detector.load(run / "detector_framing.safetensors").threshold == cal["0.1"]["threshold"]
     matrix = json.loads((run / "matrix.json").read_text())
     assert "capitals" in matrix["matrix"]["logistic"]
+    # The result reads back from the run folder; its headline comes from summary.json alone.
+    result = load_result(run)
+    assert isinstance(result, DetectionResult) and set(summary["figures"]) == set(result.figures())
+    assert DetectionResult(tmp_path, summary).headline() == result.headline()
+    assert "grad features, z x grad: LORO mean AUROC" in result.report()
     # Bad flags fail before any model loads.
     monkeypatch.setattr(mechlie.core.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    assert run_script(script.Config, script.main, argv=["--probes", "svm", "--out-dir", str(tmp_path)]) == 2
+    assert launch(STUDY, argv=["--probes", "svm", "--out-dir", str(tmp_path)]) == 2
 
 
 def _sets(seed: int = 0):
@@ -219,7 +219,7 @@ def test_held_out_calibration_fpr_and_recall():
         held_out_calibration(control, units[:10], {}, 0.05)
     texts, line_units = neutral_windows()
     assert len(texts) >= 300 and len(set(line_units)) >= 100 and len(texts) == len(line_units)
-    assert all(t and t in " ".join(neutral_texts()) for t in texts[:20])
+    assert all(t and t in " ".join(neutral_lines()) for t in texts[:20])
 
 
 def test_bootstrap_auroc_equals_the_resampling_reference():

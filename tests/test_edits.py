@@ -9,7 +9,7 @@ import torch
 from conftest import no_hooks, tiny_model
 from steer_fixtures import word_pairs
 
-from mechlie.control import edits
+from mechlie.control import edit_training, edits
 from mechlie.control.steering import SteeringError, steer
 from mechlie.core.pairs import ContrastPair, PairError
 from mechlie.studies import steering_eval as se
@@ -83,10 +83,13 @@ def test_gated_vector_writes_the_planted_direction_where_its_gate_opens():
     assert after > before + 0.2
     nb = se.batches(model, NEUTRAL, 16)
     assert se.neutral_effects(model, nb, se.token_logprobs(model, nb), [edit]).kl <= budget + 1e-5
-    ctrl = edit.random_control(seed=3)  # same gate, random write of the same norm
+    ctrl = edit.random_control(seed=3, keep_gate=True)  # same gate, random write of the same norm
     torch.testing.assert_close(ctrl.v.norm(), edit.v.norm(), atol=1e-4, rtol=1e-4)
     assert torch.equal(ctrl.w, edit.w) and ctrl.b == edit.b
     assert abs(float(torch.nn.functional.cosine_similarity(ctrl.v, edit.v, dim=0))) < 0.9
+    ctrl = edit.random_control(seed=3)  # by default the gate is random too (same norm, same bias)
+    torch.testing.assert_close(ctrl.w.norm(), edit.w.norm(), atol=1e-4, rtol=1e-4)
+    assert abs(float(torch.nn.functional.cosine_similarity(ctrl.w, edit.w, dim=0))) < 0.9 and ctrl.b == edit.b
     assert no_hooks(model)
 
 
@@ -157,7 +160,7 @@ def test_edit_hooks_gone_after_exception(monkeypatch):
         calls.append(1)
         raise RuntimeError("boom in training")
 
-    monkeypatch.setattr(edits, "_neutral_kl", failing)
+    monkeypatch.setattr(edit_training, "_neutral_kl", failing)
     with pytest.raises(RuntimeError, match="boom in training"):
         edits.train_vector(model, pairs, NEUTRAL, [1], edits.TrainConfig(steps=3, progress=False))
     assert calls and no_hooks(model)
@@ -172,9 +175,14 @@ def test_bad_input():
     with pytest.raises(SteeringError, match="d_model=32"):
         with steer(narrow, edit):
             pass
-    with pytest.raises(SteeringError, match="trained on model"):
-        with steer(model, replace(edit, model_name="another-model")):
+    with pytest.raises(SteeringError, match="trained on model"):  # other weights (model_id)
+        with steer(model, replace(edit, model_id="0" * 16)):
             pass
+    with pytest.raises(SteeringError, match="trained on model"):  # an edit saved without an id: by name
+        with steer(model, replace(edit, model_id="", model_name="another-model")):
+            pass
+    with steer(model, replace(edit, model_name="a new name for the same weights")):
+        pass
     gated = edits.train_gated(model, pairs, NEUTRAL, 1, edits.TrainConfig(steps=2, progress=False))
     with pytest.raises(SteeringError, match="d_model=32"):
         with steer(narrow, gated):
@@ -240,10 +248,10 @@ def test_skipping_the_frozen_blocks_changes_nothing():
 
 
 def test_minibatches_cover_every_row_each_epoch():
-    mb = edits._Minibatches(7, 3, seed=0)
+    mb = edit_training._Minibatches(7, 3, seed=0)
     seen = torch.cat([mb.next() for _ in range(7)])  # 21 rows = 3 epochs
     assert sorted(seen.tolist()) == sorted(list(range(7)) * 3)
-    assert edits._Minibatches(5, None, 0).next().tolist() == [0, 1, 2, 3, 4]
+    assert edit_training._Minibatches(5, None, 0).next().tolist() == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="neutral_per_step"):
         edits.TrainConfig(neutral_per_step=0)
 
@@ -274,3 +282,61 @@ def test_training_does_not_depend_on_the_residual_streams_scale():
         for x, y in zip(a, b):
             assert abs(x["nll_truth"] - y["nll_truth"]) < 1e-2 + 1e-2 * x["nll_truth"], (kind, x, y)
             assert abs(x["kl"] - y["kl"]) < 1e-3 + 1e-2 * x["kl"], (kind, x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# where is separate from what: scaled, random_control and sites (edits built by hand, no training)
+
+
+def _hand_edits(model):
+    from mechlie.core.models import model_id
+
+    g = torch.Generator().manual_seed(7)
+    d, name, mid = model.cfg.d_model, model.cfg.model_name, model_id(model)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return (
+        edits.LearnedVector({0: r(d), 2: r(d)}, name, d, model_id=mid),
+        edits.LowRankEdit(1, "mlp_out", r(d, 2) / 10, r(2), r(2, d), name, d, model_id=mid),
+        edits.GatedVector(2, r(d), r(d) / 10, 0.3, name, d),  # no model_id: checked by name
+    )
+
+
+def test_edits_scaled_random_control_and_sites():
+    from steer_fixtures import check_intervention_contract
+
+    from mechlie.core.hooks import Site
+
+    model = tiny_model()
+    tokens = se.batches(model, NEUTRAL, 8)[0].tokens
+    vec, low, gated = _hand_edits(model)
+    assert vec.sites == (Site("resid_post", 0), Site("resid_post", 2))
+    assert low.sites == (Site("mlp_out", 1),) and low.hook_name == "blocks.1.hook_mlp_out"
+    assert gated.sites == (Site("resid_post", 2),) and gated.hook_name == "blocks.2.hook_resid_post"
+    ctrl = check_intervention_contract(model, vec, tokens)
+    for layer, v in vec.vectors.items():
+        torch.testing.assert_close(ctrl.vectors[layer].norm(), v.norm(), atol=1e-4, rtol=1e-4)
+    ctrl = check_intervention_contract(model, low, tokens)
+    for a, b in ((low.A, ctrl.A), (low.c, ctrl.c), (low.B, ctrl.B)):
+        torch.testing.assert_close(a.norm(), b.norm(), atol=1e-4, rtol=1e-4)
+    ctrl = check_intervention_contract(model, gated, tokens)  # the gate is random too
+    for a, b in ((gated.v, ctrl.v), (gated.w, ctrl.w)):
+        torch.testing.assert_close(a.norm(), b.norm(), atol=1e-4, rtol=1e-4)
+        assert abs(float(torch.nn.functional.cosine_similarity(a, b, dim=0))) < 0.9
+    kept = gated.random_control(seed=1, keep_gate=True)
+    assert torch.equal(kept.w, gated.w) and kept.b == gated.b and not torch.equal(kept.v, gated.v)
+
+
+def test_edits_record_and_check_the_model_id(tmp_path):
+    model, other = tiny_model(), tiny_model(seed=1)  # same name and width, other weights
+    edit = edits.train_vector(model, word_pairs(), NEUTRAL, [1], edits.TrainConfig(steps=2, progress=False))
+    from mechlie.core.models import model_id
+
+    assert edit.model_id == model_id(model) != model_id(other)
+    assert other.cfg.model_name == model.cfg.model_name and other.cfg.d_model == model.cfg.d_model
+    with pytest.raises(SteeringError, match="trained on model"):
+        with steer(other, edit):
+            pass
+    back = edits.load_edit(edits.save_edit(tmp_path / "e.safetensors", edit))
+    assert back.model_id == edit.model_id
+    with steer(model, back):
+        pass

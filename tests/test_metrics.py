@@ -57,3 +57,82 @@ def test_behaviour_accepts_multi_token_answers(tiny):
     assert "logit_diff_seq_honest" in s and s["n"] == 2
     sub = b.subset(torch.tensor([1]))
     assert sub.honest.logp_truth_seq.shape == (1,)
+
+
+# ---------------------------------------------------------------------------------------------
+# one final-position logits path, soft-cap included
+
+
+SOFTCAP_PROMPTS = ["Q What is the capital of France ? A", "Q hot ? A", "Q capital of Peru ? A :", "Q A"]
+
+
+def _softcap_reference():
+    from tiny_models import softcap_model
+
+    from mechlie.core.pairs import tokenize
+
+    model = softcap_model()
+    batch = tokenize(model, SOFTCAP_PROMPTS)
+    with torch.no_grad():
+        want = model(batch.tokens, attention_mask=batch.attention_mask)[:, -1].float()
+    return model, batch, want
+
+
+def test_softcap_model_is_capped():
+    model, batch, want = _softcap_reference()
+    cap = model.cfg.output_logits_soft_cap
+    with torch.no_grad():
+        raw = model.unembed(model.ln_final(model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=3)))
+    assert raw[:, -1].abs().max() > 5 * cap  # the cap changes these logits a lot
+    assert want.abs().max() <= cap
+
+
+def test_core_final_logits_paths_apply_the_soft_cap():
+    from mechlie.core.activations import collect
+    from mechlie.core.kv import collect_batch, final_tokens, prefix_cache, run_rows
+
+    model, batch, want = _softcap_reference()
+    assert torch.equal(final_logits(model, SOFTCAP_PROMPTS, batch_size=4), want)
+    assert torch.allclose(final_logits(model, SOFTCAP_PROMPTS, batch_size=3), want, atol=1e-5)
+    assert torch.equal(final_logits(model, batch, batch_size=4), want)
+    assert torch.allclose(final_logits(model, [batch], every_position=False), want, atol=1e-5)
+    acts = collect(model, SOFTCAP_PROMPTS, kinds=("resid_post",), batch_size=4, progress=False, return_logits=True)
+    assert torch.equal(acts.logits, want)
+    assert torch.allclose(collect_batch(model, batch, ("resid_post",)).logits, want, atol=1e-5)
+    rows = torch.arange(len(SOFTCAP_PROMPTS))
+    kv = run_rows(model, prefix_cache(model, batch), rows, final_tokens(batch))[:, -1]
+    assert torch.allclose(kv, want, atol=1e-5)
+    from mechlie.core.generation import generate
+
+    first = generate(model, batch, max_new_tokens=1, eos_token_id=None, return_logits=True).logits[:, 0]
+    assert torch.allclose(first, want, atol=1e-5)
+
+
+def test_steering_eval_last_logits_applies_the_soft_cap():
+    """Failed on 9b34dbc (it unembedded the final residual without the cap); now metrics.final_logits."""
+    from mechlie.studies.steering_eval import last_logits
+
+    model, batch, want = _softcap_reference()
+    assert torch.allclose(last_logits(model, [batch]), want, atol=1e-5)
+
+
+def test_edits_truth_logprob_applies_the_soft_cap():
+    """Failed on 9b34dbc (edits._truth_logprob unembedded without the cap)."""
+    import importlib
+
+    from mechlie.core.metrics import gather_logprob
+
+    # The learned edits' training objective (private; it moved from edits to edit_training in issue 18).
+    for name in ("mechlie.control.edit_training", "mechlie.control.edits"):
+        mod = importlib.import_module(name)
+        truth_logprob, rows_cls = getattr(mod, "_truth_logprob", None), getattr(mod, "_Rows", None)
+        if truth_logprob is not None and rows_cls is not None:
+            break
+    else:
+        pytest.skip("the learned edits no longer have their own final-logits helper")
+    model, batch, want = _softcap_reference()
+    truth = torch.arange(len(SOFTCAP_PROMPTS))[:, None] + 10
+    idx = torch.arange(len(SOFTCAP_PROMPTS))
+    with torch.no_grad():
+        got = truth_logprob(model, rows_cls(batch.tokens, batch.attention_mask, 0, None), idx, truth, [])
+    assert torch.allclose(got, gather_logprob(want.log_softmax(-1), truth), atol=1e-5)

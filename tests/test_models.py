@@ -223,3 +223,23 @@ def test_corrupted_real_cache_is_rebuilt(tmp_path, monkeypatch, smol):
         got, ref = model(toks)[0, -1], smol(toks)[0, -1]
     assert (got - ref).abs().max().item() < 1e-3
     assert model.tokenizer.decode(got.argmax()).strip() == "Paris"
+
+
+def test_model_id_hashes_every_weight_and_is_cached_per_model():
+    import hashlib
+
+    from tiny_models import tiny_model
+
+    from mechlie.core.models import model_id
+
+    model = tiny_model(seed=0)
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert model_id(model) == h.hexdigest()[:16]
+    assert model_id(tiny_model(seed=0)) == model_id(model) != model_id(tiny_model(seed=1))
+    other = tiny_model(seed=0)
+    with torch.no_grad():
+        other.W_U[0, 0] += 1e-3  # any weight, not just a few rounded rows
+    assert model_id(other) != model_id(model)

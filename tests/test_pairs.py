@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from mechlie.core.facts import load_pairs_file, pairs_from_dataset
 from mechlie.core.io import OutputDirError, atomic_write_json, ensure_writable_dir
 from mechlie.core.pairs import (
     RELATIONS,
@@ -13,16 +14,14 @@ from mechlie.core.pairs import (
     answer_token_ids,
     build_pairs,
     load_builtin,
-    load_pairs_file,
-    pairs_from_dataset,
     tokenize,
 )
 
 
 def test_builtin_has_enough_facts_and_formats_differ_only_in_framing(tiny):
-    from mechlie.core.pairs import _facts
+    from mechlie.core.pairs import builtin_facts
 
-    facts = _facts()
+    facts = builtin_facts()
     assert set(RELATIONS) <= set(facts) and len(RELATIONS) >= 4
     assert sum(len(facts[r]["facts"]) for r in RELATIONS) >= 150
     for fmt in ("instruct", "fewshot", "both"):
@@ -199,3 +198,13 @@ def test_drawn_lie_never_shares_the_truths_first_token(tiny):
         assert p.lie == "Rome"
     (p,) = pairs_from_facts([Fact("target?", "Lima Chile")], demos, "instruct", answers=["Lima Chile", "Lima Peru"])
     assert p.lie == "Lima Peru"  # without a tokenizer nothing is known about tokens
+
+
+def test_neutral_lines_are_the_stripped_nonempty_lines():
+    from importlib.resources import files
+
+    from mechlie.core.pairs import neutral_lines
+
+    lines = neutral_lines()
+    raw = files("mechlie").joinpath("data/neutral.txt").read_text().splitlines()
+    assert lines == [x.strip() for x in raw if x.strip()] and len(lines) > 100

@@ -205,3 +205,42 @@ def test_full_answer_patching_equals_full_rerun_reference(tiny):
             assert abs(float(res.p_truth[i, 1, head]) - float(logp(p.lying, p.truth, hook).exp())) < 1e-5
         assert abs(float(res.corrupt.logit_diff[i]) - float(logp(p.lying, p.truth) - logp(p.lying, p.lie))) < 1e-4
     assert res.logit_diff.std() > 1e-3  # patches change the answer scores
+
+
+# ---------------------------------------------------------------------------------------------
+# one effect scale and one top-k ranking for the patching family
+
+
+def test_effect_result_gives_the_old_numbers(tiny):
+    from mechlie.core.stats import bootstrap_tensor, normalized_effect
+
+    r = patch_final_position(tiny, make_pairs(), "z", progress=False)
+    for metric in ("logit_diff", "p_truth"):
+        x, lo, hi = getattr(r, metric), getattr(r.corrupt, metric), getattr(r.clean, metric)
+        old = normalized_effect(x.mean(0), lo.mean(), hi.mean())
+        assert torch.equal(r.effect(metric), old)
+        idx = torch.tensor([0, 0, 3])
+        assert torch.equal(r.effect(metric, idx), normalized_effect(x[idx].mean(0), lo[idx].mean(), hi[idx].mean()))
+        est = r.effect_ci(metric, n_boot=50, seed=2)
+        one_by_one = bootstrap_tensor(
+            lambda i: normalized_effect(x[i].mean(0), lo[i].mean(), hi[i].mean()), len(x), n_boot=50, seed=2
+        )
+        for a, b in ((est.mean, one_by_one.mean), (est.draws, one_by_one.draws), (est.lo, one_by_one.lo)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_top_k_components_ranks_any_grid_nans_last():
+    from mechlie.causal.effects import top_k_components
+    from mechlie.core.kv import top_heads
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 5, generator=g)
+    scores[1, 2] = float("nan")
+    for k in (1, 7, 20):
+        assert top_k_components(scores, k) == top_heads(scores, k)
+        assert top_k_components(scores, k, largest=False) == top_heads(scores, k, largest=False)
+    assert top_k_components(scores, 20)[-1] == (1, 2)
+    layers = torch.tensor([0.1, 3.0, float("nan"), 2.0])
+    assert top_k_components(layers, 4) == ((1,), (3,), (0,), (2,))
+    with pytest.raises(ValueError, match="number of components"):
+        top_k_components(layers, 5)

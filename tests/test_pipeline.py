@@ -13,7 +13,8 @@ from mechlie.causal.patching import patch_final_position
 from mechlie.core.io import load_tensors
 from mechlie.core.metrics import behaviour
 from mechlie.core.pairs import PairError, load_builtin, tokenize
-from mechlie.studies.head_sweep import HeadSweepConfig, load_sweep_pairs, run_head_sweep, summarize, sweep_figures
+from mechlie.studies.base import load_result
+from mechlie.studies.head_sweep import HeadSweepConfig, load_sweep_pairs, run_head_sweep, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,7 +232,19 @@ def test_tiny_head_sweep_end_to_end_with_cis_and_warning(tmp_path, tiny):
     assert all(x["top1_share"] <= x["topk_share"] <= 1 for x in top)
     b = s["behaviour"]["all"]["ci"]["p_truth_honest"]
     assert b["lo"] <= b["mean"] <= b["hi"]
-    figs = sweep_figures(res)
+    # The study's run() resumes every stage, and its Result draws the figures from the saved files.
+    from mechlie.core.cli import prepare_run
+    from mechlie.studies import head_sweep
+
+    run_dir = prepare_run(cfg)
+    result = head_sweep.run(cfg, tiny, run_dir, progress=False)
+    assert result.summary()["top_heads_by_patching"] == s["top_heads_by_patching"]
+    assert len(s["top_heads_by_patching"]) == len(s["top_heads_by_auroc"]) == cfg.top_k
+    run_dir.write_json("summary.json", result.summary())
+    loaded = load_result(run_dir.path)
+    figs = loaded.figures()
+    assert (run_dir.path / "top_heads.svg").is_file() or "PNG figures skipped" in (loaded.report() or "")
+    assert loaded.headline() and "Top head by patching" in "\n".join(loaded.headline())
     assert {"head_auroc", "head_patching", "top_heads", "top_heads_auroc", "layer_curves", "behaviour"} <= set(figs)
     # Error bars are the CIs: the top head's bar reaches exactly from lo to hi.
     bar = figs["top_heads"].data[0]

@@ -16,19 +16,9 @@ def test_align_from_end():
 
 
 def _brute(model, clean, corrupt, layer, ci, ki, ans):
-    store = {}
-    with (
-        torch.no_grad(),
-        model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", lambda a, hook: store.update(a=a.clone()))]),
-    ):
-        model(clean[None])
-
-    def patch(act, hook):
-        act[0, ki] = store["a"][0, ci]
-        return act
-
-    with torch.no_grad(), model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)]):
-        return score_logits(model(corrupt[None])[:, -1], ans).logit_diff[0]
+    """Full forward of ``corrupt`` with resid_pre at ``ki`` set to ``clean``'s at ``ci`` (aligned from the end)."""
+    assert ci - len(clean) == ki - len(corrupt)
+    return _brute_many(model, clean, corrupt, layer, [ki - len(corrupt)], ans)
 
 
 def test_prompts_of_different_lengths_align_from_the_end():

@@ -182,3 +182,26 @@ def test_grad_features_match_a_manual_gradient():
     manual = (store["z"] * store["z"].grad)[0, -1]
     assert torch.allclose(feats["z"][1, 1], manual, atol=1e-5)
     assert manual.abs().max() > 1e-3
+
+
+def test_a_new_probe_is_one_decorated_function():
+    from mechlie.read.directions import FITS, get_fit
+    from mechlie.read.fits import register_probe
+    from mechlie.read.probes import PROBE_KINDS, Probe, probe_kinds
+
+    @register_probe("test_first_pair")
+    def fit_first_pair(X, y, pairs=None, seed=0, scale: float = 1.0):
+        return Probe("test_first_pair", scale * (X[y == 1][0] - X[y == 0][0]), torch.zeros(X.shape[1:-1]))
+
+    try:
+        honest, lying = torch.zeros(4, 2, 3), torch.ones(4, 2, 3)
+        X, y, pairs = pair_rows(honest, lying)
+        assert "test_first_pair" in probe_kinds() and "test_first_pair" not in PROBES
+        assert torch.equal(fit_probe("test_first_pair", X, y, scale=2.0).direction, torch.full((2, 3), 2.0))
+        assert torch.equal(get_fit("test_first_pair", scale=2.0)(honest, lying), torch.full((2, 3), 2.0))
+        with pytest.raises(ValueError, match="already registered"):
+            register_probe("test_first_pair")(lambda *a: None)
+    finally:
+        FITS.pop("test_first_pair")
+    assert "test_first_pair" not in probe_kinds()
+    assert PROBE_KINDS == PROBES == ("diff_of_means", "mass_mean", "logistic", "lat", "ccs", "ensemble")

@@ -44,6 +44,10 @@ def example_source() -> str:
 
 def test_public_api_names_all_exist():
     assert "Direction" not in mechlie.__all__  # nothing builds it
+    assert {"Site", "hook_name", "load_pairs_file", "pairs_from_dataset"} <= set(mechlie.__all__)
+    from mechlie.core.hooks import Site, hook_name
+
+    assert mechlie.Site is Site and mechlie.hook_name is hook_name
     missing = [name for name in mechlie.__all__ if not hasattr(mechlie, name)]
     assert missing == []
     assert mechlie.steer.__module__ == "mechlie.core.hooks"

@@ -1,4 +1,4 @@
-"""mechlie.sae.features on tiny random models: sae-lens training, the cache, quality metrics, the
+"""mechlie.sae on tiny random models: sae-lens training, the cache, quality metrics, the
 decomposition of a planted lie feature, FeatureClamp, and bad input."""
 
 from __future__ import annotations
@@ -8,8 +8,10 @@ import torch
 from conftest import no_hooks, tiny_model
 from sae_lens import StandardSAE, StandardSAEConfig
 
+import mechlie.sae as S
 from mechlie.control.steering import steer
-from mechlie.sae import features as S
+from mechlie.core.pairs import tokenize
+from mechlie.sae import training
 
 WORDS = "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo honest liar".split()
 
@@ -88,7 +90,7 @@ def test_quality_passes_from_the_stashed_residual_equal_full_forwards(tiny):
     qs = S.sae_qualities(tiny, list(zip(saes, sites)), texts, batch_size=3, n_boot=50)
 
     def line_ce(text: str, hooks) -> float:
-        toks = S.tokenize(tiny, [text]).tokens  # one line: no padding
+        toks = tokenize(tiny, [text]).tokens  # one line: no padding
         with tiny.hooks(fwd_hooks=hooks):
             lp = tiny(toks).log_softmax(-1)[0, :-1].gather(-1, toks[0, 1:, None])
         return float(-lp.mean())
@@ -146,6 +148,41 @@ def test_feature_clamp_sets_the_feature_and_keeps_the_rest(tiny):
     with steer(tiny, S.FeatureClamp(sae, site, (feat,))):  # ablation
         ablated = S.encode(sae, S.final_acts(tiny, texts, site))
     assert ablated[:, feat].abs().max() < 1e-4
+
+
+def test_feature_clamp_scaled_random_control_and_sites(tiny):
+    from mechlie.core.hooks import Site as CoreSite
+
+    site = S.Site("blocks.1.hook_resid_pre")
+    sae = exact_sae(tiny.cfg.d_model, mirrored=False)
+    texts = word_texts(4, seed=2)
+    f0 = S.encode(sae, S.final_acts(tiny, texts, site))
+    feat = int(f0.min(0).values.argmax())
+    clamp = S.FeatureClamp(sae, site, (feat,), torch.tensor([5.0]))
+    assert clamp.alpha == 1.0 and clamp.scaled(0.5).alpha == 0.5 and clamp.scaled(0.5).features == (feat,)
+    with steer(tiny, clamp.scaled(0.5)):  # half-way: rows are orthonormal, so f moves by alpha * (5 - f)
+        half = S.encode(sae, S.final_acts(tiny, texts, site))
+    assert half[:, feat] == pytest.approx((f0[:, feat] + 5.0) / 2, abs=1e-3)
+    with steer(tiny, clamp.scaled(0.0)):
+        assert torch.allclose(S.encode(sae, S.final_acts(tiny, texts, site)), f0, atol=1e-5)
+    assert no_hooks(tiny)
+    # random controls: the same count of other features, seeded; matched draws equal causal_check's first draw
+    mean_act = f0.mean(0)
+    two = S.FeatureClamp(sae, site, (feat, (feat + 1) % sae.cfg.d_sae))
+    r = two.random_control(3)
+    assert len(r.features) == 2 and not set(r.features) & set(two.features) and r == two.random_control(3)
+    assert r.values is None and r.random_control(4).features != r.features
+    m = two.random_control(1, mean_act=mean_act, values_of=mean_act + 1)
+    assert m.features == S.matched_random_features(mean_act, two.features, 1, seed=1)[0]
+    assert torch.equal(m.values, (mean_act + 1)[list(m.features)])
+    # where it writes, as core Sites
+    assert clamp.sites == (CoreSite("resid_pre", 1, positions="final"),) == clamp.sites_in(tiny)
+    head = S.Site.parse("blocks.1.attn.hook_z:2")
+    assert head.kind == "z" and head.core_sites() == (CoreSite("z", 1, 2),)
+    all_heads = S.FeatureClamp(exact_sae(tiny.cfg.n_heads * tiny.cfg.d_head), S.Site("blocks.1.attn.hook_z"), (0,))
+    assert [s.head for s in all_heads.sites_in(tiny)] == list(range(tiny.cfg.n_heads))
+    with pytest.raises(S.SAEError, match="n_heads"):
+        _ = all_heads.sites
 
 
 def test_bad_sae_or_site_is_refused(tiny):
@@ -211,7 +248,7 @@ def test_load_or_train_caches_once(tmp_path, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("trained again")
 
-    monkeypatch.setattr(S, "train_sae", no_training)
+    monkeypatch.setattr(training, "train_sae", no_training)
     again = S.load_or_train_sae(model, cfg, cache_dir=tmp_path, progress=False)
     assert again.path == first.path and torch.equal(again.sae.W_dec, first.sae.W_dec)
     assert again.corpus == first.corpus

@@ -266,3 +266,87 @@ def test_head_set_mean_patches_only_the_final_position():
         assert len(set(d.heads)) == 3 and d.alpha == -1.0
         torch.testing.assert_close(d.honest, torch.stack([means_h[l, h] for l, h in d.heads]))
     assert len({d.heads for d in draws}) > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# where is separate from what: scaled, random_control and sites on every intervention
+
+
+def _z_norms(iv: HeadShift) -> torch.Tensor:
+    return (iv.sigmas[:, None] * iv.units).norm(dim=-1)
+
+
+def test_add_vectors_scaled_random_control_and_sites():
+    from steer_fixtures import check_intervention_contract
+
+    from mechlie.core.hooks import Site
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    iv = AddVectors({0: torch.randn(32, generator=g), 2: torch.randn(32, generator=g)}, alpha=-1.0)
+    assert iv.sites == (Site("resid_post", 0), Site("resid_post", 2))
+    assert iv.sites[1].hook == "blocks.2.hook_resid_post"
+    ctrl = check_intervention_contract(model, iv, TOKENS)
+    for layer, v in iv.vectors.items():
+        torch.testing.assert_close(ctrl.vectors[layer].norm(), v.norm(), atol=1e-4, rtol=1e-4)
+
+
+def test_head_shift_scaled_random_control_and_sites():
+    from steer_fixtures import check_intervention_contract
+
+    from mechlie.core.hooks import Site
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(11)  # not the control's seed: its draw would be these units
+    units = torch.nn.functional.normalize(torch.randn(3, model.cfg.d_head, generator=g), dim=-1)
+    iv = HeadShift(((0, 1), (2, 0), (2, 3)), units, torch.tensor([1.0, 2.0, 0.5]), alpha=1.0)
+    assert iv.sites == (Site("z", 0, 1), Site("z", 2, 0), Site("z", 2, 3))
+    assert {s.hook for s in iv.sites} == {"blocks.0.attn.hook_z", "blocks.2.attn.hook_z"}
+    ctrl = check_intervention_contract(model, iv, TOKENS)  # with the model: the write's norm is kept
+    torch.testing.assert_close(head_write(ctrl, model), head_write(iv, model), atol=1e-4, rtol=1e-4)
+    plain = iv.random_control(seed=1)  # without it: the shift's norm in z-space is kept
+    torch.testing.assert_close(_z_norms(plain), _z_norms(iv), atol=1e-5, rtol=1e-5)
+    assert plain.heads == iv.heads and (plain.units - iv.units).abs().max() > 1e-3
+
+
+def test_head_set_mean_scaled_random_control_and_sites():
+    from steer_fixtures import check_intervention_contract
+
+    from mechlie.core.hooks import Site
+
+    model = tiny_model()
+    g = torch.Generator().manual_seed(2)
+    honest, lying = torch.randn(2, model.cfg.d_head, generator=g), torch.randn(2, model.cfg.d_head, generator=g)
+    iv = HeadSetMean(((1, 0), (1, 2)), honest, lying, alpha=-1.0)
+    assert iv.sites == (Site("z", 1, 0, "final"), Site("z", 1, 2, "final"))
+    ctrl = check_intervention_contract(model, iv, TOKENS)
+    gap = (honest - lying).norm(dim=-1)  # each head moves as far as the real means are apart
+    torch.testing.assert_close((ctrl.honest - lying).norm(dim=-1), gap, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close((ctrl.lying - honest).norm(dim=-1), gap, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("where", ["writes", "resid"])
+def test_directional_ablation_scaled_random_control_and_sites(where):
+    from steer_fixtures import check_intervention_contract
+
+    from mechlie.control.steering import sites_of
+    from mechlie.core.hooks import Site
+
+    model = tiny_model()
+    d = torch.randn(32, generator=torch.Generator().manual_seed(3))
+    iv = DirectionalAblation(d, where=where)
+    sites = iv.sites_in(model)
+    assert iv.hook_names(model) == [s.hook for s in sites]
+    n = model.cfg.n_layers
+    assert len(sites) == (3 * n if where == "writes" else n + 1)
+    ctrl = check_intervention_contract(model, iv, TOKENS, sites=sites)
+    torch.testing.assert_close(ctrl.direction.norm(), d.norm(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(SteeringError, match="sites_in"):
+        _ = iv.sites
+    assert not hasattr(iv, "sites") and sites_of(iv, model) == sites
+    assert sites_of(AddVectors({1: d}, 1.0), model) == (Site("resid_post", 1),)
+    # alpha = 1 (the default) is the plain projection, bit for bit
+    with steer(model, iv):
+        a = model(TOKENS)
+    with steer(model, iv.scaled(1.0)):
+        torch.testing.assert_close(model(TOKENS), a, atol=0, rtol=0)

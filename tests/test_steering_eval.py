@@ -14,7 +14,6 @@ from transformer_lens import HookedTransformer
 
 from mechlie.control.steering import AddVectors, SteeringError
 from mechlie.core.pairs import Batch, PairError
-from mechlie.report import steering_figures as sf
 from mechlie.studies import steering_eval as se
 
 
@@ -38,6 +37,19 @@ def test_last_logits_match_full_forward_and_steering_changes_them():
     # The constant vector really is cancelled: the old test's direction was a no-op.
     const = se.last_logits(model, [BATCH], [AddVectors({1: torch.ones(32)}, 3.0)])
     torch.testing.assert_close(const, full, atol=1e-4, rtol=1e-4)
+
+
+def test_last_logits_apply_the_output_soft_cap():
+    """Steering's answer scores go through the one final-logits path, so a soft-capped model's
+    logits are capped as its own forward pass caps them (they were not before)."""
+    from tiny_models import softcap_model
+
+    model = softcap_model()
+    with torch.no_grad():
+        full = model(BATCH.tokens, attention_mask=BATCH.attention_mask)[:, -1]
+    got = se.last_logits(model, [BATCH])
+    assert got.abs().max() <= model.cfg.output_logits_soft_cap + 1e-5
+    torch.testing.assert_close(got, full, atol=1e-5, rtol=1e-5)
 
 
 def test_neutral_effects_zero_for_no_op_and_positive_otherwise():
@@ -182,6 +194,59 @@ def test_user_registered_kind(prepared):
         del se.KINDS["twice_resid"]
 
 
+def test_a_new_method_is_one_class(prepared):
+    """One Method subclass: the study sweeps it (its grid), builds it and draws its control (by
+    default the intervention's own random_control)."""
+    from types import SimpleNamespace
+
+    from mechlie.studies.steering import Config
+    from mechlie.studies.steering_methods import GridContext, Method, method, study_grid, study_methods
+
+    model, data = prepared
+
+    @method
+    class TwiceResid(Method):
+        name = "twice_resid_cls"
+
+        def build(self, model, data, s):
+            return AddVectors({s.layer: 2 * data.resid_dirs[s.layer]}, s.alpha)
+
+        def grid(self, ctx):
+            return [se.Setting(self.name, l, a) for l in ctx.layers for a in ctx.cfg.resid_alphas]
+
+    try:
+        assert "twice_resid_cls" in study_methods()
+        Config(model="tiny", methods=("twice_resid_cls",))  # a flag value the study accepts now
+        cfg = SimpleNamespace(resid_alphas=(-1.0,))
+        grid = study_grid(GridContext(model, data, cfg, None, (1,), None), ("twice_resid_cls",))
+        assert grid == {"twice_resid_cls": [se.Setting("twice_resid_cls", 1, -1.0)]}
+        a = se.sweep(model, data, grid["twice_resid_cls"], progress=False)[0]
+        b = se.sweep(model, data, [se.Setting("resid", 1, -2.0)], progress=False)[0]
+        assert abs(a.recovered - b.recovered) < 1e-4 and abs(a.kl - b.kl) < 1e-5
+        ctrl = se.intervention(model, data, grid["twice_resid_cls"][0], control_seed=5)
+        want = AddVectors({1: 2 * data.resid_dirs[1]}, -1.0).random_control(5, model)
+        torch.testing.assert_close(ctrl.vectors[1], want.vectors[1])
+    finally:
+        del se.KINDS["twice_resid_cls"]
+
+
+def test_builtin_controls_are_the_draws_they_were(prepared):
+    """The registry's controls give the same random draws as the per-kind controls they replaced."""
+    from mechlie.control.steering import DirectionalAblation, random_head_shift
+
+    model, data = prepared
+    se.attach_causal_heads(model, data, heads=[(1, 2), (0, 3)])
+    for seed in (1, 1001):
+        iti = se.intervention(model, data, se.Setting("iti", -1, -2.0, "2"), control_seed=seed)
+        old = random_head_shift(data.heads.top(2, -2.0), model, seed)
+        torch.testing.assert_close(iti.units, old.units) and torch.testing.assert_close(iti.sigmas, old.sigmas)
+        ab = se.intervention(model, data, se.Setting("ablation", 1, -1.0), control_seed=seed)
+        assert isinstance(ab, DirectionalAblation) and ab.alpha == 1.0
+        torch.testing.assert_close(ab.direction, se.random_like(data.resid_dirs[1], seed))
+        res = se.intervention(model, data, se.Setting("resid", 2, -1.0), control_seed=seed)
+        torch.testing.assert_close(res.vectors[2], se.random_like(data.resid_dirs[2], seed))
+
+
 def test_evaluate_on_test_with_controls(prepared):
     model, data = prepared
     r = se.evaluate(model, data, se.Setting("resid", 2, -4.0), n_controls=5, n_boot=200)
@@ -193,36 +258,34 @@ def test_evaluate_on_test_with_controls(prepared):
     assert "induced" in r and no_hooks(model)
 
 
-def test_figures_from_sweep_points():
+def test_figures_from_saved_sweep_points(tmp_path):
+    from mechlie.core.io import atomic_write_json, read_json
+    from mechlie.studies import steering_figures as sfig
+
+    def jsonable(obj):  # the form the run saves
+        return read_json(atomic_write_json(tmp_path / "x.json", obj))
+
     pts = [
         se.SweepPoint(se.Setting("resid", l, -a), "val", 0.5, 0.1 * l * a, 0.01 * a) for l in (3, 5) for a in (1.0, 2.0)
     ]
     pts.append(se.SweepPoint(se.Setting("iti", -1, -5.0, "16"), "val", 0.6, 0.4, 0.02))
-    fig = sf.dose_heatmap(pts, "resid", "p_truth")
+    sweep = jsonable({"resid": pts[:4], "iti": pts[4:]})
+    assert sfig.sweep_points(sweep["resid"]) == pts[:4]  # read back exactly
+    fig = sfig.dose(sweep["resid"], "p_truth", "tiny")
     assert fig.data[0].z.shape == (2, 2)
     with pytest.raises(ValueError):
-        sf.dose_heatmap(pts, "fv")
+        sfig.dose(sweep["iti"], "recovered", "tiny")  # no layer: not a residual sweep
     e = {
         "recovered": se.Estimate(0.4, 0.2, 0.6, 10),
         "kl": se.Estimate(0.02, 0.01, 0.03, 12),
         "control": {"n_draws": 8, "recovered": se.Estimate(0.0, -0.1, 0.1, 8), "kl": se.Estimate(0.02, 0.01, 0.03, 8)},
     }
-    names = [t.name for t in sf.frontier_figure(pts, {"resid": e}).data]
+    names = [t.name for t in sfig.frontier(sweep, jsonable({"resid": e}), "tiny", 0.1).data]
     assert "resid frontier" in names and "iti frontier" in names
     assert any("chosen on val" in n for n in names) and any("random, 8 draws" in n for n in names)
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def _demo():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("steering_demo", ROOT / "analyses" / "steering_demo.py")
-    mod = importlib.util.module_from_spec(spec)
-    __import__("sys").modules[spec.name] = mod  # dataclasses look their module up while building Config
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.parametrize(
@@ -237,21 +300,24 @@ def _demo():
 )
 def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, message):
     from mechlie.core.cli import run_script
+    from mechlie.studies.steering import Config
 
-    mod = _demo()
     loaded = []
-    rc = run_script(mod.Config, lambda cfg, run: loaded.append(1), argv=argv + ["--out-dir", str(tmp_path / "out")])
+    rc = run_script(Config, lambda cfg, run: loaded.append(1), argv=argv + ["--out-dir", str(tmp_path / "out")])
     assert rc == 2 and not loaded and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
-    """The whole demo (every method, controls, transfer, lies flipped back) on the tiny word model."""
+    """The whole study (every method, controls, transfer, lies flipped back) on the tiny word model,
+    launched as the script launches it; what it prints is its result's report, read back from the run."""
     import mechlie.core.models
     import mechlie.core.pairs
-    from mechlie.core.cli import run_script
+    from analyses import steering_demo
+    from mechlie.studies.base import launch, load_result
+    from mechlie.studies.steering import METHODS, STUDY, SteeringResult
 
-    mod = _demo()
+    assert steering_demo.STUDY is STUDY
     monkeypatch.setattr(mechlie.core.models, "load_model", lambda name, **kw: word_model())
     monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **kw: word_pairs())
     argv = [
@@ -292,15 +358,22 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         "--run-name",
         "t",
     ]
-    assert run_script(mod.Config, mod.main, argv=argv) == 0, capsys.readouterr().err
-    summary = __import__("json").loads((tmp_path / "t" / "summary.json").read_text())
+    assert launch(STUDY, argv=argv) == 0, capsys.readouterr().err
+    run = tmp_path / "t"
+    summary = __import__("json").loads((run / "summary.json").read_text())
     ev = summary["evaluation_on_test"]
-    assert set(ev) == set(mod.METHODS)
+    assert set(ev) == set(METHODS) and summary["kind"] == "steering"
     for m, r in ev.items():
         assert r["on"] == "test" and r["control"]["n_draws"] == 3
         assert summary["chosen_on_validation"][m]["split"] == "val"
         assert any(k.startswith("transfer:format") for k in r)
-    assert (tmp_path / "t" / "learned@0.05.safetensors").is_file() and (tmp_path / "t" / "frontier.html").is_file()
+    assert (run / "learned@0.05.safetensors").is_file() and (run / "figures" / "steering_frontier.html").is_file()
+    result = load_result(run)
+    assert isinstance(result, SteeringResult) and result.summary() == summary
+    # the figures the run wrote are those make_figures draws from the saved files
+    assert set(summary["figures"]) == set(result.figures()) >= {"steering_recovered", "steering_frontier"}
+    printed = capsys.readouterr().out
+    assert result.report() in printed and "best: " in printed and len(result.headline()) == 1 + len(ev)
     assert isinstance(summary["best"]["goal_met"], bool)
     # gated edits at each sweep layer (1, 2), with their gate's opening on held-out text
     assert set(summary["gates"]) == {"gated@0.05/L1", "gated@0.05/L2"}

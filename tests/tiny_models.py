@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from mechlie.core.pairs import AnswerSet, Batch, _facts
+from mechlie.core.pairs import AnswerSet, Batch, builtin_facts
 
 WORDS = (
     "Q A What is the capital of France Paris Spain Madrid Italy Rome Japan Tokyo Peru Lima "
@@ -20,7 +20,7 @@ WORDS = (
     "lie always never you are an assistant opposite hot cold"
 ).split()
 # Every built-in answer word too: an unknown word is <unk>, and two <unk> answers would share a first token.
-WORDS += tuple(sorted({w for rel in _facts().values() for _, a in rel["facts"] for w in a.split()} - set(WORDS)))
+WORDS += tuple(sorted({w for rel in builtin_facts().values() for _, a in rel["facts"] for w in a.split()} - set(WORDS)))
 SPECIALS = ["<pad>", "<bos>", "<unk>", "?", ":", ".", ",", '"']
 
 
@@ -90,6 +90,15 @@ def tiny_model(
 def word_model(seed: int = 0, **overrides) -> HookedTransformer:
     """The conftest's ``tiny`` model: 3 layers with MLPs and the word-level tokenizer."""
     return tiny_model(**{"n_layers": 3, "attn_only": False, "tokenizer": True, "seed": seed, **overrides})
+
+
+def softcap_model(seed: int = 0, cap: float = 2.0, scale: float = 20.0) -> HookedTransformer:
+    """The word-level model with a Gemma-2-style output soft-cap (``cap * tanh(logits / cap)``) and
+    its unembedding scaled by ``scale``, so raw logits are far beyond ``cap`` and the cap matters."""
+    model = word_model(seed=seed, output_logits_soft_cap=cap)
+    with torch.no_grad():
+        model.W_U.mul_(scale)
+    return model
 
 
 def random_batch(n: int, length: int, d_vocab: int = 50, seed: int = 0, last_token: int | None = None) -> Batch:

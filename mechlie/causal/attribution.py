@@ -34,7 +34,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlie.core.activations import hook_name
+from mechlie.core.hooks import hook_name
 from mechlie.core.metrics import gather_logprob
 from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
 from mechlie.core.stats import spearman  # noqa: F401  (re-exported: rank correlation with exact patching)

@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from mechlie.causal.effects import top_k_components
 from mechlie.causal.patching import PatchResult, patch_final_position
 from mechlie.core.activations import collect
 from mechlie.core.pairs import ContrastPair, PairError
@@ -58,14 +58,15 @@ class FamilyRanking:
         return len(set(self.top_by_score) & set(self.top_by_effect))
 
 
-def _top(x: Tensor, k: int) -> tuple[tuple[int, ...], ...]:
-    idx = x.flatten().topk(min(k, x.numel())).indices
-    return tuple(tuple(int(i) for i in torch.unravel_index(j, x.shape)) for j in idx)
-
-
 def rank_family(family: str, score: Tensor, effect: Tensor, top_k: int = 10) -> FamilyRanking:
+    k = min(top_k, score.numel())
     return FamilyRanking(
-        family, score, effect, spearman(score, effect.abs()), _top(score, top_k), _top(effect.abs(), top_k)
+        family,
+        score,
+        effect,
+        spearman(score, effect.abs()),
+        top_k_components(score, k),
+        top_k_components(effect.abs(), k),
     )
 
 

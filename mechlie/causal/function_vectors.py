@@ -50,9 +50,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.causal.patching import Patches, score_patches
-from mechlie.core.activations import head_out_from_z, hook_name
-from mechlie.core.kv import collect_batch, final_tokens, prefix_cache, run_rows, top_heads
+from mechlie.causal.effects import top_k_components
+from mechlie.causal.patching import Patches, answer_rows, score_patches
+from mechlie.core.activations import head_out_from_z
+from mechlie.core.hooks import hook_name
+from mechlie.core.kv import collect_batch, final_tokens, prefix_cache, run_rows
 from mechlie.core.metrics import AnswerScores, score_logits
 from mechlie.core.pairs import (
     AnswerSet,
@@ -77,10 +79,6 @@ def _rows(answers: AnswerSet, i: int, n: int) -> AnswerSet:
 
 def _sub(batch: Batch, idx: slice) -> Batch:
     return Batch(batch.tokens[idx], batch.attention_mask[idx])
-
-
-def _slice_answers(answers: AnswerSet, start: int, n: int) -> AnswerSet:
-    return AnswerSet(*(t[start : start + n] for t in (answers.truth, answers.lie, answers.choices)))
 
 
 def p_lie(scores: AnswerScores) -> Tensor:
@@ -194,7 +192,9 @@ def head_aie(
         else:
             value = mean_z[comps[comp, 0], comps[comp, 1]]
         patches = Patches("z", torch.arange(C * B), comps[comp, 0], comps[comp, 1], value)
-        sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B), max_rows=max_rows)
+        sc = score_patches(
+            model, cache, last, prompt, patches, answer_rows(answers, slice(s, s + B)), max_rows=max_rows
+        )
         p_truth[s : s + B] = sc.p_truth.reshape(C, B).T
         logit_diff[s : s + B] = sc.logit_diff.reshape(C, B).T
         bar.update(B)
@@ -250,7 +250,7 @@ def build_function_vector(
     metric: str = "truth_drop",
 ) -> FunctionVector:
     """Sum of the mean head outputs of the ``k`` heads with the largest AIE."""
-    heads = top_heads(aie, k)  # NaN (unswept) heads rank last
+    heads = top_k_components(aie, k)  # NaN (unswept) heads rank last
     vec = torch.stack([head_out_mean[l, h] for l, h in heads]).sum(0)
     return FunctionVector(vec, heads, tuple(float(aie[l, h]) for l, h in heads), metric)
 
@@ -311,7 +311,7 @@ def add_at_final_position(
         patches = Patches(
             "resid_post", torch.arange(len(prompt)), li, torch.full_like(li, -1), vectors[vi, ji], add=True
         )
-        sc = score_patches(model, cache, last, prompt, patches, _slice_answers(answers, s, B))
+        sc = score_patches(model, cache, last, prompt, patches, answer_rows(answers, slice(s, s + B)))
         p_truth[s : s + B] = sc.p_truth.reshape(nv, nl, B).permute(2, 0, 1)
         logit_diff[s : s + B] = sc.logit_diff.reshape(nv, nl, B).permute(2, 0, 1)
         bar.update(B)

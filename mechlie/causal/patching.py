@@ -7,9 +7,10 @@ the honest run, and the answer is scored.
 Metric, normalized per component over the pairs' means:
 ``effect = (mean(m_patched) - mean(m_lying)) / (mean(m_honest) - mean(m_lying))``, so 0 is the
 lying baseline and 1 the honest baseline, for ``m`` = the logit difference (truth vs. the pair's
-lie answer) and for ``m`` = P(truth) (:func:`mechlie.core.stats.normalized_effect`). Normalizing the
-means, not each pair, keeps pairs with a tiny honest-lying gap from dominating. Per-pair raw
-metrics are kept, so :meth:`PatchResult.effect_ci` bootstraps the effect over pairs.
+lie answer) and for ``m`` = P(truth). Normalizing the means, not each pair, keeps pairs with a tiny
+honest-lying gap from dominating. Per-pair raw metrics are kept, so :meth:`PatchResult.effect_ci`
+bootstraps the effect over pairs. Every result of the patching family computes both the same way,
+from :class:`mechlie.causal.effects.EffectResult`.
 
 Why it is fast: a patch at the final position cannot change any earlier position (attention is
 causal), so each lying prompt's prefix is run once into a key/value cache, and every patch is a
@@ -27,7 +28,7 @@ function vectors (:mod:`mechlie.causal.function_vectors`) and vector addition al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, ClassVar, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -35,7 +36,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.core.activations import HEAD_KINDS, LAYER_KINDS, hook_name
+from mechlie.causal.effects import EffectResult
+from mechlie.core.hooks import HEAD_KINDS, LAYER_KINDS, hook_name
 from mechlie.core.kv import (
     Baseline,
     FinalActs,
@@ -49,7 +51,6 @@ from mechlie.core.kv import (
 from mechlie.core.kv import prefix_cache as _prefix_cache
 from mechlie.core.metrics import AnswerScores, score_logits
 from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
-from mechlie.core.stats import TensorEstimate, bootstrap_tensor, normalized_effect
 
 PATCHABLE = ("z",) + LAYER_KINDS
 
@@ -57,6 +58,7 @@ __all__ = [
     "PATCHABLE",
     "PatchResult",
     "Patches",
+    "answer_rows",
     "component_grid",
     "patch_final_position",
     "patch_final_positions",
@@ -75,37 +77,27 @@ def prefix_cache(model: HookedTransformer, batch: Batch):
 
 
 @dataclass(frozen=True)
-class PatchResult:
+class PatchResult(EffectResult):
+    """Per pair and component, the lying (corrupt) run with that component patched from the honest
+    (clean) run; ``effect`` / ``effect_ci``: 0 = lying baseline, 1 = honest baseline."""
+
+    LO: ClassVar[str] = "corrupt"
+    HI: ClassVar[str] = "clean"
+
     kind: str  # "z" (per head) or a residual/layer kind
     p_truth: Float[Tensor, "n ..."]  # per pair, per component, after patching
     logit_diff: Float[Tensor, "n ..."]
     clean: AnswerScores  # honest run
     corrupt: AnswerScores  # lying run
 
-    def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "*c"]:
-        """Normalized effect: 0 = lying baseline, 1 = honest baseline (over the pairs ``idx``)."""
-        sel = slice(None) if idx is None else idx
-        patched = getattr(self, metric)[sel].mean(0)
-        return normalized_effect(
-            patched, getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean()
-        )
-
-    def effect_ci(self, metric: str = "logit_diff", *, n_boot: int = 1000, seed: int = 0) -> TensorEstimate:
-        """The effect of every component with a 95% bootstrap CI over pairs (same resamples)."""
-        patched = getattr(self, metric)
-        lo, hi = getattr(self.corrupt, metric), getattr(self.clean, metric)
-        extra = (1,) * (patched.ndim - 1)
-
-        def effects(idx: Tensor) -> Tensor:  # idx [b, n]: a block of resamples at once -> [b, *c]
-            return normalized_effect(
-                patched[idx].mean(1), lo[idx].mean(1).reshape(-1, *extra), hi[idx].mean(1).reshape(-1, *extra)
-            )
-
-        return bootstrap_tensor(effects, len(patched), n_boot=n_boot, seed=seed, batched=True)
-
 
 def component_grid(model: HookedTransformer, kind: str) -> tuple[int, ...]:
     return (model.cfg.n_layers, model.cfg.n_heads) if kind in HEAD_KINDS else (model.cfg.n_layers,)
+
+
+def answer_rows(answers: AnswerSet, idx: Tensor | slice) -> AnswerSet:
+    """The answer ids of the prompts ``idx`` (a slice or an index tensor, repeats allowed)."""
+    return AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
 
 
 @dataclass(frozen=True)
@@ -243,7 +235,7 @@ def score_patches(
 
     def reduce(logits: Tensor, rows: Tensor) -> Tensor:
         pr = prompt[rows]
-        s = score_logits(logits[:, -1], AnswerSet(*(t[pr] for t in (answers.truth, answers.lie, answers.choices))))
+        s = score_logits(logits[:, -1], answer_rows(answers, pr))
         return torch.stack([s.p_truth, s.logit_diff, s.correct.float(), s.choice_cov], 1)
 
     x = run_patches(model, cache, tokens, prompt, patches, reduce, max_rows=max_rows, baseline=baseline)
@@ -403,6 +395,86 @@ def patch_runs_kinds(
         ``{kind: PatchResult}``.
     """
     kinds = tuple(kinds)
+    n = _check_runs(model, clean_prompts, corrupt_prompts, answers, kinds, batch_size, max_rows, full_answers)
+    if clean is None:
+        clean = collect_batch(
+            model,
+            tokenize(model, list(clean_prompts)),
+            kinds,
+            batch_size=batch_size,
+            progress=progress,
+            desc="clean run",
+        )
+    else:
+        _check_clean(model, clean, kinds, n)
+    grids = {k: component_grid(model, k) for k in kinds}
+    p_truth = {k: torch.empty((n, *g)) for k, g in grids.items()}
+    logit_diff = {k: torch.empty((n, *g)) for k, g in grids.items()}
+    corrupt_logits = torch.empty((n, model.cfg.d_vocab))
+    desc = f"patching {', '.join(kinds)}"
+    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
+        idx = slice(s, min(n, s + batch_size))
+        b = tokenize(model, list(corrupt_prompts[idx]))
+        B = b.tokens.shape[0]
+        cache = _prefix_cache(model, b)
+        last = final_tokens(b)
+        corrupt_logits[idx] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
+        acts = {k: clean.acts[k][idx] for k in kinds}
+        full = None if full_answers is None else tuple(list(x[idx]) for x in full_answers)
+        ans = None if answers is None else answer_rows(answers, idx)
+        for kind, (p, ld) in _patch_batch(model, cache, last, grids, acts, ans, full, max_rows).items():
+            p_truth[kind][idx], logit_diff[kind][idx] = p, ld
+    if full_answers is not None:
+        clean_scores = _full_answer_scores(model, clean_prompts, *full_answers, batch_size)
+        corrupt_scores = _full_answer_scores(model, corrupt_prompts, *full_answers, batch_size)
+    else:
+        clean_scores, corrupt_scores = score_logits(clean.logits, answers), score_logits(corrupt_logits, answers)
+    return {
+        k: PatchResult(kind=k, p_truth=p_truth[k], logit_diff=logit_diff[k], clean=clean_scores, corrupt=corrupt_scores)
+        for k in kinds
+    }
+
+
+def _patch_batch(
+    model: HookedTransformer,
+    cache: PrefixCache,
+    last: Int[Tensor, "B 1"],
+    grids: dict[str, tuple[int, ...]],
+    clean_acts: dict[str, Tensor],
+    answers: AnswerSet | None,
+    full: tuple[list[str], list[str]] | None,
+    max_rows: int,
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each component of each kind patched, on its own, into one batch of corrupt prompts (cached in
+    ``cache``): ``{kind: (p_truth, logit_diff)}``, each ``[B, *grid]``; scored by first tokens
+    (``answers``) or by the full answers (``full``: truths, lies)."""
+    B = last.shape[0]
+    out = {}
+    if full is not None:
+        for kind, grid in grids.items():
+            lt, ll = _full_answer_patches(model, cache, last, *full, kind, grid, clean_acts[kind], max_rows)
+            out[kind] = lt.exp().reshape(B, *grid), (lt - ll).reshape(B, *grid)
+        return out
+    base = baseline_inputs(model, cache, last)  # shared by every kind and chunk of rows
+    for kind, grid in grids.items():
+        prompt, patches = _single_component_patches(kind, grid, clean_acts[kind], B)
+        sc = score_patches(model, cache, last, prompt, patches, answers, max_rows=max_rows, baseline=base)
+        # rows are (component, prompt): reshape to [prompt, *grid]
+        out[kind] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid), sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
+    return out
+
+
+def _check_runs(
+    model: HookedTransformer,
+    clean_prompts: Sequence[str],
+    corrupt_prompts: Sequence[str],
+    answers: AnswerSet | None,
+    kinds: tuple[str, ...],
+    batch_size: int,
+    max_rows: int,
+    full_answers: tuple[Sequence[str], Sequence[str]] | None,
+) -> int:
+    """Validate :func:`patch_runs_kinds`'s inputs; return the number of pairs."""
     bad = [k for k in kinds if k not in PATCHABLE]
     if bad or not kinds or len(set(kinds)) != len(kinds):
         raise ValueError(f"cannot patch {bad or list(kinds)}; patchable kinds: {PATCHABLE} (each once)")
@@ -417,60 +489,17 @@ def patch_runs_kinds(
             f"need as many clean prompts ({n}) as corrupted prompts ({len(corrupt_prompts)}) and answers "
             f"({n_ans}), and at least one"
         )
-    if clean is None:
-        clean = collect_batch(
-            model,
-            tokenize(model, list(clean_prompts)),
-            kinds,
-            batch_size=batch_size,
-            progress=progress,
-            desc="clean run",
-        )
-    else:
-        grids = {k: (n, *component_grid(model, k)) for k in kinds}
-        for k in kinds:
-            if k not in clean.acts or tuple(clean.acts[k].shape[: len(grids[k])]) != grids[k]:
-                raise ValueError(f"clean activations need {k!r} of shape {grids[k]} + (d,)")
-        if tuple(clean.logits.shape) != (n, model.cfg.d_vocab):
-            raise ValueError(f"clean logits need shape {(n, model.cfg.d_vocab)}, got {tuple(clean.logits.shape)}")
-    grids = {k: component_grid(model, k) for k in kinds}
-    p_truth = {k: torch.empty((n, *g)) for k, g in grids.items()}
-    logit_diff = {k: torch.empty((n, *g)) for k, g in grids.items()}
-    corrupt_logits = torch.empty((n, model.cfg.d_vocab))
-    desc = f"patching {', '.join(kinds)}"
-    for s in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False):
-        idx = slice(s, min(n, s + batch_size))
-        b = tokenize(model, list(corrupt_prompts[idx]))
-        B = b.tokens.shape[0]
-        cache = _prefix_cache(model, b)
-        last = final_tokens(b)
-        base = baseline_inputs(model, cache, last)  # shared by every kind and chunk of rows
-        corrupt_logits[idx] = run_rows(model, cache, torch.arange(B), last)[:, 0].cpu()
-        if full_answers is not None:
-            truths, lies = (list(x[idx]) for x in full_answers)
-            for kind, grid in grids.items():
-                lt, ll = _full_answer_patches(
-                    model, cache, last, truths, lies, kind, grid, clean.acts[kind][idx], max_rows
-                )
-                p_truth[kind][idx] = lt.exp().reshape(B, *grid)
-                logit_diff[kind][idx] = (lt - ll).reshape(B, *grid)
-            continue
-        ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
-        for kind, grid in grids.items():
-            prompt, patches = _single_component_patches(kind, grid, clean.acts[kind][idx], B)
-            sc = score_patches(model, cache, last, prompt, patches, ans, max_rows=max_rows, baseline=base)
-            # rows are (component, prompt): reshape to [prompt, *grid]
-            p_truth[kind][idx] = sc.p_truth.reshape(-1, B).T.reshape(B, *grid)
-            logit_diff[kind][idx] = sc.logit_diff.reshape(-1, B).T.reshape(B, *grid)
-    if full_answers is not None:
-        clean_scores = _full_answer_scores(model, clean_prompts, *full_answers, batch_size)
-        corrupt_scores = _full_answer_scores(model, corrupt_prompts, *full_answers, batch_size)
-    else:
-        clean_scores, corrupt_scores = score_logits(clean.logits, answers), score_logits(corrupt_logits, answers)
-    return {
-        k: PatchResult(kind=k, p_truth=p_truth[k], logit_diff=logit_diff[k], clean=clean_scores, corrupt=corrupt_scores)
-        for k in kinds
-    }
+    return n
+
+
+def _check_clean(model: HookedTransformer, clean: FinalActs, kinds: tuple[str, ...], n: int) -> None:
+    """Already collected clean activations must hold every kind, for ``n`` prompts, and their logits."""
+    grids = {k: (n, *component_grid(model, k)) for k in kinds}
+    for k in kinds:
+        if k not in clean.acts or tuple(clean.acts[k].shape[: len(grids[k])]) != grids[k]:
+            raise ValueError(f"clean activations need {k!r} of shape {grids[k]} + (d,)")
+    if tuple(clean.logits.shape) != (n, model.cfg.d_vocab):
+        raise ValueError(f"clean logits need shape {(n, model.cfg.d_vocab)}, got {tuple(clean.logits.shape)}")
 
 
 def _full_answer_scores(

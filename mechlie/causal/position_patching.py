@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -37,12 +37,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.causal.patching import Patches, score_patches
-from mechlie.core.activations import LAYER_KINDS, hook_name
+from mechlie.causal.effects import EffectResult, normalized_mean_effect
+from mechlie.causal.patching import Patches, answer_rows, score_patches
+from mechlie.core.hooks import LAYER_KINDS, hook_name
 from mechlie.core.kv import prefix_cache, run_rows
 from mechlie.core.metrics import AnswerScores, score_logits
 from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, tokenize
-from mechlie.core.stats import normalized_effect
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,13 @@ def differing_groups(clean: Int[Tensor, " a"], corrupt: Int[Tensor, " b"]) -> li
 
 
 @dataclass(frozen=True)
-class PositionPatchResult:
+class PositionPatchResult(EffectResult):
+    """Per pair, offset (or group of offsets) and layer, the lying run patched from the honest run;
+    ``effect`` / ``group_effect``: 0 = lying baseline, 1 = honest baseline."""
+
+    LO: ClassVar[str] = "corrupt"
+    HI: ClassVar[str] = "clean"
+
     kind: str
     p_truth: Float[Tensor, "n pos layer"]  # patched, per pair / offset / layer
     logit_diff: Float[Tensor, "n pos layer"]
@@ -89,20 +95,92 @@ class PositionPatchResult:
     group_logit_diff: Float[Tensor, "n group layer"] | None = None
     groups: tuple[tuple[tuple[int, ...], ...], ...] = ()  # per pair, the offsets of each group
 
-    def effect(self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None) -> Float[Tensor, "pos layer"]:
-        return self._norm(getattr(self, metric), metric, idx)
-
     def group_effect(
         self, metric: str = "logit_diff", idx: Int[Tensor, " m"] | None = None
     ) -> Float[Tensor, "group layer"]:
         if self.group_p_truth is None:
             raise ValueError("no groups were patched")
-        return self._norm(getattr(self, f"group_{metric}"), metric, idx)
+        return normalized_mean_effect(getattr(self, f"group_{metric}"), *self.baselines(metric), idx)
 
-    def _norm(self, x: Tensor, metric: str, idx: Tensor | None) -> Tensor:
-        sel = slice(None) if idx is None else idx
-        return normalized_effect(
-            x[sel].mean(0), getattr(self.corrupt, metric)[sel].mean(), getattr(self.clean, metric)[sel].mean()
+
+def _check_positions(
+    model: HookedTransformer,
+    clean: Sequence[Tensor],
+    corrupt: Sequence[Tensor],
+    kind: str,
+    layers: Sequence[int] | None,
+    n_positions: int | None,
+    offsets: Sequence[int] | None,
+    groups: Sequence[Sequence[Sequence[int]]] | None,
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Validate :func:`patch_positions_tokens`'s inputs; return its ``(layers, offsets)``."""
+    if kind not in LAYER_KINDS:
+        raise ValueError(f"kind must be one of {LAYER_KINDS}")
+    if len(clean) != len(corrupt) or not clean:
+        raise PairError("need the same, non-zero number of clean and corrupt prompts")
+    L = model.cfg.n_layers
+    layers = tuple(range(L)) if layers is None else tuple(sorted(int(l) for l in layers))
+    if not layers or layers[0] < 0 or layers[-1] >= L:
+        raise ValueError(f"layers must be in [0, {L})")
+    m = min(min(len(c), len(k)) for c, k in zip(clean, corrupt))
+    if offsets is None:
+        P = m if n_positions is None else min(m, n_positions)
+        offsets = tuple(range(-P, 0))
+    else:
+        offsets = tuple(sorted(set(int(o) for o in offsets)))
+        if not offsets or offsets[0] < -m or offsets[-1] > -1:
+            raise ValueError(f"offsets must be in [-{m}, -1] (the common suffix of every pair)")
+    if groups is not None:
+        if len(groups) != len(clean) or len({len(g) for g in groups}) != 1:
+            raise ValueError("groups needs one list per pair, with the same number of groups in each")
+        for i, gs in enumerate(groups):
+            m_i = min(len(clean[i]), len(corrupt[i]))
+            if any(not g or min(g) < -m_i or max(g) > -1 for g in gs):
+                raise ValueError(f"pair {i}: every group needs offsets in [-{m_i}, -1]")
+    return layers, offsets
+
+
+class _PairPatcher:
+    """One pair: the clean run's ``kind`` at ``layers`` (every position) and the corrupt prompt's
+    cache; :meth:`run` scores every layer's row with a set of offsets patched at once."""
+
+    def __init__(
+        self, model: HookedTransformer, clean: Tensor, corrupt: Tensor, kind: str, layers: tuple[int, ...], ans
+    ):
+        dev = model.cfg.device
+        self.model, self.kind, self.layers, self.ans = model, kind, layers, ans
+        ct, self.kt = clean.to(dev)[None], corrupt.to(dev)[None]
+        self.store: dict[int, Tensor] = {}
+
+        def saver(layer: int):
+            def hook(act, hook):
+                self.store[layer] = act[0].clone()
+
+            return hook
+
+        with model.hooks(fwd_hooks=[(hook_name(kind, l), saver(l)) for l in layers]):
+            self.clean_logits = model(ct)[0, -1].float().cpu()
+        self.Lc, self.Lk = ct.shape[1], self.kt.shape[1]
+        self.cache = prefix_cache(model, Batch(self.kt, torch.ones_like(self.kt)))
+        zero = torch.zeros(1, dtype=torch.long)
+        self.corrupt_logits = run_rows(model, self.cache, zero, self.kt[:, -1:])[0, -1].cpu()
+
+    def run(self, offs: Sequence[int]) -> AnswerScores:
+        """All layers' rows, patching every offset of ``offs`` at once."""
+        nl, Lk = len(self.layers), self.Lk
+        first = Lk + min(offs)
+        rows = torch.arange(nl).repeat(len(offs))
+        lay = torch.tensor(self.layers, dtype=torch.long).repeat(len(offs))
+        pos = torch.tensor([Lk + o - first for o in offs]).repeat_interleave(nl)
+        value = torch.stack([self.store[l][self.Lc + o] for o in offs for l in self.layers])
+        patches = Patches(self.kind, rows, lay, torch.full_like(lay, -1), value, pos=pos)
+        return score_patches(
+            self.model,
+            self.cache.truncate(first),
+            self.kt[:, first:],
+            torch.zeros(nl, dtype=torch.long),
+            patches,
+            self.ans,
         )
 
 
@@ -132,72 +210,23 @@ def patch_positions_tokens(
     Returns:
         :class:`PositionPatchResult`, per pair ``[n, offset, layer]`` (and ``[n, group, layer]``).
     """
-    if kind not in LAYER_KINDS:
-        raise ValueError(f"kind must be one of {LAYER_KINDS}")
-    if len(clean) != len(corrupt) or not clean:
-        raise PairError("need the same, non-zero number of clean and corrupt prompts")
-    L = model.cfg.n_layers
-    layers = tuple(range(L)) if layers is None else tuple(sorted(int(l) for l in layers))
-    if not layers or layers[0] < 0 or layers[-1] >= L:
-        raise ValueError(f"layers must be in [0, {L})")
+    layers, offsets = _check_positions(model, clean, corrupt, kind, layers, n_positions, offsets, groups)
     n, nl = len(clean), len(layers)
-    m = min(min(len(c), len(k)) for c, k in zip(clean, corrupt))
-    if offsets is None:
-        P = m if n_positions is None else min(m, n_positions)
-        offsets = tuple(range(-P, 0))
-    else:
-        offsets = tuple(sorted(set(int(o) for o in offsets)))
-        if not offsets or offsets[0] < -m or offsets[-1] > -1:
-            raise ValueError(f"offsets must be in [-{m}, -1] (the common suffix of every pair)")
-    if groups is not None:
-        if len(groups) != n or len({len(g) for g in groups}) != 1:
-            raise ValueError("groups needs one list per pair, with the same number of groups in each")
-        for i, gs in enumerate(groups):
-            m_i = min(len(clean[i]), len(corrupt[i]))
-            if any(not g or min(g) < -m_i or max(g) > -1 for g in gs):
-                raise ValueError(f"pair {i}: every group needs offsets in [-{m_i}, -1]")
     G = 0 if groups is None else len(groups[0])
-    dev = model.cfg.device
     p_truth, logit_diff = torch.empty((n, len(offsets), nl)), torch.empty((n, len(offsets), nl))
     gp, gl = torch.empty((n, G, nl)), torch.empty((n, G, nl))
     clean_logits, corrupt_logits = torch.empty((n, model.cfg.d_vocab)), torch.empty((n, model.cfg.d_vocab))
-    layer_t = torch.tensor(layers, dtype=torch.long)
     bar = tqdm(total=n * (len(offsets) + G), desc=f"patching {kind} by position", disable=not progress, leave=False)
     for i in range(n):
-        ct, kt = clean[i].to(dev)[None], corrupt[i].to(dev)[None]
-        store: dict[int, Tensor] = {}
-
-        def saver(layer: int):
-            def hook(act, hook):
-                store[layer] = act[0].clone()
-
-            return hook
-
-        with model.hooks(fwd_hooks=[(hook_name(kind, l), saver(l)) for l in layers]):
-            clean_logits[i] = model(ct)[0, -1].float().cpu()
-        Lc, Lk = ct.shape[1], kt.shape[1]
-        cache = prefix_cache(model, Batch(kt, torch.ones_like(kt)))
-        corrupt_logits[i] = run_rows(model, cache, torch.zeros(1, dtype=torch.long), kt[:, -1:])[0, -1].cpu()
-        ans = AnswerSet(*(t[i : i + 1] for t in (answers.truth, answers.lie, answers.choices)))
-
-        def run(offs: Sequence[int]) -> AnswerScores:
-            """All layers' rows, patching every offset of ``offs`` at once."""
-            first = Lk + min(offs)
-            rows = torch.arange(nl).repeat(len(offs))
-            lay = layer_t.repeat(len(offs))
-            pos = torch.tensor([Lk + o - first for o in offs]).repeat_interleave(nl)
-            value = torch.stack([store[l][Lc + o] for o in offs for l in layers])
-            patches = Patches(kind, rows, lay, torch.full_like(lay, -1), value, pos=pos)
-            return score_patches(
-                model, cache.truncate(first), kt[:, first:], torch.zeros(nl, dtype=torch.long), patches, ans
-            )
-
+        ans = answer_rows(answers, slice(i, i + 1))
+        pair = _PairPatcher(model, clean[i], corrupt[i], kind, layers, ans)
+        clean_logits[i], corrupt_logits[i] = pair.clean_logits, pair.corrupt_logits
         for j, o in enumerate(offsets):
-            sc = run([o])
+            sc = pair.run([o])
             p_truth[i, j], logit_diff[i, j] = sc.p_truth, sc.logit_diff
             bar.update(1)
         for g, offs in enumerate(groups[i] if groups is not None else ()):
-            sc = run(offs)
+            sc = pair.run(offs)
             gp[i, g], gl[i, g] = sc.p_truth, sc.logit_diff
             bar.update(1)
     bar.close()

@@ -31,6 +31,13 @@ touching mechlie. Four are built in, each a small frozen dataclass:
 
 Sign convention: directions point honest -> lying, so a negative ``alpha`` pushes toward honesty.
 
+Where is separate from what: every built-in intervention (these four and the learned edits of
+:mod:`mechlie.control.learned`) also has ``scaled(alpha)`` (the same intervention at another
+strength; its write is linear in ``alpha``), ``random_control(seed, model=None)`` (the same kind
+and size, random direction(s): the control every effect is compared with) and ``sites``, the
+:class:`mechlie.core.hooks.Site` s it writes to (:func:`sites_of` for the ablation, whose sites
+depend on the model's depth).
+
 Position policy (``policy``) says which positions a hook touches in each forward pass:
 ``"all"``, ``"prompt"`` (only positions that hold prompt tokens) or ``"generated"`` (only
 positions that hold generated tokens). Which kind of forward is running is told to the hooks by
@@ -47,7 +54,7 @@ positions being indices along the (padded) sequence, counted from the start of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import torch
@@ -55,11 +62,13 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mechlie.causal.effects import top_k_components
 from mechlie.core.hooks import (
     POLICIES,
     Hook,
     Intervention,
     Policy,
+    Site,
     SteeringError,
     SteeringState,
     Touch,
@@ -67,6 +76,7 @@ from mechlie.core.hooks import (
     check_layer,
     check_policy,
     check_vector,
+    hook_name,
     positions_touched,
     steer,
 )
@@ -74,6 +84,18 @@ from mechlie.read.directions import get_fit
 
 # ---------------------------------------------------------------------------------------------
 # interventions
+
+
+class SitesNeedModel(SteeringError, AttributeError):
+    """``sites`` of an intervention whose sites depend on the model (see :func:`sites_of`); also an
+    AttributeError, so ``hasattr(iv, "sites")`` and ``getattr(iv, "sites", None)`` stay safe."""
+
+
+def sites_of(iv: Intervention, model: HookedTransformer) -> tuple[Site, ...]:
+    """Where ``iv`` writes in ``model``: its ``sites_in(model)`` if its sites depend on the model
+    (directional ablation writes at every block), else its ``sites``."""
+    sites_in = getattr(iv, "sites_in", None)
+    return sites_in(model) if sites_in is not None else iv.sites
 
 
 @dataclass(frozen=True)
@@ -104,17 +126,37 @@ class AddVectors:
                     act[:, sl] = act[:, sl] + delta.to(act.dtype)
                 return act
 
-            out.append((f"blocks.{layer}.hook_resid_post", hook))
+            out.append((hook_name("resid_post", layer), hook))
         return out
 
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        return tuple(Site("resid_post", layer) for layer in self.vectors)
 
-def _check_heads(model: HookedTransformer, heads: tuple[tuple[int, int], ...], kind: str) -> None:
+    def scaled(self, alpha: float) -> "AddVectors":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "AddVectors":
+        """Random vectors of the same norm at the same layers (layer ``l`` seeded ``seed + l``)."""
+        return replace(self, vectors={l: random_like(v, seed + l) for l, v in self.vectors.items()})
+
+
+def _check_heads(
+    model: HookedTransformer, heads: tuple[tuple[int, int], ...], kind: str, alpha: float, policy: str
+) -> None:
+    """The checks every head intervention shares: alpha, policy, and each (layer, head) in range."""
+    check_alpha(alpha)
+    check_policy(policy)
     if not heads:
         raise SteeringError(f"{kind} needs at least one head")
     for layer, head in heads:
         check_layer(model, layer)
         if not 0 <= head < model.cfg.n_heads:
             raise SteeringError(f"head {head} out of range: {model.cfg.n_heads} heads per layer")
+
+
+def _head_sites(heads: tuple[tuple[int, int], ...], positions: str = "all") -> tuple[Site, ...]:
+    return tuple(Site("z", layer, head, positions) for layer, head in heads)
 
 
 def _z_hooks(model: HookedTransformer, heads: tuple[tuple[int, int], ...], per_head: Tensor, edit) -> list[Hook]:
@@ -130,7 +172,7 @@ def _z_hooks(model: HookedTransformer, heads: tuple[tuple[int, int], ...], per_h
             edit(z, idx, vals.to(z.dtype))
             return z
 
-        out.append((f"blocks.{layer}.attn.hook_z", hook))
+        out.append((hook_name("z", layer), hook))
     return out
 
 
@@ -145,9 +187,7 @@ class HeadShift:
     policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
 
     def validate(self, model: HookedTransformer) -> None:
-        check_alpha(self.alpha)
-        check_policy(self.policy)
-        _check_heads(model, self.heads, "HeadShift")
+        _check_heads(model, self.heads, "HeadShift", self.alpha, self.policy)
         if self.units.shape != (len(self.heads), model.cfg.d_head):
             raise SteeringError(
                 f"units must have shape [{len(self.heads)}, {model.cfg.d_head}], got {tuple(self.units.shape)}"
@@ -164,6 +204,22 @@ class HeadShift:
                 z[:, sl, heads] = z[:, sl, heads] + delta
 
         return _z_hooks(model, self.heads, shift, edit)
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        return _head_sites(self.heads)
+
+    def scaled(self, alpha: float) -> "HeadShift":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "HeadShift":
+        """The same heads, each shifted along a random z-direction. With ``model``, each head's write
+        to the residual stream keeps its norm (:func:`random_head_shift`, the control the steering
+        study uses); without it, the shift keeps its norm in z-space (``sigma`` unchanged)."""
+        if model is not None:
+            return random_head_shift(self, model, seed)
+        units = random_like(self.units, seed)
+        return replace(self, units=units / units.norm(dim=-1, keepdim=True))
 
 
 @dataclass(frozen=True)
@@ -183,9 +239,7 @@ class HeadSetMean:
     policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
 
     def validate(self, model: HookedTransformer) -> None:
-        check_alpha(self.alpha)
-        check_policy(self.policy)
-        _check_heads(model, self.heads, "HeadSetMean")
+        _check_heads(model, self.heads, "HeadSetMean", self.alpha, self.policy)
         for name, t in (("honest", self.honest), ("lying", self.lying)):
             if t.shape != (len(self.heads), model.cfg.d_head) or not torch.isfinite(t).all():
                 raise SteeringError(
@@ -205,6 +259,21 @@ class HeadSetMean:
 
         return _z_hooks(model, self.heads, target, edit)
 
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        return _head_sites(self.heads, "final")
+
+    def scaled(self, alpha: float) -> "HeadSetMean":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "HeadSetMean":
+        """The same heads, each moved by as much as the real means are apart, in a random direction:
+        with ``r`` random of norm ``|honest - lying|`` per head, the honest target becomes
+        ``lying + r`` and the lying target ``honest - r``. (To draw random *heads* instead, each
+        toward its own mean, use :func:`random_head_set_mean`, which needs every head's means.)"""
+        r = random_like(self.honest.float() - self.lying.float(), seed)
+        return replace(self, honest=self.lying.float() + r, lying=self.honest.float() - r)
+
 
 def random_head_set_mean(
     shift: HeadSetMean, honest: Float[Tensor, "layer head d_head"], lying: Float[Tensor, "layer head d_head"], seed: int
@@ -220,13 +289,16 @@ def random_head_set_mean(
 
 @dataclass(frozen=True)
 class DirectionalAblation:
-    """Project ``direction`` (normalized here) out of the residual stream at every layer."""
+    """Project ``direction`` (normalized here) out of the residual stream at every layer:
+    ``x <- x - alpha (x . u) u`` (``alpha = 1``, the default, removes the component; ``2`` reflects it)."""
 
     direction: Float[Tensor, " d_model"]
     where: Literal["writes", "resid"] = "writes"
     policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
+    alpha: float = 1.0
 
     def validate(self, model: HookedTransformer) -> None:
+        check_alpha(self.alpha)
         check_policy(self.policy)
         check_vector(self.direction, model.cfg.d_model, "ablation direction")
         if self.direction.norm() < 1e-8:
@@ -234,11 +306,22 @@ class DirectionalAblation:
         if self.where not in ("writes", "resid"):
             raise SteeringError(f"where must be 'writes' or 'resid', got {self.where!r}")
 
-    def hook_names(self, model: HookedTransformer) -> list[str]:
+    def sites_in(self, model: HookedTransformer) -> tuple[Site, ...]:
+        """Where it writes in ``model`` (every block, so the model's depth is needed)."""
         n = model.cfg.n_layers
         if self.where == "writes":
-            return [f"blocks.{l}.{k}" for l in range(n) for k in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")]
-        return ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(n)]
+            kinds = ("resid_pre", "attn_out") + (() if getattr(model.cfg, "attn_only", False) else ("mlp_out",))
+            return tuple(Site(k, l) for l in range(n) for k in kinds)
+        return (Site("resid_pre", 0),) + tuple(Site("resid_post", l) for l in range(n))
+
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        raise SitesNeedModel(
+            "DirectionalAblation writes at every block: its sites depend on the model, use sites_in(model)"
+        )
+
+    def hook_names(self, model: HookedTransformer) -> list[str]:
+        return [site.hook for site in self.sites_in(model)]
 
     def hooks(self, model: HookedTransformer, state: SteeringState) -> list[Hook]:
         u = self.direction.float() / self.direction.float().norm()
@@ -249,13 +332,17 @@ class DirectionalAblation:
             if sl is not None:
                 x = act[:, sl]
                 uu = u.to(act.dtype)
-                act[:, sl] = x - (x @ uu)[..., None] * uu
+                act[:, sl] = x - self.alpha * (x @ uu)[..., None] * uu
             return act
 
-        names = self.hook_names(model)
-        if getattr(model.cfg, "attn_only", False):
-            names = [n for n in names if not n.endswith("hook_mlp_out")]
-        return [(name, hook) for name in names]
+        return [(name, hook) for name in self.hook_names(model)]
+
+    def scaled(self, alpha: float) -> "DirectionalAblation":
+        return replace(self, alpha=alpha)
+
+    def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "DirectionalAblation":
+        """A random direction (the projection normalizes it, so only its direction matters)."""
+        return replace(self, direction=random_like(self.direction, seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +369,7 @@ class HeadDirections:
         n_layers, n_heads = self.sigmas.shape
         if not 0 < k <= n_layers * n_heads:
             raise SteeringError(f"k must be in 1..{n_layers * n_heads}, got {k}")
-        flat = self.separation.flatten().nan_to_num(-1.0).topk(k).indices
-        heads = tuple((int(i) // n_heads, int(i) % n_heads) for i in flat)
+        heads = top_k_components(self.separation, k)
         units = torch.stack([self.units[l, h] for l, h in heads])
         sigmas = torch.stack([self.sigmas[l, h] for l, h in heads])
         return HeadShift(heads, units, sigmas, alpha, policy)
@@ -348,6 +434,7 @@ __all__ = [
     "HeadShift",
     "Intervention",
     "POLICIES",
+    "SitesNeedModel",
     "SteeringError",
     "SteeringState",
     "Touch",
@@ -358,5 +445,6 @@ __all__ = [
     "random_head_shift",
     "random_like",
     "residual_directions",
+    "sites_of",
     "steer",
 ]

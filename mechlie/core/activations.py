@@ -38,6 +38,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core.hooks import HEAD_KINDS, KINDS, LAYER_KINDS, hook_name  # noqa: E402,F401  (re-exported)
 from mechlie.core.io import load_tensors, save_tensors
+from mechlie.core.metrics import final_resid_hook, logits_from_resid
 from mechlie.core.pairs import Batch, tokenize
 
 
@@ -91,7 +92,8 @@ def collect(
             left-padded :class:`mechlie.core.pairs.Batch` (tokenizer-free).
         kinds: activation kinds (see the module docstring); ``head_out`` is computed from ``z``.
         position: offset from the end; ``-1`` is the final prompt token.
-        return_logits: also keep the final-position logits of the same forward passes.
+        return_logits: also keep the final-position logits of the same forward passes (the same
+            numbers as :func:`mechlie.core.metrics.final_logits`, soft-cap included).
 
     Returns:
         :class:`Activations` with ``acts[kind]`` of shape ``[n, L, (H,) d]``.
@@ -127,10 +129,12 @@ def collect(
             b = tokenize(model, prompts[i : i + batch_size])
         if b.tokens.shape[1] < -position:
             raise ValueError(f"position {position} is before the start of a {b.tokens.shape[1]}-token prompt")
-        with model.hooks(fwd_hooks=fwd_hooks):
-            out = model(b.tokens, attention_mask=b.attention_mask, return_type="logits" if return_logits else None)
+        kept: list[Tensor] = []
+        final = [final_resid_hook(model, kept)] if return_logits else []
+        with model.hooks(fwd_hooks=[*fwd_hooks, *final]):
+            model(b.tokens, attention_mask=b.attention_mask, return_type=None)
         if return_logits:
-            logits.append(out[:, -1].float().cpu())
+            logits.append(logits_from_resid(model, kept[-1])[:, -1].float().cpu())
     acts = {k: torch.stack([torch.cat(v) for v in store[k]], dim=1) for k in need}
     if "head_out" in kinds:
         acts["head_out"] = head_out_from_z(model, acts["z"])

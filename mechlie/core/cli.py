@@ -57,7 +57,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, Union
 
-from mechlie.core.io import UserError, _jsonable, atomic_write_json, ensure_writable_dir, file_sha256, read_json
+from mechlie.core.io import UserError, atomic_write_json, ensure_writable_dir, file_sha256, jsonable, read_json
 
 log = logging.getLogger("mechlie")
 
@@ -201,7 +201,7 @@ def data_files(cfg: Any) -> dict[str, Path]:
 
 def _identity(cfg: Any, files: dict[str, Path]) -> dict[str, Any]:
     """What a run computes from: the settings that matter, and the data files' content."""
-    settings = {f.name: _jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if _in_run(f)}
+    settings = {f.name: jsonable(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if _in_run(f)}
     return {"config": settings, "data_sha256": {k: file_sha256(p) for k, p in sorted(files.items())}}
 
 
@@ -224,7 +224,7 @@ def run_name(cfg: Any, identity: dict[str, Any]) -> str:
             continue
         value = getattr(cfg, f.name)
         default = _default(f)
-        if default is dataclasses.MISSING or _jsonable(value) != _jsonable(default):
+        if default is dataclasses.MISSING or jsonable(value) != jsonable(default):
             parts.append(f"{f.name.replace('_', '-')}={_slug(value, bool(f.metadata.get('path')))}")
     stem = "_".join(parts)[:80] or "default"
     return f"{stem}-{digest}"
@@ -269,7 +269,7 @@ class RunDir:
                 old = read_json(cfg_path)
             except json.JSONDecodeError as e:
                 raise ConfigMismatchError(f"{cfg_path} is not valid JSON ({e}); delete {self._path}") from e
-            if not isinstance(old, dict) or _jsonable(old) != _jsonable(self.identity):
+            if not isinstance(old, dict) or jsonable(old) != jsonable(self.identity):
                 diff = _differences(old if isinstance(old, dict) else {}, self.identity)
                 raise ConfigMismatchError(
                     f"{self._path} holds a run with different settings ({diff}); "

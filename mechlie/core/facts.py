@@ -1,4 +1,4 @@
-"""Users' own facts, and the public lie/truth dataset formats researchers already have on disk.
+"""Users' own facts and pairs, and the public lie/truth dataset formats researchers already have on disk.
 
 A user gives *facts*, not prompts: ``question``, ``answer`` (the truth), optionally ``lie`` (a
 designated false answer), ``relation`` and ``fact_id``, as a CSV, a JSONL file, a list of dicts
@@ -21,6 +21,10 @@ Public formats (the user brings the file; the tests use small samples written by
   (Pacchiardi et al. 2023): a list of records, a dict of records, or a pandas column-oriented
   dict, with ``question`` and ``answer`` (and optionally ``false_answer``).
 
+Users who already have prompts give *pairs* instead: :func:`load_pairs_file` (CSV or JSONL with
+``honest``, ``lying``, ``truth`` and optionally ``lie``, ``fact_id``, ``relation``),
+:func:`pairs_from_records`, :func:`pairs_from_dataset`.
+
 Bad input fails early with the file and row: missing columns, an empty question or answer.
 """
 
@@ -31,7 +35,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 from mechlie.core.pairs import (
     AnswerTokenError,
@@ -283,3 +287,78 @@ def load_qa_json(path: str | Path, *, relation: str | None = None) -> list[UserF
     rel = relation or path.stem
     records = [{**r, "lie": r.get("false_answer"), "relation": rel} if isinstance(r, dict) else r for r in records]
     return facts_from_records(records, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# users' own pairs: records with ready-made honest/lying prompts
+
+
+def pairs_from_records(
+    records: Iterable[dict], *, tokenizer=None, on_multitoken: Literal["keep", "error", "drop"] = "keep"
+) -> list[ContrastPair]:
+    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation.
+
+    Multi-token answers are kept (``on_multitoken="keep"``, scored by their first token or in full),
+    or raise (``"error"``), or are dropped with a logged count (``"drop"``)."""
+    out = []
+    for i, r in enumerate(records):
+        missing = [k for k in ("honest", "lying", "truth") if not r.get(k)]
+        if missing:
+            raise PairError(f"record {i} is missing {missing}: {dict(r)}")
+        pair = ContrastPair(
+            honest=str(r["honest"]),
+            lying=str(r["lying"]),
+            truth=str(r["truth"]),
+            lie=str(r["lie"]) if r.get("lie") else None,
+            fact_id=str(r.get("fact_id") or f"row{i}"),
+            relation=str(r.get("relation") or "custom"),
+            question=str(r.get("question") or ""),
+        )
+        if tokenizer is not None and on_multitoken != "keep":
+            try:
+                answer_token_ids(tokenizer, pair.truth)
+                if pair.lie:
+                    answer_token_ids(tokenizer, pair.lie)
+            except AnswerTokenError as e:
+                if on_multitoken == "error":
+                    raise AnswerTokenError(f"record {i}: {e}") from None
+                log.warning("dropping record %d: %s", i, e)
+                continue
+        out.append(pair)
+    if not out:
+        raise PairError("no usable pairs")
+    if len(out) < i + 1:
+        log.warning("used %d of %d records (%d dropped, see above)", len(out), i + 1, i + 1 - len(out))
+    return out
+
+
+def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:
+    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`).
+
+    Every row is used; rows dropped for multi-token answers (``on_multitoken="drop"``) are logged.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PairError(f"pairs file {path} does not exist")
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            records = list(csv.DictReader(f))
+    elif path.suffix in (".jsonl", ".json"):
+        records = []
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise PairError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(records[-1], dict):
+                raise PairError(f"{path}, line {lineno}: expected a JSON object, got {type(records[-1]).__name__}")
+    else:
+        raise PairError(f"{path}: expected a .csv or .jsonl file")
+    return pairs_from_records(records, **kw)
+
+
+def pairs_from_dataset(ds, **kw) -> list[ContrastPair]:
+    """Pairs from a Hugging Face ``datasets.Dataset`` with the same columns."""
+    return pairs_from_records(iter(ds), **kw)

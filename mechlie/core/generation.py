@@ -63,6 +63,104 @@ def _choose(
     return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(logits.device)
 
 
+def _check_args(
+    model: HookedTransformer,
+    max_new_tokens: int,
+    interventions: Sequence[Intervention],
+    state: SteeringState | None,
+    do_sample: bool,
+    temperature: float,
+    stop_strings: Sequence[str],
+    n_per_prompt: int,
+    greedy_first: bool,
+) -> None:
+    if n_per_prompt < 1:
+        raise GenerationError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
+    if n_per_prompt > 1 and (interventions or state is not None):
+        raise GenerationError("n_per_prompt > 1 is not supported under interventions (their rows are per prompt)")
+    if greedy_first and not do_sample:
+        raise GenerationError("greedy_first only makes sense with do_sample=True")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not (temperature > 0 and temperature == temperature):
+        raise GenerationError(f"temperature must be > 0 when sampling, got {temperature}")
+    if interventions and state is not None:
+        raise GenerationError("pass either interventions (applied here) or the state of a steer() you opened")
+    if stop_strings and getattr(model, "tokenizer", None) is None:
+        raise GenerationError("stop strings need a tokenizer to decode with")
+
+
+def _prompt_batch(model: HookedTransformer, prompts: Sequence[str] | Batch, max_new_tokens: int) -> Batch:
+    """The left-padded prompt batch, checked (shape, and room in the context for the new tokens)."""
+    if isinstance(prompts, Batch):
+        batch = prompts
+        if batch.tokens.ndim != 2 or batch.tokens.shape != batch.attention_mask.shape or batch.tokens.shape[0] == 0:
+            raise GenerationError("a Batch needs 2-d tokens and attention_mask of the same, non-empty shape")
+    else:
+        if len(prompts) == 0:
+            raise PairError("no prompts to generate from")
+        if getattr(model, "tokenizer", None) is None:
+            raise GenerationError("string prompts need a model with a tokenizer; pass a Batch of token ids")
+        batch = tokenize(model, list(prompts))
+    if batch.tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
+        raise GenerationError(f"prompt ({batch.tokens.shape[1]}) + max_new_tokens exceeds n_ctx {model.cfg.n_ctx}")
+    return batch
+
+
+def _repeat_rows(cache: TransformerLensKeyValueCache, logits: Tensor, k: int) -> Tensor:
+    """Every prompt's cache rows and logits, repeated: ``k`` continuations from one prompt pass."""
+    for e in cache.entries:
+        e.past_keys = e.past_keys.repeat_interleave(k, 0)
+        e.past_values = e.past_values.repeat_interleave(k, 0)
+    cache.previous_attention_mask = cache.previous_attention_mask.repeat_interleave(k, 0)
+    return logits.repeat_interleave(k, 0)
+
+
+@dataclass
+class _Decoding:
+    """The rows being decoded: tokens chosen so far, which are kept, and why each row stopped."""
+
+    tokens: Tensor  # [n, max_new_tokens], pad after a stop
+    mask: Tensor  # [n, max_new_tokens], 1 = a kept token
+    done: Tensor  # [n] bool
+    reason: list[str]
+
+    @classmethod
+    def empty(cls, n: int, max_new_tokens: int, pad: int) -> "_Decoding":
+        return cls(
+            torch.full((n, max_new_tokens), pad, dtype=torch.long),
+            torch.zeros((n, max_new_tokens), dtype=torch.long),
+            torch.zeros(n, dtype=torch.bool),
+            ["max_new_tokens"] * n,
+        )
+
+    def record(self, step: int, nxt: Tensor, pad: int, eos_token_id: int | None, stop_strings, tok) -> Tensor:
+        """Store step ``step``'s tokens (pad for stopped rows), mark rows that stop; the fed tokens."""
+        nxt = torch.where(self.done, torch.full_like(nxt, pad), nxt)
+        live = ~self.done
+        self.tokens[:, step] = nxt
+        self.mask[live, step] = 1
+        for i in live.nonzero().flatten().tolist():
+            if eos_token_id is not None and int(nxt[i]) == eos_token_id:
+                self.done[i], self.reason[i] = True, "eos"
+            elif stop_strings:
+                text = tok.decode(self.tokens[i, : step + 1][self.mask[i, : step + 1].bool()])
+                if any(s in text for s in stop_strings):
+                    self.done[i], self.reason[i] = True, "stop_string"
+        return nxt
+
+    def texts(self, tok, stop_strings: Sequence[str]) -> list[str] | None:
+        """Decoded continuations, cut before the first stop string."""
+        if tok is None:
+            return None
+        out = []
+        for i in range(len(self.tokens)):
+            text = tok.decode(self.tokens[i][self.mask[i].bool()], skip_special_tokens=True)
+            cuts = [text.index(s) for s in stop_strings if s in text]
+            out.append(text[: min(cuts)] if cuts else text)
+        return out
+
+
 @torch.no_grad()
 def generate(
     model: HookedTransformer,
@@ -87,36 +185,16 @@ def generate(
     yourself with :func:`mechlie.control.steering.steer` and pass the ``state`` it yields. ``eos_token_id``
     defaults to the tokenizer's EOS; ``None`` disables stopping at EOS. ``n_per_prompt`` and
     ``greedy_first``: see the module docstring (``prompt`` in the result stays one row per prompt).
+    The logits are the model's own output (soft-capped by TransformerLens like
+    :func:`mechlie.core.metrics.final_logits`), read from the cached passes.
     """
-    if n_per_prompt < 1:
-        raise GenerationError(f"n_per_prompt must be >= 1, got {n_per_prompt}")
-    if n_per_prompt > 1 and (interventions or state is not None):
-        raise GenerationError("n_per_prompt > 1 is not supported under interventions (their rows are per prompt)")
-    if greedy_first and not do_sample:
-        raise GenerationError("greedy_first only makes sense with do_sample=True")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if do_sample and not (temperature > 0 and temperature == temperature):
-        raise GenerationError(f"temperature must be > 0 when sampling, got {temperature}")
-    if interventions and state is not None:
-        raise GenerationError("pass either interventions (applied here) or the state of a steer() you opened")
+    _check_args(
+        model, max_new_tokens, interventions, state, do_sample, temperature, stop_strings, n_per_prompt, greedy_first
+    )
     tok = getattr(model, "tokenizer", None)
-    if stop_strings and tok is None:
-        raise GenerationError("stop strings need a tokenizer to decode with")
-    if isinstance(prompts, Batch):
-        batch = prompts
-        if batch.tokens.ndim != 2 or batch.tokens.shape != batch.attention_mask.shape or batch.tokens.shape[0] == 0:
-            raise GenerationError("a Batch needs 2-d tokens and attention_mask of the same, non-empty shape")
-    else:
-        if len(prompts) == 0:
-            raise PairError("no prompts to generate from")
-        if tok is None:
-            raise GenerationError("string prompts need a model with a tokenizer; pass a Batch of token ids")
-        batch = tokenize(model, list(prompts))
+    batch = _prompt_batch(model, prompts, max_new_tokens)
     if eos_token_id == "model":
         eos_token_id = tok.eos_token_id if tok is not None else None
-    if batch.tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
-        raise GenerationError(f"prompt ({batch.tokens.shape[1]}) + max_new_tokens exceeds n_ctx {model.cfg.n_ctx}")
 
     device = model.cfg.device
     tokens, mask = batch.tokens.to(device), batch.attention_mask.to(device)
@@ -125,12 +203,8 @@ def generate(
     pad = _pad_id(model)
     gen = torch.Generator().manual_seed(seed) if do_sample else None
     ctx = steer(model, *interventions) if interventions else nullcontext(state)
-    out_tokens = torch.full((n, max_new_tokens), pad, dtype=torch.long)
-    out_mask = torch.zeros((n, max_new_tokens), dtype=torch.long)
+    dec = _Decoding.empty(n, max_new_tokens, pad)
     out_logits: list[Tensor] = []
-    reason = ["max_new_tokens"] * n
-    done = torch.zeros(n, dtype=torch.bool)
-    texts = [""] * n if tok is not None else None
 
     with ctx as st:
         st = st if st is not None else SteeringState()
@@ -138,31 +212,15 @@ def generate(
         st.begin_forward("prompt", 0, 0)
         logits = model(tokens, attention_mask=mask, past_kv_cache=cache)[:, -1]
         if n_per_prompt > 1:
-            # Every prompt's cache rows and logits, repeated: k continuations from one prompt pass.
-            for e in cache.entries:
-                e.past_keys = e.past_keys.repeat_interleave(n_per_prompt, 0)
-                e.past_values = e.past_values.repeat_interleave(n_per_prompt, 0)
-            cache.previous_attention_mask = cache.previous_attention_mask.repeat_interleave(n_per_prompt, 0)
-            logits = logits.repeat_interleave(n_per_prompt, 0)
+            logits = _repeat_rows(cache, logits, n_per_prompt)
         for step in range(max_new_tokens):
             if return_logits:
                 out_logits.append(logits.float().cpu())
             nxt = _choose(logits, do_sample, temperature, top_k, gen).cpu()
             if greedy_first:
                 nxt[::n_per_prompt] = logits[::n_per_prompt].argmax(-1).cpu()
-            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-            live = ~done
-            out_tokens[:, step] = nxt
-            out_mask[live, step] = 1
-            for i in live.nonzero().flatten().tolist():
-                if eos_token_id is not None and int(nxt[i]) == eos_token_id:
-                    done[i], reason[i] = True, "eos"
-                elif stop_strings:
-                    text = tok.decode(out_tokens[i, : step + 1][out_mask[i, : step + 1].bool()])
-                    hit = [text.index(s) for s in stop_strings if s in text]
-                    if hit:
-                        done[i], reason[i] = True, "stop_string"
-            if done.all() or step == max_new_tokens - 1:
+            nxt = dec.record(step, nxt, pad, eos_token_id, stop_strings, tok)
+            if dec.done.all() or step == max_new_tokens - 1:
                 break
             # Finished rows keep being fed (pad ids) so the batch stays rectangular; nothing reads them.
             st.begin_forward("generated", step + 1, width + step)
@@ -172,19 +230,14 @@ def generate(
                 past_kv_cache=cache,
             )[:, -1]
 
-    if texts is not None:
-        for i in range(n):
-            text = tok.decode(out_tokens[i][out_mask[i].bool()], skip_special_tokens=True)
-            cuts = [text.index(s) for s in stop_strings if s in text]
-            texts[i] = text[: min(cuts)] if cuts else text
-    n_steps = int(out_mask.sum(0).nonzero().max()) + 1 if out_mask.any() else 0
+    n_steps = int(dec.mask.sum(0).nonzero().max()) + 1 if dec.mask.any() else 0
     return GenerationResult(
         prompt=batch,
-        tokens=out_tokens[:, :n_steps],
-        new_mask=out_mask[:, :n_steps],
+        tokens=dec.tokens[:, :n_steps],
+        new_mask=dec.mask[:, :n_steps],
         logits=torch.stack(out_logits, 1)[:, :n_steps] if return_logits else None,
-        texts=texts,
-        stop_reason=reason,
+        texts=dec.texts(tok, stop_strings),
+        stop_reason=dec.reason,
     )
 
 

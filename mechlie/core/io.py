@@ -75,13 +75,15 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: dataclasses and dicts (string keys), lists, tensors and numpy
+    scalars as numbers, paths as strings, NaN as ``None``."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return _jsonable(asdict(obj))
+        return jsonable(asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
@@ -94,7 +96,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2) + "\n")
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> Path:
@@ -159,7 +161,7 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], meta: Any = None) ->
     from safetensors.torch import save
 
     flat = _flatten(tensors)
-    header = {META_KEY: json.dumps(_jsonable(meta))}
+    header = {META_KEY: json.dumps(jsonable(meta))}
     return atomic_write_bytes(path, save(flat, metadata=header))
 
 

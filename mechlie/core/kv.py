@@ -39,7 +39,7 @@ from __future__ import annotations
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import einops
 import torch
@@ -53,11 +53,10 @@ from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValue
 from transformer_lens.utilities.activation_functions import apply_softcap
 from transformer_lens.utilities.multi_gpu import get_device_for_block_index
 
-from mechlie.core.activations import HEAD_KINDS, KINDS, head_out_from_z, hook_name
+from mechlie.core.activations import head_out_from_z
+from mechlie.core.hooks import HEAD_KINDS, KINDS, Hook, hook_name
+from mechlie.core.metrics import final_resid_hook, logits_from_resid
 from mechlie.core.pairs import Batch, PairError
-
-Hook = tuple[str, Callable]
-
 
 # ---------------------------------------------------------------------------------------------
 # the prefix cache
@@ -352,7 +351,7 @@ def run_rows(
             if cache.length == 0:
                 return model(tokens, attention_mask=new_mask).float()
             return model(tokens, attention_mask=new_mask, past_kv_cache=cache.tl_view(prompt)).float()
-    base_resid = None
+    base_resid, base_index = None, None
     if start_layers is not None and int(start_layers.max()) > 0:
         # The residual each row joins with at its start layer: its prompt's plain run.
         if baseline is None:
@@ -370,23 +369,36 @@ def run_rows(
         resid, _, shortformer, attention_mask = model.input_to_embed(
             tokens, attention_mask=mask_full[:, cache.length :], past_kv_cache=fake
         )
-        for i, block in enumerate(model.blocks):
-            k = int((starts <= i).sum())
-            block_dev = get_device_for_block_index(i, model.cfg)
-            if base_resid is not None and k > resid.shape[0]:
-                joining = base_resid[i][base_index[resid.shape[0] : k]].to(block_dev)
-                resid = torch.cat([resid.to(block_dev), joining])
-            elif base_resid is not None and i == 0:
-                resid = resid[:k]
-            resid = block(
-                resid.to(block_dev),
-                shortformer_pos_embed=None if shortformer is None else shortformer[:k].to(block_dev),
-                attention_mask=attention_mask[:k],
-            )
-        if model.cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        logits = apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+        resid = _run_blocks(model, resid, shortformer, attention_mask, starts, base_resid, base_index)
+        logits = logits_from_resid(model, resid)
     return logits.float()
+
+
+def _run_blocks(
+    model: HookedTransformer,
+    resid: Tensor,
+    shortformer: Tensor | None,
+    attention_mask: Tensor,
+    starts: Tensor,
+    base_resid: tuple[Tensor, ...] | None,
+    base_index: Tensor | None,
+) -> Tensor:
+    """Every block over the rows active at it (start layer ``<= block``); a row joins, at its start
+    layer, with its prompt's plain residual ``base_resid[block][base_index[row]]``."""
+    for i, block in enumerate(model.blocks):
+        k = int((starts <= i).sum())
+        block_dev = get_device_for_block_index(i, model.cfg)
+        if base_resid is not None and k > resid.shape[0]:
+            joining = base_resid[i][base_index[resid.shape[0] : k]].to(block_dev)
+            resid = torch.cat([resid.to(block_dev), joining])
+        elif base_resid is not None and i == 0:
+            resid = resid[:k]
+        resid = block(
+            resid.to(block_dev),
+            shortformer_pos_embed=None if shortformer is None else shortformer[:k].to(block_dev),
+            attention_mask=attention_mask[:k],
+        )
+    return resid
 
 
 def _first_rows(prompt: Tensor) -> tuple[Tensor, Tensor]:
@@ -486,7 +498,6 @@ def collect_batch(
     out: dict[str, list[Tensor]] = {k: [] for k in need}
     logits = []
     n = batch.tokens.shape[0]
-    last = hook_name("resid_post", L - 1)
     # Prompts of similar length share a slice, so little padding is computed; results go back
     # to the caller's order at the end.
     order = batch.attention_mask.sum(1).argsort(stable=True)
@@ -500,22 +511,17 @@ def collect_batch(
 
             return hook
 
-        def final(act, hook):
-            store["final"] = act[:, -1:].clone()
-
         tokens, mask = batch.tokens[s : s + batch_size], batch.attention_mask[s : s + batch_size]
         # Columns that are padding in every prompt of this slice change nothing (positions come
         # from the mask): drop them.
         pad = int((mask.sum(0) == 0).cumprod(0).sum())
         tokens, mask = tokens[:, pad:], mask[:, pad:]
-        hooks = [(hook_name(k, l), saver(k, l)) for k in need for l in range(L)] + [(last, final)]
-        with model.hooks(fwd_hooks=hooks):
-            # No unembedding of every position: only the final one is needed (a fifth of the FLOPs).
+        # No unembedding of every position: only the final one is needed (a fifth of the FLOPs).
+        kept: list[Tensor] = []
+        hooks = [(hook_name(k, l), saver(k, l)) for k in need for l in range(L)]
+        with model.hooks(fwd_hooks=[*hooks, final_resid_hook(model, kept, every_position=False)]):
             model(tokens, attention_mask=mask, return_type=None)
-            x = store.pop("final")
-            if model.cfg.normalization_type is not None:
-                x = model.ln_final(x)
-            lg = apply_softcap(model.unembed(x), model.cfg.output_logits_soft_cap)
+            lg = logits_from_resid(model, kept[-1])
         logits.append(lg[:, -1].float().cpu())
         for k in need:
             out[k].append(torch.stack([store[(k, l)] for l in range(L)], dim=1))

@@ -14,6 +14,12 @@ log-probability of the *full* answer: ``log sum_spellings prod_j P(t_j | prompt,
 ``behaviour(..., full_answer=True)`` adds it (``logp_truth_seq``, ``logp_lie_seq``) and the
 full-answer logit difference ``logit_diff_seq = logp_truth_seq - logp_lie_seq``.
 
+Final-position logits have one path: :func:`final_logits` (strings or left-padded batches, under
+any hooks), built from :func:`final_resid_hook` (keep the last block's output) and
+:func:`logits_from_resid` (``ln_final``, unembedding, and the model's output soft-cap,
+:func:`soft_cap`, as Gemma-2 has). The KV runner, the activation collectors, steering and the
+learned edits read their logits through the same two helpers, so every number shares the cap.
+
 Summary over pairs (the research notes' metrics):
 
 - ``balance``: share of honest prompts among all prompts scored (0.5 for pairs).
@@ -26,14 +32,16 @@ Summary over pairs (the research notes' metrics):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
+from transformer_lens.utilities.activation_functions import apply_softcap
 
+from mechlie.core.hooks import Hook, hook_name
 from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_sequences, answer_set, tokenize
 
 
@@ -75,15 +83,75 @@ def score_logits(logits: Float[Tensor, "n vocab"], answers: AnswerSet) -> Answer
     )
 
 
+def soft_cap(model: HookedTransformer, logits: Tensor) -> Tensor:
+    """The model's output soft-cap, ``cap * tanh(logits / cap)`` when ``cfg.output_logits_soft_cap > 0``
+    (Gemma-2 style), else ``logits`` unchanged: the one place mechlie applies it."""
+    return apply_softcap(logits, model.cfg.output_logits_soft_cap)
+
+
+def logits_from_resid(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """What the model does after its last block: ``ln_final`` (if any), the unembedding and the
+    soft-cap (:func:`soft_cap`). ``resid`` is ``blocks.{L-1}.hook_resid_post`` (any leading shape)."""
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    return soft_cap(model, model.unembed(resid))
+
+
+def final_resid_hook(model: HookedTransformer, kept: list[Tensor], *, every_position: bool = True) -> Hook:
+    """A hook on the last block's output that appends it to ``kept`` (every position, or only the
+    final one as ``[b, 1, d_model]``); pass what it keeps to :func:`logits_from_resid`. Add it after
+    any steering hook on the same point, so that it sees the steered residual. (Hooks on
+    ``ln_final`` / ``unembed`` points then run twice per pass: mechlie places none there.)"""
+
+    def keep(act: Tensor, hook) -> None:
+        kept.append(act.clone() if every_position else act[:, -1:].clone())
+
+    return (hook_name("resid_post", model.cfg.n_layers - 1), keep)
+
+
+def _batches(model, prompts: Sequence[str] | Batch | Sequence[Batch], batch_size: int) -> Iterator[Batch]:
+    if isinstance(prompts, Batch):
+        for i in range(0, prompts.tokens.shape[0], batch_size):
+            yield Batch(prompts.tokens[i : i + batch_size], prompts.attention_mask[i : i + batch_size])
+    elif len(prompts) and isinstance(prompts[0], Batch):
+        yield from prompts  # type: ignore[misc]
+    else:
+        for i in range(0, len(prompts), batch_size):
+            yield tokenize(model, list(prompts[i : i + batch_size]))  # type: ignore[arg-type]
+
+
 @torch.no_grad()
 def final_logits(
-    model, prompts: Sequence[str], *, batch_size: int = 16, progress: bool = False, desc: str = "forward"
+    model: HookedTransformer,
+    prompts: Sequence[str] | Batch | Sequence[Batch],
+    *,
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "forward",
+    fwd_hooks: Sequence[Hook] = (),
+    every_position: bool = True,
 ) -> Float[Tensor, "n vocab"]:
-    """Next-token logits after each prompt's last token (batched, left-padded)."""
+    """Next-token logits after each prompt's last token, soft-capped like the model's own output:
+    the one final-position logits path of mechlie (batched, left-padded).
+
+    Args:
+        prompts: strings (tokenized in slices of ``batch_size``), a left-padded :class:`Batch`
+            (sliced the same way), or a sequence of Batches (each run as it is).
+        fwd_hooks: TransformerLens hooks active during the passes (e.g. a patch); hooks opened
+            around this call (``steer()``) apply too.
+        every_position: unembed every position, as ``model(tokens)`` does, so that the numbers equal
+            ``model(tokens)[:, -1]`` bit for bit; ``False`` unembeds only the final position (cheaper;
+            equal up to float rounding).
+
+    Returns:
+        float32 logits ``[n, d_vocab]`` on the CPU.
+    """
     out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-        b = tokenize(model, prompts[i : i + batch_size])
-        out.append(model(b.tokens, attention_mask=b.attention_mask)[:, -1].float().cpu())
+    for b in tqdm(_batches(model, prompts, batch_size), desc=desc, disable=not progress, leave=False):
+        kept: list[Tensor] = []
+        with model.hooks(fwd_hooks=[*fwd_hooks, final_resid_hook(model, kept, every_position=every_position)]):
+            model(b.tokens, attention_mask=b.attention_mask, return_type=None)
+        out.append(logits_from_resid(model, kept[-1])[:, -1].float().cpu())
     return torch.cat(out)
 
 

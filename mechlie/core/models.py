@@ -29,12 +29,14 @@ tokenizer itself adds a BOS token (SmolLM2: no; Gemma: yes), so ``model.to_token
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.metadata as md
 import logging
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +49,27 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 CHECKSUMS = "CHECKSUMS.json"  # {weight file: {"bytes": size, "sha256": hex}} of a cache entry
+
+
+_MODEL_IDS: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def model_id(model: torch.nn.Module) -> str:
+    """The model's identity: sha256 over its sorted ``state_dict`` (each tensor's name, shape, dtype
+    and bytes), first 16 hex digits. The one identity mechlie records and checks (SAE caches,
+    detectors, learned edits): equal for a reload of the same weights, different for any change.
+
+    Computed once per model object (a weak-keyed cache, freed with the model), so a model whose
+    weights are changed in place after its first call keeps its first id.
+    """
+    cached = _MODEL_IDS.get(model)
+    if cached is None:
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        cached = _MODEL_IDS[model] = h.hexdigest()[:16]
+    return cached
 
 
 class ModelLoadError(RuntimeError, UserError):

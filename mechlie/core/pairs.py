@@ -33,21 +33,22 @@ Choices worth knowing:
   probabilities are summed over them. A multi-token answer is kept everywhere by default: the
   first-token metrics use the first token of each spelling (:func:`answer_set`), and
   :func:`mechlie.core.metrics.answer_logprob` scores the full sequence. Nothing drops such a fact
-  unless asked (``build_pairs(multi_token="drop")``, ``load_pairs_file(on_multitoken="drop")``,
+  unless asked (``build_pairs(multi_token="drop")``, ``facts.load_pairs_file(on_multitoken="drop")``,
   both logged).
+
+Users' own pairs (``load_pairs_file``, ``pairs_from_records``, ``pairs_from_dataset``) live in
+:mod:`mechlie.core.facts`, beside users' facts.
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
 import random
 from dataclasses import dataclass
 from importlib.resources import files
-from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Literal, Sequence
 
 import torch
 from jaxtyping import Int
@@ -97,8 +98,16 @@ class ContrastPair:
             raise PairError(f"pair {self.fact_id or self.truth!r}: lie equals truth")
 
 
-def _facts() -> dict:
+def builtin_facts() -> dict:
+    """The built-in facts, ``mechlie/data/facts.json``: ``{relation: {"facts": [[question, answer], ...], ...}}``."""
     return json.loads(files("mechlie").joinpath("data/facts.json").read_text())
+
+
+def neutral_lines() -> list[str]:
+    """The built-in neutral sentences, ``mechlie/data/neutral.txt`` (written for this project): its
+    stripped, non-empty lines, in file order. The one reader of that file."""
+    text = files("mechlie").joinpath("data/neutral.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 RELATIONS: tuple[str, ...] = ("capitals", "cities", "languages", "opposites")
@@ -191,7 +200,7 @@ def answer_set(
         by_rel.setdefault(p.relation, set()).update(t + li)
     if all(p.relation in RELATIONS + EXTRA_RELATIONS for p in pairs):
         for rel in by_rel:
-            for _, ans in _facts()[rel]["facts"]:
+            for _, ans in builtin_facts()[rel]["facts"]:
                 by_rel[rel].update(first_token_ids(tokenizer, ans))
     choices = [sorted(by_rel[p.relation]) for p in pairs]
     return AnswerSet(_pad_ids(truth), _pad_ids(lie), _pad_ids(choices))
@@ -297,6 +306,35 @@ def demo_pool(facts: Sequence[tuple[str, str]], n_demo_facts: int) -> tuple[list
     return pool, [i for i in range(len(facts)) if i not in set(pool)]
 
 
+def _draw_lie(t: Fact, pool: Sequence[str], firsts, rng: random.Random, relation: str) -> str:
+    """A false answer for ``t`` from ``pool``; with ``firsts`` (answer -> its first-token ids), one
+    whose first token differs from the truth's when there is one."""
+    others = [x for x in pool if x != t.answer]
+    if firsts is not None:
+        # A lie sharing the truth's first token would make the first-token metrics blind.
+        first = firsts(t.answer)
+        distinct = [x for x in others if not first & firsts(x)]
+        if not distinct:
+            log.warning("%s: every false answer shares %r's first token; first-token metrics fail", relation, t.answer)
+        others = distinct or others
+    if not others:
+        raise PairError(f"{relation}: no false answer available for {t.question!r}")
+    return rng.choice(others)
+
+
+def _draw_demos(
+    t: Fact, lie: str, demos: Sequence[Fact], n_shots: int, rng: random.Random, relation: str
+) -> list[Fact]:
+    """``n_shots`` demonstrations for ``t`` that show neither its truth nor its lie (no copy confound)."""
+    usable = [d for d in demos if d.answer not in (t.answer, lie) and d.question != t.question]
+    if len(usable) < n_shots:
+        raise PairError(
+            f"{relation}: only {len(usable)} demonstrations avoid the answers {t.answer!r}/{lie!r} of "
+            f"{t.question!r}; need {n_shots}. Give more demonstration facts with other answers."
+        )
+    return rng.sample(usable, n_shots)
+
+
 def pairs_from_facts(
     targets: Sequence[Fact],
     demos: Sequence[Fact],
@@ -342,30 +380,10 @@ def pairs_from_facts(
     out = []
     for t in targets:
         rng = random.Random(f"{seed}/{relation}/{t.fact_id or t.question}")
-        lie = t.lie
-        if lie is None:
-            others = [x for x in pool if x != t.answer]
-            if tokenizer is not None:
-                # A lie sharing the truth's first token would make the first-token metrics blind.
-                first = firsts(t.answer)
-                distinct = [x for x in others if not first & firsts(x)]
-                if not distinct:
-                    log.warning(
-                        "%s: every false answer shares %r's first token; first-token metrics fail", relation, t.answer
-                    )
-                others = distinct or others
-            if not others:
-                raise PairError(f"{relation}: no false answer available for {t.question!r}")
-            lie = rng.choice(others)
-        chosen: list[Fact] = []
-        if fmt != "instruct":
-            usable = [d for d in demos if d.answer not in (t.answer, lie) and d.question != t.question]
-            if len(usable) < n_shots:
-                raise PairError(
-                    f"{relation}: only {len(usable)} demonstrations avoid the answers {t.answer!r}/{lie!r} of "
-                    f"{t.question!r}; need {n_shots}. Give more demonstration facts with other answers."
-                )
-            chosen = rng.sample(usable, n_shots)
+        lie = (
+            t.lie if t.lie is not None else _draw_lie(t, pool, firsts if tokenizer is not None else None, rng, relation)
+        )
+        chosen = _draw_demos(t, lie, demos, n_shots, rng, relation) if fmt != "instruct" else []
         true_demos = [(d.question, d.answer) for d in chosen]
         false_demos = [
             (d.question, rng.choice([x for x in pool if x not in (d.answer, t.answer, lie)])) for d in chosen
@@ -407,7 +425,7 @@ def build_pairs(
         raise PairError(f"unknown relation {relation!r}; built-in relations: {RELATIONS + EXTRA_RELATIONS}")
     if fmt not in FORMATS:
         raise PairError(f"unknown format {fmt!r}; formats: {FORMATS}")
-    spec = _facts()[relation]
+    spec = builtin_facts()[relation]
     facts: list[tuple[str, str]] = [tuple(f) for f in spec["facts"]]
     if tokenizer is not None and multi_token == "drop":
         ok = []
@@ -463,78 +481,7 @@ def load_builtin(
 
 
 # ---------------------------------------------------------------------------------------------
-# users' own pairs
-
-
-def pairs_from_records(
-    records: Iterable[dict], *, tokenizer=None, on_multitoken: Literal["keep", "error", "drop"] = "keep"
-) -> list[ContrastPair]:
-    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation.
-
-    Multi-token answers are kept (``on_multitoken="keep"``, scored by their first token or in full),
-    or raise (``"error"``), or are dropped with a logged count (``"drop"``)."""
-    out = []
-    for i, r in enumerate(records):
-        missing = [k for k in ("honest", "lying", "truth") if not r.get(k)]
-        if missing:
-            raise PairError(f"record {i} is missing {missing}: {dict(r)}")
-        pair = ContrastPair(
-            honest=str(r["honest"]),
-            lying=str(r["lying"]),
-            truth=str(r["truth"]),
-            lie=str(r["lie"]) if r.get("lie") else None,
-            fact_id=str(r.get("fact_id") or f"row{i}"),
-            relation=str(r.get("relation") or "custom"),
-            question=str(r.get("question") or ""),
-        )
-        if tokenizer is not None and on_multitoken != "keep":
-            try:
-                answer_token_ids(tokenizer, pair.truth)
-                if pair.lie:
-                    answer_token_ids(tokenizer, pair.lie)
-            except AnswerTokenError as e:
-                if on_multitoken == "error":
-                    raise AnswerTokenError(f"record {i}: {e}") from None
-                log.warning("dropping record %d: %s", i, e)
-                continue
-        out.append(pair)
-    if not out:
-        raise PairError("no usable pairs")
-    if len(out) < i + 1:
-        log.warning("used %d of %d records (%d dropped, see above)", len(out), i + 1, i + 1 - len(out))
-    return out
-
-
-def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:
-    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`).
-
-    Every row is used; rows dropped for multi-token answers (``on_multitoken="drop"``) are logged.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise PairError(f"pairs file {path} does not exist")
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".json"):
-        records = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PairError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(records[-1], dict):
-                raise PairError(f"{path}, line {lineno}: expected a JSON object, got {type(records[-1]).__name__}")
-    else:
-        raise PairError(f"{path}: expected a .csv or .jsonl file")
-    return pairs_from_records(records, **kw)
-
-
-def pairs_from_dataset(ds, **kw) -> list[ContrastPair]:
-    """Pairs from a Hugging Face ``datasets.Dataset`` with the same columns."""
-    return pairs_from_records(iter(ds), **kw)
+# prompt layouts
 
 
 def fewshot_demos(prompt: str) -> tuple[list[tuple[str, str]], str]:

@@ -3,10 +3,10 @@
 A *fit* maps training activations to a direction for every component at once: tensors of shape
 ``[n, *component, d]`` give directions of shape ``[*component, d]``, so one call scores every
 layer (``resid_*``: component = ``[L]``) or every head (``head_out`` / ``z``: component =
-``[L, H]``). Fits live in a registry (``FITS``, ``register_fit``, ``get_fit``); the default,
-``diff_of_means``, is ``mean(lying) - mean(honest)`` over the training facts. The probe kinds of
-:mod:`mechlie.read.probes` register themselves here, so ``score_directions(..., fit="logistic")``
-scores them, and their nulls, the same way.
+``[L, H]``). Fits live in the one registry of :mod:`mechlie.read.fits` (``FITS``, ``register_fit``,
+``get_fit``, re-exported here); the default, ``diff_of_means``, is ``mean(lying) - mean(honest)``
+over the training facts. Every probe kind of :mod:`mechlie.read.probes` is registered there too,
+so ``score_directions(..., fit="logistic")`` scores it, and its nulls, the same way.
 
 Scoring (``score_directions``): project the held-out facts' activations onto the direction and
 compute the AUROC of "lying" vs "honest" (0.5 = chance, 1 = perfect, < 0.5 = reversed), with a
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from jaxtyping import Float
@@ -44,6 +44,8 @@ from torch import Tensor
 
 from mechlie.core import stats
 from mechlie.core.stats import auroc  # noqa: F401  (re-exported: directions.auroc is stats.auroc)
+from mechlie.read import probes  # noqa: F401  (its @register_probe fitters fill the registry get_fit reads)
+from mechlie.read.fits import FITS, Fit, diff_of_means, register_fit  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -76,33 +78,6 @@ def split_by_fact(fact_ids: Sequence[str], test_frac: float = 0.3, seed: int = 0
     return Split(train, test, list(fact_ids))
 
 
-Fit = Callable[[Tensor, Tensor], Tensor]
-"""``fit(honest[n, *c, d], lying[n, *c, d]) -> direction[*c, d]`` (pointing honest -> lying)."""
-
-FITS: dict[str, Callable[..., Fit]] = {}
-"""Registered fit factories by name: ``FITS[name](**hyperparameters)`` returns a ``Fit``."""
-
-
-def register_fit(name: str) -> Callable[[Callable[..., Fit]], Callable[..., Fit]]:
-    """Decorator registering a factory ``(**hyperparameters) -> Fit`` under ``name``.
-
-    Example:
-        >>> @register_fit("first_row")
-        ... def first_row() -> Fit:
-        ...     return lambda honest, lying: lying[0] - honest[0]
-        >>> get_fit("first_row")(torch.zeros(2, 3), torch.ones(2, 3)).tolist()
-        [1.0, 1.0, 1.0]
-    """
-
-    def deco(factory: Callable[..., Fit]) -> Callable[..., Fit]:
-        if name in FITS and FITS[name] is not factory:
-            raise ValueError(f"a fit named {name!r} is already registered")
-        FITS[name] = factory
-        return factory
-
-    return deco
-
-
 def get_fit(fit: str | Fit, **hyperparameters) -> Fit:
     """The ``Fit`` registered under ``fit`` (built with ``hyperparameters``), or ``fit`` itself if callable."""
     if callable(fit):
@@ -112,18 +87,6 @@ def get_fit(fit: str | Fit, **hyperparameters) -> Fit:
     if fit not in FITS:
         raise ValueError(f"unknown fit {fit!r}; registered: {sorted(FITS)}")
     return FITS[fit](**hyperparameters)
-
-
-def diff_of_means(honest: Float[Tensor, "n *c d"], lying: Float[Tensor, "n *c d"]) -> Float[Tensor, "*c d"]:
-    """Mean lying activation minus mean honest activation (the default fit)."""
-    if honest.shape[1:] != lying.shape[1:]:
-        raise ValueError(f"honest {tuple(honest.shape)} and lying {tuple(lying.shape)} shapes differ")
-    return lying.float().mean(0) - honest.float().mean(0)
-
-
-@register_fit("diff_of_means")
-def _diff_of_means_factory() -> Fit:
-    return diff_of_means
 
 
 def project(acts: Float[Tensor, "n *c d"], direction: Float[Tensor, "*c d"]) -> Float[Tensor, " n *c"]:
@@ -244,6 +207,72 @@ def null_directions(
     return torch.stack(out)
 
 
+def _held_out_ci(
+    proj_h: Tensor, proj_l: Tensor, split: Split, n_boot: int, seed: int
+) -> tuple[stats.TensorEstimate, int]:
+    """95% CI of the held-out AUROC over held-out *facts* (every pair of a resampled fact comes
+    along: pairs sharing a fact are not independent), and the number of held-out facts."""
+    facts = [split.fact_ids[i] for i in split.test] if split.fact_ids is not None else list(range(len(split.test)))
+    order = sorted(set(facts), key=facts.index)
+    rows = [torch.tensor([j for j, f in enumerate(facts) if f == u]) for u in order]
+    if all(len(r) == 1 for r in rows):
+
+        def held_out_auroc_batched(idx: Tensor) -> Tensor:
+            # one pair per fact: a block of resamples [b, n] at once, the sample axis first for auroc
+            r = torch.cat(rows)[idx]
+            return auroc(proj_l[r].movedim(1, 0), proj_h[r].movedim(1, 0))
+
+        ci = stats.bootstrap_tensor(held_out_auroc_batched, len(rows), n_boot=n_boot, seed=seed, batched=True)
+        return ci, len(rows)
+
+    def held_out_auroc(idx: Tensor) -> Tensor:
+        r = torch.cat([rows[i] for i in idx.tolist()])
+        return auroc(proj_l[r], proj_h[r])
+
+    return stats.bootstrap_tensor(held_out_auroc, len(rows), n_boot=n_boot, seed=seed), len(rows)
+
+
+def _control_aurocs(
+    h_tr: Tensor,
+    l_tr: Tensor,
+    h_te: Tensor,
+    l_te: Tensor,
+    direction: Tensor,
+    fit_fn: Fit,
+    n_perm: int,
+    n_random: int,
+    seed: int,
+) -> tuple[Tensor, Tensor]:
+    """Held-out AUROCs of the two controls: ``[n_perm, *c]`` for the fit refit on within-pair label
+    swaps (swapped on the held-out pairs too), ``[n_random, *c]`` for Gaussian directions."""
+    c_shape, d = direction.shape[:-1], direction.shape[-1]
+    n_te = len(h_te)
+
+    def scores(dirs: Tensor, swap_te: Tensor | None) -> Tensor:
+        """Held-out AUROC of ``dirs[k, *c, d]``; ``swap_te[k, n_te]`` swaps test labels per draw."""
+        u = _unit(dirs).reshape(len(dirs), -1, d)  # [k, C, d]
+        ph = torch.einsum("ncd,kcd->nkc", h_te.reshape(n_te, -1, d), u)
+        pl = torch.einsum("ncd,kcd->nkc", l_te.reshape(n_te, -1, d), u)
+        if swap_te is not None:
+            w = swap_te.T.unsqueeze(-1)  # [n_te, k, 1]
+            ph, pl = torch.where(w, pl, ph), torch.where(w, ph, pl)
+        return auroc(pl, ph).reshape(len(dirs), *c_shape)
+
+    null_chunks, rand_chunks = [], []
+    # Chunks bound the memory: a draw's directions are [*c, d] (155k floats for 270 heads).
+    chunk = 50
+    swap_tr = stats.paired_swap_masks(len(h_tr), n_perm, seed)
+    swap_te = stats.paired_swap_masks(n_te, n_perm, seed + 1)
+    for k in range(0, n_perm, chunk):
+        dirs = null_directions(h_tr, l_tr, swap_tr[k : k + chunk], fit_fn)
+        null_chunks.append(scores(dirs, swap_te[k : k + chunk]))
+    g = torch.Generator().manual_seed(seed)
+    for k in range(0, n_random, chunk):
+        m = min(chunk, n_random - k)
+        rand_chunks.append(scores(torch.randn(m, *direction.shape, generator=g), None))
+    return torch.cat(null_chunks), torch.cat(rand_chunks)
+
+
 def score_directions(
     honest: Float[Tensor, "n *c d"],
     lying: Float[Tensor, "n *c d"],
@@ -288,55 +317,10 @@ def score_directions(
     tr, te = torch.tensor(split.train), torch.tensor(split.test)
     h_tr, l_tr, h_te, l_te = honest[tr].float(), lying[tr].float(), honest[te].float(), lying[te].float()
     direction = fit_fn(h_tr, l_tr).float()
-    c_shape = direction.shape[:-1]
 
     proj_h, proj_l = project(h_te, direction), project(l_te, direction)
-
-    # CI over held-out facts: every pair of a resampled fact comes along (pairs sharing a fact
-    # are not independent).
-    facts = [split.fact_ids[i] for i in split.test] if split.fact_ids is not None else list(range(len(te)))
-    order = sorted(set(facts), key=facts.index)
-    rows = [torch.tensor([j for j, f in enumerate(facts) if f == u]) for u in order]
-    one_each = all(len(r) == 1 for r in rows)
-
-    def held_out_auroc(idx: Tensor) -> Tensor:
-        r = torch.cat([rows[i] for i in idx.tolist()]) if not one_each else torch.cat(rows)[idx]
-        return auroc(proj_l[r], proj_h[r])
-
-    def held_out_auroc_batched(idx: Tensor) -> Tensor:
-        # one pair per fact: a block of resamples [b, n] at once, the sample axis first for auroc
-        r = torch.cat(rows)[idx]
-        return auroc(proj_l[r].movedim(1, 0), proj_h[r].movedim(1, 0))
-
-    ci = (
-        stats.bootstrap_tensor(held_out_auroc_batched, len(rows), n_boot=n_boot, seed=seed, batched=True)
-        if one_each
-        else stats.bootstrap_tensor(held_out_auroc, len(rows), n_boot=n_boot, seed=seed)
-    )
-
-    def scores(dirs: Tensor, swap_te: Tensor | None) -> Tensor:
-        """Held-out AUROC of ``dirs[k, *c, d]``; ``swap_te[k, n_te]`` swaps test labels per draw."""
-        u = _unit(dirs).reshape(len(dirs), -1, dirs.shape[-1])  # [k, C, d]
-        ph = torch.einsum("ncd,kcd->nkc", h_te.reshape(len(te), -1, dirs.shape[-1]), u)
-        pl = torch.einsum("ncd,kcd->nkc", l_te.reshape(len(te), -1, dirs.shape[-1]), u)
-        if swap_te is not None:
-            w = swap_te.T.unsqueeze(-1)  # [n_te, k, 1]
-            ph, pl = torch.where(w, pl, ph), torch.where(w, ph, pl)
-        return auroc(pl, ph).reshape(len(dirs), *c_shape)
-
-    null_chunks, rand_chunks = [], []
-    # Chunks bound the memory: a draw's directions are [*c, d] (155k floats for 270 heads).
-    chunk = 50
-    swap_tr = stats.paired_swap_masks(len(tr), n_perm, seed)
-    swap_te = stats.paired_swap_masks(len(te), n_perm, seed + 1)
-    for k in range(0, n_perm, chunk):
-        dirs = null_directions(h_tr, l_tr, swap_tr[k : k + chunk], fit_fn)
-        null_chunks.append(scores(dirs, swap_te[k : k + chunk]))
-    g = torch.Generator().manual_seed(seed)
-    for k in range(0, n_random, chunk):
-        m = min(chunk, n_random - k)
-        rand_chunks.append(scores(torch.randn(m, *direction.shape, generator=g), None))
-    null_auroc, random_auroc = torch.cat(null_chunks), torch.cat(rand_chunks)
+    ci, n_test_facts = _held_out_ci(proj_h, proj_l, split, n_boot, seed)
+    null_auroc, random_auroc = _control_aurocs(h_tr, l_tr, h_te, l_te, direction, fit_fn, n_perm, n_random, seed)
     return DirectionScores(
         direction=direction,
         auroc=auroc(proj_l, proj_h),
@@ -347,7 +331,7 @@ def score_directions(
         random_auroc=random_auroc,
         null_bar=stats.max_null_threshold(null_auroc),
         random_bar=stats.max_null_threshold(random_auroc),
-        n_test_facts=len(rows),
+        n_test_facts=n_test_facts,
         n_test=len(te),
         fit=fit_name,
     )

@@ -45,8 +45,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.core.activations import hook_name
 from mechlie.core.generation import generate
+from mechlie.core.hooks import hook_name
 from mechlie.core.pairs import ContrastPair, PairError, answer_sequences
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,9 @@ scores mean "lying": every direction points honest -> lying (mechlie's sign conv
 
 A linear probe is stored in raw activation space as ``score = X . direction + bias``, whatever
 its fitting method (standardisation is folded into ``direction`` / ``bias``), so one scoring
-function, one file format and one AUROC serve all of them. Kinds (:data:`PROBES`):
+function, one file format and one AUROC serve all of them. Each fitter is registered in the one
+fit registry (:mod:`mechlie.read.fits`) with ``@register_probe``, which also makes it a direction
+fit for :func:`mechlie.read.directions.score_directions`. Kinds (:data:`PROBES`):
 
 - ``diff_of_means``: ``mu_1 - mu_0``; bias puts 0 at the midpoint of the class means.
 - ``mass_mean``: the mass-mean probe with the covariance correction, iid version (Marks &
@@ -40,7 +42,6 @@ answer's log-probability, per head (the notes found head activations + gradients
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Callable, Sequence
 
 import numpy as np
@@ -50,11 +51,14 @@ from torch import Tensor
 from transformer_lens import HookedTransformer
 
 from mechlie.core.stats import auroc
-from mechlie.read.directions import FITS, register_fit
-
-
-class ProbeError(ValueError):
-    """Data a probe cannot be fitted on or applied to."""
+from mechlie.read.fits import (
+    FITTERS,
+    FitEntry,
+    ProbeError,
+    diff_of_means,
+    pair_rows,  # noqa: F401  (re-exported: probes.pair_rows is fits.pair_rows)
+    register_probe,
+)
 
 
 @dataclass(frozen=True)
@@ -157,19 +161,6 @@ def _check_pairs(pairs: Tensor | None, n: int, kind: str) -> Tensor:
     return pairs
 
 
-def pair_rows(
-    honest: Float[Tensor, "m *c d"], lying: Float[Tensor, "m *c d"]
-) -> tuple[Float[Tensor, "n *c d"], Float[Tensor, " n"], Int[Tensor, "m 2"]]:
-    """Stack honest/lying activations into ``X``, labels ``y`` (lying = 1) and ``pairs``."""
-    if honest.shape != lying.shape:
-        raise ProbeError(f"honest {tuple(honest.shape)} and lying {tuple(lying.shape)} shapes differ")
-    m = len(honest)
-    X = torch.cat([honest, lying])
-    y = torch.cat([torch.zeros(m), torch.ones(m)])
-    pairs = torch.stack([torch.arange(m), torch.arange(m, 2 * m)], 1)
-    return X, y, pairs
-
-
 def _midpoint_bias(X: Tensor, y: Tensor, direction: Tensor) -> Tensor:
     proj = (X * direction).sum(-1)
     return -0.5 * (proj[y == 1].mean(0) + proj[y == 0].mean(0))
@@ -184,15 +175,18 @@ def _orient(X: Tensor, y: Tensor, direction: Tensor, bias: Tensor) -> tuple[Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# fitters: (X, y, pairs, seed, **hyperparameters) -> Probe
+# fitters: (X, y, pairs, seed, **hyperparameters) -> Probe, each registered as a probe kind and a
+# direction fit (mechlie.read.fits); registration order is the order of PROBES.
 
 
+@register_probe("diff_of_means", direction=diff_of_means)
 def fit_diff_of_means(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0) -> Probe:
     X, y = _check(X, y)
     d = X[y == 1].mean(0) - X[y == 0].mean(0)
     return Probe("diff_of_means", d, _midpoint_bias(X, y, d))
 
 
+@register_probe("mass_mean")
 def fit_mass_mean(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0, shrinkage: float = 0.1) -> Probe:
     if not 0 < shrinkage <= 1:
         raise ProbeError(f"shrinkage must be in (0, 1], got {shrinkage}")
@@ -210,6 +204,7 @@ def fit_mass_mean(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int =
     return Probe("mass_mean", d, _midpoint_bias(X, y, d), {"shrinkage": shrinkage})
 
 
+@register_probe("logistic")
 def fit_logistic(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0, C: float = 1.0) -> Probe:
     from sklearn.linear_model import LogisticRegression
 
@@ -233,6 +228,7 @@ def fit_logistic(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 
     return Probe("logistic", d, b, {"C": C})
 
 
+@register_probe("lat")
 def fit_lat(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0) -> Probe:
     X, y = _check(X, y)
     pairs = _check_pairs(pairs, len(X), "lat")
@@ -247,6 +243,7 @@ def fit_lat(X: Tensor, y: Tensor, pairs: Tensor | None = None, seed: int = 0) ->
     return Probe("lat", d, _midpoint_bias(X, y, d))
 
 
+@register_probe("ccs")
 def fit_ccs(
     X: Tensor,
     y: Tensor,
@@ -298,14 +295,14 @@ def fit_ccs(
     return Probe("ccs", d, b, {"ccs_loss": float(losses.min(0).values.mean())})
 
 
-FITTERS: dict[str, Callable[..., Probe]] = {
-    "diff_of_means": fit_diff_of_means,
-    "mass_mean": fit_mass_mean,
-    "logistic": fit_logistic,
-    "lat": fit_lat,
-    "ccs": fit_ccs,
-}
-PROBES: tuple[str, ...] = (*FITTERS, "ensemble")
+def probe_kinds() -> tuple[str, ...]:
+    """Every probe kind :func:`fit_probe` accepts now: the registered fitters, then ``ensemble``."""
+    return (*FITTERS, "ensemble")
+
+
+PROBES: tuple[str, ...] = probe_kinds()
+"""The built-in probe kinds (a probe registered later is in :func:`probe_kinds`, not here)."""
+PROBE_KINDS = PROBES  # the name analyses/detect.py uses for the same tuple
 
 
 def fit_ensemble(
@@ -332,7 +329,7 @@ def fit_probe(
     """Fit a probe of ``kind`` on ``X`` (rows) with labels ``y`` (1 = lying).
 
     Args:
-        kind: one of :data:`PROBES`.
+        kind: one of :func:`probe_kinds` (the built-ins: :data:`PROBES`).
         X: features ``[n, *components, d]``; one probe per component.
         y: 0 (honest) / 1 (lying); needs at least 2 of each.
         pairs: ``[m, 2]`` row indices of contrast pairs (needed by ``lat`` and ``ccs``).
@@ -349,31 +346,16 @@ def fit_probe(
     if kind == "ensemble":
         return fit_ensemble(X, y, pairs, seed, **hyperparameters)
     if kind not in FITTERS:
-        raise ProbeError(f"unknown probe kind {kind!r}; known: {PROBES}")
+        raise ProbeError(f"unknown probe kind {kind!r}; known: {probe_kinds()}")
     return FITTERS[kind](X, y, pairs, seed, **hyperparameters)
 
 
 def pair_fit(kind: str, **hyperparameters) -> Callable[[Tensor, Tensor], Tensor]:
-    """A ``(honest, lying) -> direction`` fit for :mod:`mechlie.read.directions` from a probe kind."""
+    """A ``(honest, lying) -> direction`` fit for :mod:`mechlie.read.directions` from a probe kind:
+    the probe fitted on the stacked pairs (what ``get_fit(kind, **hyperparameters)`` gives)."""
     if kind not in FITTERS:
         raise ProbeError(f"unknown probe kind {kind!r}; pair fits exist for {sorted(FITTERS)}")
-
-    def fit(honest: Float[Tensor, "n *c d"], lying: Float[Tensor, "n *c d"]) -> Float[Tensor, "*c d"]:
-        X, y, pairs = pair_rows(honest, lying)
-        return FITTERS[kind](X, y, pairs, 0, **hyperparameters).direction
-
-    fit.__name__ = f"{kind}_fit"
-    return fit
-
-
-def _register_direction_fits() -> None:
-    """Make the probe kinds available to ``mechlie.read.directions.score_directions(fit=...)``."""
-    for kind in ("mass_mean", "logistic", "lat", "ccs"):
-        if kind not in FITS:
-            register_fit(kind)(partial(pair_fit, kind))
-
-
-_register_direction_fits()
+    return FitEntry(kind, probe=FITTERS[kind])(**hyperparameters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +379,8 @@ def grad_features(
     ``resid_post``/``mlp_out`` give ``[n, L, d_model]``). Each row's gradient depends only on its
     own prompt (rows do not interact), so summing the batch's log-probs gives every row's own.
     """
-    from mechlie.core.activations import hook_name
-    from mechlie.core.metrics import gather_logprob
+    from mechlie.core.hooks import hook_name
+    from mechlie.core.metrics import final_resid_hook, gather_logprob, logits_from_resid
 
     if len(tokens) != len(answer_ids) or tokens.shape != attention_mask.shape:
         raise ProbeError("tokens, attention_mask and answer_ids must have the same number of rows")
@@ -413,9 +395,11 @@ def grad_features(
 
             return hook
 
+        kept: list[Tensor] = []
         hooks = [(hook_name(k, l), saver(k, l)) for k in kinds for l in range(model.cfg.n_layers)]
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-            logits = model(tokens[i : i + batch_size], attention_mask=attention_mask[i : i + batch_size])[:, -1]
+        with torch.enable_grad(), model.hooks(fwd_hooks=[*hooks, final_resid_hook(model, kept)]):
+            model(tokens[i : i + batch_size], attention_mask=attention_mask[i : i + batch_size], return_type=None)
+            logits = logits_from_resid(model, kept[-1])[:, -1]
             lp = gather_logprob(logits.float().log_softmax(-1), answer_ids[i : i + batch_size].to(logits.device))
             lp.sum().backward()
         for k in kinds:

@@ -34,9 +34,18 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from mechlie.core.hooks import hook_name
 from mechlie.core.pairs import ContrastPair, PairError, answer_set, fewshot_demos, tokenize
 
 Head = tuple[int, int]
+
+
+def pattern_hook(layer: int) -> str:
+    """The attention-pattern hook of block ``layer`` (TransformerLens's own name builder:
+    :func:`mechlie.core.hooks.hook_name` covers the activations mechlie reads and writes, not patterns)."""
+    from transformer_lens.utils import get_act_name
+
+    return get_act_name("pattern", layer)
 
 
 def head_label(head: Head) -> str:
@@ -67,9 +76,7 @@ def head_patterns(
     b = tokenize(model, [prompt])
     layers = sorted({l for l, _ in heads})
     kept: dict[int, Tensor] = {}
-    hooks = [
-        (f"blocks.{l}.attn.hook_pattern", lambda p, hook, l=l: kept.__setitem__(l, p[0].float().cpu())) for l in layers
-    ]
+    hooks = [(pattern_hook(l), lambda p, hook, l=l: kept.__setitem__(l, p[0].float().cpu())) for l in layers]
     with model.hooks(fwd_hooks=hooks):
         model(b.tokens, attention_mask=b.attention_mask, stop_at_layer=max(layers) + 1)
     tokens = [model.tokenizer.decode([t]) for t in b.tokens[0].tolist()]
@@ -116,12 +123,10 @@ def head_readout(
             pad = (1 - b.attention_mask).sum(-1).tolist()  # left padding of each row
             kept: dict[str, Tensor] = {}
             hooks = [
-                (f"blocks.{l}.attn.hook_pattern", lambda a, hook: kept.__setitem__(hook.name, a[:, :, -1].float()))
-                for l in layers
+                (pattern_hook(l), lambda a, hook: kept.__setitem__(hook.name, a[:, :, -1].float())) for l in layers
             ]
             hooks += [
-                (f"blocks.{l}.attn.hook_z", lambda a, hook: kept.__setitem__(hook.name, a[:, -1].float()))
-                for l in layers
+                (hook_name("z", l), lambda a, hook: kept.__setitem__(hook.name, a[:, -1].float())) for l in layers
             ]
             if final_scale:
                 hooks.append((final_scale, lambda a, hook: kept.__setitem__(hook.name, a[:, -1].float())))
@@ -130,10 +135,10 @@ def head_readout(
             rows = range(s, s + len(pad))
             scale = kept[final_scale] if final_scale else torch.ones(len(pad), 1, device=b.tokens.device)
             for j, (l, h) in enumerate(heads):
-                pat = kept[f"blocks.{l}.attn.hook_pattern"][:, h]  # [b, k]: the final token's attention
+                pat = kept[pattern_hook(l)][:, h]  # [b, k]: the final token's attention
                 for r, i in enumerate(rows):
                     out[f"share_{side}"][i, j] = pat[r, [pad[r] + d for d in demos[i]]].sum().cpu()
-                write = kept[f"blocks.{l}.attn.hook_z"][:, h] @ model.W_O[l, h].float()  # [b, d_model]
+                write = kept[hook_name("z", l)][:, h] @ model.W_O[l, h].float()  # [b, d_model]
                 dla = ((write / scale) * logit_dir[list(rows)].to(write.device)).sum(-1)
                 out[f"dla_{side}"][list(rows), j] = dla.cpu()
     return HeadReadout(heads, **out)

@@ -170,6 +170,10 @@ def launch(study: Study, *, argv: list[str] | None = None, doc: str | None = Non
 
     def main(cfg: Any, run: RunDir) -> dict:
         t0 = time.time()
+        if isinstance(getattr(cfg, "seed", None), int):
+            import torch
+
+            torch.manual_seed(cfg.seed)  # before the model loads, as the scripts did: same global RNG state
         model = None
         if study.load_model:
             from mechlie.core.models import load_model

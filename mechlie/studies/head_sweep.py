@@ -20,6 +20,9 @@ interrupted sweep resumes where it stopped and an edited data file starts a new 
    ``n_patch`` pairs (held-out facts first, so they did not fit any direction). The effect is
    normalized on the means (0 = lying, 1 = honest) and bootstrapped over pairs; the top heads'
    rank stability is the share of resamples in which each is top-1 / in the top k.
+
+:func:`run` (the study, ``STUDY``) adds the summary, the figures and the head views; the finished
+run reads back as :class:`mechlie.studies.head_sweep_result.HeadSweepResult`.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from transformer_lens import HookedTransformer
 from mechlie.core import stats
 from mechlie.core.activations import Activations
 from mechlie.core.cli import RunDir, prepare_run
+from mechlie.core.facts import load_pairs_file
 from mechlie.core.io import load_tensors, save_tensors
 from mechlie.core.kv import FinalActs, collect_batch, top_heads
-from mechlie.core.metrics import AnswerScores, Behaviour, score_logits
+from mechlie.core.metrics import Behaviour, score_logits
 from mechlie.core.models import DEFAULT_MODEL
 from mechlie.core.pairs import (
     RELATIONS,
@@ -49,10 +53,12 @@ from mechlie.core.pairs import (
     answer_set,
     answer_token_ids,
     load_builtin,
-    load_pairs_file,
     tokenize,
 )
 from mechlie.read.directions import DirectionScores, Split, score_directions, split_by_fact
+from mechlie.studies.base import Study, register
+from mechlie.studies.behaviour import behaviour_report
+from mechlie.studies.head_sweep_result import VIEW_PAIRS, HeadSweepResult, load_patch, save_patch
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +135,9 @@ class HeadSweepConfig:
 
 
 @dataclass(frozen=True)
-class HeadSweepResult:
+class SweepData:
+    """What :func:`run_head_sweep` computed (or resumed), in memory."""
+
     config: HeadSweepConfig
     behaviour: dict
     pairs: list[ContrastPair]  # the pairs analysed (known only, unless known_only=False)
@@ -204,103 +212,6 @@ def _multi_token(tokenizer, pair: ContrastPair) -> bool:
     return False
 
 
-def _fact_units(fact_ids: list[str]) -> list[torch.Tensor]:
-    """Row indices of each distinct fact, in first-seen order (the bootstrap's units)."""
-    order = list(dict.fromkeys(fact_ids))
-    pos = {f: i for i, f in enumerate(order)}
-    rows: list[list[int]] = [[] for _ in order]
-    for j, f in enumerate(fact_ids):
-        rows[pos[f]].append(j)
-    return [torch.tensor(r) for r in rows]
-
-
-BEHAVIOUR_CI_METRICS = ("p_truth_honest", "p_truth_lying", "logit_diff_honest", "logit_diff_lying", "p_truth_gap")
-
-
-def behaviour_cis(beh: Behaviour, fact_ids: list[str], *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Mean P(truth) and logit difference, honest and lying, and the P(truth) gap, with 95% CIs
-    bootstrapped over facts (all pairs of a resampled fact come along)."""
-    units = _fact_units(fact_ids)
-    series = {
-        "p_truth_honest": beh.honest.p_truth,
-        "p_truth_lying": beh.lying.p_truth,
-        "logit_diff_honest": beh.honest.logit_diff,
-        "logit_diff_lying": beh.lying.logit_diff,
-        "p_truth_gap": beh.honest.p_truth - beh.lying.p_truth,
-    }
-    single = all(len(u) == 1 for u in units)
-    first = torch.stack([u[0] for u in units])
-    out = {}
-    for name, x in series.items():
-        x = x.float()
-        if single:  # one pair per fact: a unit is a row
-            stat = lambda i, x=x: x[first[i]].mean()  # noqa: E731
-        else:
-            stat = lambda i, x=x: x[torch.cat([units[j] for j in i.tolist()])].mean()  # noqa: E731
-        out[name] = stats.bootstrap(stat, len(units), n_boot=n_boot, seed=seed).to_dict()
-    return out
-
-
-def behaviour_report(beh: Behaviour, pairs: list[ContrastPair], *, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Behaviour for all pairs and for the known pairs, overall (with CIs) and per relation."""
-    fact_ids = [p.fact_id for p in pairs]
-    known = beh.known
-    kidx = torch.nonzero(known).flatten()
-    report: dict = {"all": beh.summary(), "all_ci": behaviour_cis(beh, fact_ids, n_boot=n_boot, seed=seed)}
-    if len(kidx):
-        report["known_pairs"] = beh.subset(kidx).summary()
-        report["known_ci"] = behaviour_cis(
-            beh.subset(kidx), [fact_ids[i] for i in kidx.tolist()], n_boot=n_boot, seed=seed
-        )
-    report["relations"] = {}
-    rel = [p.relation for p in pairs]
-    for r in sorted(set(rel)):
-        idx = torch.tensor([i for i, x in enumerate(rel) if x == r])
-        sub = beh.subset(idx)
-        report["relations"][r] = {
-            "all": sub.summary(),
-            "all_ci": behaviour_cis(sub, [fact_ids[i] for i in idx.tolist()], n_boot=n_boot, seed=seed),
-        }
-    report["known"] = [bool(k) for k in known.tolist()]  # per pair: the mask the later stages use
-    return report
-
-
-def _scores_tensors(s: AnswerScores) -> dict:
-    out = {"p_truth": s.p_truth, "logit_diff": s.logit_diff, "correct": s.correct, "choice_cov": s.choice_cov}
-    if s.logp_truth_seq is not None:
-        out.update(logp_truth_seq=s.logp_truth_seq, logp_lie_seq=s.logp_lie_seq)
-    return out
-
-
-def _save_patch(path: Path, results: dict) -> None:
-    tensors = {
-        k: {
-            "p_truth": r.p_truth,
-            "logit_diff": r.logit_diff,
-            "clean": _scores_tensors(r.clean),
-            "corrupt": _scores_tensors(r.corrupt),
-        }
-        for k, r in results.items()
-    }
-    save_tensors(path, tensors, {k: {"kind": r.kind} for k, r in results.items()})
-
-
-def _load_patch(path: Path) -> dict:
-    from mechlie.causal.patching import PatchResult
-
-    tensors, meta = load_tensors(path)
-    return {
-        k: PatchResult(
-            kind=meta[k]["kind"],
-            p_truth=t["p_truth"],
-            logit_diff=t["logit_diff"],
-            clean=AnswerScores(**t["clean"]),
-            corrupt=AnswerScores(**t["corrupt"]),
-        )
-        for k, t in tensors.items()
-    }
-
-
 def _save_acts(path: Path, acts: dict[str, Activations]) -> None:
     save_tensors(
         path,
@@ -317,37 +228,14 @@ def _load_acts(path: Path) -> dict[str, Activations]:
     }
 
 
-def run_head_sweep(
-    cfg: HeadSweepConfig, model: HookedTransformer, run: RunDir | None = None, progress: bool = True
-) -> HeadSweepResult:
-    """Run (or resume) the head sweep.
-
-    Args:
-        cfg: the settings (checked when built).
-        model: the model to study.
-        run: the run folder (``mechlie.core.cli.prepare_run(cfg)`` if not given: named from the
-            settings and the dataset file's content; a folder with another config is refused).
-        progress: show tqdm bars.
-
-    Returns:
-        :class:`HeadSweepResult`; :func:`summarize` turns it into the JSON summary.
-
-    Example:
-        >>> res = run_head_sweep(HeadSweepConfig(dataset="capitals", n_pairs=20), model)
-        >>> summarize(res)["head_auroc"]["null"]["n_pass"]
-    """
-    from mechlie.causal.patching import patch_final_positions
-
-    run = run if run is not None else prepare_run(cfg)
-    warnings: list[str] = []
-    all_pairs, data = load_sweep_pairs(cfg, model.tokenizer)
+def _collect(cfg: HeadSweepConfig, model: HookedTransformer, pairs: list[ContrastPair], progress: bool):
+    """Stage 1's computation: one pass per prompt gives the behaviour (final logits), the activations
+    the directions are fit on, and the honest activations patching takes (z, resid_pre)."""
 
     def acts() -> dict[str, Activations]:
-        # One pass per prompt gives the behaviour (final logits), the activations the directions
-        # are fit on, and the honest activations patching takes (z, resid_pre): no second run.
         out = {}
         for side in ("honest", "lying"):
-            prompts = [getattr(p, side) for p in all_pairs]
+            prompts = [getattr(p, side) for p in pairs]
             fa = collect_batch(
                 model,
                 tokenize(model, prompts),
@@ -360,16 +248,13 @@ def run_head_sweep(
             out[side] = Activations(fa.acts, -1, meta, fa.logits)
         return out
 
-    a = run.stage("activations.safetensors", acts, _save_acts, _load_acts)
-    if len(a["honest"].logits) != len(all_pairs):
-        raise PairError(
-            f"{run.path}/activations.safetensors holds {len(a['honest'].logits)} pairs, the data "
-            f"{len(all_pairs)}; delete that folder and rerun"
-        )
-    answers = answer_set(model.tokenizer, all_pairs)
-    beh = Behaviour(score_logits(a["honest"].logits, answers), score_logits(a["lying"].logits, answers))
-    report = behaviour_report(beh, all_pairs, n_boot=cfg.n_boot, seed=cfg.seed)
-    run.write_json("behaviour.json", report)
+    return acts
+
+
+def _keep_known(
+    cfg: HeadSweepConfig, report: dict, all_pairs: list[ContrastPair], data: dict, warnings: list[str]
+) -> tuple[torch.Tensor, list[ContrastPair], Split]:
+    """Stage 2's filter (known facts, unless ``known_only=False``) and the train/test split by fact."""
     keep = torch.tensor(report["known"]) if cfg.known_only else torch.ones(len(all_pairs), dtype=torch.bool)
     pairs = [p for p, k in zip(all_pairs, keep.tolist()) if k]
     data["pairs_analysed"] = len(pairs)
@@ -392,7 +277,11 @@ def run_head_sweep(
         )
         log.warning(msg)
         warnings.append(msg)
-    kept = {side: {k: v[keep] for k, v in a[side].acts.items()} for side in ("honest", "lying")}
+    return keep, pairs, split
+
+
+def _score(cfg: HeadSweepConfig, kept: dict, split: Split):
+    """Stage 3's computation: head and layer directions against their many-draw nulls."""
 
     def dirs() -> dict[str, DirectionScores]:
         out = {}
@@ -411,15 +300,74 @@ def run_head_sweep(
             log.info("%s directions scored in %.1f s", kind, time.perf_counter() - t0)
         return out
 
-    def save_dirs(path: Path, d: dict[str, DirectionScores]) -> None:
-        parts = {k: v.to_tensors() for k, v in d.items()}
-        save_tensors(path, {k: t for k, (t, _) in parts.items()}, {k: m for k, (_, m) in parts.items()})
+    return dirs
 
-    def load_dirs(path: Path) -> dict[str, DirectionScores]:
-        tensors, meta = load_tensors(path)
-        return {k: DirectionScores.from_tensors(tensors[k], meta[k]) for k in tensors}
 
-    d = run.stage("directions.safetensors", dirs, save_dirs, load_dirs)
+def _save_dirs(path: Path, d: dict[str, DirectionScores]) -> None:
+    parts = {k: v.to_tensors() for k, v in d.items()}
+    save_tensors(path, {k: t for k, (t, _) in parts.items()}, {k: m for k, (_, m) in parts.items()})
+
+
+def _load_dirs(path: Path) -> dict[str, DirectionScores]:
+    tensors, meta = load_tensors(path)
+    return {k: DirectionScores.from_tensors(tensors[k], meta[k]) for k in tensors}
+
+
+def _patch(cfg, model, all_pairs, patch_pairs, honest: Activations, progress: bool):
+    """Stage 4's computation; the honest runs of the patched pairs are stage 1's (when its file has
+    z and resid_pre)."""
+    from mechlie.causal.patching import patch_final_positions
+
+    def patch() -> dict:
+        pos = {id(p): i for i, p in enumerate(all_pairs)}
+        rows = torch.tensor([pos[id(p)] for p in patch_pairs])
+        clean = (
+            FinalActs({k: honest.acts[k][rows] for k in PATCH_KINDS}, honest.logits[rows])
+            if all(k in honest.acts for k in PATCH_KINDS)
+            else None
+        )
+        return patch_final_positions(
+            model, patch_pairs, PATCH_KINDS, batch_size=cfg.batch_size, progress=progress, clean=clean
+        )
+
+    return patch
+
+
+def run_head_sweep(
+    cfg: HeadSweepConfig, model: HookedTransformer, run: RunDir | None = None, progress: bool = True
+) -> SweepData:
+    """Run (or resume) the head sweep.
+
+    Args:
+        cfg: the settings (checked when built).
+        model: the model to study.
+        run: the run folder (``mechlie.core.cli.prepare_run(cfg)`` if not given: named from the
+            settings and the dataset file's content; a folder with another config is refused).
+        progress: show tqdm bars.
+
+    Returns:
+        :class:`SweepData`; :func:`summarize` turns it into the JSON summary.
+
+    Example:
+        >>> res = run_head_sweep(HeadSweepConfig(dataset="capitals", n_pairs=20), model)
+        >>> summarize(res)["head_auroc"]["null"]["n_pass"]
+    """
+    run = run if run is not None else prepare_run(cfg)
+    warnings: list[str] = []
+    all_pairs, data = load_sweep_pairs(cfg, model.tokenizer)
+    a = run.stage("activations.safetensors", _collect(cfg, model, all_pairs, progress), _save_acts, _load_acts)
+    if len(a["honest"].logits) != len(all_pairs):
+        raise PairError(
+            f"{run.path}/activations.safetensors holds {len(a['honest'].logits)} pairs, the data "
+            f"{len(all_pairs)}; delete that folder and rerun"
+        )
+    answers = answer_set(model.tokenizer, all_pairs)
+    beh = Behaviour(score_logits(a["honest"].logits, answers), score_logits(a["lying"].logits, answers))
+    report = behaviour_report(beh, all_pairs, n_boot=cfg.n_boot, seed=cfg.seed)
+    run.write_json("behaviour.json", report)
+    keep, pairs, split = _keep_known(cfg, report, all_pairs, data, warnings)
+    kept = {side: {k: v[keep] for k, v in a[side].acts.items()} for side in ("honest", "lying")}
+    d = run.stage("directions.safetensors", _score(cfg, kept, split), _save_dirs, _load_dirs)
 
     # Patch held-out pairs first: none of them helped fit a direction.
     order = split.test + split.train
@@ -428,23 +376,9 @@ def run_head_sweep(
         msg = f"--n-patch {cfg.n_patch} but only {len(patch_pairs)} pairs are available: patching {len(patch_pairs)}"
         log.warning(msg)
         warnings.append(msg)
-
-    def patch() -> dict:
-        # The honest runs of the patched pairs are stage 1's (when its file has z and resid_pre).
-        pos = {id(p): i for i, p in enumerate(all_pairs)}
-        rows = torch.tensor([pos[id(p)] for p in patch_pairs])
-        h = a["honest"]
-        clean = (
-            FinalActs({k: h.acts[k][rows] for k in PATCH_KINDS}, h.logits[rows])
-            if all(k in h.acts for k in PATCH_KINDS)
-            else None
-        )
-        return patch_final_positions(
-            model, patch_pairs, PATCH_KINDS, batch_size=cfg.batch_size, progress=progress, clean=clean
-        )
-
-    pr = run.stage("patching.safetensors", patch, _save_patch, _load_patch)
-    return HeadSweepResult(
+    patch = _patch(cfg, model, all_pairs, patch_pairs, a["honest"], progress)
+    pr = run.stage("patching.safetensors", patch, save_patch, load_patch)
+    return SweepData(
         cfg,
         report,
         pairs,
@@ -460,11 +394,7 @@ def run_head_sweep(
     )
 
 
-def _head_label(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"
-
-
-def patching_summary(res: HeadSweepResult, k: int | None = None) -> dict:
+def patching_summary(res: SweepData, k: int | None = None) -> dict:
     """Patching effects with 95% CIs over pairs, and the rank stability of the top heads."""
     cfg = res.config
     k = k or cfg.top_k
@@ -504,7 +434,7 @@ def patching_summary(res: HeadSweepResult, k: int | None = None) -> dict:
     }
 
 
-def summarize(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
+def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> dict:
     """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control
     (``ps``: :func:`patching_summary` of the same ``res`` and ``k``, if already computed)."""
     cfg = res.config
@@ -564,121 +494,50 @@ def summarize(res: HeadSweepResult, k: int | None = None, ps: dict | None = None
             "resid_effect_logit_diff_hi": ps["resid"].hi.tolist(),
             "resid_effect_p_truth": ps["resid_p_truth"].mean.tolist(),
             "n_boot": cfg.n_boot,
+            "resid_effect_p_truth_lo": ps["resid_p_truth"].lo.tolist(),
+            "resid_effect_p_truth_hi": ps["resid_p_truth"].hi.tolist(),
         },
         "top_heads_by_patching": ps["top_heads"],
         "top_heads_by_auroc": auroc_heads,
+        "top_k": k,
     }
 
 
-def sweep_figures(res: HeadSweepResult, k: int | None = None, ps: dict | None = None) -> dict:
-    """The head sweep's figures, by file stem; every effect drawn with its 95% CI (``ps`` as in
-    :func:`summarize`)."""
-    from mechlie.report import plotting
+def head_views(cfg: HeadSweepConfig, model: HookedTransformer, res: SweepData, summary: dict) -> str | None:
+    """circuitsvis views of the top 3 heads by patching effect (mechlie.report.views), on the first
+    VIEW_PAIRS patched pairs; None, with a warning, when the prompts are not few-shot."""
+    from mechlie.report.views import write_head_views
 
-    cfg = res.config
-    k = k or cfg.top_k
-    h, r = res.heads, res.resid
-    ps = ps or patching_summary(res, k)
-    L = h.auroc.shape[0]
-    n_p = len(res.patch_pairs)
-    where = f"{Path(cfg.model).name}, {Path(cfg.dataset).name} ({cfg.fmt})"
-    n_txt = f"n={len(res.pairs)} pairs, {h.n_test_facts} held-out facts"
-    top = ps["top_heads"]
-    labels = [_head_label(t["layer"], t["head"]) for t in top]
-    auroc_top = top_heads(h.auroc, k)
-    figs = {
-        "head_auroc": plotting.heatmap(
-            h.auroc,
-            f"Held-out AUROC per head ({where}, {n_txt})<br><sup>max-null 95% bar {h.null_bar:.3f} "
-            f"({int(h.beats_null.sum())}/{h.auroc.numel()} heads pass); random-direction bar {h.random_bar:.3f} "
-            f"({int(h.beats_random.sum())} pass)</sup>",
-            colorbar="AUROC",
-            zmid=0.5,
-        ),
-        "head_patching": plotting.heatmap(
-            ps["z"].mean,
-            f"Patching each head's z honest→lying at the final token ({where}, n={n_p} pairs)"
-            "<br><sup>normalized effect on the logit difference: 0 = lying, 1 = honest</sup>",
-            colorbar="norm. effect",
-            zmid=0.0,
-        ),
-        "top_heads": plotting.errorbars(
-            labels,
-            {
-                "patching effect (logit diff)": (
-                    [t["effect"] for t in top],
-                    [t["lo"] for t in top],
-                    [t["hi"] for t in top],
-                ),
-                "patching effect (P(truth))": (
-                    [t["effect_p_truth"] for t in top],
-                    [t["p_truth_lo"] for t in top],
-                    [t["p_truth_hi"] for t in top],
-                ),
-            },
-            f"Top {k} heads by patching effect, 95% CI over {n_p} pairs ({where})",
-            y_label="normalized effect",
-            secondary={
-                "share of resamples top-1": [t["top1_share"] for t in top],
-                f"share of resamples in top {k}": [t["topk_share"] for t in top],
-            },
-            secondary_label="rank stability",
-        ),
-        "top_heads_auroc": plotting.errorbars(
-            [_head_label(l, hd) for l, hd in auroc_top],
-            {
-                "held-out AUROC": (
-                    [float(h.auroc[l, hd]) for l, hd in auroc_top],
-                    [float(h.auroc_lo[l, hd]) for l, hd in auroc_top],
-                    [float(h.auroc_hi[l, hd]) for l, hd in auroc_top],
-                )
-            },
-            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}</sup>",
-            y_label="AUROC",
-            hlines={
-                f"max-null 95% bar ({cfg.n_perm} label swaps)": h.null_bar,
-                f"random-direction max 95% bar ({cfg.n_random})": h.random_bar,
-            },
-        ),
-        "layer_curves": plotting.lines(
-            range(L),
-            {
-                "resid_post AUROC (held out)": r.auroc.tolist(),
-                "null (label swaps), 95th pct": r.null_q95.tolist(),
-                "random directions, mean": r.random_mean.tolist(),
-                "resid_pre patching effect (logit diff)": ps["resid"].mean.tolist(),
-                "resid_pre patching effect (P(truth))": ps["resid_p_truth"].mean.tolist(),
-            },
-            f"Per layer: residual direction AUROC and residual patching effect ({where})"
-            f"<br><sup>{n_txt}; {n_p} pairs patched; bands: 95% CIs</sup>",
-            y_label="AUROC / normalized effect",
-            bands={
-                "resid_post AUROC (held out)": (r.auroc_lo.tolist(), r.auroc_hi.tolist()),
-                "resid_pre patching effect (logit diff)": (ps["resid"].lo.tolist(), ps["resid"].hi.tolist()),
-                "resid_pre patching effect (P(truth))": (
-                    ps["resid_p_truth"].lo.tolist(),
-                    ps["resid_p_truth"].hi.tolist(),
-                ),
-            },
-        ),
-    }
-    beh = res.behaviour
-    groups = {"all pairs": beh["all_ci"]}
-    if "known_ci" in beh:
-        groups["known pairs"] = beh["known_ci"]
-    for rel, v in beh["relations"].items():
-        groups[f"{rel} (all)"] = v["all_ci"]
-    figs["behaviour"] = plotting.errorbars(
-        list(groups),
-        {
-            name: (
-                [g[m]["mean"] for g in groups.values()],
-                [g[m]["lo"] for g in groups.values()],
-                [g[m]["hi"] for g in groups.values()],
-            )
-            for m, name in (("p_truth_honest", "P(truth) honest"), ("p_truth_lying", "P(truth) lying"))
-        },
-        f"P(truth) by framing, 95% CI over facts ({where}; all {beh['all']['n']} pairs, {beh['all']['n_known']} known)",
-        y_label="P(truth)",
-    )
-    return figs
+    top3 = [(t["layer"], t["head"]) for t in summary["top_heads_by_patching"][:3]]
+    by_fact = {p.fact_id: p for p in res.pairs}
+    pairs = [by_fact[f] for f in res.patch_pairs[:VIEW_PAIRS]]
+    try:
+        return str(write_head_views(model, pairs, top3, res.run_dir, n_boot=cfg.n_boot, seed=cfg.seed))
+    except PairError as e:  # e.g. instruct prompts have no demonstrations to attend to
+        summary["warnings"].append(f"head views not written: {e}")
+        return None
+
+
+def run(cfg: HeadSweepConfig, model: HookedTransformer, run_dir: RunDir, progress: bool = True) -> HeadSweepResult:
+    """The study: the sweep (resumed stage by stage), its summary, its figures (drawn from the saved
+    files by :class:`HeadSweepResult`, as ``make_figures`` draws them) and the head views."""
+    from mechlie.report.figures import save_figures
+
+    t0 = time.time()
+    times = {}
+    res = run_head_sweep(cfg, model, run_dir, progress=progress)
+    times["sweep"] = time.time() - t0
+    summary = summarize(res)
+    times["summary"] = time.time() - t0 - sum(times.values())
+    result = HeadSweepResult(run_dir.path, summary)
+    summary["figures"] = save_figures(result.figures(), run_dir.path)
+    times["figures"] = time.time() - t0 - sum(times.values())
+    if cfg.views:
+        summary["views"] = head_views(cfg, model, res, summary)
+        times["views"] = time.time() - t0 - sum(times.values())
+    summary["seconds"] = round(time.time() - t0, 1)
+    summary["stage_seconds"] = {k: round(v, 1) for k, v in times.items()}
+    return result
+
+
+STUDY = register(Study("head_sweep", HeadSweepConfig, run, HeadSweepResult))

@@ -1,0 +1,327 @@
+"""The steps of the detection study (:mod:`mechlie.studies.detection`): labelled sets, leave one
+relation out, the control rows, the calibrated detectors, the per-head gradient features, and
+the curves its figures are drawn from."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+    from mechlie.read.detector import LabelledSet
+
+log = logging.getLogger("mechlie")
+
+CONTROL_FORMATS = ("instruct", "fewshot", "both")
+
+KEY_CELLS = [
+    ("all", "all"),
+    ("all", "on-policy"),
+    ("on-policy", "on-policy"),
+    ("on-policy", "all"),
+    ("all (no known filter)", "all"),
+    ("all (no known filter)", "on-policy"),
+]
+
+
+def class_counts(s: LabelledSet) -> dict:
+    return {"lie": int(s.y.sum()), "not_lie": int((1 - s.y).sum()), "facts": len(set(s.facts))}
+
+
+def key_cells(matrix: dict, cells: list[tuple[str, str]]) -> dict:
+    return {
+        kind: {f"{a} -> {b}": rows[a][b] for a, b in cells if a in rows and b in rows[a]}
+        for kind, rows in matrix.items()
+    }
+
+
+def labelled_sets(op, source: list[str], train_facts: set, test_facts: set, known_filter: bool) -> tuple[dict, dict]:
+    """Every labelled set as (train, test) by fact: framing per source and pooled (with and without
+    the known filter), on-policy pooled; and the per-source on-policy sets. All are built from
+    the same OnPolicy rows; a pair belongs to one source."""
+    from mechlie.read.detector import LabelledSet
+
+    n = len(source)
+
+    def both(s: LabelledSet) -> tuple[LabelledSet, LabelledSet]:
+        return s.subset(train_facts), s.subset(test_facts)
+
+    def framing_set(name: str, keep: Callable[[int], bool], known_only: bool) -> LabelledSet:
+        return LabelledSet(name, *op.framing_rows(known_only=known_only, pair_mask=[keep(i) for i in range(n)]))
+
+    def on_policy_set(name: str, keep: Callable[[int], bool]) -> LabelledSet:
+        mask = [keep(i) for i in range(n)]
+        return LabelledSet(name, *op.rows("within_prompt", site="answer", pair_mask=mask))
+
+    sources = list(dict.fromkeys(source))
+    sets: dict[str, tuple[LabelledSet, LabelledSet]] = {}
+    for s in sources:
+        sets[s] = both(framing_set(s, lambda i, s=s: source[i] == s, known_filter))
+    sets["all"] = both(framing_set("all", lambda i: True, known_filter))
+    if known_filter:
+        sets["all (no known filter)"] = both(framing_set("all (no known filter)", lambda i: True, False))
+    sets["on-policy"] = both(on_policy_set("on-policy", lambda i: True))
+    op_sets = {}
+    for s in sources:
+        name = f"{s} (on-policy)"
+        op_sets[name] = both(on_policy_set(name, lambda i, s=s: source[i] == s))
+    return sets, op_sets
+
+
+def loro(cfg: Any, table: dict, rel_sources: dict, suffix: str, layer: int, kw: dict) -> tuple[dict, dict]:
+    """Leave one relation out: train on the other relations' training facts, test on the held-out
+    relation's test facts. Mean AUROC over held-out relations, its CI from the bootstrap draws;
+    and per probe the z-scored held-out scores (lies, not lies) for one pooled ROC."""
+    import torch
+
+    from mechlie.read.detector import LabelledSet, evaluate_transfer
+    from mechlie.read.probes import ProbeError
+
+    out, roc = {}, {}
+    for kind in cfg.probes:
+        cells, draws, pos, neg = {}, [], [], []
+        for r in cfg.relations:
+            train = [table[s + suffix][0] for o in cfg.relations if o != r for s in rel_sources[o]]
+            test = [table[s + suffix][1] for s in rel_sources[r]]
+            src = LabelledSet.concat(train, f"not {r}")
+            tst = LabelledSet.concat(test, r)
+            if min(int(src.y.sum()), int((1 - src.y).sum())) < 2 or len(src.pairs()) < 2:
+                log.warning("LORO %s%s: too few training rows of one class without %s; skipped", kind, suffix, r)
+                continue
+            try:
+                _, (cell,), (sc,), (dr,) = evaluate_transfer(src, [tst], kind, layer, **kw)
+            except ProbeError as e:
+                log.warning("LORO %s%s without %s: %s; skipped", kind, suffix, r, e)
+                continue
+            cells[r] = cell
+            if dr is not None:
+                draws.append(dr)
+                y = tst.y
+                # z-score per held-out relation so one ROC can pool them (relations sit at offsets)
+                if (y == 0).sum() >= 2:  # a z-score needs two negative rows; else left out of the ROC
+                    z = (sc - sc[y == 0].mean()) / sc[y == 0].std().clamp_min(1e-8)
+                    pos.append(z[y == 1])
+                    neg.append(z[y == 0])
+        if not draws:
+            continue
+        out[kind] = _loro_summary(cells, torch.stack(draws).nanmean(0))
+        if pos:
+            roc[kind] = (torch.cat(pos), torch.cat(neg))
+    return out, roc
+
+
+def _loro_summary(cells: dict, mean_draws: torch.Tensor) -> dict:
+    import torch
+
+    lo, hi = torch.nanquantile(mean_draws, torch.tensor([0.025, 0.975])).tolist()
+    aurocs = torch.tensor([c.auroc for c in cells.values()])
+    return {
+        "mean_auroc": float(aurocs.nanmean()),
+        "lo": lo,
+        "hi": hi,
+        "n_relations": int((~aurocs.isnan()).sum()),
+        "null_shuffled_q95": float(torch.tensor([c.null_shuffled_q95 for c in cells.values()]).nanmean()),
+        "null_random_q95": float(torch.tensor([c.null_random_q95 for c in cells.values()]).nanmean()),
+        "per_relation": cells,
+    }
+
+
+def controls(model, cfg: Any, pairs, op, test_facts: set) -> dict:
+    """Control rows (not lies) at both sites, with their independent unit: neutral-text windows
+    (unit: the line), honest prompts of test facts (from the on-policy run) and
+    ``n_control_prompts`` honest prompts of facts outside the pairs, cycling through every format
+    (unit: the fact). The answer site is the first generated token's state (rows whose answer
+    stopped after one token have none)."""
+    import torch
+
+    from mechlie.core.activations import collect
+    from mechlie.read.detector import neutral_windows
+
+    texts, units = neutral_windows()
+    neutral = collect(model, texts, kinds=("resid_post",), progress=False, batch_size=4 * cfg.batch_size)["resid_post"]
+    extra = _other_facts(model, cfg, pairs)
+    idx = [i for i, p in enumerate(pairs) if p.fact_id in test_facts]
+    hs = op.honest.states["resid_post"]
+    prompt_X, answer_X = [hs[idx, 0]], [hs[idx, 1]] if hs.shape[1] > 1 else []
+    prompt_u = [pairs[i].fact_id for i in idx]
+    answer_ok = [op.honest.new_mask[idx, 1].bool()] if hs.shape[1] > 1 else []
+    if extra:
+        from mechlie.read.labels import generate_with_states
+
+        g = generate_with_states(
+            model, [p.honest for p in extra], max_new_tokens=2, stop_strings=("\n",), batch_size=cfg.batch_size
+        )
+        st = g.states["resid_post"]
+        prompt_X.append(st[:, 0])
+        prompt_u += [f"control/{p.fact_id}" for p in extra]
+        if st.shape[1] > 1:
+            answer_X.append(st[:, 1])
+            answer_ok.append(g.new_mask[:, 1].bool())
+    honest_answer_units = prompt_u[: len(idx)] + [f"control/{p.fact_id}" for p in extra]
+    ok = torch.cat(answer_ok) if answer_ok else torch.zeros(0, dtype=torch.bool)
+    A = torch.cat(answer_X)[ok] if answer_X else neutral[:0]
+    au = [u for u, o in zip(honest_answer_units, ok.tolist()) if o]
+    out = {
+        "prompt": (torch.cat([neutral, torch.cat(prompt_X)]), units + prompt_u),
+        "answer": (torch.cat([neutral, A]), units + au),
+    }
+    out["n"] = {
+        "neutral_windows": len(texts),
+        "neutral_lines": len(set(units)),
+        "honest_prompts_test_facts": len(idx),
+        "honest_prompts_other_facts": len(extra),
+        "prompt_site_total": len(out["prompt"][1]),
+        "answer_site_total": len(out["answer"][1]),
+    }
+    log.info("controls: %s", out["n"])
+    return out
+
+
+def _other_facts(model, cfg: Any, pairs) -> list:
+    """``n_control_prompts`` pairs (seeded) of facts outside ``pairs``, in every control format."""
+    import random
+
+    from mechlie.core.pairs import load_builtin
+
+    used = {p.fact_id for p in pairs}
+    pool = []
+    for rel in cfg.relations:
+        for fmt in CONTROL_FORMATS:
+            pool += [
+                p
+                for p in load_builtin(rel, fmt, tokenizer=model.tokenizer, seed=cfg.seed, multi_token="keep")
+                if p.fact_id not in used
+            ]
+    rng = random.Random(f"{cfg.seed}/controls")
+    return rng.sample(pool, min(cfg.n_control_prompts, len(pool)))
+
+
+def greedy_lies(op, test_facts: set, site: str):
+    X, y, facts = op.rows("vs_honest", site=site)
+    sel = [i for i, (yy, f) in enumerate(zip(y.tolist(), facts)) if yy == 1 and f in test_facts]
+    return X[sel], [facts[i] for i in sel]
+
+
+def calibrated_detector(
+    model, cfg: Any, train_test, controls: dict, layer: int, site: str, extra: dict, what: str
+) -> dict:
+    """Fit ``cfg.detector_probe`` on the training rows; calibrate its threshold on half the
+    controls at ``site``; report held-out FPR and recall (at ``cfg.fpr`` and 5%) with CIs."""
+    from dataclasses import asdict, replace
+
+    from mechlie.core.models import model_id
+    from mechlie.read.detector import Detector, held_out_calibration
+    from mechlie.read.probes import fit_probe
+
+    train, test = train_test
+    layers = tuple(range(model.cfg.n_layers)) if cfg.detector_probe == "ensemble" else (layer,)
+    probe = fit_probe(cfg.detector_probe, train.X[:, list(layers)], train.y, pairs=train.pairs(), seed=cfg.seed)
+    det = Detector(probe, "resid_post", layers, model.cfg.model_name, model_id(model), model.cfg.d_model, 0.0, cfg.fpr)
+    CX, cu = controls[site]
+    c = det.score_features(CX[:, list(layers)])
+    pos = test.y == 1
+    lies = {
+        f"{test.name} lies (test facts)": (
+            det.score_features(test.X[pos][:, list(layers)]),
+            [f for f, p in zip(test.facts, pos.tolist()) if p],
+        )
+    }
+    for name, (X, facts) in extra.items():
+        lies[name] = (det.score_features(X[:, list(layers)]) if len(X) else X.new_zeros(0), facts)
+    cal = {}
+    honest = [i for i, u in enumerate(cu) if not u.startswith("neutral/")]
+    for fpr, subset in [(f, None) for f in dict.fromkeys((cfg.fpr, 0.05))] + [(0.05, honest)]:
+        # The last row calibrates on honest prompts only: do the neutral windows set the threshold?
+        cc, uu = (c, cu) if subset is None else (c[subset], [cu[i] for i in subset])
+        name = f"{fpr:g}" if subset is None else f"{fpr:g} (honest-prompt controls only)"
+        h = held_out_calibration(cc, uu, lies, fpr, n_boot=cfg.n_boot, seed=cfg.seed)
+        cal[name] = {
+            "threshold": h.threshold,
+            "n_calibration": h.n_calibration,
+            "n_held_out": h.n_held_out,
+            "held_out_fpr": asdict(h.held_out_fpr),
+            "recall": {k: asdict(v) for k, v in h.recall.items()},
+        }
+    info = {
+        "trained_on": what,
+        "layer": layer,
+        "site": site,
+        "n_controls": len(cu),
+        "n_train_rows": len(train.y),
+        "held_out_fpr": cal[f"{cfg.fpr:g}"]["held_out_fpr"]["mean"],
+    }
+    return {"detector": replace(det, threshold=cal[f"{cfg.fpr:g}"]["threshold"], info=info), "calibration": cal}
+
+
+def grad_feature_comparison(model, pairs, op, sets, cfg: Any, layer: int, kw: dict) -> dict:
+    """LORO logistic AUROC at ``layer`` from per-head features: ``z``, ``z x grad`` and both."""
+    import torch
+
+    from mechlie.core.activations import collect
+    from mechlie.core.pairs import answer_set, tokenize
+    from mechlie.read.probes import grad_features
+
+    known = op.known.tolist()
+    idx = [i for i, _ in enumerate(pairs) if known[i] or not cfg.known_filter]
+    sel = [pairs[i] for i in idx]
+    prompts = [p.honest for p in sel] + [p.lying for p in sel]
+    ans = answer_set(model.tokenizer, sel, multi_token="first").truth
+    ans = torch.cat([ans, ans])
+    z = collect(model, prompts, kinds=("z",), progress=False, batch_size=cfg.batch_size)["z"][:, layer]
+    zg = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        b = tokenize(model, prompts[i : i + cfg.batch_size])
+        g = grad_features(model, b.tokens, b.attention_mask, ans[i : i + cfg.batch_size], kinds=("z",))
+        zg.append(g["z"][:, layer])
+    zg = torch.cat(zg)
+    y = torch.cat([torch.zeros(len(sel)), torch.ones(len(sel))])
+    facts = [p.fact_id for p in sel] * 2
+    rels = [p.relation for p in sel] * 2
+    feats = {"z": z.flatten(1), "z x grad": zg.flatten(1), "z + z x grad": torch.cat([z.flatten(1), zg.flatten(1)], 1)}
+    train_facts = set(sets["all"][0].facts) | set(
+        sets["all (no known filter)"][0].facts if "all (no known filter)" in sets else []
+    )
+    return {name: _grad_loro(F, y, facts, rels, train_facts, cfg.relations, kw) for name, F in feats.items()}
+
+
+def _grad_loro(F, y, facts: list, rels: list, train_facts: set, relations, kw: dict) -> dict:
+    import torch
+
+    from mechlie.read.detector import LabelledSet, evaluate_transfer
+
+    F = (F / F.std(0).clamp_min(1e-8))[:, None]  # [n, 1, features]
+    res = []
+    for r in relations:
+        tr = [i for i, f in enumerate(facts) if rels[i] != r and f in train_facts]
+        te = [i for i, f in enumerate(facts) if rels[i] == r and f not in train_facts]
+        src = LabelledSet("src", F[tr], y[tr], [facts[i] for i in tr])
+        tst = LabelledSet(r, F[te], y[te], [facts[i] for i in te])
+        _, (cell,), _, _ = evaluate_transfer(src, [tst], "logistic", 0, **{**kw, "n_null": min(kw["n_null"], 10)})
+        res.append(cell)
+    aur = torch.tensor([c.auroc for c in res])
+    return {"loro_mean_auroc": float(aur.nanmean()), "per_relation": dict(zip(relations, res))}
+
+
+def curves(model, pairs, test_facts: set, det, roc_scores: dict) -> dict:
+    """What the detection figures need beyond the summary, saved as ``curves.json``: the main
+    detector's score per generated token on a few test lying prompts, and the pooled LORO ROCs."""
+    import torch
+    from sklearn.metrics import roc_curve
+
+    test_pairs = [p for p in pairs if p.fact_id in test_facts][:4]
+    tok = det.score(model, [p.lying for p in test_pairs], generate_tokens=8)
+    traces = {}
+    for i, p in enumerate(test_pairs):
+        m = tok.token_mask[i].bool()
+        traces[f"{p.truth} | {tok.texts[i]!r}"] = tok.tokens[i][m].tolist()
+    roc = {}
+    for label_kind, per_kind in roc_scores.items():
+        for k, (pos, neg) in per_kind.items():
+            fpr_, tpr_, _ = roc_curve([1] * len(pos) + [0] * len(neg), torch.cat([pos, neg]).numpy())
+            roc[f"{k} ({label_kind})"] = {"fpr": fpr_.tolist(), "tpr": tpr_.tolist()}
+    return {
+        "token_scores": {"traces": traces, "site": det.info["site"], "threshold": det.threshold},
+        "roc": roc,
+    }

@@ -1,0 +1,318 @@
+"""A finished head sweep read back from its run folder: its files, figures, headline and report.
+
+The figures are drawn from saved files only (``summary.json``, ``behaviour.json``, and two
+matrices: the per-head held-out AUROC from ``directions.safetensors`` and the per-head patching
+effect from ``patching.safetensors``), so the figures a sweep writes when it ends and those
+``analyses/make_figures.py`` draws later are the same figures, from the same code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mechlie.core.io import load_tensors, save_tensors
+from mechlie.core.metrics import AnswerScores
+from mechlie.studies.base import RunFormatError, StudyResult
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+    from torch import Tensor
+
+    from mechlie.causal.patching import PatchResult
+
+FILES = ("behaviour.json", "directions.safetensors", "patching.safetensors")
+VIEW_PAIRS = 8  # held-out pairs shown in the head views (one batch of 16 prompts: a few seconds)
+
+
+def _scores_tensors(s: AnswerScores) -> dict:
+    out = {"p_truth": s.p_truth, "logit_diff": s.logit_diff, "correct": s.correct, "choice_cov": s.choice_cov}
+    if s.logp_truth_seq is not None:
+        out.update(logp_truth_seq=s.logp_truth_seq, logp_lie_seq=s.logp_lie_seq)
+    return out
+
+
+def save_patch(path: Path, results: dict[str, PatchResult]) -> None:
+    """``patching.safetensors``: per kind, the patched and the clean / corrupt per-pair scores."""
+    tensors = {
+        k: {
+            "p_truth": r.p_truth,
+            "logit_diff": r.logit_diff,
+            "clean": _scores_tensors(r.clean),
+            "corrupt": _scores_tensors(r.corrupt),
+        }
+        for k, r in results.items()
+    }
+    save_tensors(path, tensors, {k: {"kind": r.kind} for k, r in results.items()})
+
+
+def load_patch(path: Path) -> dict[str, PatchResult]:
+    from mechlie.causal.patching import PatchResult
+
+    tensors, meta = load_tensors(path)
+    return {
+        k: PatchResult(
+            kind=meta[k]["kind"],
+            p_truth=t["p_truth"],
+            logit_diff=t["logit_diff"],
+            clean=AnswerScores(**t["clean"]),
+            corrupt=AnswerScores(**t["corrupt"]),
+        )
+        for k, t in tensors.items()
+    }
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def _head_figures(s: dict, cfg: dict, head_auroc: Tensor, head_effect: Tensor) -> dict[str, go.Figure]:
+    from mechlie.report import figures as F
+
+    k = s["top_k"]
+    ha = s["head_auroc"]
+    n_p = s["patching"]["n_pairs"]
+    where = f"{Path(s['model']).name}, {Path(s['dataset']).name} ({s['fmt']})"
+    n_txt = f"n={s['n_pairs']} pairs, {s['n_test_facts']} held-out facts"
+    top, atop = s["top_heads_by_patching"], s["top_heads_by_auroc"]
+    return {
+        "head_auroc": F.heatmap(
+            head_auroc,
+            f"Held-out AUROC per head ({where}, {n_txt})<br><sup>max-null 95% bar {ha['null']['max_bar_95']:.3f} "
+            f"({ha['null']['n_pass']}/{ha['n_components']} heads pass); random-direction bar "
+            f"{ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass)</sup>",
+            colorbar="AUROC",
+            zmid=0.5,
+        ),
+        "head_patching": F.heatmap(
+            head_effect,
+            f"Patching each head's z honest→lying at the final token ({where}, n={n_p} pairs)"
+            "<br><sup>normalized effect on the logit difference: 0 = lying, 1 = honest</sup>",
+            colorbar="norm. effect",
+            zmid=0.0,
+        ),
+        "top_heads": F.errorbars(
+            [head_label(t["layer"], t["head"]) for t in top],
+            {
+                "patching effect (logit diff)": tuple([t[c] for t in top] for c in ("effect", "lo", "hi")),
+                "patching effect (P(truth))": tuple(
+                    [t[c] for t in top] for c in ("effect_p_truth", "p_truth_lo", "p_truth_hi")
+                ),
+            },
+            f"Top {k} heads by patching effect, 95% CI over {n_p} pairs ({where})",
+            y_label="normalized effect",
+            secondary={
+                "share of resamples top-1": [t["top1_share"] for t in top],
+                f"share of resamples in top {k}": [t["topk_share"] for t in top],
+            },
+            secondary_label="rank stability",
+        ),
+        "top_heads_auroc": F.errorbars(
+            [head_label(t["layer"], t["head"]) for t in atop],
+            {"held-out AUROC": tuple([t[c] for t in atop] for c in ("auroc", "lo", "hi"))},
+            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}</sup>",
+            y_label="AUROC",
+            hlines={
+                f"max-null 95% bar ({cfg.get('n_perm', ha['null']['n_draws'])} label swaps)": ha["null"]["max_bar_95"],
+                f"random-direction max 95% bar ({cfg.get('n_random', ha['random']['n_draws'])})": ha["random"][
+                    "max_bar_95"
+                ],
+            },
+        ),
+    }
+
+
+def _layer_and_behaviour_figures(s: dict, beh: dict) -> dict[str, go.Figure]:
+    from mechlie.report import figures as F
+
+    r, p = s["resid_auroc"], s["patching"]
+    where = f"{Path(s['model']).name}, {Path(s['dataset']).name} ({s['fmt']})"
+    n_txt = f"n={s['n_pairs']} pairs, {s['n_test_facts']} held-out facts"
+    figs = {
+        "layer_curves": F.lines(
+            range(len(r["per_layer"])),
+            {
+                "resid_post AUROC (held out)": r["per_layer"],
+                "null (label swaps), 95th pct": r["null_q95"],
+                "random directions, mean": r["random_mean"],
+                "resid_pre patching effect (logit diff)": p["resid_effect_logit_diff"],
+                "resid_pre patching effect (P(truth))": p["resid_effect_p_truth"],
+            },
+            f"Per layer: residual direction AUROC and residual patching effect ({where})"
+            f"<br><sup>{n_txt}; {p['n_pairs']} pairs patched; bands: 95% CIs</sup>",
+            y_label="AUROC / normalized effect",
+            bands={
+                "resid_post AUROC (held out)": (r["per_layer_lo"], r["per_layer_hi"]),
+                "resid_pre patching effect (logit diff)": (
+                    p["resid_effect_logit_diff_lo"],
+                    p["resid_effect_logit_diff_hi"],
+                ),
+                "resid_pre patching effect (P(truth))": (p["resid_effect_p_truth_lo"], p["resid_effect_p_truth_hi"]),
+            },
+        )
+    }
+    groups = {"all pairs": beh["all_ci"]}
+    if "known_ci" in beh:
+        groups["known pairs"] = beh["known_ci"]
+    for rel, v in beh["relations"].items():
+        groups[f"{rel} (all)"] = v["all_ci"]
+    figs["behaviour"] = F.errorbars(
+        list(groups),
+        {
+            name: tuple([g[m][c] for g in groups.values()] for c in ("mean", "lo", "hi"))
+            for m, name in (("p_truth_honest", "P(truth) honest"), ("p_truth_lying", "P(truth) lying"))
+        },
+        f"P(truth) by framing, 95% CI over facts ({where}; all {beh['all']['n']} pairs, {beh['all']['n_known']} known)",
+        y_label="P(truth)",
+    )
+    return figs
+
+
+def sweep_figures(summary: dict, config: dict, head_auroc: Tensor, head_effect: Tensor, behaviour: dict) -> dict:
+    """The head sweep's figures by file stem, every effect with its 95% CI: ``summary`` (as in
+    ``summary.json``), the run's ``config``, the [L, H] held-out AUROC and patching effect, and
+    ``behaviour.json``."""
+    return {
+        **_head_figures(summary, config, head_auroc, head_effect),
+        **_layer_and_behaviour_figures(summary, behaviour),
+    }
+
+
+def _ci(e: dict, p: int = 3) -> str:
+    return f"{e['mean']:.{p}f} [{e['lo']:.{p}f}, {e['hi']:.{p}f}]"
+
+
+class HeadSweepResult(StudyResult):
+    """A head sweep's run folder (:mod:`mechlie.studies.head_sweep`).
+
+    ``summary.json`` keys used by :meth:`headline`: ``model``, ``dataset``, ``fmt``, ``n_pairs``,
+    ``n_test_facts``, ``top_k``, ``behaviour.known.ci`` (or ``behaviour.all.ci``), ``head_auroc``
+    (``max``, ``null``, ``random``, ``n_components``), ``patching`` (``n_pairs``,
+    ``resid_effect_logit_diff`` and its ``_lo`` / ``_hi``) and ``top_heads_by_patching``.
+    """
+
+    study = "head_sweep"
+    required = (
+        "model",
+        "dataset",
+        "fmt",
+        "n_pairs",
+        "n_test_facts",
+        "top_k",
+        "behaviour",
+        "head_auroc",
+        "resid_auroc",
+        "patching",
+        "top_heads_by_patching",
+        "top_heads_by_auroc",
+    )
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> HeadSweepResult:
+        run_dir = Path(run_dir)
+        if (run_dir / "patching.pt").is_file() and not (run_dir / "patching.safetensors").is_file():
+            raise RunFormatError(
+                f"{run_dir} is a head sweep saved as a pickle (patching.pt) by an older version of mechlie; result "
+                "files are never unpickled: rerun the head sweep"
+            )
+        result = super().load(run_dir)  # summary.json first: an older summary is named as such
+        for name in FILES:
+            if not (run_dir / name).is_file():
+                raise RunFormatError(f"missing results file: {run_dir / name}")
+        return result  # type: ignore[return-value]
+
+    def title(self) -> str:
+        s = self._summary
+        return f"Head sweep: {s['model']}, {s['dataset']} ({s['fmt']}), n={s['n_pairs']} pairs"
+
+    def figures(self) -> dict[str, go.Figure]:
+        from mechlie.read.directions import DirectionScores
+
+        tensors, meta = load_tensors(self.run_dir / "directions.safetensors")
+        if "head_out" not in tensors:
+            raise RunFormatError(f"{self.run_dir}/directions.safetensors has no head_out scores: rerun the sweep")
+        heads = DirectionScores.from_tensors(tensors["head_out"], meta["head_out"])
+        patch = load_patch(self.run_dir / "patching.safetensors")
+        if "z" not in patch:
+            raise RunFormatError(f"{self.run_dir}/patching.safetensors has no 'z' results: rerun the sweep")
+        beh = json.loads((self.run_dir / "behaviour.json").read_text())
+        return sweep_figures(self._summary, self.config(), heads.auroc, patch["z"].effect("logit_diff"), beh)
+
+    def captions(self) -> dict[str, str]:
+        k = self._summary["top_k"]
+        return {
+            "head_auroc": "Held-out AUROC of each head's difference-of-means direction.",
+            "head_patching": "Normalized effect of patching each head's z from the honest into the lying run.",
+            "top_heads": f"The {k} heads with the largest patching effect, 95% CIs over pairs, and rank stability.",
+            "top_heads_auroc": f"The {k} heads with the highest held-out AUROC, beside the max-over-heads null bars.",
+            "layer_curves": "Per layer: residual direction AUROC and residual patching effect, 95% CI bands.",
+            "behaviour": "P(truth) under the honest and the lying framing, 95% CIs over facts.",
+        }
+
+    def headline(self) -> list[str]:
+        s = self._summary
+        b = s["behaviour"]["known"].get("ci") or s["behaviour"]["all"]["ci"]
+        ha, p = s["head_auroc"], s["patching"]
+        top = s["top_heads_by_patching"]
+        m = ha["max"]
+        eff = p["resid_effect_logit_diff"]
+        best = max(range(len(eff)), key=lambda i: eff[i])
+        t = top[0]
+        rest = ", ".join(f"L{x['layer']}H{x['head']} ({x['effect']:.2f})" for x in top[1:5])
+        return [
+            f"- {s['n_pairs']} pairs analysed ({s['n_test_facts']} held-out facts); P(truth) honest "
+            f"{_ci(b['p_truth_honest'])} vs lying {_ci(b['p_truth_lying'])} (95% CI over facts).",
+            f"- Best head by held-out AUROC: L{m['component'][0]}H{m['component'][1]} {m['auroc']:.3f} "
+            f"[{m['lo']:.3f}, {m['hi']:.3f}]; max-over-heads null 95% bar {ha['null']['max_bar_95']:.3f} "
+            f"({ha['null']['n_pass']}/{ha['n_components']} heads pass), random-direction bar "
+            f"{ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass).",
+            f"- Top head by patching: L{t['layer']}H{t['head']}, effect {t['effect']:.2f} "
+            f"[{t['lo']:.2f}, {t['hi']:.2f}] (95% CI over {p['n_pairs']} pairs; top-1 in {t['top1_share']:.0%} "
+            f"of resamples); next: {rest}.",
+            f"- Residual patching reaches {eff[best]:.2f} [{p['resid_effect_logit_diff_lo'][best]:.2f}, "
+            f"{p['resid_effect_logit_diff_hi'][best]:.2f}] at layer {best}.",
+        ]
+
+    def report(self) -> str:
+        from mechlie.report.figures import png_problem
+
+        s = self._summary
+        b, d, k = s["behaviour"], s["data"], s["top_k"]
+        out = [
+            f"\n{s['model']}, {d['source']}: {d['pairs_used']} pairs used, {s['n_pairs']} analysed "
+            f"({s['n_train']} train / {s['n_test']} test pairs, {s['n_test_facts']} held-out facts)"
+        ]
+        for name in ("all", "known"):
+            ci = b[name].get("ci") or {}
+            if ci:
+                out.append(
+                    f"P(truth), {name} pairs (n={b[name]['n']}): honest {_ci(ci['p_truth_honest'])} vs lying "
+                    f"{_ci(ci['p_truth_lying'])}; logit diff {_ci(ci['logit_diff_honest'], 2)} vs "
+                    f"{_ci(ci['logit_diff_lying'], 2)}"
+                )
+        ha = s["head_auroc"]
+        out.append(
+            f"\nHeld-out AUROC, best head L{ha['max']['component'][0]}H{ha['max']['component'][1]}: "
+            f"{ha['max']['auroc']:.3f} [{ha['max']['lo']:.3f}, {ha['max']['hi']:.3f}]; max-null 95% bar "
+            f"{ha['null']['max_bar_95']:.3f} ({ha['null']['n_pass']}/{ha['n_components']} heads pass); "
+            f"random-direction bar {ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass)"
+        )
+        out.append(
+            f"\nTop heads by patching effect (logit diff; 0 = lying, 1 = honest; 95% CI over "
+            f"{s['patching']['n_pairs']} pairs; share of resamples top-1 / in top {k}):"
+        )
+        for t in s["top_heads_by_patching"]:
+            out.append(
+                f"  L{t['layer']:>2}H{t['head']}: {t['effect']:+.3f} [{t['lo']:+.3f}, {t['hi']:+.3f}]  "
+                f"top-1 {t['top1_share']:.2f}, top-{k} {t['topk_share']:.2f}  (AUROC {t['auroc']:.2f})"
+            )
+        if s.get("views"):
+            out.append(f"\nHead views (top 3 heads, {VIEW_PAIRS} held-out pairs): {s['views']}")
+        out += [f"\nWARNING: {w}" for w in s["warnings"]]
+        if png_problem():
+            out.append(f"\n{png_problem()}")
+        stages = ", ".join(f"{n} {v} s" for n, v in s.get("stage_seconds", {}).items())
+        figs = ", ".join(s.get("figures", {}))
+        out.append(f"\nWrote {self.run_dir}/: figures {figs} (.html/.svg/.png) in {s.get('seconds', '?')} s ({stages})")
+        return "\n".join(out)

@@ -309,9 +309,9 @@ def topk_curve(
     *,
     direction: str = "restore",
     metric: str = "logit_diff",
+    threshold: float = 0.8,
     ks: Sequence[int] | None = None,
     n_random: int = 50,
-    threshold: float = 0.8,
     n_boot: int = 1000,
     seed: int = 0,
     batch_size: int = 16,
@@ -321,9 +321,9 @@ def topk_curve(
 
     Args:
         train, test: pairs with no fact in common (ranking on one, evaluation on the other).
+        threshold: share of the effect the minimal set must reach.
         ks: set sizes of the curve (default :func:`k_grid`); the minimal set is searched over all k.
         n_random: random head sets per k (the control).
-        threshold: share of the effect the minimal set must reach.
 
     Returns:
         :class:`TopKCurve`.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from jaxtyping import Float
@@ -75,18 +75,31 @@ def soft_gate(x: Float[Tensor, "... d_model"], w: Tensor, b: float | Tensor) -> 
 # ---------------------------------------------------------------------------------------------
 # the edits (interventions)
 
+_E = TypeVar("_E", bound="TrainedEdit")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainedEdit:
+    """What every learned edit keeps beside its parameters: how it is applied, its training record and
+    the model it was trained on (:func:`check_trained_for`). Keyword-only, so that each edit's own
+    fields (parameters, then ``model_name`` and ``d_model``) keep their positions in its constructor."""
+
+    alpha: float = -1.0
+    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
+    info: dict = field(default_factory=dict, compare=False)  # training record (lam, KL, seconds, ...)
+    model_id: str = ""  # mechlie.core.models.model_id of the model it was trained on ("" = unknown)
+
+    def scaled(self: _E, alpha: float) -> _E:
+        return replace(self, alpha=alpha)
+
 
 @dataclass(frozen=True)
-class LearnedVector:
+class LearnedVector(TrainedEdit):
     """Learned steering vectors (honest -> lying) per layer; ``alpha = -1`` applies them as trained."""
 
     vectors: dict[int, Float[Tensor, " d_model"]]
     model_name: str
     d_model: int
-    alpha: float = -1.0
-    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
-    info: dict = field(default_factory=dict, compare=False)  # training record (lam, KL, seconds, ...)
-    model_id: str = ""  # mechlie.core.models.model_id of the model it was trained on ("" = unknown)
 
     def _inner(self) -> AddVectors:
         return AddVectors(self.vectors, self.alpha, self.policy)
@@ -102,9 +115,6 @@ class LearnedVector:
     def sites(self) -> tuple[Site, ...]:
         return self._inner().sites
 
-    def scaled(self, alpha: float) -> "LearnedVector":
-        return replace(self, alpha=alpha)
-
     def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "LearnedVector":
         """Random vectors of the same norm at the same layers."""
         return replace(self, vectors=self._inner().random_control(seed).vectors, info={"control_seed": seed})
@@ -114,7 +124,7 @@ class LearnedVector:
 
 
 @dataclass(frozen=True)
-class LowRankEdit:
+class LowRankEdit(TrainedEdit):
     """Rank-``r`` affine edit of a component's output: ``y += -alpha * (y @ A + c) @ B``."""
 
     layer: int
@@ -124,10 +134,6 @@ class LowRankEdit:
     B: Float[Tensor, "rank d_model"]
     model_name: str
     d_model: int
-    alpha: float = -1.0
-    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
-    info: dict = field(default_factory=dict, compare=False)
-    model_id: str = ""  # mechlie.core.models.model_id of the model it was trained on ("" = unknown)
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -163,9 +169,6 @@ class LowRankEdit:
 
         return [(self.hook_name, hook)]
 
-    def scaled(self, alpha: float) -> "LowRankEdit":
-        return replace(self, alpha=alpha)
-
     def random_control(self, seed: int = 0, model: HookedTransformer | None = None) -> "LowRankEdit":
         """Random A, c and B with the same Frobenius norms (the same size of edit)."""
         rnd = lambda t, s: random_like(t.flatten(), seed + s).reshape(t.shape)  # noqa: E731
@@ -179,7 +182,7 @@ class LowRankEdit:
 
 
 @dataclass(frozen=True)
-class GatedVector:
+class GatedVector(TrainedEdit):
     """A vector written where a learned gate fires: ``x += alpha * sigmoid(u @ w + b) * v`` at
     ``blocks.{layer}.hook_resid_post``, ``u = x / rms(x)``. ``v`` points honest -> lying (as stored
     by every edit here), so ``alpha = -1`` applies it as trained."""
@@ -190,10 +193,6 @@ class GatedVector:
     b: float
     model_name: str
     d_model: int
-    alpha: float = -1.0
-    policy: str = "all"  # one of POLICIES (checked in validate, with a clear error)
-    info: dict = field(default_factory=dict, compare=False)
-    model_id: str = ""  # mechlie.core.models.model_id of the model it was trained on ("" = unknown)
 
     @property
     def sites(self) -> tuple[Site, ...]:
@@ -227,9 +226,6 @@ class GatedVector:
     def gate(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
         """The gate's opening (0..1) on residual vectors ``x`` at this edit's hook."""
         return soft_gate(x.float(), self.w.float().to(x.device), self.b)
-
-    def scaled(self, alpha: float) -> "GatedVector":
-        return replace(self, alpha=alpha)
 
     def random_control(
         self, seed: int = 0, model: HookedTransformer | None = None, *, keep_gate: bool = False
@@ -343,6 +339,7 @@ __all__ = [
     "GatedVector",
     "LearnedVector",
     "LowRankEdit",
+    "TrainedEdit",
     "alignment",
     "check_trained_for",
     "load_edit",

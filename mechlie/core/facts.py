@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
@@ -56,12 +56,11 @@ class FactsError(PairError):
 
 
 @dataclass(frozen=True)
-class UserFact:
-    question: str
-    answer: str
-    lie: str | None = None
-    relation: str = "custom"
-    fact_id: str = ""
+class UserFact(Fact):
+    """A user's :class:`mechlie.core.pairs.Fact` with its relation: facts are rendered one relation at a
+    time, each drawing its demonstrations from its own relation."""
+
+    relation: str = field(default="custom", kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,7 @@ def facts_from_records(records: Iterable[dict], *, source: str = "records") -> l
         if lie is not None and lie.lower() == a.lower():
             raise FactsError(f"{source}, row {i}: the lie {lie!r} equals the answer")
         rel = str(r.get("relation") or "custom").strip()
-        out.append(UserFact(q, a, lie, rel, str(r.get("fact_id") or f"{rel}/{i}")))
+        out.append(UserFact(q, a, lie, str(r.get("fact_id") or f"{rel}/{i}"), relation=rel))
     if not out:
         raise FactsError(f"{source}: no facts")
     return out

@@ -187,19 +187,19 @@ def bootstrap_tensor(
     stat: Callable[[Tensor], Tensor],
     n: int,
     *,
+    batched: bool = False,
     n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-    batched: bool = False,
 ) -> TensorEstimate:
     """Percentile bootstrap CIs of a tensor-valued statistic, every component from the same draws.
 
     Args:
         stat: ``stat(idx)`` -> tensor ``[*c]`` for a LongTensor of ``n`` resampled unit indices.
         n: number of independent units (pairs, facts).
-        n_boot, level, seed: as in ``bootstrap``.
         batched: ``stat`` also takes a ``[b, n]`` block of resamples, returning ``[b, *c]``
             (:func:`bootstrap_draws`); the point estimate is ``stat(arange(n)[None])[0]``.
+        n_boot, level, seed: as in ``bootstrap``.
 
     Returns:
         ``TensorEstimate(mean=stat(all), lo, hi, n, draws)``; draws that are not finite (a

@@ -196,9 +196,9 @@ def fit_detector(
     pairs: Sequence[ContrastPair],
     controls: Sequence[str],
     *,
-    probe: str = "logistic",
     kind: str = "resid_post",
     layers: Sequence[int] = (-1,),
+    probe: str = "logistic",
     fpr: float = 0.01,
     batch_size: int = 16,
     **hyperparameters,
@@ -209,8 +209,8 @@ def fit_detector(
         pairs: training pairs (read at the final prompt token).
         controls: prompts that are *not* lies (honest prompts not used for training, neutral
             text: :func:`mechlie.core.pairs.neutral_lines`); the threshold flags a share ``fpr`` of them.
-        probe: a probe kind of :mod:`mechlie.read.probes` (``ensemble`` reads every layer in ``layers``).
         layers: blocks to read (negative = from the end); one, unless ``probe="ensemble"``.
+        probe: a probe kind of :mod:`mechlie.read.probes` (``ensemble`` reads every layer in ``layers``).
 
     Returns:
         A calibrated :class:`Detector`; ``info`` has the training recall at the threshold.

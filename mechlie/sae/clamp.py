@@ -167,13 +167,7 @@ class CausalCheck:
     n_pairs: int
 
 
-def _row_clamp_hook(
-    sae: SAE,
-    site: Site,
-    feats: Int[Tensor, "R k"],
-    targets: Float[Tensor, "R k"],
-    active: Tensor,
-):
+def _row_clamp_hook(sae: SAE, site: Site, feats: Int[Tensor, "R k"], targets: Float[Tensor, "R k"], active: Tensor):
     """:class:`FeatureClamp` with its own feature set per row (one pass for many draws): row ``r``
     sets ``feats[r]`` to ``targets[r]`` at the final position when ``active[r]``, else is untouched."""
     dev = sae.W_dec.device
@@ -200,9 +194,9 @@ def causal_check(
     features: Sequence[int],
     *,
     mode: Literal["ablate", "clamp"] = "ablate",
+    n_draws: int = 100,
     honest_mean: Float[Tensor, " d_sae"] | None = None,
     lying_mean: Float[Tensor, " d_sae"],
-    n_draws: int = 100,
     batch_size: int = 16,
     max_rows: int = 512,
     n_boot: int = 1000,

@@ -208,24 +208,24 @@ def lie_features(
     train: Sequence[int],
     test: Sequence[int],
     *,
+    final: tuple[Tensor, Tensor] | None = None,
     k: int = 10,
     k_causal: int = 5,
     n_draws: int = 100,
     n_contexts: int = 5,
-    batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
-    final: tuple[Tensor, Tensor] | None = None,
+    batch_size: int = 16,
 ) -> tuple[dict, dict[str, Tensor]]:
     """The whole decomposition of the lie direction at one SAE's site (see the module docstring).
 
     Args:
         trained: from :func:`load_or_train_sae` (or wrap a loaded SAE in a :class:`TrainedSAE`).
         pairs: (honest, lying) pairs; ``train`` / ``test`` index them (split by fact).
+        final: the site's (honest, lying) final-token activations, if already collected.
         k: features reported; ``k_causal``: top "lying" features (positive train difference)
             ablated, and top features clamped to their honest mean, in the causal check.
         n_draws: random matched feature sets for the causal control.
-        final: the site's (honest, lying) final-token activations, if already collected.
 
     Returns:
         ``(summary, tensors)``: JSON-able results, and the per-pair activations of the top features.
@@ -326,20 +326,9 @@ def _causal_checks(
     (the top features by |train difference|) to their honest mean."""
     train_diff = lying_mean - honest_mean
     lying_feats = [f for f in train_diff.argsort(descending=True)[:k_causal].tolist() if train_diff[f] > 0]
+    both = dict(honest_mean=honest_mean, lying_mean=lying_mean, n_draws=n_draws, batch_size=batch_size, seed=seed)
     return {
-        mode: causal_check(
-            model,
-            trained.sae,
-            trained.site,
-            test_pairs,
-            chosen,
-            mode=mode,
-            honest_mean=honest_mean,
-            lying_mean=lying_mean,
-            n_draws=n_draws,
-            batch_size=batch_size,
-            seed=seed,
-        )
+        mode: causal_check(model, trained.sae, trained.site, test_pairs, chosen, mode=mode, **both)
         for mode, chosen in (("ablate", lying_feats), ("clamp", feats[:k_causal]))
         if chosen or mode == "clamp"
     }

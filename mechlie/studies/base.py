@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -61,15 +62,24 @@ def read_summary(run_dir: str | Path) -> dict:
     return data
 
 
+def ci_text(d: dict, spec: str = ".3f") -> str:
+    """A saved estimate (``{"mean", "lo", "hi", ...}``) as ``mean [lo, hi]``, each in format ``spec``."""
+    return f"{format(d['mean'], spec)} [{format(d['lo'], spec)}, {format(d['hi'], spec)}]"
+
+
 class StudyResult:
     """A finished run of one study, read from its run folder (or just computed).
 
-    Subclasses set ``study`` (the registered name) and ``required`` (summary keys without which the
-    run is from an older version) and override ``figures``, ``headline`` and ``report``.
+    Subclasses set ``study`` (the registered name), ``required`` (summary keys without which the
+    run is from an older version), ``files`` (the results files beside ``summary.json``) and
+    ``title_format``, and override ``figures``, ``headline`` and ``report``.
     """
 
     study: ClassVar[str] = ""
     required: ClassVar[tuple[str, ...]] = ()
+    files: ClassVar[tuple[str, ...]] = ()
+    # e.g. "Head sweep: {model}, n={n_pairs} pairs": each field from summary.json, "" where a key is absent
+    title_format: ClassVar[str] = ""
 
     def __init__(self, run_dir: str | Path, summary: dict):
         self.run_dir = Path(run_dir)
@@ -78,13 +88,22 @@ class StudyResult:
     @classmethod
     def load(cls, run_dir: str | Path) -> StudyResult:
         summary = read_summary(run_dir)
-        missing = [k for k in cls.required if k not in summary]
+        cls.check_keys(run_dir, summary, cls.required)
+        for name in cls.files:
+            path = Path(run_dir) / name
+            if not path.is_file():
+                raise RunFormatError(f"missing results file: {path}")
+        return cls(run_dir, summary)
+
+    @classmethod
+    def check_keys(cls, run_dir: str | Path, part: dict, keys: tuple[str, ...]) -> None:
+        """Refuse the run when ``part`` (of its ``summary.json``) lacks any of ``keys``: an older version wrote it."""
+        missing = [k for k in keys if k not in part]
         if missing:
             raise RunFormatError(
                 f"{Path(run_dir) / 'summary.json'} lacks {missing}: it was written by an older version of "
                 f"mechlie (or another script); rerun the {cls.study} study"
             )
-        return cls(run_dir, summary)
 
     def summary(self) -> dict:
         return self._summary
@@ -94,6 +113,12 @@ class StudyResult:
         path = self.run_dir / "config.json"
         return json.loads(path.read_text()).get("config", {}) if path.is_file() else {}
 
+    def tensors(self, name: str) -> tuple[dict[str, Any], Any]:
+        """The run's safetensors file ``name``: its tensors and its metadata."""
+        from mechlie.core.io import load_tensors
+
+        return load_tensors(self.run_dir / name)
+
     def figures(self) -> dict[str, go.Figure]:
         """The write-up figures by file stem, drawn from saved files only."""
         return {}
@@ -102,7 +127,9 @@ class StudyResult:
         return {}
 
     def title(self) -> str:
-        return self.study
+        if not self.title_format:
+            return self.study
+        return self.title_format.format_map(defaultdict(str, self._summary))
 
     def headline(self) -> list[str]:
         """Markdown lines with the headline numbers (each with its CI and its null)."""
@@ -111,6 +138,13 @@ class StudyResult:
     def report(self) -> str:
         """What the script prints when the run ends (default: the headline)."""
         return "\n".join(self.headline())
+
+    def wrote(self) -> list[str]:
+        """The report's closing lines: the run's files, then each figure's files."""
+        out = [f"\nwrote {self.run_dir}/config.json, summary.json, {', '.join(self.files)} and figures:"]
+        for name, v in self._summary.get("figures", {}).items():
+            out.append(f"  {name}: " + ", ".join(str(x) for x in v.values() if x))
+        return out
 
 
 @dataclass(frozen=True)
@@ -196,6 +230,7 @@ __all__ = [
     "STUDIES",
     "Study",
     "StudyResult",
+    "ci_text",
     "launch",
     "load_result",
     "read_summary",

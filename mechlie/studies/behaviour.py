@@ -17,9 +17,9 @@ import torch
 from mechlie.core import stats
 from mechlie.core.cli import RunDir
 from mechlie.core.metrics import Behaviour
-from mechlie.core.models import DEFAULT_MODEL
 from mechlie.core.pairs import ContrastPair
 from mechlie.studies.base import Study, StudyResult, register
+from mechlie.studies.flags import model_flag
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -91,7 +91,7 @@ def behaviour_report(beh: Behaviour, pairs: list[ContrastPair], *, n_boot: int =
 
 @dataclass(frozen=True)
 class BehaviourConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     n_pairs: int = field(default=0, metadata={"help": "pairs per relation, a seeded sample (0 = all)"})
     formats: tuple[str, ...] = field(default=("instruct", "fewshot"), metadata={"help": "prompt formats"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples per CI"})

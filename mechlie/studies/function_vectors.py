@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechlie.core.cli import RunDir
-from mechlie.core.models import DEFAULT_MODEL
-from mechlie.studies.base import RunFormatError, Study, StudyResult, register
+from mechlie.studies.base import RunFormatError, Study, StudyResult, ci_text, register
+from mechlie.studies.flags import device_flag, model_flag, n_devices_flag
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -35,7 +35,7 @@ NOTE = (
 
 @dataclass(frozen=True)
 class FunctionVectorsConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
     n_per_relation: int | None = field(
         default=None, metadata={"help": "sample this many pairs per relation (default: all)"}
@@ -53,11 +53,9 @@ class FunctionVectorsConfig:
     n_random: int = field(default=100, metadata={"help": "random directions (the null distribution)"})
     n_boot: int = 1000
     seed: int = 0
-    device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    device: str = device_flag()
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    n_devices: int = field(
-        default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"}
-    )
+    n_devices: int = n_devices_flag()
     batch_size: int = field(default=16, metadata={"run": False})
     out_dir: str = "results/function_vectors"
     run_name: str = ""
@@ -237,7 +235,25 @@ def fv_figures(s: dict, t: dict, meta: dict, *, n_boot: int = 1000, seed: int = 
 
 
 def _e(d: dict) -> str:
-    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    return ci_text(d, "+.3f")
+
+
+def _intervention_report(name: str, r: dict, layer: int) -> list[str]:
+    """One intervention's lines of the printed report: at the headline layer, then layer by layer."""
+    c, rnd = r["delta_p_truth_ci"], r["delta_p_truth_ci"]["random"]
+    out = [
+        f"  {name} (base P(truth) {r['base_p_truth']:.3f}) at layer {layer}: FV {_e(c['fv'])}, diff of means "
+        f"{_e(c['diff_of_means'])}; {rnd['n']} random directions: 95% within "
+        f"[{rnd['q025']:+.3f}, {rnd['q975']:+.3f}], max |ΔP| {rnd['max_abs']:.3f}; "
+        f"FV vs random p = {c['fv_p_vs_random']:.3f}"
+    ]
+    for l, d in r["delta_p_truth_by_layer"].items():
+        star = "*" if int(l) == layer else " "
+        out.append(
+            f"    L{int(l):>2}{star} FV {d['fv']:+.3f}  diff-of-means {d['diff_of_means']:+.3f}  "
+            f"random |ΔP| mean {d['random_mean_abs']:.3f}, max {d['random_max_abs']:.3f}"
+        )
+    return out
 
 
 class FunctionVectorsResult(StudyResult):
@@ -248,28 +264,20 @@ class FunctionVectorsResult(StudyResult):
 
     study = "function_vectors"
     required = ("model", "n_test", "top_heads_by_aie", "layer", "cosine_fv_vs_diff_of_means")
+    files = (TENSORS,)
+    title_format = "Function vectors: {model}, n={n_test} test pairs"
 
     @classmethod
     def load(cls, run_dir):
-        from mechlie.core.io import load_tensors
-
         result = super().load(run_dir)
-        path = result.run_dir / TENSORS
-        if not path.is_file():
-            raise RunFormatError(f"missing results file: {path}")
-        t, meta = load_tensors(path)
+        t, meta = result.tensors(TENSORS)
         if "aie_truth_drop" not in t or not isinstance(meta, dict) or "layers" not in meta:
+            path = result.run_dir / TENSORS
             raise RunFormatError(f"{path} lacks aie_truth_drop or its layers: an older version; rerun")
         return result
 
-    def title(self) -> str:
-        s = self._summary
-        return f"Function vectors: {s['model']}, n={s['n_test']} test pairs"
-
     def figures(self) -> dict[str, go.Figure]:
-        from mechlie.core.io import load_tensors
-
-        t, meta = load_tensors(self.run_dir / TENSORS)
+        t, meta = self.tensors(TENSORS)
         cfg = self.config()
         return fv_figures(self._summary, t, meta, n_boot=cfg.get("n_boot", 1000), seed=cfg.get("seed", 0))
 
@@ -328,23 +336,8 @@ class FunctionVectorsResult(StudyResult):
             f"{s['cosine_fv_vs_diff_of_means']:+.3f}"
         )
         for name, r in s["interventions_at_layer"].items():
-            c = r["delta_p_truth_ci"]
-            out.append(
-                f"  {name} (base P(truth) {r['base_p_truth']:.3f}) at layer {layer}: FV {_e(c['fv'])}, diff of means "
-                f"{_e(c['diff_of_means'])}; {c['random']['n']} random directions: 95% within "
-                f"[{c['random']['q025']:+.3f}, {c['random']['q975']:+.3f}], max |ΔP| {c['random']['max_abs']:.3f}; "
-                f"FV vs random p = {c['fv_p_vs_random']:.3f}"
-            )
-            for l, d in r["delta_p_truth_by_layer"].items():
-                star = "*" if int(l) == layer else " "
-                out.append(
-                    f"    L{int(l):>2}{star} FV {d['fv']:+.3f}  diff-of-means {d['diff_of_means']:+.3f}  "
-                    f"random |ΔP| mean {d['random_mean_abs']:.3f}, max {d['random_max_abs']:.3f}"
-                )
-        out.append(f"\nwrote {self.run_dir}/config.json, summary.json, {TENSORS} and figures:")
-        for name, v in s.get("figures", {}).items():
-            out.append(f"  {name}: " + ", ".join(str(x) for x in v.values() if x))
-        return "\n".join(out)
+            out += _intervention_report(name, r, layer)
+        return "\n".join(out + self.wrote())
 
 
 STUDY = register(Study("function_vectors", FunctionVectorsConfig, run, FunctionVectorsResult, load_model=False))

@@ -44,7 +44,6 @@ from mechlie.core.facts import load_pairs_file
 from mechlie.core.io import load_tensors, save_tensors
 from mechlie.core.kv import FinalActs, collect_batch, top_heads
 from mechlie.core.metrics import Behaviour, score_logits
-from mechlie.core.models import DEFAULT_MODEL
 from mechlie.core.pairs import (
     RELATIONS,
     AnswerTokenError,
@@ -58,6 +57,7 @@ from mechlie.core.pairs import (
 from mechlie.read.directions import DirectionScores, Split, score_directions, split_by_fact
 from mechlie.studies.base import Study, register
 from mechlie.studies.behaviour import behaviour_report
+from mechlie.studies.flags import model_flag
 from mechlie.studies.head_sweep_result import VIEW_PAIRS, HeadSweepResult, load_patch, save_patch
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ MIN_TEST_FACTS = 10  # below this the held-out AUROC's CI is too wide to mean mu
 
 @dataclass(frozen=True)
 class HeadSweepConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     dataset: str = field(
         default="all",
         metadata={"help": f"a relation ({'|'.join(RELATIONS)}), all, or a .csv/.jsonl file of pairs", "path": True},
@@ -394,6 +394,11 @@ def run_head_sweep(
     )
 
 
+def _cells(head: tuple[int, int], grids: dict) -> dict[str, float]:
+    """The value of ``head`` (layer, head) in each [layer, head] grid, as a float, by the grid's name."""
+    return {name: float(g[head]) for name, g in grids.items()}
+
+
 def patching_summary(res: SweepData, k: int | None = None) -> dict:
     """Patching effects with 95% CIs over pairs, and the rank stability of the top heads."""
     cfg = res.config
@@ -403,26 +408,22 @@ def patching_summary(res: SweepData, k: int | None = None) -> dict:
     r = res.resid_patch.effect_ci("logit_diff", n_boot=cfg.n_boot, seed=cfg.seed)
     rp = res.resid_patch.effect_ci("p_truth", n_boot=cfg.n_boot, seed=cfg.seed)
     top1, topk = stats.rank_stability(z.draws, k)
-    h = res.heads
-    heads = []
-    for rank, (l, hd) in enumerate(top_heads(z.mean, k), start=1):
-        heads.append(
-            {
-                "rank": rank,
-                "layer": l,
-                "head": hd,
-                "effect": float(z.mean[l, hd]),
-                "lo": float(z.lo[l, hd]),
-                "hi": float(z.hi[l, hd]),
-                "effect_p_truth": float(zp.mean[l, hd]),
-                "p_truth_lo": float(zp.lo[l, hd]),
-                "p_truth_hi": float(zp.hi[l, hd]),
-                "top1_share": float(top1[l, hd]),
-                f"top{k}_share": float(topk[l, hd]),
-                "topk_share": float(topk[l, hd]),
-                "auroc": float(h.auroc[l, hd]),
-            }
-        )
+    grids = {
+        "effect": z.mean,
+        "lo": z.lo,
+        "hi": z.hi,
+        "effect_p_truth": zp.mean,
+        "p_truth_lo": zp.lo,
+        "p_truth_hi": zp.hi,
+        "top1_share": top1,
+        f"top{k}_share": topk,  # with k = 1 this replaces the value above (as it always did)
+        "topk_share": topk,
+        "auroc": res.heads.auroc,
+    }
+    heads = [
+        {"rank": rank, "layer": l, "head": hd, **_cells((l, hd), grids)}
+        for rank, (l, hd) in enumerate(top_heads(z.mean, k), start=1)
+    ]
     return {
         "z": z,
         "z_p_truth": zp,
@@ -443,21 +444,17 @@ def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> d
     ps = ps or patching_summary(res, k)
     hp = res.head_patch
     beh = res.behaviour
-    auroc_heads = []
-    for l, hd in top_heads(h.auroc, k):
-        auroc_heads.append(
-            {
-                "layer": l,
-                "head": hd,
-                "auroc": float(h.auroc[l, hd]),
-                "lo": float(h.auroc_lo[l, hd]),
-                "hi": float(h.auroc_hi[l, hd]),
-                "null_q95": float(h.null_q95[l, hd]),
-                "random_mean": float(h.random_mean[l, hd]),
-                "beats_null_max_bar": bool(h.beats_null[l, hd]),
-                "patch_effect": float(ps["z"].mean[l, hd]),
-            }
-        )
+    grids = {"auroc": h.auroc, "lo": h.auroc_lo, "hi": h.auroc_hi, "null_q95": h.null_q95, "random_mean": h.random_mean}
+    auroc_heads = [
+        {
+            "layer": l,
+            "head": hd,
+            **_cells((l, hd), grids),
+            "beats_null_max_bar": bool(h.beats_null[l, hd]),
+            "patch_effect": float(ps["z"].mean[l, hd]),
+        }
+        for l, hd in top_heads(h.auroc, k)
+    ]
     return {
         "kind": "head_sweep",
         "model": cfg.model,

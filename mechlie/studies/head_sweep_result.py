@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from mechlie.core.io import load_tensors, save_tensors
 from mechlie.core.metrics import AnswerScores
-from mechlie.studies.base import RunFormatError, StudyResult
+from mechlie.studies.base import RunFormatError, StudyResult, ci_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -180,7 +180,7 @@ def sweep_figures(summary: dict, config: dict, head_auroc: Tensor, head_effect: 
 
 
 def _ci(e: dict, p: int = 3) -> str:
-    return f"{e['mean']:.{p}f} [{e['lo']:.{p}f}, {e['hi']:.{p}f}]"
+    return ci_text(e, f".{p}f")
 
 
 class HeadSweepResult(StudyResult):
@@ -207,6 +207,8 @@ class HeadSweepResult(StudyResult):
         "top_heads_by_patching",
         "top_heads_by_auroc",
     )
+    files = FILES
+    title_format = "Head sweep: {model}, {dataset} ({fmt}), n={n_pairs} pairs"
 
     @classmethod
     def load(cls, run_dir: str | Path) -> HeadSweepResult:
@@ -216,20 +218,12 @@ class HeadSweepResult(StudyResult):
                 f"{run_dir} is a head sweep saved as a pickle (patching.pt) by an older version of mechlie; result "
                 "files are never unpickled: rerun the head sweep"
             )
-        result = super().load(run_dir)  # summary.json first: an older summary is named as such
-        for name in FILES:
-            if not (run_dir / name).is_file():
-                raise RunFormatError(f"missing results file: {run_dir / name}")
-        return result  # type: ignore[return-value]
-
-    def title(self) -> str:
-        s = self._summary
-        return f"Head sweep: {s['model']}, {s['dataset']} ({s['fmt']}), n={s['n_pairs']} pairs"
+        return super().load(run_dir)  # type: ignore[return-value]  # summary.json first, then FILES
 
     def figures(self) -> dict[str, go.Figure]:
         from mechlie.read.directions import DirectionScores
 
-        tensors, meta = load_tensors(self.run_dir / "directions.safetensors")
+        tensors, meta = self.tensors("directions.safetensors")
         if "head_out" not in tensors:
             raise RunFormatError(f"{self.run_dir}/directions.safetensors has no head_out scores: rerun the sweep")
         heads = DirectionScores.from_tensors(tensors["head_out"], meta["head_out"])

@@ -20,8 +20,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from mechlie.core.models import DEFAULT_MODEL
-from mechlie.studies.base import RunFormatError, Study, StudyResult, register
+from mechlie.studies.base import RunFormatError, Study, StudyResult, ci_text, register
+from mechlie.studies.flags import model_flag, n_devices_flag
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -36,7 +36,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class LocaliseConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
     n_pairs: int = field(default=10, metadata={"help": "pairs sampled per relation (seeded)"})
     test_frac: float = field(default=0.5, metadata={"help": "share of facts held out for the curves"})
@@ -48,9 +48,7 @@ class LocaliseConfig:
     seed: int = 0
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)"})
     dtype: str = field(default="float32", metadata={"help": f"one of {DTYPES}"})
-    n_devices: int = field(
-        default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"}
-    )
+    n_devices: int = n_devices_flag()
     batch_size: int = field(default=16, metadata={"help": "prompts per cached prefix", "run": False})
     out_dir: str = "results/localise"
     run_name: str = ""
@@ -138,19 +136,11 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
 def _topk_curves(cfg: LocaliseConfig, model, train, test, summary: dict, tensors: dict) -> dict:
     from mechlie.causal import circuits
 
+    # one set of settings for both directions' curves
+    opts = {"n_random": cfg.n_random, "threshold": cfg.threshold, "n_boot": cfg.n_boot, "seed": cfg.seed}
     curves = {}
     for direction in ("restore", "induce"):
-        c = circuits.topk_curve(
-            model,
-            train,
-            test,
-            direction=direction,
-            n_random=cfg.n_random,
-            threshold=cfg.threshold,
-            n_boot=cfg.n_boot,
-            seed=cfg.seed,
-            batch_size=cfg.batch_size,
-        )
+        c = circuits.topk_curve(model, train, test, direction=direction, batch_size=cfg.batch_size, **opts)
         curves[direction] = c
         summary[f"topk_{direction}"] = c.summary()
         tensors[f"{direction}_train_effect"] = c.train_effect
@@ -410,7 +400,7 @@ def report_text(s: dict, cfg: dict, run_dir) -> str:
 
 
 def _ci(d: dict, spec: str = ".2f") -> str:
-    return f"{format(d['mean'], spec)} [{format(d['lo'], spec)}, {format(d['hi'], spec)}]"
+    return ci_text(d, spec)
 
 
 class LocaliseResult(StudyResult):

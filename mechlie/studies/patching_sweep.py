@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from mechlie.core.cli import RunDir
-from mechlie.core.models import DEFAULT_MODEL
-from mechlie.studies.base import RunFormatError, Study, StudyResult, register
+from mechlie.studies.base import RunFormatError, Study, StudyResult, ci_text, register
+from mechlie.studies.flags import device_flag, model_flag, n_devices_flag
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -34,7 +34,7 @@ TENSORS = "tensors.safetensors"
 
 @dataclass(frozen=True)
 class PatchingSweepConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
     fmt: Literal["instruct", "fewshot", "both"] = "fewshot"
     n_per_relation: int = field(default=1, metadata={"help": "pairs sampled per relation (4 pairs with 'all')"})
@@ -51,11 +51,9 @@ class PatchingSweepConfig:
     n_positions: int = field(default=12, metadata={"help": "with --positions last: the last n positions (0 = all)"})
     top_k: int = 10
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples (CIs over pairs)"})
-    device: str = field(default="", metadata={"help": "cpu, cuda, ... (default: cuda if available)"})
+    device: str = device_flag()
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    n_devices: int = field(
-        default=1, metadata={"help": "split the layers over this many GPUs (TransformerLens's n_devices)"}
-    )
+    n_devices: int = n_devices_flag()
     batch_size: int = field(default=8, metadata={"help": "prompts per batch", "run": False})
     out_dir: str = "results/patching_sweep"
     run_name: str = ""
@@ -325,7 +323,7 @@ def sweep_figures(s: dict, t: dict, meta: dict) -> dict[str, go.Figure]:
 
 
 def _e(d: dict) -> str:
-    return f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+    return ci_text(d, "+.3f")
 
 
 class PatchingSweepResult(StudyResult):
@@ -336,25 +334,19 @@ class PatchingSweepResult(StudyResult):
 
     study = "patching_sweep"
     required = ("model", "n_pairs", "metric", "honest_mean", "lying_mean", "heads", "positions", "component_ranking")
+    files = (TENSORS,)
+    title_format = "Patching sweep: {model}, n={n_pairs} pairs, {metric}"
 
     @classmethod
     def load(cls, run_dir):
         result = super().load(run_dir)
-        if not (result.run_dir / TENSORS).is_file():
-            raise RunFormatError(f"missing results file: {result.run_dir / TENSORS}")
         for key in ("top_exact", "spearman_attribution_vs_exact"):
             if key not in result.summary()["heads"]:
                 raise RunFormatError(f"{result.run_dir}/summary.json lacks heads.{key}: an older version; rerun")
         return result
 
-    def title(self) -> str:
-        s = self._summary
-        return f"Patching sweep: {s['model']}, n={s['n_pairs']} pairs, {s['metric']}"
-
     def figures(self) -> dict[str, go.Figure]:
-        from mechlie.core.io import load_tensors
-
-        t, meta = load_tensors(self.run_dir / TENSORS)
+        t, meta = self.tensors(TENSORS)
         if "exact_delta_heads" not in t:
             raise RunFormatError(f"{self.run_dir}/{TENSORS} has no exact_delta_heads: an older version; rerun")
         return sweep_figures(self._summary, t, meta)
@@ -406,10 +398,7 @@ class PatchingSweepResult(StudyResult):
                 f"component ranking {fam}: Spearman(diff score, |effect|) = "
                 f"{r['spearman_diff_score_vs_abs_effect']:+.3f}, top-{k} overlap {r['overlap']}"
             )
-        out.append(f"\nwrote {self.run_dir}/config.json, summary.json, {TENSORS} and figures:")
-        for name, v in s.get("figures", {}).items():
-            out.append(f"  {name}: " + ", ".join(str(x) for x in v.values() if x))
-        return "\n".join(out)
+        return "\n".join(out + self.wrote())
 
 
 STUDY = register(Study("patching_sweep", PatchingSweepConfig, run, PatchingSweepResult, load_model=False))

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mechlie.core.hooks import hook_name
-from mechlie.core.models import DEFAULT_MODEL
-from mechlie.studies.base import RunFormatError, Study, StudyResult, register
+from mechlie.studies.base import Study, StudyResult, register
+from mechlie.studies.flags import model_flag
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -36,7 +36,7 @@ log = logging.getLogger("mechlie")
 
 @dataclass(frozen=True)
 class SAEFeaturesConfig:
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "embedded name, .gguf file, HF dir, or TL name"})
+    model: str = model_flag()
     sites: tuple[str, ...] = field(
         default=(hook_name("resid_pre", 20), f"{hook_name('z', 20)}:5"),
         metadata={"help": "SAE sites: a hook name, or blocks.L.attn.hook_z:H for one head"},
@@ -329,31 +329,21 @@ class SAEFeaturesResult(StudyResult):
 
     study = "sae_features"
     required = ("model", "sites", "n_known_pairs")
+    files = ("features.safetensors",)
+    title_format = "SAE features: {model}, {dataset}, {n_known_pairs} known pairs"
     site_keys = ("features", "causal", "sae", "null_max_diff", "n_test")
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SAEFeaturesResult:
         res = super().load(run_dir)
         for r in res.summary()["sites"].values():
-            missing = [k for k in cls.site_keys if k not in r]
-            if missing:
-                raise RunFormatError(
-                    f"{Path(run_dir) / 'summary.json'} lacks {missing}: it was written by an older version of "
-                    "mechlie (or another script); rerun the sae_features study"
-                )
-        if not (Path(run_dir) / "features.safetensors").is_file():
-            raise RunFormatError(f"missing results file: {Path(run_dir) / 'features.safetensors'}")
+            cls.check_keys(run_dir, r, cls.site_keys)
         return res
 
-    def title(self) -> str:
-        s = self._summary
-        return f"SAE features: {s['model']}, {s.get('dataset', '')}, {s['n_known_pairs']} known pairs"
-
     def figures(self) -> dict[str, go.Figure]:
-        from mechlie.core.io import load_tensors
         from mechlie.studies.sae_figures import head_figures, site_figures
 
-        tensors, _ = load_tensors(self.run_dir / "features.safetensors")
+        tensors, _ = self.tensors("features.safetensors")
         figs: dict[str, go.Figure] = {}
         for site, r in self._summary["sites"].items():
             figs.update(site_figures(self._summary["model"], site, site_tag(site), r, tensors.get(site)))

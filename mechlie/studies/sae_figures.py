@@ -11,6 +11,9 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 
+LABEL_SWAPS = "95% null of the max |difference| (label swaps)"
+
+
 def _tri(d: dict) -> tuple[float, float, float]:
     return (d["mean"], d["lo"], d["hi"])
 
@@ -22,18 +25,12 @@ def site_figures(model: str, site: str, tag: str, r: dict, t: dict[str, Tensor] 
 
     from mechlie.report import figures as figlib
 
-    figs = {}
     where = f"{model}, {site}, n={r['n_test']} held-out pairs"
-    feats = r["features"]
-    figs[f"{tag}_features"] = figlib.bars_ci(
-        [f"f{f['feature']}" for f in feats],
-        {"f(lying) − f(honest)": [(f["diff"], f["lo"], f["hi"]) for f in feats]},
-        f"SAE features of the lie direction ({where})",
-        y_label="activation difference",
-        hline=r["null_max_diff"],
-        hline_name="95% null of the max |difference| (label swaps)",
-        symmetric_hline=True,
-    )
+    figs = {
+        f"{tag}_features": _feature_bars(
+            r["features"], "f(lying) − f(honest)", f"SAE features of the lie direction ({where})", r, LABEL_SWAPS
+        )
+    }
     if t is not None and "cosine_all" in t:
         fig = go.Figure(
             go.Scatter(
@@ -64,36 +61,44 @@ def site_figures(model: str, site: str, tag: str, r: dict, t: dict[str, Tensor] 
 
 
 def _on_policy_figures(model: str, site: str, tag: str, op: dict | None) -> dict[str, go.Figure]:
-    from mechlie.report import figures as figlib
-
     if not op or not op.get("features"):
         return {}
-    ofe = op["features"]
-    figs = {
-        f"{tag}_on_policy": figlib.bars_ci(
-            [f"f{f['feature']}" for f in ofe],
-            {"f(lie) − f(truth)": [(f["diff"], f["lo"], f["hi"]) for f in ofe]},
-            f"SAE features of on-policy lies vs truths, same lying prompts ({model}, {site}, "
-            f"n={op['n_test']} held-out pairs)",
-            y_label="activation difference",
-            hline=op["null_max_diff"],
-            hline_name="95% null of the max |difference| (label swaps)",
-            symmetric_hline=True,
-        )
-    }
-    fr = op.get("framing_features") or []
-    if fr:
-        figs[f"{tag}_framing_on_policy"] = figlib.bars_ci(
-            [f"f{f['feature']}" for f in fr],
-            {"f(lie) − f(truth), on-policy": [(f["diff"], f["lo"], f["hi"]) for f in fr]},
-            f"The lie direction's (framing) features on on-policy lies vs truths ({model}, {site}, "
-            f"n={op['n_test']} pairs)",
-            y_label="activation difference",
-            hline=op["null_max_diff"],
-            hline_name="on-policy null of the max",
-            symmetric_hline=True,
-        )
+    n = op["n_test"]
+    figs = {}
+    for name, feats, series, title, null_name in (
+        (
+            "on_policy",
+            op["features"],
+            "f(lie) − f(truth)",
+            f"SAE features of on-policy lies vs truths, same lying prompts ({model}, {site}, n={n} held-out pairs)",
+            LABEL_SWAPS,
+        ),
+        (
+            "framing_on_policy",
+            op.get("framing_features") or [],
+            "f(lie) − f(truth), on-policy",
+            f"The lie direction's (framing) features on on-policy lies vs truths ({model}, {site}, n={n} pairs)",
+            "on-policy null of the max",
+        ),
+    ):
+        if feats:
+            figs[f"{tag}_{name}"] = _feature_bars(feats, series, title, op, null_name)
     return figs
+
+
+def _feature_bars(feats: list[dict], series: str, title: str, r: dict, null_name: str) -> go.Figure:
+    """Features' activation differences with 95% CIs, beside ``r``'s null of the largest |difference|."""
+    from mechlie.report import figures as figlib
+
+    return figlib.bars_ci(
+        [f"f{f['feature']}" for f in feats],
+        {series: [(f["diff"], f["lo"], f["hi"]) for f in feats]},
+        title,
+        y_label="activation difference",
+        hline=r["null_max_diff"],
+        hline_name=null_name,
+        symmetric_hline=True,
+    )
 
 
 def head_figures(s: dict) -> dict[str, go.Figure]:
@@ -106,26 +111,24 @@ def head_figures(s: dict) -> dict[str, go.Figure]:
     rows = heads["rows"]
     names = [row["head"] for row in rows]
     n = rows[0]["n"]
-    return {
-        "heads_demo_attention": figlib.bars_ci(
-            names,
-            {
-                "honest prompt": [_tri(row["share_honest"]) for row in rows],
-                "lying prompt": [_tri(row["share_lying"]) for row in rows],
-            },
+    figs = {}
+    for name, key, title, y_label in (
+        (
+            "heads_demo_attention",
+            "share",
             f"Final-token attention on the demonstrations' answers ({s['model']}, n={n} pairs)",
-            y_label="share of attention",
+            "share of attention",
         ),
-        "heads_dla": figlib.bars_ci(
-            names,
-            {
-                "honest prompt": [_tri(row["dla_honest"]) for row in rows],
-                "lying prompt": [_tri(row["dla_lying"]) for row in rows],
-            },
+        (
+            "heads_dla",
+            "dla",
             f"Direct logit attribution, truth − lie, of each head ({s['model']}, n={n} pairs)",
-            y_label="logit",
+            "logit",
         ),
-    }
+    ):
+        series = {f"{side} prompt": [_tri(row[f"{key}_{side}"]) for row in rows] for side in ("honest", "lying")}
+        figs[name] = figlib.bars_ci(names, series, title, y_label=y_label)
+    return figs
 
 
 def captions(s: dict, tag_of: Callable[[str], str]) -> dict[str, str]:

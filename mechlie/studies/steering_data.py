@@ -33,16 +33,7 @@ from mechlie.control.steering import (
 )
 from mechlie.core.activations import collect
 from mechlie.core.metrics import AnswerScores, answer_logprob, final_logits, score_logits
-from mechlie.core.pairs import (
-    AnswerSet,
-    Batch,
-    ContrastPair,
-    PairError,
-    answer_set,
-    corrupted_fewshot,
-    neutral_lines,
-    tokenize,
-)
+from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, neutral_lines, tokenize
 from mechlie.core.stats import normalized_effect
 
 # ---------------------------------------------------------------------------------------------
@@ -86,13 +77,18 @@ class NeutralEffects:
     @property
     def kl(self) -> float:
         """Token-weighted mean KL (nats per token)."""
-        return float(self.kl_sum.sum() / self.kl_tokens.sum().clamp_min(1))
+        return float(self.kl_stat()(slice(None)))  # slice(None): every line
 
     def kl_stat(self) -> Callable[[Tensor], Tensor]:
-        return lambda i: self.kl_sum[i].sum() / self.kl_tokens[i].sum().clamp_min(1)
+        return per_token(self.kl_sum, self.kl_tokens)
 
     def dce_stat(self) -> Callable[[Tensor], Tensor]:
-        return lambda i: self.dce_sum[i].sum() / self.dce_tokens[i].sum().clamp_min(1)
+        return per_token(self.dce_sum, self.dce_tokens)
+
+
+def per_token(total: Float[Tensor, " line"], tokens: Int[Tensor, " line"]) -> Callable[[Tensor], Tensor]:
+    """Statistic over lines ``i``: their summed value per token (lines are the bootstrap's units)."""
+    return lambda i: total[i].sum() / tokens[i].sum().clamp_min(1)
 
 
 def neutral_effects(
@@ -137,7 +133,12 @@ class Split3:
     test: list[int]
 
 
-def split_three(fact_ids: Sequence[str], *, val_frac: float = 0.2, test_frac: float = 0.3, seed: int = 0) -> Split3:
+VAL_FRAC, TEST_FRAC = 0.2, 0.3  # the default shares of facts held out for validation and for test
+
+
+def split_three(
+    fact_ids: Sequence[str], *, val_frac: float = VAL_FRAC, test_frac: float = TEST_FRAC, seed: int = 0
+) -> Split3:
     """Indices into ``fact_ids`` split train / validation / test so that no fact is on two sides."""
     if not (0 < val_frac < 1 and 0 < test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"need 0 < val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
@@ -311,8 +312,8 @@ def prepare(
     model: HookedTransformer,
     pairs: Sequence[ContrastPair],
     *,
-    val_frac: float = 0.2,
-    test_frac: float = 0.3,
+    val_frac: float = VAL_FRAC,
+    test_frac: float = TEST_FRAC,
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
@@ -406,6 +407,8 @@ def attach_function_vector(
 ) -> str | None:
     """Build a lie function vector with :mod:`mechlie.causal.function_vectors` on training pairs and
     attach it to ``data`` at ``layer``: returns None on success, else why it was not attached."""
+    from mechlie.core.pairs import corrupted_fewshot
+
     train = data.train[:max_train]
     means = fvm.mean_head_activations(model, tokenize(model, [p.lying for p in train]), batch_size=batch_size)
     corrupt = tokenize(model, [corrupted_fewshot(p) for p in train])

@@ -78,6 +78,13 @@ def _ci_point(kl: dict, rec: dict, name: str, marker: dict):
     )
 
 
+def _kl_recovered(pts: list[SweepPoint], **style) -> go.Scatter:
+    """Sweep points at (KL, recovered), KL floored at 1e-6 for the log axis."""
+    import plotly.graph_objects as go
+
+    return go.Scatter(x=[max(p.kl, 1e-6) for p in pts], y=[p.recovered for p in pts], **style)
+
+
 def frontier(sweep: dict[str, list[dict]], ev: dict, where: str, kl_budget: float | None) -> go.Figure:
     """Recovery vs KL: validation sweep points and Pareto fronts, chosen points on test, random draws."""
     import plotly.graph_objects as go
@@ -88,26 +95,9 @@ def frontier(sweep: dict[str, list[dict]], ev: dict, where: str, kl_budget: floa
             continue
         c = fl.COLORS[i % len(fl.COLORS)]
         pts = sweep_points(saved)
-        fig.add_trace(
-            go.Scatter(
-                x=[max(p.kl, 1e-6) for p in pts],
-                y=[p.recovered for p in pts],
-                mode="markers",
-                name=f"{m} (validation sweep)",
-                marker={"color": c, "size": 6, "opacity": 0.45},
-                text=[_text(p.setting) for p in pts],
-            )
-        )
-        front = pareto(pts)
-        fig.add_trace(
-            go.Scatter(
-                x=[max(p.kl, 1e-6) for p in front],
-                y=[p.recovered for p in front],
-                mode="lines",
-                name=f"{m} frontier",
-                line={"color": c, "width": 1},
-            )
-        )
+        marker, text = {"color": c, "size": 6, "opacity": 0.45}, [_text(p.setting) for p in pts]
+        fig.add_trace(_kl_recovered(pts, mode="markers", name=f"{m} (validation sweep)", marker=marker, text=text))
+        fig.add_trace(_kl_recovered(pareto(pts), mode="lines", name=f"{m} frontier", line={"color": c, "width": 1}))
         if m in ev:
             r = ev[m]
             edge = {"color": "#222", "width": 1}

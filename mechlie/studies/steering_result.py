@@ -58,12 +58,11 @@ class SteeringResult(StudyResult):
 
     study = "steering"
     required = NEEDED
+    files = ("sweep.json",)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SteeringResult:
         res = super().load(run_dir)
-        if not (res.run_dir / "sweep.json").is_file():
-            raise RunFormatError(f"missing results file: {res.run_dir / 'sweep.json'}")
         res.check()
         return res  # type: ignore[return-value]
 

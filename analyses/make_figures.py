@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from mechlie.core.io import UserError
 from mechlie.report.markdown import write_report
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kaleido", "choreographer", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if Path(args.out).is_dir():
+            raise UserError(
+                f"--out {args.out} is a directory; give the report's file, e.g. {Path(args.out) / 'report.md'}"
+            )
         results = [load_result(run) for run in args.runs]  # every run is read before anything is written
         command = " ".join(["python analyses/make_figures.py", *args.runs, "--out", args.out])
         out = write_report(results, args.out, command=command)

@@ -120,22 +120,38 @@ def test_cache_checksums_catch_corruption_and_truncation(tmp_path):
     assert cache_problem(tmp_path / "missing") == "no config.json"
 
 
-def test_legacy_cache_without_checksums_is_checked_then_recorded(tmp_path):
+def test_cache_entry_without_checksums_is_unverified_and_never_blessed(tmp_path):
+    """Issue 21 (W3): checksums used to be recorded over whatever an entry without them held."""
     from mechlie.core.models import CHECKSUMS, cache_problem
 
-    weights = _fake_checkpoint(tmp_path / "ok")
-    assert cache_problem(tmp_path / "ok") is None
-    assert (tmp_path / "ok" / CHECKSUMS).is_file()  # verified fully from now on
-    _overwrite_middle(weights, 4096)
-    assert "corrupted" in cache_problem(tmp_path / "ok")
+    for name in ("ok", "nan"):
+        weights = _fake_checkpoint(tmp_path / name)
+        if name == "nan":
+            _overwrite_middle(weights, 4096)
+        assert "unverified" in cache_problem(tmp_path / name)
+        assert not (tmp_path / name / CHECKSUMS).exists()  # nothing recorded over an unverified file
 
-    nan = _fake_checkpoint(tmp_path / "nan")
-    _overwrite_middle(nan, 4096)
-    assert "non-finite" in cache_problem(tmp_path / "nan")
-    trunc = _fake_checkpoint(tmp_path / "trunc")
-    trunc.write_bytes(trunc.read_bytes()[:5000])
-    assert "cannot be read" in cache_problem(tmp_path / "trunc")
-    assert not (tmp_path / "nan" / CHECKSUMS).exists() and not (tmp_path / "trunc" / CHECKSUMS).exists()
+
+def test_cache_entry_without_checksums_is_rebuilt_from_the_gguf(tmp_path, monkeypatch, caplog):
+    """Issue 21 (W3): CHECKSUMS.json deleted and weights zeroed loaded silently, with new checksums."""
+    import mechlie.core.models as models
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    builds = []
+    monkeypatch.setattr(models, "check_gguf", lambda p: None)
+    monkeypatch.setattr(models, "_dequantize", lambda src, out: builds.append(src) or _fake_checkpoint(out))
+    d = models.gguf_to_hf_dir(gguf, tmp_path / "cache")
+    intact = (d / "model.safetensors").read_bytes()
+    (d / models.CHECKSUMS).unlink()
+    data = bytearray(intact)
+    data[len(data) // 2 : len(data) // 2 + 4096] = bytes(4096)  # zeroed: finite, so only checksums can tell
+    (d / "model.safetensors").write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="mechlie.core.models"):
+        assert models.gguf_to_hf_dir(gguf, tmp_path / "cache") == d
+    assert len(builds) == 2 and (d / "model.safetensors").read_bytes() == intact
+    assert models.cache_problem(d) is None
+    assert any(str(d) in r.getMessage() and "unverified" in r.getMessage() for r in caplog.records)
 
 
 def test_damaged_cache_entry_is_rebuilt_with_a_warning(tmp_path, monkeypatch, caplog):

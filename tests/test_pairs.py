@@ -108,7 +108,7 @@ def test_load_csv_jsonl_and_dataset(tmp_path, tiny):
     bad = rows + [{"honest": "x", "lying": "y", "truth": "Paris Rome", "lie": "Rome"}]
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     assert len(load_pairs_file(tmp_path / "bad.jsonl", tokenizer=tiny.tokenizer)) == 3  # kept by default
-    with pytest.raises(AnswerTokenError, match="record 2"):
+    with pytest.raises(AnswerTokenError, match=r"bad\.jsonl, line 3: "):
         load_pairs_file(tmp_path / "bad.jsonl", tokenizer=tiny.tokenizer, on_multitoken="error")
     assert len(load_pairs_file(tmp_path / "bad.jsonl", tokenizer=tiny.tokenizer, on_multitoken="drop")) == 2
     (tmp_path / "missing.jsonl").write_text(json.dumps({"honest": "x", "truth": "Paris"}) + "\n")

@@ -316,6 +316,16 @@ def load_edit(path) -> Edit:
     from mechlie.core.io import load_tensors
 
     t, meta = load_tensors(path)
+    keys = ("type", "info", "model_name", "d_model", "alpha", "policy")
+    if not isinstance(meta, dict) or any(k not in meta for k in keys):
+        what = (
+            "a saved detector (load it with mechlie.read.detector.Detector.load)"
+            if isinstance(meta, dict) and "mechlie_detector" in meta
+            else f"a mechlie result file whose metadata has keys {sorted(meta)[:8]}"
+            if isinstance(meta, dict)
+            else "a mechlie result file without edit metadata"
+        )
+        raise SteeringError(f"{path} is not a saved edit (save_edit writes those): it is {what}")
     info = dict(meta["info"]) | dict(t.get("info", {}))
     common = dict(
         model_name=meta["model_name"],

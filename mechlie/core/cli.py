@@ -7,16 +7,22 @@ model loads, and nothing is half-written:
 1. flags from the dataclass fields (``n_pairs`` -> ``--n-pairs``; ``bool`` -> ``--x/--no-x``;
    ``Literal`` -> choices; ``tuple[int, ...]`` -> several values; ``int | None`` accepts ``none``;
    help from ``field(metadata={"help": ...})``), plus ``--debug``;
-2. the config is built, so its ``__post_init__`` checks run (raise ``ValueError``);
+2. the config is built, so its ``__post_init__`` checks run (raise ``ValueError``); checks every
+   script shares run too (:func:`check_common_fields`: integers fit in 64 bits, ``--n-boot`` is
+   bounded, ``--device`` exists on this machine);
 3. fields with ``metadata={"path": True}`` whose value looks like a path (has a suffix or a
-   separator, or exists) must be readable files; their content's sha256 becomes part of the run;
+   separator, or exists) must be readable files (a directory only with ``"dir": True``); their
+   content's sha256 becomes part of the run;
 4. ``out_dir`` must be writable;
 5. the run folder is ``out_dir/run_name``, or, when ``run_name`` is empty, a name made of the
    settings that differ from the defaults plus a short hash of all settings and of the data files'
-   content, so a rerun resumes and an edited data file starts a new run. A folder that holds a
-   different config is refused, with the differences listed;
+   content, so a rerun resumes and an edited data file starts a new run. The folder is locked for
+   the run (a second run into it is refused), mechlie's stale temporary files in it are removed,
+   and a folder that holds a different config is refused, with the differences listed;
 6. ``main`` runs; ``config.json`` is written (atomically) when the run first writes an output, and
-   the summary ``main`` returns goes to ``summary.json``.
+   the summary ``main`` returns goes to ``summary.json``. ``manifest.json`` records the sha256 of
+   every file written (:mod:`mechlie.core.manifest`); a stage is resumed only if it still matches.
+   A run that wrote nothing leaves no folder (nor a new ``out_dir``) behind.
 
 Fields with ``metadata={"run": False}`` (``out_dir``, ``run_name`` always; e.g. ``batch_size``)
 do not change the results, so they are left out of the run's identity.
@@ -58,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, TypeVar, Union
 
 from mechlie.core.io import UserError, atomic_write_json, ensure_writable_dir, file_sha256, jsonable, read_json
+from mechlie.core.manifest import LOCK, MANIFEST, Manifest, RunLock, differences, lock_run, remove_stale_temps
 
 log = logging.getLogger("mechlie")
 
@@ -172,7 +179,47 @@ def parse_config(config_cls: type[T], argv: list[str] | None = None, doc: str | 
     for f in dataclasses.fields(config_cls):
         if isinstance(ns.get(f.name), list) and typing.get_origin(hints[f.name]) is not list:
             ns[f.name] = tuple(ns[f.name])  # frozen configs hold tuples, argparse gives lists
+    check_common_fields(ns)
     return config_cls(**ns), debug
+
+
+INT64 = (-(2**63), 2**63 - 1)
+MAX_N_BOOT = 100_000  # a bootstrap CI needs ~1e3-1e4 resamples; more only exhausts memory
+
+
+def check_common_fields(values: dict[str, Any]) -> None:
+    """Checks every script shares, each naming its flag (``ValueError``): integers fit in 64 bits
+    (torch's seeds and sizes), ``n_boot`` is at most :data:`MAX_N_BOOT`, and ``device`` names a
+    device this machine has (before any model loads)."""
+    for name, value in values.items():
+        ints = value if isinstance(value, (tuple, list)) else (value,)
+        for v in ints:
+            if isinstance(v, int) and not isinstance(v, bool) and not INT64[0] <= v <= INT64[1]:
+                raise ValueError(f"{_flag(name)} must fit in a signed 64-bit integer, got {v}")
+    n_boot = values.get("n_boot")
+    if isinstance(n_boot, int) and n_boot > MAX_N_BOOT:
+        raise ValueError(f"--n-boot must be at most {MAX_N_BOOT:,}, got {n_boot:,}")
+    device = values.get("device")
+    if isinstance(device, str) and device:
+        check_device(device)
+
+
+def check_device(device: str) -> None:
+    """``ValueError`` naming ``--device`` when ``device`` is not a device this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device ({e})") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {device}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine; use --device cpu")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -192,7 +239,9 @@ def data_files(cfg: Any) -> dict[str, Path]:
         if not path.exists():
             raise FileNotFoundError(f"{_flag(f.name)}: no such file: {path}")
         if path.is_dir():
-            continue  # e.g. a model directory: too big to hash, and not user data
+            if f.metadata.get("dir"):
+                continue  # e.g. a model directory: too big to hash, and not user data
+            raise IsADirectoryError(f"{_flag(f.name)}: {path} is a directory, not a file")
         if not os.access(path, os.R_OK):
             raise PermissionError(f"{_flag(f.name)}: cannot read {path}")
         out[f.name] = path
@@ -230,25 +279,11 @@ def run_name(cfg: Any, identity: dict[str, Any]) -> str:
     return f"{stem}-{digest}"
 
 
-def _differences(old: dict, new: dict) -> str:
-    lines = []
-    for section in ("config", "data_sha256"):
-        a, b = old.get(section, {}), new.get(section, {})
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                what = f"{k} content" if section == "data_sha256" else k
-                lines.append(f"{what}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}")
-    return "; ".join(lines) or "the recorded config is not in the expected format"
-
-
-def _short(v: Any) -> str:
-    s = json.dumps(v) if not isinstance(v, str) else v
-    return s if len(s) <= 40 else s[:37] + "..."
-
-
 class RunDir:
-    """A run's output folder. ``config.json`` is written on the first output, so a run that fails
-    before writing anything leaves nothing behind.
+    """A run's output folder, held by one run at a time (:func:`mechlie.core.manifest.lock_run`).
+    ``config.json`` is written on the first output, so a run that fails before writing anything
+    leaves nothing behind; ``manifest.json`` records the sha256 of every file the run writes, and
+    a stage is resumed only when its file still matches it (see :mod:`mechlie.core.manifest`).
 
     Attributes:
         path: the folder (created, with ``config.json``, on first access).
@@ -259,7 +294,39 @@ class RunDir:
         self._path = Path(path)
         self.identity = identity
         self._created_dir = False
+        self._created: list[Path] = []  # folders this run made (the run folder, a new --out-dir), deepest first
         self._wrote_config = False
+        self._lock: RunLock | None = None
+        self._manifest: Manifest | None = None
+
+    def open(self) -> None:
+        """Create the folder, lock it, remove mechlie's stale temporary files, refuse a different run."""
+        if self._lock is not None:
+            return
+        p = self._path.absolute()
+        while not p.exists():
+            self._created.append(p)
+            p = p.parent
+        self._created_dir = bool(self._created)
+        try:
+            ensure_writable_dir(self._path)
+            self._lock = lock_run(self._path)
+            remove_stale_temps(self._path)
+            self.check()
+            self._manifest = Manifest(self._path, self.identity)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Record what the run wrote, remove the folder if it holds no output, release the lock."""
+        if self._lock is None:
+            return  # never held: the folder may be another run's
+        if self._manifest is not None and self._wrote_config:
+            self._manifest.sync()
+        self.discard_if_empty()
+        self._lock.release()
+        self._lock = None
 
     def check(self) -> None:
         """Refuse a folder that holds a different run (or outputs with no ``config.json``)."""
@@ -270,12 +337,12 @@ class RunDir:
             except json.JSONDecodeError as e:
                 raise ConfigMismatchError(f"{cfg_path} is not valid JSON ({e}); delete {self._path}") from e
             if not isinstance(old, dict) or jsonable(old) != jsonable(self.identity):
-                diff = _differences(old if isinstance(old, dict) else {}, self.identity)
+                diff = differences(old if isinstance(old, dict) else {}, self.identity)
                 raise ConfigMismatchError(
                     f"{self._path} holds a run with different settings ({diff}); "
                     "pass another --run-name or --out-dir, or delete that folder"
                 )
-        elif self._path.is_dir() and any(self._path.iterdir()):
+        elif self._path.is_dir() and [p for p in self._path.iterdir() if p.name != LOCK]:
             raise ConfigMismatchError(
                 f"{self._path} holds files but no config.json, so they cannot be matched to these "
                 "settings; pass another --run-name or --out-dir, or delete that folder"
@@ -284,9 +351,7 @@ class RunDir:
     @property
     def path(self) -> Path:
         if not self._wrote_config:
-            if not self._path.exists():
-                self._created_dir = True
-            ensure_writable_dir(self._path)
+            self.open()
             if not (self._path / "config.json").is_file():
                 atomic_write_json(self._path / "config.json", self.identity)
             self._wrote_config = True
@@ -296,43 +361,59 @@ class RunDir:
         """``path / name``, the folder existing."""
         return self.path / name
 
+    def sync(self) -> None:
+        """Record in ``manifest.json`` the files written since the last record (done on every
+        :meth:`stage` and :meth:`write_json`, and when the run ends)."""
+        if self._manifest is not None:
+            self._manifest.sync()
+
     def stage(
         self, name: str, compute: Callable[[], T], save: Callable[[Path, T], Any], load: Callable[[Path], T]
     ) -> T:
-        """Load ``name`` if an earlier run saved it; otherwise compute it and save it (``save``
-        must write atomically, e.g. with :func:`mechlie.core.io.save_tensors`)."""
+        """Load ``name`` if an earlier run of these settings saved it and it still matches its
+        sha256; otherwise compute it and save it (``save`` must write atomically, e.g. with
+        :func:`mechlie.core.io.save_tensors`)."""
         target = self._path / name
-        if target.exists():
+        self.open()
+        if target.exists() and self._manifest is not None and self._manifest.resumable(name):
             log.info("resuming: reusing %s", target)
             return load(target)
         out = compute()
         save(self.file(name), out)
+        self.sync()
         return out
 
     def write_json(self, name: str, obj: Any) -> Path:
-        return atomic_write_json(self.file(name), obj)
+        out = atomic_write_json(self.file(name), obj)
+        self.sync()
+        return out
 
     def discard_if_empty(self) -> None:
-        """Remove the folder if this process created it and wrote nothing but ``config.json``."""
+        """Remove the folder (and a new ``--out-dir``) if this process created it and wrote no output."""
         if self._created_dir and self._path.is_dir():
             left = [p.name for p in self._path.iterdir() if not p.name.startswith(".")]
-            if left in ([], ["config.json"]):
+            if not [n for n in left if n not in ("config.json", MANIFEST)]:
                 shutil.rmtree(self._path, ignore_errors=True)
+                for d in self._created[1:]:
+                    try:
+                        d.rmdir()  # only if empty
+                    except OSError:
+                        break
 
 
 def prepare_run(cfg: Any) -> RunDir:
-    """Checks data files and ``out_dir``, names the run, refuses a different config in its folder."""
+    """Checks data files and ``out_dir``, names the run, locks its folder, refuses a different config
+    in it. Call ``close()`` on the result when the run ends (:func:`run_script` does)."""
     files = data_files(cfg)
     identity = _identity(cfg, files)
     out_dir = getattr(cfg, "out_dir", None)
     if out_dir is None:
         raise TypeError(f"{type(cfg).__name__} needs an out_dir field")
-    ensure_writable_dir(out_dir)
     name = getattr(cfg, "run_name", "") or run_name(cfg, identity)
     if Path(name).name != name or name in (".", ".."):
         raise ValueError(f"--run-name must be a plain folder name, got {name!r}")
     run = RunDir(Path(out_dir) / name, identity)
-    run.check()
+    run.open()
     for field, path in files.items():
         log.info("%s: %s (sha256 %s)", field, path, identity["data_sha256"][field][:12])
     return run
@@ -389,18 +470,13 @@ def run_script(
             log.info("nothing written")
         return 0
     except KeyboardInterrupt:
-        if run is not None:
-            run.discard_if_empty()
         print("\ninterrupted; rerun the same command to resume from the saved stages", file=sys.stderr)
         return 130
     except USER_ERRORS as e:
-        if run is not None:
-            run.discard_if_empty()
         if debug:
             raise
         print(f"error: {_user_message(e)} (--debug shows the traceback)", file=sys.stderr)
         return 2
-    except BaseException:
+    finally:
         if run is not None:
-            run.discard_if_empty()
-        raise
+            run.close()  # records what was written, removes a folder with no output, releases the lock

@@ -5,8 +5,9 @@ designated false answer), ``relation`` and ``fact_id``, as a CSV, a JSONL file, 
 or a ``datasets.Dataset``. :func:`pairs_from_user_facts` renders them into honest/lying pairs in
 any of the three formats with the same renderer as the built-in relations
 (:func:`mechlie.core.pairs.pairs_from_facts`): per relation, the first ``n_demo_facts`` facts with
-distinct answers are the demonstration pool (never targets), and a fact without a ``lie`` gets
-another answer of its relation.
+distinct answers are the demonstration pool (never targets; how many is logged), or, with
+``demonstrations="loo"``, every fact is a target and draws its demonstrations from the others; a
+fact without a ``lie`` gets another answer of its relation.
 
 Public formats (the user brings the file; the tests use small samples written by this project):
 
@@ -25,12 +26,17 @@ Users who already have prompts give *pairs* instead: :func:`load_pairs_file` (CS
 ``honest``, ``lying``, ``truth`` and optionally ``lie``, ``fact_id``, ``relation``),
 :func:`pairs_from_records`, :func:`pairs_from_dataset`.
 
-Bad input fails early with the file and row: missing columns, an empty question or answer.
+Files are read as UTF-8 (a byte-order mark, as Excel writes, is skipped). Bad input fails early with
+one line naming the file, the 1-based line and the field: a byte that is not UTF-8, invalid JSON,
+missing columns, an empty question or answer, or a field of the wrong type (a list or dict is never
+turned into its repr). Records repeated without a ``fact_id`` share the first copy's id (logged), so
+that a split by fact never puts identical prompts on both sides.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -69,52 +75,145 @@ class Statement:
     label: int  # 1 = true, 0 = false
 
 
-def _read_records(path: Path) -> list[dict]:
+def read_text(path: Path, error: type[PairError] = PairError) -> str:
+    """``path`` decoded as UTF-8, a leading byte-order mark skipped (as Excel writes CSVs). A byte that is
+    not UTF-8 raises ``error`` naming the file and its 1-based line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise error(
+            f"{path}, line {line}: not UTF-8 (byte 0x{data[e.start]:02x} at column {col}); save the file as UTF-8"
+        ) from None
+
+
+def read_rows(
+    path: Path, error: type[PairError] = PairError, kind: str = "facts", *, json_lines: tuple[str, ...] = (".jsonl",)
+) -> list[tuple[int, dict]]:
+    """``(1-based line, record)`` for each record of a ``.csv`` (header row first) or a JSON-lines file
+    (suffixes ``json_lines``). A CSV record's line is the line it ends on."""
+    if path.is_dir():
+        raise error(f"{kind} file {path} is a directory; give a .csv or .jsonl file")
     if not path.is_file():
-        raise FactsError(f"facts file {path} does not exist")
+        raise error(f"{kind} file {path} does not exist")
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            return list(csv.DictReader(f))
-    if path.suffix == ".jsonl":
-        out = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FactsError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
-        return out
-    raise FactsError(f"{path}: expected a .csv or .jsonl facts file")
+        reader = csv.DictReader(io.StringIO(read_text(path, error), newline=""))
+        return [(reader.line_num, r) for r in reader]
+    if path.suffix not in json_lines:
+        raise error(f"{path}: expected a .csv or .jsonl {kind} file")
+    out = []
+    # Universal newlines, as Path.read_text reads; str.splitlines would also split a string at U+2028 and such.
+    text = read_text(path, error).replace("\r\n", "\n").replace("\r", "\n")
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise error(f"{path}, line {lineno}: expected a JSON object, got {type(rec).__name__}")
+        out.append((lineno, rec))
+    return out
 
 
-def facts_from_records(records: Iterable[dict], *, source: str = "records") -> list[UserFact]:
+def _where(source: str, lines: Sequence[int] | None, i: int) -> str:
+    """A record's place: the file and its 1-based line, or ``row i`` (0-based, as a list index) in memory."""
+    return f"{source}, line {lines[i]}" if lines is not None else f"{source}, row {i}"
+
+
+def record_field(
+    r: dict, key: str, where: str, error: type[PairError], *, number_ok: bool = False, required: bool = False
+) -> str | None:
+    """The text of field ``key`` of record ``r``: ``None`` when absent or empty (or ``error`` if
+    ``required``). Only a string (or, with ``number_ok``, an int or float) is accepted: a list, dict or
+    bool would be turned into its Python repr and scored as text, so it raises ``error`` naming the field."""
+    v = r.get(key)
+    # Empty, 0 and 0.0 count as absent, as they always have (a fact id 0 has always been the row's own id).
+    if v is None or (not isinstance(v, bool) and isinstance(v, (str, int, float)) and not v):
+        if required:
+            hint = " (the file starts with a byte-order mark: save it as UTF-8 without BOM)" if _bom(r) else ""
+            raise error(f"{where}: missing or empty field {key!r}; fields are {sorted(map(str, r))}{hint}")
+        return None
+    ok = (str, int, float) if number_ok else (str,)
+    if isinstance(v, bool) or not isinstance(v, ok):
+        want = "a string or a number" if number_ok else "a string"
+        raise error(f"{where}: field {key!r} must be {want}, got {type(v).__name__} {_short(v)}")
+    return str(v)
+
+
+def _bom(r: dict) -> bool:
+    return any(isinstance(k, str) and k.startswith("\ufeff") for k in r)
+
+
+def _short(v: object) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def facts_from_records(
+    records: Iterable[dict], *, source: str = "records", lines: Sequence[int] | None = None
+) -> list[UserFact]:
     """:class:`UserFact` s from dicts with ``question``, ``answer`` and optional ``lie``,
-    ``relation``, ``fact_id``. Raises :class:`FactsError` naming the row on a missing or empty field."""
+    ``relation``, ``fact_id``.
+
+    Raises :class:`FactsError` naming the record (``lines``: each record's 1-based line in
+    ``source``; else its 0-based index) on a missing or empty field, or a field of the wrong type
+    (a question must be a string; an answer, lie, relation or fact id a string or a number).
+    A record repeating an earlier one's relation, question and answer, without a ``fact_id``,
+    gets the earlier one's id (logged), so that no split puts the copies on both sides.
+    """
     out: list[UserFact] = []
+    first: dict[tuple[str, str, str], tuple[str, str]] = {}  # content -> (fact id, where)
+    repeats: list[str] = []
     for i, r in enumerate(records):
+        where = _where(source, lines, i)
         if not isinstance(r, dict):
-            raise FactsError(f"{source}, row {i}: expected a record with question and answer, got {type(r).__name__}")
+            raise FactsError(f"{where}: expected a record with question and answer, got {type(r).__name__}")
         missing = [k for k in ("question", "answer") if k not in r]
         if missing:
-            raise FactsError(f"{source}, row {i}: missing column(s) {missing}; columns are {sorted(r)}")
-        q, a = str(r["question"] or "").strip(), str(r["answer"] or "").strip()
+            raise FactsError(f"{where}: missing column(s) {missing}; columns are {sorted(map(str, r))}")
+        q = (record_field(r, "question", where, FactsError) or "").strip()
+        a = (record_field(r, "answer", where, FactsError, number_ok=True) or "").strip()
         if not q or not a:
-            raise FactsError(f"{source}, row {i}: empty {'question' if not q else 'answer'}")
-        lie = str(r.get("lie") or "").strip() or None
+            raise FactsError(f"{where}: empty {'question' if not q else 'answer'}")
+        lie = (record_field(r, "lie", where, FactsError, number_ok=True) or "").strip() or None
         if lie is not None and lie.lower() == a.lower():
-            raise FactsError(f"{source}, row {i}: the lie {lie!r} equals the answer")
-        rel = str(r.get("relation") or "custom").strip()
-        out.append(UserFact(q, a, lie, str(r.get("fact_id") or f"{rel}/{i}"), relation=rel))
+            raise FactsError(f"{where}: the lie {lie!r} equals the answer")
+        rel = (record_field(r, "relation", where, FactsError, number_ok=True) or "custom").strip()
+        fid = record_field(r, "fact_id", where, FactsError, number_ok=True)
+        if fid is None:
+            fid, seen = first.setdefault((rel, q, a), (f"{rel}/{i}", where))
+            if seen != where:
+                repeats.append(f"{where.removeprefix(source + ', ')} repeats {seen.removeprefix(source + ', ')}")
+        out.append(UserFact(q, a, lie, fid, relation=rel))
     if not out:
         raise FactsError(f"{source}: no facts")
+    _log_repeats(source, repeats, "relation, question and answer")
     return out
+
+
+def _log_repeats(source: str, repeats: list[str], what: str) -> None:
+    if repeats:
+        shown = "; ".join(repeats[:5]) + (f"; and {len(repeats) - 5} more" if len(repeats) > 5 else "")
+        log.warning(
+            "%s: %d record(s) repeat the %s of an earlier one and have no fact_id (%s): each copy gets the "
+            "fact id of its first, so train/test splits keep copies together",
+            source,
+            len(repeats),
+            what,
+            shown,
+        )
 
 
 def load_facts(source: str | Path | Sequence[dict] | object) -> list[UserFact]:
     """Facts from a ``.csv`` / ``.jsonl`` path, a list of dicts, or a ``datasets.Dataset``."""
     if isinstance(source, (str, Path)):
         path = Path(source)
-        return facts_from_records(_read_records(path), source=str(path))
+        rows = read_rows(path, FactsError)
+        return facts_from_records([r for _, r in rows], source=str(path), lines=[n for n, _ in rows])
     return facts_from_records(list(source), source=type(source).__name__)
 
 
@@ -127,6 +226,7 @@ def pairs_from_user_facts(
     n_demo_facts: int = 8,
     seed: int = 0,
     require_single_token: bool = False,
+    demonstrations: Literal["pool", "loo"] = "pool",
 ) -> list[ContrastPair]:
     """Honest/lying pairs for users' facts, one relation at a time.
 
@@ -134,7 +234,14 @@ def pairs_from_user_facts(
         facts: from :func:`load_facts`.
         fmt: ``instruct`` | ``fewshot`` | ``both`` (see :mod:`mechlie.core.pairs`).
         n_demo_facts: per relation, the first facts with distinct answers that serve as
-            demonstrations (never targets; ignored for ``instruct``, where every fact is a target).
+            demonstrations with ``demonstrations="pool"`` (ignored for ``instruct``, where every fact is a target).
+        demonstrations: where the ``fewshot`` / ``both`` demonstrations come from.
+            ``"pool"`` (the default, as every committed result used): the ``n_demo_facts`` pool, whose
+            facts are never targets, so no fact is both a demonstration and a target and a train/test
+            split by fact is clean; the pool's facts give no pair (logged per relation).
+            ``"loo"``: leave one out within the relation: every fact is a target and its
+            demonstrations are drawn from the relation's other facts (still never showing its truth or
+            lie), so no fact is lost, but a test fact may appear as a demonstration in a train prompt.
         require_single_token: drop (and log) facts whose truth or lie has no one-token spelling;
             by default nothing is dropped and multi-token answers are scored by their full
             token sequence (:mod:`mechlie.core.metrics`).
@@ -145,25 +252,20 @@ def pairs_from_user_facts(
     Example:
         >>> pairs = pairs_from_user_facts(load_facts("my_facts.csv"), "fewshot", tokenizer=model.tokenizer)
     """
+    if demonstrations not in ("pool", "loo"):
+        raise FactsError(f"demonstrations must be 'pool' or 'loo', got {demonstrations!r}")
     by_rel: dict[str, list[UserFact]] = {}
     for f in facts:
         by_rel.setdefault(f.relation, []).append(f)
     out: list[ContrastPair] = []
+    demo_only: dict[str, int] = {}
     for rel, fs in by_rel.items():
         if require_single_token and tokenizer is not None:
-            ok = []
-            for f in fs:
-                try:
-                    answer_token_ids(tokenizer, f.answer)
-                    if f.lie:
-                        answer_token_ids(tokenizer, f.lie)
-                    ok.append(f)
-                except AnswerTokenError as e:
-                    log.warning("%s: dropping %r: %s", rel, f.question, e)
-            log.info("%s: using %d of %d facts", rel, len(ok), len(fs))
-            fs = ok
+            fs = _single_token_facts(rel, fs, tokenizer)
         if fmt == "instruct":
             demos, targets = [], fs
+        elif demonstrations == "loo":
+            demos, targets = fs, fs  # pairs_from_facts never shows a target its own question or answers
         else:
             pool, tgt = demo_pool([(f.question, f.answer) for f in fs], n_demo_facts)
             if len(pool) < n_shots or not tgt:
@@ -172,6 +274,7 @@ def pairs_from_user_facts(
                     f"answers and {len(tgt)} targets; the {fmt} format needs {n_shots} demonstrations and a target"
                 )
             demos, targets = [fs[i] for i in pool], [fs[i] for i in tgt]
+            demo_only[rel] = len(pool)
         out += pairs_from_facts(
             [Fact(f.question, f.answer, f.lie, f.fact_id) for f in targets],
             [Fact(f.question, f.answer, f.lie, f.fact_id) for f in demos],
@@ -182,7 +285,30 @@ def pairs_from_user_facts(
             n_shots=n_shots,
             seed=seed,
         )
+    if demo_only:
+        log.warning(
+            "%s format: %d of %d facts are used only as demonstrations, never as targets (%s); "
+            "demonstrations='loo' makes every fact a target",
+            fmt,
+            sum(demo_only.values()),
+            sum(len(fs) for fs in by_rel.values()),
+            ", ".join(f"{rel}: {n}" for rel, n in demo_only.items()),
+        )
     return out
+
+
+def _single_token_facts(rel: str, fs: list[UserFact], tokenizer) -> list[UserFact]:
+    ok = []
+    for f in fs:
+        try:
+            answer_token_ids(tokenizer, f.answer)
+            if f.lie:
+                answer_token_ids(tokenizer, f.lie)
+            ok.append(f)
+        except AnswerTokenError as e:
+            log.warning("%s: dropping %r: %s", rel, f.question, e)
+    log.info("%s: using %d of %d facts", rel, len(ok), len(fs))
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,15 +327,15 @@ def _label(value: object, where: str) -> int:
 def load_statements(path: str | Path) -> list[Statement]:
     """True/false statements from a ``statement,label`` CSV (Geometry of Truth layout)."""
     path = Path(path)
-    rows = _read_records(path)
     out = []
-    for i, r in enumerate(rows):
+    for line, r in read_rows(path, FactsError, "statements"):
+        where = f"{path}, line {line}"
         if "statement" not in r or "label" not in r:
-            raise FactsError(f"{path}, row {i}: needs columns statement and label; columns are {sorted(r)}")
-        text = str(r["statement"] or "").strip()
+            raise FactsError(f"{where}: needs columns statement and label; columns are {sorted(map(str, r))}")
+        text = (record_field(r, "statement", where, FactsError) or "").strip()
         if not text:
-            raise FactsError(f"{path}, row {i}: empty statement")
-        out.append(Statement(text, _label(r["label"], f"{path}, row {i}")))
+            raise FactsError(f"{where}: empty statement")
+        out.append(Statement(text, _label(r["label"], where)))
     if not out:
         raise FactsError(f"{path}: no statements")
     return out
@@ -271,7 +397,7 @@ def load_qa_json(path: str | Path, *, relation: str | None = None) -> list[UserF
     if not path.is_file():
         raise FactsError(f"question/answer file {path} does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, FactsError))
     except json.JSONDecodeError as e:
         raise FactsError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if isinstance(data, dict) and "question" in data and isinstance(data["question"], dict):
@@ -293,25 +419,48 @@ def load_qa_json(path: str | Path, *, relation: str | None = None) -> list[UserF
 
 
 def pairs_from_records(
-    records: Iterable[dict], *, tokenizer=None, on_multitoken: Literal["keep", "error", "drop"] = "keep"
+    records: Iterable[dict],
+    *,
+    tokenizer=None,
+    on_multitoken: Literal["keep", "error", "drop"] = "keep",
+    source: str = "records",
+    lines: Sequence[int] | None = None,
 ) -> list[ContrastPair]:
-    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation.
+    """Pairs from dicts with keys honest, lying, truth and optionally lie, fact_id, relation, question.
+
+    Prompts and the question must be strings; truth, lie, fact_id and relation strings or numbers;
+    anything else raises :class:`PairError` naming the record (``lines``: each record's 1-based line
+    in ``source``; else its 0-based index) and the field. A record without a ``fact_id`` is
+    ``row<i>``, unless it repeats the honest and lying prompts of an earlier one: then it shares that
+    one's id (logged), so that no split puts identical prompts on both sides.
 
     Multi-token answers are kept (``on_multitoken="keep"``, scored by their first token or in full),
     or raise (``"error"``), or are dropped with a logged count (``"drop"``)."""
     out = []
+    first: dict[tuple[str, str], tuple[str, str]] = {}  # prompts -> (fact id, where)
+    repeats: list[str] = []
+    n = 0
     for i, r in enumerate(records):
-        missing = [k for k in ("honest", "lying", "truth") if not r.get(k)]
-        if missing:
-            raise PairError(f"record {i} is missing {missing}: {dict(r)}")
+        n += 1
+        where = _where(source, lines, i)
+        if not isinstance(r, dict):
+            raise PairError(f"{where}: expected a record with honest, lying and truth, got {type(r).__name__}")
+        honest, lying = (record_field(r, k, where, PairError, required=True) for k in ("honest", "lying"))
+        truth = record_field(r, "truth", where, PairError, number_ok=True, required=True)
+        lie = record_field(r, "lie", where, PairError, number_ok=True)
+        fid = record_field(r, "fact_id", where, PairError, number_ok=True)
+        if fid is None:
+            fid, seen = first.setdefault((honest, lying), (f"row{i}", where))
+            if seen != where:
+                repeats.append(f"{where.removeprefix(source + ', ')} repeats {seen.removeprefix(source + ', ')}")
         pair = ContrastPair(
-            honest=str(r["honest"]),
-            lying=str(r["lying"]),
-            truth=str(r["truth"]),
-            lie=str(r["lie"]) if r.get("lie") else None,
-            fact_id=str(r.get("fact_id") or f"row{i}"),
-            relation=str(r.get("relation") or "custom"),
-            question=str(r.get("question") or ""),
+            honest=honest,
+            lying=lying,
+            truth=truth,
+            lie=lie,
+            fact_id=fid,
+            relation=record_field(r, "relation", where, PairError, number_ok=True) or "custom",
+            question=record_field(r, "question", where, PairError) or "",
         )
         if tokenizer is not None and on_multitoken != "keep":
             try:
@@ -320,42 +469,27 @@ def pairs_from_records(
                     answer_token_ids(tokenizer, pair.lie)
             except AnswerTokenError as e:
                 if on_multitoken == "error":
-                    raise AnswerTokenError(f"record {i}: {e}") from None
-                log.warning("dropping record %d: %s", i, e)
+                    raise AnswerTokenError(f"{where}: {e}") from None
+                log.warning("dropping %s: %s", where, e)
                 continue
         out.append(pair)
     if not out:
-        raise PairError("no usable pairs")
-    if len(out) < i + 1:
-        log.warning("used %d of %d records (%d dropped, see above)", len(out), i + 1, i + 1 - len(out))
+        raise PairError(f"{source}: no usable pairs")
+    _log_repeats(source, repeats, "honest and lying prompts")
+    if len(out) < n:
+        log.warning("used %d of %d records (%d dropped, see above)", len(out), n, n - len(out))
     return out
 
 
 def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:
-    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`).
+    """Pairs from a ``.csv`` or ``.jsonl`` file (columns as in :func:`pairs_from_records`), read as
+    UTF-8 (a byte-order mark is skipped); errors name the file and the 1-based line.
 
     Every row is used; rows dropped for multi-token answers (``on_multitoken="drop"``) are logged.
     """
     path = Path(path)
-    if not path.is_file():
-        raise PairError(f"pairs file {path} does not exist")
-    if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            records = list(csv.DictReader(f))
-    elif path.suffix in (".jsonl", ".json"):
-        records = []
-        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PairError(f"{path}, line {lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(records[-1], dict):
-                raise PairError(f"{path}, line {lineno}: expected a JSON object, got {type(records[-1]).__name__}")
-    else:
-        raise PairError(f"{path}: expected a .csv or .jsonl file")
-    return pairs_from_records(records, **kw)
+    rows = read_rows(path, PairError, "pairs", json_lines=(".jsonl", ".json"))
+    return pairs_from_records([r for _, r in rows], source=str(path), lines=[n for n, _ in rows], **kw)
 
 
 def pairs_from_dataset(ds, **kw) -> list[ContrastPair]:

@@ -24,15 +24,20 @@ Summary over pairs (the research notes' metrics):
 
 - ``balance``: share of honest prompts among all prompts scored (0.5 for pairs).
 - ``acc``: top-1 accuracy under the honest framing; ``lie_acc``: under the lying framing.
-- ``known``: facts answered correctly when honest. ``known_lie_acc`` is ``lie_acc`` on those,
+- ``known`` (``n_known``, also named ``n_known_first_token``): facts whose honest prompt's top-1 next
+  token is a spelling of the truth (its first token, for a multi-token truth). This is the
+  *first-token* definition; :attr:`mechlie.read.labels.OnPolicy.known` is the *greedy-text* one
+  (the greedy honest answer starts with the truth), and the two can disagree on a few facts
+  (:func:`mechlie.read.labels.known_side_by_side` counts both). ``known_lie_acc`` is ``lie_acc`` on those,
   and ``lie_rate = 1 - known_lie_acc``: the share of known facts the model does not state
   truthfully when told to lie (a lie needs knowledge; see RESEARCH_NOTES).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -42,7 +47,21 @@ from transformer_lens import HookedTransformer
 from transformer_lens.utilities.activation_functions import apply_softcap
 
 from mechlie.core.hooks import Hook, hook_name
-from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_sequences, answer_set, tokenize
+from mechlie.core.pairs import (
+    AnswerSet,
+    Batch,
+    ContrastPair,
+    PairError,
+    answer_sequences,
+    answer_set,
+    prompt_format,
+    shared_first_token,
+    tokenize,
+)
+
+log = logging.getLogger(__name__)
+
+KNOWN_WARN_BELOW = 0.2  # behaviour() warns when a format's known share is under this
 
 
 def gather_logprob(logprobs: Float[Tensor, "n vocab"], ids: Int[Tensor, "n k"]) -> Float[Tensor, " n"]:
@@ -159,16 +178,21 @@ def final_logits(
 class Behaviour:
     honest: AnswerScores
     lying: AnswerScores
+    # Indices (into the pairs given to behaviour()) of the scored pairs, when some were left out.
+    kept: tuple[int, ...] | None = None
 
     def subset(self, idx: Tensor) -> "Behaviour":
         def pick(s: AnswerScores) -> AnswerScores:
             seq = [None if t is None else t[idx] for t in (s.logp_truth_seq, s.logp_lie_seq)]
             return AnswerScores(s.p_truth[idx], s.logit_diff[idx], s.correct[idx], s.choice_cov[idx], *seq)
 
-        return Behaviour(pick(self.honest), pick(self.lying))
+        kept = None if self.kept is None else tuple(torch.tensor(self.kept)[idx].tolist())
+        return Behaviour(pick(self.honest), pick(self.lying), kept)
 
     @property
     def known(self) -> Bool[Tensor, " n"]:
+        """Known by the *first-token* definition: the honest prompt's top-1 next token is a spelling
+        of the truth (or its first token). Not :attr:`mechlie.read.labels.OnPolicy.known` (greedy text)."""
         return self.honest.correct
 
     def summary(self) -> dict[str, float | int]:
@@ -178,6 +202,7 @@ class Behaviour:
         return {
             "n": n,
             "n_known": int(k.sum()),
+            "n_known_first_token": int(k.sum()),  # the same count, named by its definition
             "p_truth_honest": h.p_truth.mean().item(),
             "p_truth_lying": li.p_truth.mean().item(),
             "logit_diff_honest": h.logit_diff.mean().item(),
@@ -203,13 +228,41 @@ class Behaviour:
 
 
 def behaviour(
-    model, pairs: Sequence[ContrastPair], *, batch_size: int = 16, progress: bool = True, full_answer: bool = False
+    model,
+    pairs: Sequence[ContrastPair],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    full_answer: bool = False,
+    on_shared_first_token: Literal["error", "drop"] = "error",
+    warn_known_below: float = KNOWN_WARN_BELOW,
 ) -> Behaviour:
     """Score honest and lying prompts of ``pairs`` (two batched forward passes per batch).
 
     Multi-token answers are scored by their first token; with ``full_answer`` also by the
     teacher-forced log-probability of the whole answer (:func:`answer_logprob`, more passes).
+
+    Args:
+        on_shared_first_token: a pair whose truth and lie share a first token cannot be scored by
+            first tokens: ``"error"`` (default) raises :class:`PairError`; ``"drop"`` leaves such
+            pairs out (logged with their fact ids) and the result's ``kept`` lists the scored pairs.
+        warn_known_below: log a warning for each prompt format (:func:`mechlie.core.pairs.prompt_format`)
+            whose share of known pairs (first-token definition, :attr:`Behaviour.known`) is under it.
     """
+    kept = None
+    if on_shared_first_token == "drop":
+        shared = set(shared_first_token(model.tokenizer, pairs))
+        if shared:
+            kept = tuple(i for i in range(len(pairs)) if i not in shared)
+            log.warning(
+                "behaviour: left out %d of %d pairs whose truth and lie share a first token (%s)",
+                len(shared),
+                len(pairs),
+                ", ".join(repr(pairs[i].fact_id) for i in sorted(shared)[:5]) + (", ..." if len(shared) > 5 else ""),
+            )
+            pairs = [pairs[i] for i in kept]
+    elif on_shared_first_token != "error":
+        raise PairError(f"on_shared_first_token must be 'error' or 'drop', got {on_shared_first_token!r}")
     answers = answer_set(model.tokenizer, pairs, multi_token="first")
     h = final_logits(model, [p.honest for p in pairs], batch_size=batch_size, progress=progress, desc="honest")
     li = final_logits(model, [p.lying for p in pairs], batch_size=batch_size, progress=progress, desc="lying")
@@ -226,7 +279,28 @@ def behaviour(
             )
         hs = AnswerScores(hs.p_truth, hs.logit_diff, hs.correct, hs.choice_cov, *seq["honest"])
         ls = AnswerScores(ls.p_truth, ls.logit_diff, ls.correct, ls.choice_cov, *seq["lying"])
-    return Behaviour(hs, ls)
+    warn_few_known(pairs, hs.correct, warn_known_below)
+    return Behaviour(hs, ls, kept)
+
+
+def warn_few_known(pairs: Sequence[ContrastPair], known: Bool[Tensor, " n"], below: float = KNOWN_WARN_BELOW) -> None:
+    """Log a warning for each prompt format whose share of known pairs is under ``below``: its
+    known-only metrics (``lie_rate``, ``p_truth_*_known``) then rest on few facts."""
+    by_fmt: dict[str, list[bool]] = {}
+    for p, k in zip(pairs, known.tolist()):
+        by_fmt.setdefault(prompt_format(p), []).append(bool(k))
+    for fmt, ks in by_fmt.items():
+        share = sum(ks) / len(ks)
+        if share < below:
+            log.warning(
+                "format %r: %d of %d pairs known (share %.3f, under %.2f; known = the honest prompt's top-1 "
+                "first token is the truth): its known-only metrics rest on few facts",
+                fmt,
+                sum(ks),
+                len(ks),
+                share,
+                below,
+            )
 
 
 @torch.no_grad()

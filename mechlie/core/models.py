@@ -14,9 +14,10 @@ is cached once under ``<cache_dir>/hf/<sha256 of the GGUF, first 16 hex>/``. The
 ``$MECHLIE_CACHE`` or ``~/.cache/mechlie``; pass ``cache_dir`` to override. A cache entry is
 written to a temporary folder and renamed into place, so an interrupted conversion never leaves a
 half-written entry behind. Its weight files' sizes and sha256 are recorded in ``CHECKSUMS.json``
-and verified on every load: a damaged entry (a disk error, an edit, a truncated copy) is rebuilt
-from the GGUF with a warning instead of loading garbage weights. Every loaded model is also
-checked for non-finite weights, which also covers user-supplied Hugging Face directories.
+and verified on every load: a damaged entry (a disk error, an edit, a truncated copy) or one
+without its checksums is rebuilt from the GGUF with a warning instead of loading garbage weights.
+Every loaded model is also checked for non-finite weights, which also covers user-supplied
+Hugging Face directories.
 
 Weights are processed as ``HookedTransformer.from_pretrained`` does by default (layer norm folded,
 writing weights and unembedding centred). Log-probs are unchanged by this; the residual stream is
@@ -165,9 +166,9 @@ def write_checksums(d: Path) -> Path:
 def cache_problem(d: Path) -> str | None:
     """Why the cached checkpoint ``d`` cannot be trusted, or None if it is intact.
 
-    With ``CHECKSUMS.json``: every weight file must have its recorded size and sha256. An entry
-    from before checksums existed must be readable with finite weights; its checksums are then
-    recorded, so later loads verify it fully.
+    Every weight file must have the size and sha256 recorded in ``CHECKSUMS.json`` when the entry
+    was written. An entry without ``CHECKSUMS.json`` (deleted, or from before checksums existed) is
+    unverified, and so not trusted: checksums are never recorded over an existing file.
     """
     if not (d / "config.json").is_file():
         return "no config.json"
@@ -189,21 +190,9 @@ def cache_problem(d: Path) -> str | None:
             if file_sha256(p) != digest:
                 return f"{p.name} does not match the sha256 recorded when it was written (corrupted)"
         return None
-    from safetensors import safe_open
-
-    try:
-        for p in files:
-            with safe_open(str(p), framework="pt") as f:
-                for k in f.keys():
-                    if not torch.isfinite(f.get_tensor(k)).all():
-                        return f"{p.name}: tensor {k} has non-finite values (corrupted)"
-    except Exception as e:  # safetensors raises its own errors on a truncated or garbled file
-        return f"{p.name} cannot be read ({type(e).__name__}: {e})"
-    try:
-        write_checksums(d)
-    except OSError as e:  # a read-only cache still loads; it is just verified this way each time
-        log.debug("could not record checksums in %s: %s", d, e)
-    return None
+    # Without its checksums an entry cannot be verified: a damaged file would be blessed by
+    # recording them now (issue 21, W3), so the entry is rebuilt from the GGUF instead.
+    return f"no {CHECKSUMS}, so its weights cannot be verified (unverified)"
 
 
 def _dequantize(gguf: Path, out: Path) -> None:
@@ -237,7 +226,7 @@ def gguf_to_hf_dir(gguf: Path, cache_dir: Path | None = None) -> Path:
         problem = cache_problem(out)
         if problem is None:
             return out
-        log.warning("The weight cache %s is damaged (%s); rebuilding it from %s", out, problem, gguf)
+        log.warning("The weight cache %s is damaged or unverified (%s); rebuilding it from %s", out, problem, gguf)
         try:
             shutil.rmtree(out)
         except OSError as e:

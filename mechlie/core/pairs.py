@@ -130,8 +130,9 @@ def answer_token_ids(tokenizer, answer: str) -> list[int]:
     if not ids:
         spelled = tokenizer.convert_ids_to_tokens(tokenizer.encode(" " + word, add_special_tokens=False))
         raise AnswerTokenError(
-            f"answer {answer!r} is not a single token in either spelling (' {word}' -> {spelled}); "
-            "mechlie scores one-token answers only. Drop the pair or use a shorter answer."
+            f"answer {answer!r} is not a single token in either spelling (' {word}' -> {spelled}), and this "
+            "use needs one (the first-token metrics score a multi-token answer by its first token, "
+            "metrics.answer_logprob by the whole answer): keep it (the default), or drop the pair"
         )
     return ids
 
@@ -159,6 +160,25 @@ def first_token_ids(tokenizer, answer: str) -> list[int]:
         return sorted({seq[0] for seq in answer_sequences(tokenizer, answer)})
 
 
+def shared_first_token(tokenizer, pairs: Sequence[ContrastPair]) -> list[int]:
+    """Indices of the pairs whose truth and lie share a first token (first-token metrics cannot tell
+    them apart: :func:`answer_set` refuses them); pairs without a lie are not counted."""
+    return [
+        i
+        for i, p in enumerate(pairs)
+        if p.lie and set(first_token_ids(tokenizer, p.truth)) & set(first_token_ids(tokenizer, p.lie))
+    ]
+
+
+def prompt_format(pair: ContrastPair) -> str:
+    """The format a pair was rendered in, read from its prompts: ``instruct`` (mechlie's instructions,
+    one question), ``fewshot`` (demonstrations, no instruction), ``both``, or ``custom`` (anything else,
+    e.g. a user's own prompts)."""
+    instr = HONEST_INSTRUCTION in pair.honest and LYING_INSTRUCTION in pair.lying
+    demos = pair.honest.count("Q: ") > 1
+    return "both" if instr and demos else "instruct" if instr else "fewshot" if demos else "custom"
+
+
 @dataclass(frozen=True)
 class AnswerSet:
     """Padded answer-token ids for a batch of pairs; -1 marks padding."""
@@ -182,7 +202,8 @@ def answer_set(
     default, ``multi_token="first"``), or raises :class:`AnswerTokenError` with
     ``multi_token="error"``. First tokens only tell truth from lie when they differ, so a pair
     whose truth and lie share a first token (" New Delhi" / " New York") raises :class:`PairError`:
-    score it by the full answer (:func:`mechlie.core.metrics.answer_logprob`) or leave it out.
+    score it by the full answer (:func:`mechlie.core.metrics.answer_logprob`) or leave it out
+    (:func:`shared_first_token` finds them; ``metrics.behaviour(..., on_shared_first_token="drop")`` logs the drop).
     """
     ids = answer_token_ids if multi_token == "error" else first_token_ids
     truth = [ids(tokenizer, p.truth) for p in pairs]

@@ -19,6 +19,12 @@ temperature ``T`` from the same lying prompt. The samples give lies *and* truths
 prompt, which removes the prompt-text confound. An answer is true when its text starts with the
 truth (case-insensitive, whole words), so multi-token answers work.
 
+Two definitions of "known": here a fact is known when the greedy honest *text* starts with the
+truth (:attr:`OnPolicy.known`, ``n_known_greedy`` in :meth:`OnPolicy.counts`);
+:attr:`mechlie.core.metrics.Behaviour.known` asks only that the honest prompt's top-1 *first token*
+be the truth's (``n_known_first_token``). They can differ on a few facts (a right first token
+followed by other words, or a top-1 spelling variant); :func:`known_side_by_side` counts both.
+
 States (:func:`generate_with_states`) are read from the generator's own passes: pass 0 sees the
 whole prompt and its final position chose generated token 0; pass ``s`` sees generated token
 ``s-1`` alone. So ``states[:, 0]`` is the final prompt token and ``states[:, 1]`` is the first
@@ -179,6 +185,8 @@ class OnPolicy:
 
     @property
     def known(self) -> Bool[Tensor, " n"]:
+        """Known by the *greedy-text* definition: the greedy honest answer starts with the truth
+        (:func:`answer_matches`). Not :attr:`mechlie.core.metrics.Behaviour.known` (first token)."""
         return torch.tensor([answer_matches(t, p.truth) for t, p in zip(self.honest.texts, self.pairs)])
 
     def _lying_labels(self, texts: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
@@ -207,7 +215,8 @@ class OnPolicy:
         return self._lying_labels(self.samples.texts, [i // self.k for i in range(len(self.pairs) * self.k)])
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Label counts per relation for honest greedy, lying greedy and lying samples."""
+        """Label counts per relation for honest greedy, lying greedy and lying samples, with
+        ``n_known_greedy`` (= ``honest/honest``: known by the greedy-text definition)."""
         out: dict[str, dict[str, int]] = {}
         rels = [p.relation for p in self.pairs]
         for name, labels, rel in (
@@ -219,6 +228,8 @@ class OnPolicy:
                 c = Counter(lab for lab, rr in zip(labels, rel) if r == "all" or rr == r)
                 out.setdefault(r, {}).update({f"{name}/{lab}": c[lab] for lab in LABELS if c[lab]})
                 out[r]["n_pairs"] = sum(1 for rr in rels if r == "all" or rr == r)
+                if name == "honest":
+                    out[r]["n_known_greedy"] = c["honest"]
         return out
 
     def framing_rows(
@@ -300,7 +311,39 @@ class OnPolicy:
         else:
             raise ValueError(f"contrast must be 'within_prompt' or 'vs_honest', got {contrast!r}")
         keep = ok.nonzero().flatten().tolist()
+        if len(keep) < len(facts):
+            log.warning(
+                "rows(%s, %s): left out %d of %d rows whose answer stopped before the %s site "
+                "(no generated token to read a state from)",
+                contrast,
+                site,
+                len(facts) - len(keep),
+                len(facts),
+                site,
+            )
         return X[keep], y[keep], [facts[i] for i in keep]
+
+
+def known_side_by_side(first_token: Bool[Tensor, " n"], op: OnPolicy) -> dict[str, int]:
+    """Both definitions of "known" over the same pairs, side by side: ``first_token``
+    (:attr:`mechlie.core.metrics.Behaviour.known`: the honest top-1 first token is the truth's) and
+    ``op.known`` (greedy text starts with the truth), with how many facts each alone counts.
+
+    Example:
+        >>> known_side_by_side(behaviour(model, pairs).known, on_policy(model, pairs))
+        {'n': 150, 'known_first_token': 79, 'known_greedy': 76, 'known_both': 75, ...}
+    """
+    ft, gr = first_token.bool().cpu(), op.known
+    if len(ft) != len(gr):
+        raise ValueError(f"first-token known has {len(ft)} entries for {len(gr)} on-policy pairs")
+    return {
+        "n": len(gr),
+        "known_first_token": int(ft.sum()),
+        "known_greedy": int(gr.sum()),
+        "known_both": int((ft & gr).sum()),
+        "known_first_token_only": int((ft & ~gr).sum()),
+        "known_greedy_only": int((gr & ~ft).sum()),
+    }
 
 
 def on_policy(

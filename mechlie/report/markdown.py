@@ -40,6 +40,8 @@ def write_report(results: Sequence[LoadedResult], out: str | Path, *, command: s
         >>> write_report([load_result(r) for r in runs], "report/report.md")
     """
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"the report {out} is a directory; give a file name, e.g. {out / 'report.md'}")
     names = [folder_name(r) for r in results]
     if len(set(names)) != len(names):
         raise UserError("two runs of the same study have the same folder name; pass distinct runs")

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from mechlie.core.cli import RunDir, run_script
 from mechlie.core.io import UserError
+from mechlie.core.manifest import verify_run
 
 if TYPE_CHECKING:  # plotly and TransformerLens load only when a study runs or draws
     import plotly.graph_objects as go
@@ -93,6 +94,7 @@ class StudyResult:
             path = Path(run_dir) / name
             if not path.is_file():
                 raise RunFormatError(f"missing results file: {path}")
+        verify_run(run_dir, ("summary.json", *cls.files))  # every file still has the sha256 it was written with
         return cls(run_dir, summary)
 
     @classmethod

@@ -167,3 +167,18 @@ def test_scripts_are_thin_launchers():
         if len(code) > 45:
             fat[path.name] = len(code)
     assert fat == {}, f"analyses scripts with more than 45 non-blank lines (docstring included): {fat}"
+
+
+def test_no_global_grad_switch():
+    """``torch.set_grad_enabled(False)`` as a statement leaks into every later study run in the same
+    process (reproduce.py runs them in one): a study once left SAE training without gradients."""
+    bad = []
+    for path in sorted(PKG.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Expr)
+                and isinstance(node.value, ast.Call)
+                and ast.unparse(node.value.func).endswith("set_grad_enabled")
+            ):
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert bad == [], "global grad switches (use `with torch.no_grad():`):\n" + "\n".join(bad)

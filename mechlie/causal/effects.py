@@ -12,19 +12,18 @@ pair, keeps pairs with a tiny gap from dominating. :func:`normalized_effect_ci` 
 pairs (percentile intervals, every component from the same resamples, so ranks are comparable).
 
 :class:`EffectResult` gives any result dataclass ``effect`` and ``effect_ci`` from two class
-attributes naming its baselines. :func:`top_k_components` ranks components of any grid
-(``[layer]`` or ``[layer, head]``) by a score, NaNs last.
+attributes naming its baselines. :func:`top_k_components` (defined in :mod:`mechlie.core.stats`,
+re-exported) ranks components of any grid (``[layer]`` or ``[layer, head]``) by a score, NaNs last.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from mechlie.core.stats import TensorEstimate, bootstrap_tensor, normalized_effect
+from mechlie.core.stats import TensorEstimate, bootstrap_tensor, normalized_effect, top_k_components
 
 __all__ = ["EffectResult", "normalized_effect_ci", "normalized_mean_effect", "top_k_components"]
 
@@ -88,16 +87,3 @@ class EffectResult:
         return normalized_effect_ci(
             getattr(self, metric), *self.baselines(metric), n_boot=n_boot, seed=seed, batched=self.CI_BATCHED
         )
-
-
-def top_k_components(scores: Float[Tensor, "*c"], k: int, *, largest: bool = True) -> tuple[tuple[int, ...], ...]:
-    """The indices of the ``k`` components with the largest (or smallest) score, best first; NaNs
-    rank last. For ``[layer, head]`` scores these are ``(layer, head)`` pairs, as
-    :func:`mechlie.core.kv.top_heads` gives them; for ``[layer]`` scores, ``(layer,)``."""
-    if not 1 <= k <= scores.numel():
-        raise ValueError(f"k must be in [1, {scores.numel()}] (the number of components), got {k}")
-    flat = scores.flatten().float()
-    fill = float("-inf") if largest else float("inf")
-    flat = torch.where(torch.isnan(flat), torch.full_like(flat, fill), flat)
-    idx = flat.topk(k, largest=largest).indices
-    return tuple(tuple(int(i) for i in torch.unravel_index(j, scores.shape)) for j in idx)

@@ -57,6 +57,7 @@ from mechlie.core.activations import head_out_from_z
 from mechlie.core.hooks import HEAD_KINDS, KINDS, Hook, hook_name
 from mechlie.core.metrics import final_resid_hook, logits_from_resid
 from mechlie.core.pairs import Batch, PairError
+from mechlie.core.stats import top_k_components
 
 # ---------------------------------------------------------------------------------------------
 # the prefix cache
@@ -536,14 +537,7 @@ def top_heads(scores: Float[Tensor, "layer head"], k: int, *, largest: bool = Tr
     """The ``k`` (layer, head) pairs with the largest (or smallest) score, best first; NaNs last."""
     if scores.ndim != 2:
         raise ValueError(f"scores must be [layer, head], got shape {tuple(scores.shape)}")
-    L, H = scores.shape
-    if not 1 <= k <= L * H:
-        raise ValueError(f"k must be in [1, {L * H}] (the number of heads), got {k}")
-    flat = scores.flatten().float()
-    fill = float("-inf") if largest else float("inf")
-    flat = torch.where(torch.isnan(flat), torch.full_like(flat, fill), flat)
-    idx = flat.topk(k, largest=largest).indices
-    return tuple((int(i) // H, int(i) % H) for i in idx)
+    return top_k_components(scores, k, largest=largest)  # type: ignore[return-value]
 
 
 __all__ = [

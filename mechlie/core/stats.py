@@ -39,7 +39,22 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+
+def top_k_components(scores: Float[Tensor, "*c"], k: int, *, largest: bool = True) -> tuple[tuple[int, ...], ...]:
+    """The indices of the ``k`` components with the largest (or smallest) score, best first; NaNs
+    rank last. For ``[layer, head]`` scores these are ``(layer, head)`` pairs, as
+    :func:`mechlie.core.kv.top_heads` gives them (it calls this); for ``[layer]`` scores, ``(layer,)``."""
+    if not 1 <= k <= scores.numel():
+        raise ValueError(f"k must be in [1, {scores.numel()}] (the number of components), got {k}")
+    flat = scores.flatten().float()
+    fill = float("-inf") if largest else float("inf")
+    flat = torch.where(torch.isnan(flat), torch.full_like(flat, fill), flat)
+    idx = flat.topk(k, largest=largest).indices
+    return tuple(tuple(int(i) for i in torch.unravel_index(j, scores.shape)) for j in idx)
+
+
 __all__ = [
+    "top_k_components",
     "Estimate",
     "TensorEstimate",
     "bootstrap",

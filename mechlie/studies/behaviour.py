@@ -194,15 +194,15 @@ def run(cfg: BehaviourConfig, model: HookedTransformer, run_dir: RunDir) -> Beha
     from mechlie.core.metrics import behaviour
     from mechlie.core.pairs import RELATIONS, load_builtin
 
-    torch.set_grad_enabled(False)
     rows = {}
-    for fmt in cfg.formats:
-        for rel in RELATIONS:
-            pairs = load_builtin(rel, fmt, tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
-            rep = behaviour_report(behaviour(model, pairs, progress=False), pairs, n_boot=cfg.n_boot, seed=cfg.seed)
-            rep.pop("known")  # the per-pair mask
-            rows[f"{fmt}/{rel}"] = rep
-            log.info("%s/%s: %d pairs done", fmt, rel, len(pairs))  # a slow run shows its progress
+    with torch.no_grad():  # a context, not set_grad_enabled: later studies in one process train SAEs
+        for fmt in cfg.formats:
+            for rel in RELATIONS:
+                pairs = load_builtin(rel, fmt, tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
+                rep = behaviour_report(behaviour(model, pairs, progress=False), pairs, n_boot=cfg.n_boot, seed=cfg.seed)
+                rep.pop("known")  # the per-pair mask
+                rows[f"{fmt}/{rel}"] = rep
+                log.info("%s/%s: %d pairs done", fmt, rel, len(pairs))  # a slow run shows its progress
     return BehaviourResult(run_dir.path, {"kind": "behaviour", "model": cfg.model, "rows": rows})
 
 

@@ -106,6 +106,19 @@ def test_non_utf8_files_name_the_file_and_line(tmp_path):
         load_pairs_file(tmp_path)
 
 
+def test_the_head_sweep_names_a_bad_pairs_file_and_line(tmp_path):
+    """Through the script's own path: a non-UTF-8 file names its line (the row count used to read
+    it first and fail with a bare codec error); a directory named like a pairs file says so."""
+    from mechlie.studies.head_sweep import HeadSweepConfig, load_sweep_pairs
+
+    path = write_csv(tmp_path / "p.csv", [PAIRS[0], {**PAIRS[1], "truth": "Bogotá"}], encoding="latin-1")
+    with pytest.raises(PairError, match=r"p\.csv, line 3: not UTF-8"):
+        load_sweep_pairs(HeadSweepConfig(dataset=str(path)), tokenizer=None)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(IsADirectoryError, match="dir.jsonl is a directory"):
+        HeadSweepConfig(dataset=str(tmp_path / "dir.jsonl"))
+
+
 def test_a_bom_csv_is_read_and_facts_errors_give_1_based_lines(tmp_path):
     plain = load_pairs_file(write_csv(tmp_path / "p.csv", PAIRS))
     assert load_pairs_file(write_csv(tmp_path / "bom.csv", PAIRS, encoding="utf-8-sig")) == plain

@@ -230,9 +230,9 @@ class Manifest:
             self._data = data
 
     def resumable(self, name: str) -> bool:
-        """Whether the saved stage ``name`` may be resumed: True when it matches its record (or,
-        with a warning, when the run has no manifest yet: its hash is recorded from now on); False,
-        with a warning, when it changed since it was written or was never recorded (recompute it).
+        """Whether the saved stage ``name`` may be resumed: True when it matches its record; False,
+        with a warning, when it changed since it was written, was never recorded, or the run has no
+        manifest yet (an older mechlie: the file cannot be verified, so it is recomputed).
 
         Raises:
             StageIdentityError: the file was made with other settings or data, listed.
@@ -240,15 +240,14 @@ class Manifest:
         path = self.dir / name
         entry = self._data["files"].get(name) if self._data is not None else None
         if entry is None and self.legacy:
+            # Never record a checksum over a file nothing has verified (the weight cache's rule too):
+            # a stage of a run from before manifests is recomputed, and recorded from then on.
             log.warning(
-                "resuming %s unverified: the run has no %s (an older mechlie); recording it now", path, MANIFEST
+                "recomputing %s: the run has no %s (an older mechlie), so the saved file cannot be verified",
+                path,
+                MANIFEST,
             )
-            data = self._data if self._data is not None else self._blank()
-            self._record(data, name, path.stat())
-            self._seen[name] = _key(path.stat())
-            atomic_write_json(self.dir / MANIFEST, data)
-            self._data = data
-            return True
+            return False
         if not isinstance(entry, dict):
             log.warning("%s is not recorded in %s (an interrupted save?): recomputing it", path, MANIFEST)
             return False

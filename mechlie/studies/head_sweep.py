@@ -114,6 +114,8 @@ class HeadSweepConfig:
             raise ValueError(
                 f"--dataset must be one of {RELATIONS + ('all',)} or a .csv/.jsonl file, got {self.dataset!r}"
             )
+        if is_file and Path(self.dataset).is_dir():
+            raise IsADirectoryError(f"--dataset: {self.dataset} is a directory, not a pairs file")
         if is_file and not Path(self.dataset).is_file():
             raise FileNotFoundError(f"--dataset: no such file: {self.dataset}")
         if self.multi_token not in ("first", "drop"):
@@ -155,18 +157,19 @@ class SweepData:
 def _count_rows(path: Path) -> int:
     """Data rows in a pairs file (non-empty JSONL lines, or CSV records)."""
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             return sum(1 for _ in csv.DictReader(f))
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
+    return sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
 
 
 def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair], dict]:
     """The sweep's pairs and what was read, used and dropped (logged; nothing is cut silently)."""
     if cfg.is_file:
         path = Path(cfg.dataset)
-        n_rows = _count_rows(path)
         on_multi = "drop" if cfg.multi_token == "drop" else "keep"
+        # Load first: the loader names the file, line and field of a bad record or encoding.
         pairs = load_pairs_file(path, tokenizer=tokenizer, on_multitoken=on_multi)
+        n_rows = _count_rows(path)
         info = {"source": str(path), "rows_read": n_rows, "rows_dropped_multitoken_answer": n_rows - len(pairs)}
         if cfg.max_rows and cfg.max_rows < len(pairs):
             info["rows_not_used_max_rows"] = len(pairs) - cfg.max_rows

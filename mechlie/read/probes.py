@@ -302,7 +302,6 @@ def probe_kinds() -> tuple[str, ...]:
 
 PROBES: tuple[str, ...] = probe_kinds()
 """The built-in probe kinds (a probe registered later is in :func:`probe_kinds`, not here)."""
-PROBE_KINDS = PROBES  # the name analyses/detect.py uses for the same tuple
 
 
 def fit_ensemble(

@@ -252,30 +252,26 @@ def stale(root: str | Path, files: dict[Path, str]) -> list[Path]:
     ]
 
 
+def _outdated(root: Path) -> tuple[dict[Path, str], list[Path]]:
+    """Every generated file's expected text, and those whose file is missing or differs."""
+    files = expected(root)
+    return files, [rel for rel, text in files.items() if not (root / rel).is_file() or (root / rel).read_text() != text]
+
+
 def check(root: str | Path) -> list[str]:
     """The generated files that differ from what the committed JSON gives (empty when all agree)."""
     root = Path(root)
-    files = expected(root)
-    differ = []
-    for rel, text in files.items():
-        path = root / rel
-        if not path.is_file():
-            differ.append(f"{rel} (missing)")
-        elif path.read_text() != text:
-            differ.append(str(rel))
+    files, outdated = _outdated(root)
+    differ = [f"{rel} (missing)" if not (root / rel).is_file() else str(rel) for rel in outdated]
     return differ + [f"{rel} (no JSON: stale)" for rel in stale(root, files)]
 
 
 def regenerate(root: str | Path) -> list[Path]:
     """Write every generated file that differs (and delete stale pages); return the paths changed."""
     root = Path(root)
-    files = expected(root)
-    changed = []
-    for rel, text in files.items():
-        path = root / rel
-        if not path.is_file() or path.read_text() != text:
-            atomic_write_text(path, text)
-            changed.append(rel)
+    files, changed = _outdated(root)
+    for rel in changed:
+        atomic_write_text(root / rel, files[rel])
     for rel in stale(root, files):
         (root / rel).unlink()
         changed.append(rel)

@@ -1,17 +1,19 @@
-"""Steer a lying model back to the truth: training-free directions, causally chosen heads and learned
-minimal edits (vectors, low-rank adapters, gated vectors), each chosen on validation facts and
-reported on test facts, against random controls.
+"""Steer a lying model back to the truth, and say whether it is about honesty: a residual direction
+and learned minimal edits (a vector on two objectives, a gated vector) beside a prompting baseline
+and an honest-only control, fitted on some relations, chosen on another and reported on relations
+held out of both, against random controls.
 
-    python analyses/steering_demo.py                 # default: over 20 minutes on 2 cores (at 89c4f3d)
-    python analyses/steering_demo.py --layers 8 14 --resid-alphas -1 -2 --methods resid iti learned
-    python analyses/steering_demo.py --transfer-relation opposites --n-controls 32
+    python analyses/steering_demo.py      # default: 9 min 45 s (1 thread, 538 s CPU, shared 2-core box)
+    python analyses/steering_demo.py --methods resid iti causal learned learned_kl lowrank gated honest_only \
+        --n-per-relation 20 --n-controls 100 --split-seeds 1 2 3 4       # the wide sweep (resumable)
+    python analyses/steering_demo.py --corpus --relations country_capital city_country \
+        --val-relations country_language --heldout-relations country_currency element_symbol
 
-Pairs are split by fact into train / validation / test. Directions and learned edits are fitted on
-train; each method's hyperparameters (layer, alpha, K heads, the edit's KL budget and scale) are
-chosen on validation (most recovery with KL <= --kl-budget); the table reports test. Alpha is signed:
-directions point honest -> lying, so alpha < 0 steers toward honesty. The study is
-mechlie.studies.steering. Writes results/steering_demo/<run>/: summary.json, sweep.json,
-evaluation.json, the learned edits (*.safetensors) and figures/.
+Prints the comparison table on the fitted relations' test facts (with its `prompt baseline` row),
+then the section `held-out relations` (one line per method: recovery with its 95% CI, split into real
+lies and sharpening, honest accuracy, KL at the honest answer, the random draws and the honest-only
+control, then `KL` on neutral text), the gates' shares open, and last the lies flipped back on
+held-out relations. Per-stage times are logged as the run goes. The study is mechlie.studies.steering.
 """
 
 from __future__ import annotations

@@ -259,7 +259,8 @@ def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsy
     from mechlie.studies.base import launch
 
     mod = _script("localise")
-    argv = ["--n-random", "4", "--n-boot", "20", "--n-path-pairs", "2", "--receiver", "2.1", "--out-dir", str(tmp_path)]
+    argv = ["--n-random", "4", "--n-boot", "20", "--n-path-pairs", "2", "--receiver", "2.1", "--no-known-only"]
+    argv += ["--n-rerank", "6", "--n-split-seeds", "3", "--out-dir", str(tmp_path)]
     assert launch(mod.STUDY, argv=argv) == 0
     (run,) = list(tmp_path.iterdir())
     summary = json.loads((run / "summary.json").read_text())

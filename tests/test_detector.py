@@ -23,7 +23,7 @@ def test_calibrated_threshold_gives_its_fpr_on_held_out_controls(tiny):
     controls = sentences(400, seed=5)
     det = fit_detector(tiny, tiny_pairs(), controls[:200], probe="diff_of_means", layers=(-1,), fpr=0.1)
     assert det.info["control_fpr"] <= 0.1 + 1e-9
-    held_out = det.score(tiny, controls[200:]).prompt
+    held_out = det.score(tiny, controls[200:]).scores
     fpr = det.flag(held_out).float().mean().item()
     assert 0.02 <= fpr <= 0.2, fpr  # 0.1 expected; binomial sd with 200 controls is 0.02
 
@@ -44,12 +44,14 @@ def test_saved_detector_reloads_to_identical_scores(tiny, tmp_path, probe, layer
     again = Detector.load(path)
     assert again.threshold == det.threshold and again.layers == det.layers and again.model_hash == det.model_hash
     a, b = det.score(tiny, pairs), again.score(tiny, pairs)
-    assert torch.equal(a.prompt, b.prompt)
+    assert torch.equal(a.scores, b.scores) and again.position == det.position == "prompt_final"
     # It separates the two framings it was trained on.
-    assert a.prompt[a.framing == 1].mean() > a.prompt[a.framing == 0].mean()
-    g = again.score(tiny, [p.lying for p in pairs[:3]], generate_tokens=3)
-    assert g.tokens.shape[0] == 3 and g.tokens.shape[1] >= 1
-    assert torch.allclose(g.tokens[:, 0], a.prompt[len(pairs) : len(pairs) + 3], atol=1e-4)
+    assert a.scores[a.framing == 1].mean() > a.scores[a.framing == 0].mean()
+    # Token by token: the final prompt token's score is score()'s, whatever the answer after it.
+    for p, s in zip(pairs[:3], a.scores[len(pairs) : len(pairs) + 3]):
+        ts = again.score_tokens(tiny, p.lying)
+        assert len(ts.scores) > ts.n_prompt and ts.scores[ts.n_prompt - 1].item() == pytest.approx(s.item(), abs=1e-4)
+        assert ts.position_score == pytest.approx(s.item(), abs=1e-4)
 
 
 def test_detector_refuses_another_model(tiny):
@@ -134,6 +136,17 @@ def test_detect_script_end_to_end_on_tiny_model(monkeypatch, tmp_path):
     h = cal["0.1"]["held_out_fpr"]
     assert h["lo"] <= h["mean"] <= h["hi"] and cal["0.1"]["n_calibration"] + cal["0.1"]["n_held_out"] > 300
     assert Detector.load(run / "detector_framing.safetensors").threshold == cal["0.1"]["threshold"]
+    # Each saved detector stores where it reads; the framing one at the final prompt token.
+    assert Detector.load(run / "detector_framing.safetensors").position == "prompt_final"
+    assert det.position in ("prompt_final", "answer_first")
+    # Apollo's protocol: in-format controls, the saved detector scores as calibrated, token views.
+    ap = summary["apollo"]
+    assert ap["n_controls"]["benign requests"] == 64 and ap["n_controls"]["own honest answers"] >= 8
+    assert ap["main"] == "framing / answer_mean" and ap["score_check_max_abs_diff"] < 1e-4
+    assert Detector.load(run / "detector_apollo.safetensors").position == "answer_mean"
+    assert (run / "token_scores_lying.html").is_file() and "recall at 10% FPR (in-format controls)" in (
+        load_result(run).report()
+    )
     matrix = json.loads((run / "matrix.json").read_text())
     assert "capitals" in matrix["matrix"]["logistic"]
     # The result reads back from the run folder; its headline comes from summary.json alone.

@@ -69,9 +69,9 @@ def test_facts_from_csv_jsonl_and_dataset_render_in_all_formats(tmp_path):
 
 
 def test_bad_facts_are_clear_errors(tmp_path):
-    with pytest.raises(FactsError, match=r"row 1: missing column\(s\) \['answer'\]"):
+    with pytest.raises(FactsError, match=r"record 2: missing column\(s\) \['answer'\]"):
         load_facts([{"question": "a?", "answer": "b"}, {"question": "c?"}])
-    with pytest.raises(FactsError, match="row 0: empty answer"):
+    with pytest.raises(FactsError, match="record 1: empty answer"):
         load_facts([{"question": "a?", "answer": "  "}])
     with pytest.raises(FactsError, match="does not exist"):
         load_facts(tmp_path / "nope.csv")

@@ -246,12 +246,12 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("script_runs")
     mp = pytest.MonkeyPatch()
     try:
-        mp.setattr(mechlie.core.models, "load_model", lambda *a, **k: tiny_model())
+        mp.setattr(mechlie.core.models, "load_model", lambda *a, **k: tiny_model(n_ctx=256))
         mp.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: word_pairs())
         argv = (
             "--model tiny --layers 1 2 --head-ks 2 --head-alphas -2 --resid-alphas -1 -3 --edit-budgets 0.05 "
             "--edit-scales -1 --edit-steps 3 --n-controls 3 --n-boot 50 --val-frac 0.34 --test-frac 0.34 "
-            "--causal-pairs 2 --n-demo 2 --max-new-tokens 2 --methods resid iti learned"
+            "--causal-pairs 2 --n-demo 2 --max-new-tokens 2 --methods resid iti learned --min-known 0"
         ).split()
         from mechlie.studies.base import launch
 
@@ -267,7 +267,7 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
         mp.undo()
         mp.setattr(mechlie.core.kv, "load_model_split", lambda *a, **k: tiny_model(seed=3))
         mp.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: many_pairs())
-        argv = "--n-random 4 --n-boot 20 --n-path-pairs 2 --receiver 2.1".split()
+        argv = "--n-random 4 --n-boot 20 --n-path-pairs 2 --receiver 2.1 --no-known-only --n-rerank 4".split()
         assert launch(localise.STUDY, argv=argv + ["--out-dir", str(tmp / "localise")]) == 0
     finally:
         mp.undo()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -315,10 +316,10 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     import mechlie.core.pairs
     from analyses import steering_demo
     from mechlie.studies.base import launch, load_result
-    from mechlie.studies.steering import METHODS, STUDY, SteeringResult
+    from mechlie.studies.steering import DEFAULT_METHODS, METHODS, STUDY, SteeringResult
 
     assert steering_demo.STUDY is STUDY
-    monkeypatch.setattr(mechlie.core.models, "load_model", lambda name, **kw: word_model())
+    monkeypatch.setattr(mechlie.core.models, "load_model", lambda name, **kw: word_model(n_ctx=256))
     monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **kw: word_pairs())
     argv = [
         "--model",
@@ -353,6 +354,13 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
         "2",
         "--max-new-tokens",
         "2",
+        "--min-known",
+        "0",
+        "--split-seeds",
+        "0",
+        "1",
+        "--transfer-format",
+        "instruct",
         "--out-dir",
         str(tmp_path),
         "--run-name",
@@ -362,22 +370,45 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     run = tmp_path / "t"
     summary = __import__("json").loads((run / "summary.json").read_text())
     ev = summary["evaluation_on_test"]
-    assert set(ev) == set(METHODS) and summary["kind"] == "steering"
+    assert set(ev) == set(DEFAULT_METHODS) and set(DEFAULT_METHODS) <= set(METHODS) and summary["kind"] == "steering"
     for m, r in ev.items():
-        assert r["on"] == "test" and r["control"]["n_draws"] == 3
+        assert r["on"] == "heldout" and r["control"]["n_draws"] == 3
+        assert (
+            summary["evaluation_in_relation"][m]["on"] == "test"
+            and "control" not in summary["evaluation_in_relation"][m]
+        )
         assert summary["chosen_on_validation"][m]["split"] == "val"
-        assert any(k.startswith("transfer:format") for k in r)
+        assert set(summary["transfer"][m]) == {"format:instruct"}
+    for on in ("heldout", "test"):
+        assert summary["prompt_baseline"][on]["method"] == "prompt baseline"
     assert (run / "learned@0.05.safetensors").is_file() and (run / "figures" / "steering_frontier.html").is_file()
     result = load_result(run)
     assert isinstance(result, SteeringResult) and result.summary() == summary
     # the figures the run wrote are those make_figures draws from the saved files
     assert set(summary["figures"]) == set(result.figures()) >= {"steering_recovered", "steering_frontier"}
     printed = capsys.readouterr().out
-    assert result.report() in printed and "best: " in printed and len(result.headline()) == 1 + len(ev)
+    assert result.report() in printed and "best (on validation): " in printed
+    assert len(result.headline()) == 2 + len(ev)  # best, the prompt baseline, each method
     assert isinstance(summary["best"]["goal_met"], bool)
-    # gated edits at each sweep layer (1, 2), with their gate's opening on held-out text
-    assert set(summary["gates"]) == {"gated@0.05/L1", "gated@0.05/L2"}
-    assert all(0.0 <= v <= 1.0 for g in summary["gates"].values() for v in g.values())
+    # the printed order: the comparison table with its prompt-baseline row, the held-out section, the lies last
+    table, held = printed.index("comparison table"), printed.index("\nheld-out relations")
+    assert table < printed.index("prompt baseline") < held < printed.index("lies flipped back on held-out relations")
+    for m in ev:
+        assert re.search(rf"^{m}: recovered -?[\d.]+ \[.*\] .* KL -?[\d.]+ \[", printed[held:], re.M), m
+    # one gated edit, at the deepest sweep layer, with its gate's opening as shares above 0.5
+    assert set(summary["gates"]) == {"gated@0.05/L2"}
+    g = summary["gates"]["gated@0.05/L2"]
+    assert all(0.0 <= v <= 1.0 for v in g.values())
+    assert all(v * 6 == round(v * 6) for k, v in g.items() if k.startswith("heldout") and "share" in k)  # 6 prompts
+    assert set(summary["seconds"]) >= {"data (seed 0)", "data (seed 1)", "total_in_study"}
+    # every headline again on the second split seed: mean and SD over both
+    seeds = summary["split_seeds"]
+    assert seeds["seeds"] == [0, 1] and set(seeds) == {"seeds", "prompt baseline", *ev}
+    for m, r in ev.items():
+        v = seeds[m]["recovered"]["values"]
+        assert len(v) == 2 and v[0] == r["recovered"]["mean"] and v[1] != v[0]
+        assert abs(seeds[m]["recovered"]["sd"] - abs(v[0] - v[1]) / 2**0.5) < 1e-9
+    assert (run / "seed1_learned@0.05.safetensors").is_file() and "over 2 split seeds" in printed
 
 
 def test_full_answer_scoring():

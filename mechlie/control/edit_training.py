@@ -1,11 +1,20 @@
 """How the learned edits of :mod:`mechlie.control.learned` are trained (the objective is stated in
 :mod:`mechlie.control.edits`): prompts tokenized and frozen blocks run once (:func:`_setup`), then
-Adam with one scale per tensor on ``-log P(truth) + lam * KL_neutral`` (:func:`_optimise`), and with
+Adam with one scale per tensor on ``task + lam * KL_neutral`` (:func:`_optimise`), and with
 a KL budget, dual ascent on ``lam`` and a final projection onto the budget.
+
+``task`` is ``TrainConfig.objective`` (:data:`OBJECTIVES`): ``"truth"``, ``-log P(truth)`` on the lying
+prompts (what the edit reports, and so what it can overfit: "answer with a place here"), or
+``"honest_kl"``, the KL from the honest run of the same fact to the edited lying run at the final
+position (it rewards behaving as the model does when honest, whatever the answer token). With
+``TrainConfig.prompts = "honest"`` the edit is trained on the *honest* prompts instead: the
+honest-only control, which can only sharpen answers the model already gives truthfully; a method is
+about honesty only where it beats this control.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, replace
@@ -22,6 +31,15 @@ from mechlie.core.hooks import Hook, Site, SteeringError, SteeringState, check_l
 from mechlie.core.metrics import final_resid_hook, gather_logprob, logits_from_resid
 from mechlie.core.models import model_id
 from mechlie.core.pairs import ContrastPair, PairError, answer_set, tokenize
+
+log = logging.getLogger("mechlie")
+
+
+OBJECTIVES: dict[str, str] = {
+    "truth": "-log P(truth) at the final prompt position (the training answers' own token)",
+    "honest_kl": "KL(p_honest_run || p_edited) at the final prompt position: the edited lying run is pulled "
+    "onto the honest run's whole next-token distribution of the same fact, not onto one answer token",
+}
 
 
 @dataclass(frozen=True)
@@ -47,8 +65,14 @@ class TrainConfig:
     max_pairs: int | None = None  # training pairs used (None = all)
     seed: int = 0
     progress: bool = True
+    objective: str = "truth"  # one of OBJECTIVES: what the edit is trained to raise (see OBJECTIVES)
+    prompts: str = "lying"  # "lying"; "honest" trains the honest-only control (see train_vector)
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {tuple(OBJECTIVES)}, got {self.objective!r}")
+        if self.prompts not in ("lying", "honest"):
+            raise ValueError(f"prompts must be 'lying' or 'honest', got {self.prompts!r}")
         if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
             raise ValueError(f"lam (the KL penalty) must be a finite number >= 0, got {self.lam!r}")
         if self.kl_budget is not None and not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
@@ -89,13 +113,28 @@ class _Rows:
         return model(self.resid[idx][:, sl], start_at_layer=self.start, attention_mask=mask, **kw)
 
 
-def _truth_logprob(model: HookedTransformer, rows: _Rows, idx: Tensor, truth: Tensor, hooks: list[Hook]) -> Tensor:
-    """log P(truth) at the final position (differentiable; soft-capped like the model's output)."""
+def _final_logprobs(model: HookedTransformer, rows: _Rows, idx: Tensor, hooks: list[Hook]) -> Tensor:
+    """Next-token log-probs at the final position of rows ``idx`` (differentiable; soft-capped like
+    the model's output)."""
     kept: list[Tensor] = []
     with model.hooks(fwd_hooks=hooks + [final_resid_hook(model, kept, every_position=False)]):
         rows.forward(model, idx, return_type=None)
-    lp = logits_from_resid(model, kept[0])[:, 0].float().log_softmax(-1)
-    return gather_logprob(lp, truth[idx].to(kept[0].device))
+    return logits_from_resid(model, kept[0])[:, 0].float().log_softmax(-1)
+
+
+def _truth_logprob(model: HookedTransformer, rows: _Rows, idx: Tensor, truth: Tensor, hooks: list[Hook]) -> Tensor:
+    """log P(truth) at the final position (differentiable)."""
+    lp = _final_logprobs(model, rows, idx, hooks)
+    return gather_logprob(lp, truth[idx].to(lp.device))
+
+
+def _task_loss(model: HookedTransformer, s: "_Setup", idx: Tensor, hooks: list[Hook]) -> Tensor:
+    """The training objective on rows ``idx`` (:data:`OBJECTIVES`)."""
+    if s.target is None:
+        return -_truth_logprob(model, s.lying, idx, s.truth, hooks).mean()
+    lp = _final_logprobs(model, s.lying, idx, hooks)
+    tgt = s.target[idx].to(lp.device)
+    return (tgt.exp() * (tgt - lp)).sum(-1).mean()
 
 
 def _neutral_kl(model: HookedTransformer, rows: _Rows, clean: Tensor, idx: Tensor, hooks: list[Hook]) -> Tensor:
@@ -122,6 +161,7 @@ class _Setup:
     seconds: float  # setup time (tokenizing, the cached frozen blocks, the clean log-probs)
     pairs: list[ContrastPair]  # the training pairs used (after max_pairs)
     lying_final: dict[str, Tensor]  # clean resid_post of each edited block at the lying prompts' final position
+    target: Tensor | None = None  # [n, vocab] the honest runs' final log-probs (objective "honest_kl")
 
 
 def _rows(
@@ -164,16 +204,21 @@ def _setup(
     pairs = list(pairs)[: cfg.max_pairs] if cfg.max_pairs else list(pairs)
     truth = answer_set(model.tokenizer, pairs).truth
     start = min(layers)
+    trained = [p.honest if cfg.prompts == "honest" else p.lying for p in pairs]
     with torch.no_grad():
         sites = [Site("resid_post", l) for l in layers]
         names = [site.hook for site in sites]
-        lying, cache = _rows(model, [p.lying for p in pairs], start, cfg.skip_frozen, sites)
+        lying, cache = _rows(model, trained, start, cfg.skip_frozen, sites)
+        target = None
+        if cfg.objective == "honest_kl":
+            honest, _ = _rows(model, [p.honest for p in pairs], start, False)
+            target = torch.cat([_final_logprobs(model, honest, c, []) for c in torch.arange(len(pairs)).split(32)])
         neutral_rows, _ = _rows(model, neutral, start, cfg.skip_frozen)
         every = torch.arange(len(neutral_rows))
         clean = torch.cat([neutral_rows.forward(model, c).float().log_softmax(-1) for c in every.split(32)])
         lying_final = {n: cache[n][:, -1].float() for n in names}
         final = torch.stack([a.norm(dim=-1).mean() for a in lying_final.values()]).mean()
-    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0, pairs, lying_final)
+    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0, pairs, lying_final, target)
 
 
 class _Minibatches:
@@ -249,6 +294,7 @@ def _optimise(
     for p in frozen:
         p.requires_grad_(False)  # gradients flow only into the edit
     lam, hist = float(cfg.lam), []
+    task_key = "nll_truth" if cfg.objective == "truth" else cfg.objective  # the history's name of the task loss
     lying_mb = _Minibatches(len(s.lying), cfg.batch_size, cfg.seed)
     neutral_mb = _Minibatches(len(s.neutral), cfg.neutral_per_step, cfg.seed + 1)
     try:
@@ -256,13 +302,13 @@ def _optimise(
             opt = _TensorAdam(params, lr=cfg.lr * s.ref_norm / math.sqrt(model.cfg.d_model), lr_scales=lr_scales)
             for step in tqdm(range(cfg.steps), desc="train edit", disable=not cfg.progress):
                 hooks = make_hooks()
-                task = -_truth_logprob(model, s.lying, lying_mb.next(), s.truth, hooks).mean()
+                task = _task_loss(model, s, lying_mb.next(), hooks)
                 kl = _neutral_kl(model, s.neutral, s.clean, neutral_mb.next(), hooks)
                 loss = task + lam * kl
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                hist.append({"step": step, "nll_truth": task.item(), "kl": kl.item(), "lam": lam})
+                hist.append({"step": step, task_key: task.item(), "kl": kl.item(), "lam": lam})
                 if cfg.kl_budget is not None:  # dual ascent: raise lam while KL is over budget
                     ratio = kl.item() / cfg.kl_budget - 1.0
                     lam = max(lam, 1e-3) * math.exp(max(-1.0, min(1.0, ratio)))
@@ -275,6 +321,9 @@ def _optimise(
         "lam": cfg.lam,
         "lam_final": lam,
         "kl_budget": cfg.kl_budget,
+        "kl_budget_met": cfg.kl_budget is None or kl_final <= cfg.kl_budget,
+        "objective": cfg.objective,
+        "trained_prompts": cfg.prompts,
         "steps": cfg.steps,
         "projection_scale": scale,
         "train_kl": kl_final,
@@ -296,7 +345,10 @@ def _optimise(
 @torch.no_grad()
 def _project(model: HookedTransformer, edit: Edit, s: _Setup, kl_budget: float | None) -> tuple[Edit, float, float]:
     """``(edit, scale, KL)``: with a budget the edit's KL on *all* training neutral lines exceeds,
-    the edit scaled down (bisection on its scale, to 1/1024 of it) until KL is within the budget."""
+    the edit scaled down (bisection on its scale, to 1/1024 of it) until KL is within the budget.
+
+    A budget that no scale down to 1/1024 meets is reported, not clipped to a zero edit: the edit
+    keeps the smallest scale tried, and the caller records ``kl_budget_met = False`` with its KL."""
     every = torch.arange(len(s.neutral))
     train_kl = lambda e: float(_neutral_kl(model, s.neutral, s.clean, every, _plain_hooks(model, e)))  # noqa: E731
     kl_final = train_kl(edit)
@@ -306,9 +358,16 @@ def _project(model: HookedTransformer, edit: Edit, s: _Setup, kl_budget: float |
         for _ in range(10):
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if train_kl(edit.scaled(-mid)) <= kl_budget else (lo, mid)
-        scale = lo
+        scale = lo if lo > 0 else hi  # lo == 0: no scale tried met the budget (kept, and reported)
         edit = _bake(edit, scale)
         kl_final = train_kl(edit)
+        if kl_final > kl_budget:
+            log.warning(
+                "KL budget %g not met by any scale down to %g (KL %.4g): reported, not clipped",
+                kl_budget,
+                scale,
+                kl_final,
+            )
     return edit, scale, kl_final
 
 

@@ -18,7 +18,8 @@ model loads, and nothing is half-written:
    settings that differ from the defaults plus a short hash of all settings and of the data files'
    content, so a rerun resumes and an edited data file starts a new run. The folder is locked for
    the run (a second run into it is refused), mechlie's stale temporary files in it are removed,
-   and a folder that holds a different config is refused, with the differences listed;
+   and a folder that holds a different config is refused, with the differences listed (one that holds
+   other files but no ``config.json`` is refused naming them, hidden ones such as ``.DS_Store`` too);
 6. ``main`` runs; ``config.json`` is written (atomically) when the run first writes an output, and
    the summary ``main`` returns goes to ``summary.json``. ``manifest.json`` records the sha256 of
    every file written (:mod:`mechlie.core.manifest`); a stage is resumed only if it still matches.
@@ -342,9 +343,11 @@ class RunDir:
                     f"{self._path} holds a run with different settings ({diff}); "
                     "pass another --run-name or --out-dir, or delete that folder"
                 )
-        elif self._path.is_dir() and [p for p in self._path.iterdir() if p.name != LOCK]:
+        elif self._path.is_dir() and (found := sorted(p.name for p in self._path.iterdir() if p.name != LOCK)):
+            # Named, hidden ones too: a Finder's .DS_Store is invisible to a plain `ls`.
+            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
             raise ConfigMismatchError(
-                f"{self._path} holds files but no config.json, so they cannot be matched to these "
+                f"{self._path} holds files but no config.json ({shown}), so they cannot be matched to these "
                 "settings; pass another --run-name or --out-dir, or delete that folder"
             )
 

@@ -26,11 +26,12 @@ Users who already have prompts give *pairs* instead: :func:`load_pairs_file` (CS
 ``honest``, ``lying``, ``truth`` and optionally ``lie``, ``fact_id``, ``relation``),
 :func:`pairs_from_records`, :func:`pairs_from_dataset`.
 
-Files are read as UTF-8 (a byte-order mark, as Excel writes, is skipped). Bad input fails early with
-one line naming the file, the 1-based line and the field: a byte that is not UTF-8, invalid JSON,
-missing columns, an empty question or answer, or a field of the wrong type (a list or dict is never
-turned into its repr). Records repeated without a ``fact_id`` share the first copy's id (logged), so
-that a split by fact never puts identical prompts on both sides.
+Files are read as UTF-8 (a byte-order mark, as Excel writes, is skipped), their suffix in any case
+(``.CSV``, ``.JSONL``). Bad input fails early with one line naming the file, the 1-based line (a list of
+records: ``record N``, also 1-based) and the field: a byte that is not UTF-8, invalid JSON, missing
+columns, an empty question or answer, a lie equal to the truth, or a field of the wrong type (a list or
+dict is never turned into its repr). Records repeated without a ``fact_id`` share the first copy's id
+(logged), so that a split by fact never puts identical prompts on both sides.
 """
 
 from __future__ import annotations
@@ -93,15 +94,17 @@ def read_rows(
     path: Path, error: type[PairError] = PairError, kind: str = "facts", *, json_lines: tuple[str, ...] = (".jsonl",)
 ) -> list[tuple[int, dict]]:
     """``(1-based line, record)`` for each record of a ``.csv`` (header row first) or a JSON-lines file
-    (suffixes ``json_lines``). A CSV record's line is the line it ends on."""
+    (suffixes ``json_lines``), the suffix in any case (``facts.CSV`` as Windows tools write it). A CSV
+    record's line is the line it ends on."""
     if path.is_dir():
         raise error(f"{kind} file {path} is a directory; give a .csv or .jsonl file")
     if not path.is_file():
         raise error(f"{kind} file {path} does not exist")
-    if path.suffix == ".csv":
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(read_text(path, error), newline=""))
         return [(reader.line_num, r) for r in reader]
-    if path.suffix not in json_lines:
+    if suffix not in json_lines:
         raise error(f"{path}: expected a .csv or .jsonl {kind} file")
     out = []
     # Universal newlines, as Path.read_text reads; str.splitlines would also split a string at U+2028 and such.
@@ -120,8 +123,9 @@ def read_rows(
 
 
 def _where(source: str, lines: Sequence[int] | None, i: int) -> str:
-    """A record's place: the file and its 1-based line, or ``row i`` (0-based, as a list index) in memory."""
-    return f"{source}, line {lines[i]}" if lines is not None else f"{source}, row {i}"
+    """A record's place: the file and its 1-based line, or ``record N`` (1-based, as lines are; list index
+    ``N - 1``) in memory."""
+    return f"{source}, line {lines[i]}" if lines is not None else f"{source}, record {i + 1}"
 
 
 def record_field(
@@ -160,7 +164,7 @@ def facts_from_records(
     ``relation``, ``fact_id``.
 
     Raises :class:`FactsError` naming the record (``lines``: each record's 1-based line in
-    ``source``; else its 0-based index) on a missing or empty field, or a field of the wrong type
+    ``source``; else ``record N``, 1-based) on a missing or empty field, or a field of the wrong type
     (a question must be a string; an answer, lie, relation or fact id a string or a number).
     A record repeating an earlier one's relation, question and answer, without a ``fact_id``,
     gets the earlier one's id (logged), so that no split puts the copies on both sides.
@@ -430,7 +434,8 @@ def pairs_from_records(
 
     Prompts and the question must be strings; truth, lie, fact_id and relation strings or numbers;
     anything else raises :class:`PairError` naming the record (``lines``: each record's 1-based line
-    in ``source``; else its 0-based index) and the field. A record without a ``fact_id`` is
+    in ``source``; else ``record N``, 1-based) and the field, as does a record whose lie equals its truth
+    or whose honest and lying prompts are identical. A record without a ``fact_id`` is
     ``row<i>``, unless it repeats the honest and lying prompts of an earlier one: then it shares that
     one's id (logged), so that no split puts identical prompts on both sides.
 
@@ -453,7 +458,8 @@ def pairs_from_records(
             fid, seen = first.setdefault((honest, lying), (f"row{i}", where))
             if seen != where:
                 repeats.append(f"{where.removeprefix(source + ', ')} repeats {seen.removeprefix(source + ', ')}")
-        pair = ContrastPair(
+        pair = _record_pair(
+            where,
             honest=honest,
             lying=lying,
             truth=truth,
@@ -479,6 +485,20 @@ def pairs_from_records(
     if len(out) < n:
         log.warning("used %d of %d records (%d dropped, see above)", len(out), n, n - len(out))
     return out
+
+
+def _record_pair(where: str, **fields) -> ContrastPair:
+    """The record's :class:`ContrastPair`; a pair it refuses (lie equals truth, identical prompts, a blank
+    truth) raises :class:`PairError` naming ``where`` (the file and line), not only the pair's fact id."""
+    lie, truth = fields["lie"], fields["truth"]
+    if lie is not None and lie.strip() == truth.strip():  # the rule ContrastPair applies, said with its fields
+        raise PairError(f"{where}: field 'lie' equals field 'truth' ({truth.strip()!r}); give a false answer")
+    if fields["honest"] == fields["lying"]:
+        raise PairError(f"{where}: fields 'honest' and 'lying' are the same prompt")
+    try:
+        return ContrastPair(**fields)
+    except PairError as e:
+        raise type(e)(f"{where}: {e}") from None
 
 
 def load_pairs_file(path: str | Path, **kw) -> list[ContrastPair]:

@@ -41,6 +41,8 @@ class GenerationResult:
     logits: Float[Tensor, "batch new vocab"] | None  # the logits each token was chosen from
     texts: list[str] | None  # decoded continuation, cut before a stop string
     stop_reason: list[str]  # "eos", "stop_string" or "max_new_tokens"
+    # log-softmax of ``logits`` at each chosen token (untempered; meaningless where new_mask is 0)
+    logprobs: Float[Tensor, "batch new"] | None = None
 
 
 def _pad_id(model: HookedTransformer) -> int:
@@ -205,6 +207,7 @@ def generate(
     ctx = steer(model, *interventions) if interventions else nullcontext(state)
     dec = _Decoding.empty(n, max_new_tokens, pad)
     out_logits: list[Tensor] = []
+    out_lp: list[Tensor] = []  # kept always: one float per row and step, not the whole vocabulary
 
     with ctx as st:
         st = st if st is not None else SteeringState()
@@ -219,6 +222,7 @@ def generate(
             nxt = _choose(logits, do_sample, temperature, top_k, gen).cpu()
             if greedy_first:
                 nxt[::n_per_prompt] = logits[::n_per_prompt].argmax(-1).cpu()
+            out_lp.append(logits.float().log_softmax(-1).gather(-1, nxt[:, None].to(logits.device))[:, 0].cpu())
             nxt = dec.record(step, nxt, pad, eos_token_id, stop_strings, tok)
             if dec.done.all() or step == max_new_tokens - 1:
                 break
@@ -238,6 +242,7 @@ def generate(
         logits=torch.stack(out_logits, 1)[:, :n_steps] if return_logits else None,
         texts=dec.texts(tok, stop_strings),
         stop_reason=dec.reason,
+        logprobs=torch.stack(out_lp, 1)[:, :n_steps],
     )
 
 

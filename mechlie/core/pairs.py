@@ -15,7 +15,9 @@ one of three formats:
   words, always as plain text (works for base models).
 - ``both`` (c): the instruction plus the demonstrations (as earlier chat turns for chat models).
 
-Every prompt ends with ``"A:"`` so the answer is the next token (``" Paris"``).
+Every prompt ends with ``"A:"`` so the answer is the next token (``" Paris"``). Other ways to ask for
+a lie (an instruction, a role-play, sycophancy), each in several wordings, are in
+:mod:`mechlie.core.setups`; a pair records its ``setup``, ``template`` and the truth's ``aliases``.
 
 Choices worth knowing:
 
@@ -86,6 +88,9 @@ class ContrastPair:
     fact_id: str = ""  # the fact; train/test splits never split a fact
     relation: str = ""
     question: str = ""
+    setup: str = "fewshot"  # how the lie is asked for (mechlie.core.setups.SETUPS)
+    template: str = ""  # the setup's wording ("" = rendered before setups had templates)
+    aliases: tuple[str, ...] = ()  # accepted spellings of the truth, besides ``truth`` itself
 
     def __post_init__(self) -> None:
         if not self.honest or not self.lying:
@@ -96,6 +101,10 @@ class ContrastPair:
             raise PairError(f"pair {self.fact_id or self.truth!r}: honest and lying prompts are identical")
         if self.lie is not None and self.lie.strip() == self.truth.strip():
             raise PairError(f"pair {self.fact_id or self.truth!r}: lie equals truth")
+        if not isinstance(self.aliases, tuple):
+            object.__setattr__(self, "aliases", tuple(self.aliases))  # a list from a JSON record stays hashable
+        if self.lie is not None and self.lie.strip().lower() in {a.strip().lower() for a in self.aliases}:
+            raise PairError(f"pair {self.fact_id or self.truth!r}: lie {self.lie!r} is an accepted alias of the truth")
 
 
 def builtin_facts() -> dict:
@@ -279,21 +288,42 @@ def tokenize(model, prompts: Sequence[str], device: str | torch.device | None = 
 # built-in datasets
 
 
-def _qa(question: str, answer: str | None) -> str:
-    return f"Q: {question}\nA:" + (f" {answer}" if answer is not None else "")
+QA_LABELS: tuple[str, str] = ("Q:", "A:")
 
 
-def _render(tokenizer, instruction: str | None, demos: list[tuple[str, str]], question: str, chat: bool) -> str:
+def _qa(question: str, answer: str | None, labels: tuple[str, str] = QA_LABELS) -> str:
+    q, a = labels
+    return f"{q} {question}\n{a}" + (f" {answer}" if answer is not None else "")
+
+
+def render_prompt(
+    tokenizer,
+    instruction: str | None,
+    demos: Sequence[tuple[str, str]],
+    question: str,
+    chat: bool,
+    *,
+    labels: tuple[str, str] = QA_LABELS,
+) -> str:
+    """The one prompt renderer: an optional instruction, question/answer demonstrations, then the
+    question, ending with the answer label (``"A:"``) so that the next token starts the answer.
+
+    ``chat``: the tokenizer's chat template (instruction as the system turn, each demonstration as a
+    user/assistant exchange, the answer label after the generation prompt); else plain text, parts
+    separated by a blank line. ``labels``: the question and answer labels (default ``("Q:", "A:")``;
+    :func:`fewshot_demos` parses only the default).
+    """
+    q_label, a_label = labels
     if chat:
         msgs = [{"role": "system", "content": instruction}] if instruction else []
         for q, a in demos:
-            msgs += [{"role": "user", "content": f"Q: {q}"}, {"role": "assistant", "content": f"A: {a}"}]
-        msgs.append({"role": "user", "content": f"Q: {question}"})
+            msgs += [{"role": "user", "content": f"{q_label} {q}"}, {"role": "assistant", "content": f"{a_label} {a}"}]
+        msgs.append({"role": "user", "content": f"{q_label} {question}"})
         text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        return text + "A:"
+        return text + a_label
     parts = [instruction] if instruction else []
-    parts += [_qa(q, a) for q, a in demos]
-    parts.append(_qa(question, None))
+    parts += [_qa(q, a, labels) for q, a in demos]
+    parts.append(_qa(question, None, labels))
     return "\n\n".join(parts)
 
 
@@ -411,8 +441,8 @@ def pairs_from_facts(
         ]
         out.append(
             ContrastPair(
-                honest=_render(tokenizer, honest_instr, true_demos, t.question, chat),
-                lying=_render(tokenizer, lying_instr, false_demos, t.question, chat),
+                honest=render_prompt(tokenizer, honest_instr, true_demos, t.question, chat),
+                lying=render_prompt(tokenizer, lying_instr, false_demos, t.question, chat),
                 truth=t.answer,
                 lie=lie,
                 fact_id=t.fact_id or t.question,

@@ -17,12 +17,28 @@ each from many draws, computed on the same split:
   random half of the pairs (``stats.paired_swap_masks``), on the training pairs *and* on the
   held-out pairs; the direction is refit with the *same* fit and scored on the swapped held-out
   labels. Under "the direction carries no honest/lying information" the learned AUROC is one more
-  draw of this distribution. Because we report the best of many components, the bar for "this
-  component beats chance" is ``stats.max_null_threshold``: the 95th percentile over draws of the
-  maximum over components (family-wise 5%).
-- random directions: ``n_random`` Gaussian directions scored on the real labels. Honest and lying
-  prompts differ in text, so random directions can separate them well; a learned direction that
-  does no better than the random bar has learned nothing beyond "the prompts differ".
+  draw of this distribution.
+- random directions: ``n_random`` Gaussian directions per component scored on the real labels.
+  Honest and lying prompts differ in text, so random directions can separate them well; a learned
+  direction that does no better than the random bar has learned nothing beyond "the prompts differ".
+
+Each control gives two bars, and both are reported:
+
+- the **per-component bar** (``null_q95``, ``random_q95``): the 95th percentile of that
+  component's own draws. "Does *this* component beat its own null?" It is uncorrected for the
+  number of components: under the null about 5% of components pass it by chance.
+- the **max bar** (``null_bar``, ``random_bar``, ``stats.max_null_threshold``): the 95th percentile
+  over draws of the maximum over components (family-wise 5%). "Does the *best* component beat
+  chance?" Applied to every component it is far stricter than each one's own bar (it is the bar
+  for the best of many), so a count of components above it is a conservative count.
+
+A component's per-component bar is never above the max bar (in every draw the component's value
+is at most the maximum), and for components whose nulls are alike it is well below it.
+
+What the label-swap null tests: only that the honest and the lying prompts' activations differ at
+all. With framing labels the two prompts differ in their text (the few-shot demonstrations' true
+or false answers), so passing it says a component encodes which prompt it saw, not that it
+encodes lying.
 
 For the default diff-of-means fit the null is vectorised: a null direction is the mean of
 sign-flipped pair differences, one matrix product over a ``[n_perm, n_train]`` sign matrix.
@@ -105,8 +121,8 @@ class DirectionScores:
     train_auroc: Float[Tensor, "*c"]
     null_auroc: Float[Tensor, " perm *c"]  # within-pair label swaps (train and test), same fit
     random_auroc: Float[Tensor, " rand *c"]  # Gaussian directions, real labels
-    null_bar: float  # 95th percentile over draws of the max over components of null_auroc
-    random_bar: float  # the same for random_auroc
+    null_bar: float  # 95th percentile over draws of the max over components of null_auroc (the best's bar)
+    random_bar: float  # the same for random_auroc; per-component bars: null_q95, random_q95
     n_test_facts: int
     n_test: int  # held-out pairs
     fit: str = "diff_of_means"
@@ -125,16 +141,33 @@ class DirectionScores:
         return self.random_auroc.mean(0)
 
     @property
+    def random_q95(self) -> Float[Tensor, "*c"]:
+        """Per-component 95th percentile of the random directions (uncorrected for the choice of component)."""
+        return torch.quantile(self.random_auroc, 0.95, dim=0)
+
+    @property
     def beats_null(self) -> Tensor:
         """Components whose held-out AUROC exceeds the max-over-components null bar."""
         return self.auroc > self.null_bar
 
     @property
     def beats_random(self) -> Tensor:
+        """Components whose held-out AUROC exceeds the max-over-components random-direction bar."""
         return self.auroc > self.random_bar
 
+    @property
+    def beats_null_own(self) -> Tensor:
+        """Components whose held-out AUROC exceeds their own label-swap null's 95th percentile."""
+        return self.auroc > self.null_q95
+
+    @property
+    def beats_random_own(self) -> Tensor:
+        """Components whose held-out AUROC exceeds their own random directions' 95th percentile."""
+        return self.auroc > self.random_q95
+
     def summary(self) -> dict:
-        """JSON-ready numbers: the best component against the max-null bars, and how many pass."""
+        """JSON-ready numbers: the best component against the max bars, and how many components pass
+        the max bar (``n_pass``) and their own per-component bar (``n_pass_own``)."""
         best = int(self.auroc.flatten().argmax())
         idx = list(torch.unravel_index(torch.tensor(best), self.auroc.shape)) if self.auroc.ndim else []
         at = tuple(int(i) for i in idx)
@@ -155,12 +188,16 @@ class DirectionScores:
                 "mean": float(self.null_auroc.mean()),
                 "max_bar_95": self.null_bar,
                 "n_pass": int(self.beats_null.sum()),
+                "own_q95_range": [float(self.null_q95.min()), float(self.null_q95.max())],
+                "n_pass_own": int(self.beats_null_own.sum()),
             },
             "random": {
                 "n_draws": int(self.random_auroc.shape[0]),
                 "mean": float(self.random_auroc.mean()),
                 "max_bar_95": self.random_bar,
                 "n_pass": int(self.beats_random.sum()),
+                "own_q95_range": [float(self.random_q95.min()), float(self.random_q95.max())],
+                "n_pass_own": int(self.beats_random_own.sum()),
             },
         }
 
@@ -335,3 +372,136 @@ def score_directions(
         n_test=len(te),
         fit=fit_name,
     )
+
+
+NEAR = 0.01  # AUROC gap below which two components are reported as practically equal
+
+
+@dataclass(frozen=True)
+class SeedScores:
+    """Held-out AUROC of every component on several splits by fact (each split fits its own
+    directions on its training facts): how far "the best component" rests on one split.
+
+    The interval is the 95% t-interval of the mean over split seeds (``mean ± t * sd / sqrt(n)``).
+    The splits share facts, so it measures split-to-split variation of the mean (which facts happen
+    to be held out), not sampling variation over independent sets of facts; the per-split CIs over
+    held-out facts are wider.
+    """
+
+    seeds: tuple[int, ...]
+    auroc: Float[Tensor, " seed *c"]
+    fit: str = "diff_of_means"
+    test_frac: float = 0.3
+
+    @property
+    def mean(self) -> Float[Tensor, "*c"]:
+        return self.auroc.mean(0)
+
+    @property
+    def sd(self) -> Float[Tensor, "*c"]:
+        return self.auroc.std(0) if len(self.seeds) > 1 else torch.zeros_like(self.mean)
+
+    def interval(self) -> tuple[Tensor, Tensor]:
+        """(lo, hi): the 95% t-interval of the mean over seeds, per component."""
+        from scipy.stats import t
+
+        n = len(self.seeds)
+        half = float(t.ppf(0.975, n - 1)) * self.sd / n**0.5 if n > 1 else torch.zeros_like(self.mean)
+        return self.mean - half, self.mean + half
+
+    @property
+    def chosen(self) -> int:
+        """The flat index of the component with the highest mean (ties: the first)."""
+        return int(self.mean.flatten().argmax())
+
+    def paired_interval(self) -> tuple[Tensor, Tensor]:
+        """(lo, hi) per component: the 95% t-interval over seeds of (chosen - component), the paired
+        difference on the same splits (sharper than comparing two intervals, and still meaningful
+        where the chosen one sits at the ceiling with zero spread)."""
+        from scipy.stats import t
+
+        a = self.auroc.reshape(len(self.seeds), -1)
+        d = a[:, self.chosen : self.chosen + 1] - a
+        n = len(self.seeds)
+        sd = d.std(0) if n > 1 else torch.zeros(d.shape[1])
+        half = float(t.ppf(0.975, n - 1)) * sd / n**0.5 if n > 1 else torch.zeros(d.shape[1])
+        return d.mean(0) - half, d.mean(0) + half
+
+    def summary(self) -> dict:
+        """Per component (flat order): mean, SD, CI, and the share of seeds where it is the best
+        (ties count for every tied component); the chosen one, the components whose CI overlaps the
+        chosen one's, and those it does not beat on the same splits (paired CI of the difference
+        reaches 0): the choice is noise-level among them."""
+        lo, hi = (x.flatten() for x in self.interval())
+        m = self.mean.flatten()
+        c = self.chosen
+        overlap = [j for j in range(len(m)) if j != c and bool(lo[c] <= hi[j])]
+        plo, _ = self.paired_interval()
+        tied = [j for j in range(len(m)) if j != c and bool(plo[j] <= 0)]
+        a = self.auroc.reshape(len(self.seeds), -1)
+        share = (a >= a.max(1, keepdim=True).values - 1e-9).float().mean(0)
+        rivals = sorted(set(overlap) | set(tied))
+        names = ", ".join(map(str, rivals[:12])) + (", ..." if len(rivals) > 12 else "")
+        head = f"component {c} has the highest mean AUROC ({m[c]:.3f} [{lo[c]:.3f}, {hi[c]:.3f}])"
+        if rivals:
+            many = len(rivals) > 1
+            verdict = (
+                f"{head}, but {len(rivals)} other{'s' if many else ''} ({names}) {'overlap' if many else 'overlaps'} "
+                f"its CI or {'are' if many else 'is'} not beaten by it on the same splits: the choice is noise-level "
+                "among them"
+            )
+        else:
+            verdict = f"{head} and beats every other on the same splits: the choice is not noise-level"
+        close = [j for j in range(len(m)) if j != c and bool(m[c] - m[j] <= NEAR)]
+        if close:
+            verdict += (
+                f"; {len(close)} other{'s' if len(close) > 1 else ''} ({', '.join(map(str, close[:12]))}) "
+                f"{'are' if len(close) > 1 else 'is'} within {NEAR} AUROC of it, a difference too small to matter"
+            )
+        return {
+            "fit": self.fit,
+            "seeds": list(self.seeds),
+            "test_frac": self.test_frac,
+            "interval": "95% t-interval of the mean over split seeds (the splits share facts)",
+            "mean": m.tolist(),
+            "sd": self.sd.flatten().tolist(),
+            "lo": lo.tolist(),
+            "hi": hi.tolist(),
+            "best_share": share.tolist(),
+            "chosen": c,
+            "chosen_best_share": float(share[c]),
+            "overlapping": overlap,
+            "not_beaten": tied,
+            "within_0.01": close,
+            "noise_level": bool(rivals),
+            "verdict": verdict,
+        }
+
+
+def scores_over_seeds(
+    honest: Float[Tensor, "n *c d"],
+    lying: Float[Tensor, "n *c d"],
+    fact_ids: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    fit: str | Fit = "diff_of_means",
+    test_frac: float = 0.3,
+) -> SeedScores:
+    """Held-out AUROC of every component for each split seed (``split_by_fact(fact_ids, test_frac,
+    seed)``), with the same ``fit`` as the reported scores: use the probe that is reported, or the
+    choice of component is made with one probe and reported with another."""
+    if honest.shape != lying.shape or len(honest) != len(fact_ids):
+        raise ValueError(
+            f"honest {tuple(honest.shape)}, lying {tuple(lying.shape)} and {len(fact_ids)} fact ids must match"
+        )
+    if not seeds:
+        raise ValueError("need at least one split seed")
+    fit_fn = get_fit(fit)
+    out = []
+    for seed in seeds:
+        sp = split_by_fact(fact_ids, test_frac, seed)
+        tr, te = torch.tensor(sp.train), torch.tensor(sp.test)
+        direction = fit_fn(honest[tr].float(), lying[tr].float()).float()
+        out.append(auroc(project(lying[te], direction), project(honest[te], direction)))
+    name = fit if isinstance(fit, str) else getattr(fit, "__name__", "custom")
+    return SeedScores(tuple(int(s) for s in seeds), torch.stack(out), name, test_frac)

@@ -9,18 +9,29 @@ lying now". Following the research notes (points 1 and 2), a lie is labelled by 
 label                       meaning
 ==========================  ===========================================================
 ``honest``                  honest framing, fact known (answered correctly when honest)
-``unknown``                 the fact is not known: the greedy honest answer is wrong
-``lie``                     lying framing, fact known, answered falsely
-``truth_under_lie_framing`` lying framing, fact known, answered truthfully
+``unknown``                 the fact is not known: the greedy honest answer is not the truth
+``lie``                     lying framing, fact known, answered with a *valid* false answer
+                            of the relation (class ``lie`` of :func:`classify_answer`)
+``truth_under_lie_framing`` lying framing, fact known, answered with the truth or an alias
+``paraphrase``              lying framing, fact known, the truth reworded ("the Euro")
+``junk``                    lying framing, fact known, no answer of the relation (" Zabuab")
 ==========================  ===========================================================
 
 Answers come from :func:`mechlie.core.generation.generate` (KV-cached): greedy, and ``k`` samples at
 temperature ``T`` from the same lying prompt. The samples give lies *and* truths under the same
-prompt, which removes the prompt-text confound. An answer is true when its text starts with the
-truth (case-insensitive, whole words), so multi-token answers work.
+prompt, which removes the prompt-text confound. Answers are classed by :func:`classify_answer`
+(whole words, case-insensitive, so multi-token answers work) against the relation's valid answers
+(``on_policy(..., answers=...)``). Junk and paraphrases are counted (:meth:`OnPolicy.counts`,
+:func:`mechlie.read.rates.lie_rates`) and kept out of the lie/truth rows unless asked for
+(:meth:`OnPolicy.rows` ``positive``/``negative``; :meth:`OnPolicy.labelled_rows`).
+
+Surprisal: every generation keeps each token's log-prob under the model's own (untempered)
+distribution (:attr:`GenStates.logprobs`), so :attr:`GenStates.surprisal_first` (-log P of the
+answer's first token) and :attr:`GenStates.surprisal_answer` (summed over the answer) are a
+training-free baseline for any detector on the same rows.
 
 Two definitions of "known": here a fact is known when the greedy honest *text* starts with the
-truth (:attr:`OnPolicy.known`, ``n_known_greedy`` in :meth:`OnPolicy.counts`);
+truth or an alias (class ``truth``; :attr:`OnPolicy.known`, ``n_known_greedy`` in :meth:`OnPolicy.counts`);
 :attr:`mechlie.core.metrics.Behaviour.known` asks only that the honest prompt's top-1 *first token*
 be the truth's (``n_known_first_token``). They can differ on a few facts (a right first token
 followed by other words, or a top-1 spelling variant); :func:`known_side_by_side` counts both.
@@ -39,8 +50,8 @@ spelling of any truth (logged), so a generated answer is never judged on a cut-o
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
@@ -53,11 +64,36 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core.generation import generate
 from mechlie.core.hooks import hook_name
-from mechlie.core.pairs import ContrastPair, PairError, answer_sequences
+from mechlie.core.pairs import (
+    EXTRA_RELATIONS,
+    RELATIONS,
+    ContrastPair,
+    PairError,
+    answer_sequences,
+    builtin_facts,
+)
+
+# Re-exported: labels.py is where callers look for the answer classes.
+from mechlie.read.answers import ANSWER_CLASSES, answer_matches, classify_answer
 
 log = logging.getLogger(__name__)
 
-LABELS: tuple[str, ...] = ("honest", "unknown", "lie", "truth_under_lie_framing")
+LABELS: tuple[str, ...] = ("honest", "unknown", "lie", "truth_under_lie_framing", "paraphrase", "junk")
+# The labels of a known fact's answer to a lying prompt.
+LYING_LABELS: tuple[str, ...] = ("lie", "truth_under_lie_framing", "paraphrase", "junk")
+
+__all__ = [
+    "ANSWER_CLASSES",
+    "LABELS",
+    "LYING_LABELS",
+    "GenStates",
+    "OnPolicy",
+    "answer_matches",
+    "classify_answer",
+    "generate_with_states",
+    "known_side_by_side",
+    "on_policy",
+]
 
 
 @dataclass(frozen=True)
@@ -68,6 +104,9 @@ class GenStates:
     # kind -> [n, steps, L, (H,) d]; [:, s] is the state of the position that chose token s
     states: dict[str, Tensor]
     layers: tuple[int, ...]
+    # log P(token s | prompt, tokens < s) under the model's own (untempered) distribution; NaN after a stop
+    logprobs: Float[Tensor, "n steps"] | None = None
+    n_answer: Int[Tensor, " n"] | None = None  # generated tokens that are the answer (the stop token excluded)
 
     def take(self, idx: Sequence[int]) -> "GenStates":
         """The rows ``idx`` (e.g. the greedy rows of an ``n_per_prompt`` generation)."""
@@ -78,7 +117,27 @@ class GenStates:
             [self.texts[i] for i in t.tolist()],
             {k: v[t] for k, v in self.states.items()},
             self.layers,
+            None if self.logprobs is None else self.logprobs[t],
+            None if self.n_answer is None else self.n_answer[t],
         )
+
+    def _need_logprobs(self) -> tuple[Tensor, Tensor]:
+        if self.logprobs is None or self.n_answer is None:
+            raise ValueError("these generations kept no log-probs (made before GenStates had them)")
+        return self.logprobs, self.n_answer
+
+    @property
+    def surprisal_first(self) -> Float[Tensor, " n"]:
+        """-log P of the first generated token under the prompt (the issue's training-free baseline)."""
+        return -self._need_logprobs()[0][:, 0]
+
+    @property
+    def surprisal_answer(self) -> Float[Tensor, " n"]:
+        """-log P of the whole generated answer: summed over its tokens, the stop token (newline or EOS)
+        excluded; 0 for an empty answer (a row whose first token was the stop)."""
+        lp, n = self._need_logprobs()
+        keep = torch.arange(lp.shape[1])[None] < n[:, None]
+        return -torch.where(keep, lp, torch.zeros_like(lp)).sum(1)
 
 
 def _pad_steps(t: Tensor, steps: int, value: float | int) -> Tensor:
@@ -123,6 +182,7 @@ def generate_with_states(
         raise PairError("no prompts to generate from")
     seed = generate_kw.pop("seed", 0)
     chunks = []
+    logprobs: list[tuple[Tensor, Tensor]] = []
     for c, start in enumerate(
         tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False)
     ):
@@ -145,6 +205,7 @@ def generate_with_states(
             k: torch.stack([torch.stack([widen(t) for t in store[k][l][:steps]], 1) for l in layers], 2) for k in kinds
         }
         chunks.append((result, states))
+        logprobs.append(_token_logprobs(result))
     steps = max(r.tokens.shape[1] for r, _ in chunks)
     mask = torch.cat([_pad_steps(r.new_mask, steps, 0) for r, _ in chunks])
     states = {}
@@ -157,24 +218,36 @@ def generate_with_states(
         texts=[t for r, _ in chunks for t in r.texts],
         states=states,
         layers=layers,
+        logprobs=torch.cat([_pad_steps(lp, steps, float("nan")) for lp, _ in logprobs]),
+        n_answer=torch.cat([n for _, n in logprobs]),
     )
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .,:;!?\"'")
+def _token_logprobs(result) -> tuple[Tensor, Tensor]:
+    """Each generated token's log-prob under the logits it was chosen from (untempered: the model's own
+    distribution, whatever the sampling temperature), NaN where not generated; and the answer's length
+    in tokens: the kept tokens, less the stop token of a row that stopped at EOS or a stop string."""
+    lp = result.logprobs.float().masked_fill(~result.new_mask.bool(), float("nan"))
+    stopped = torch.tensor([r in ("eos", "stop_string") for r in result.stop_reason], dtype=torch.long)
+    return lp, (result.new_mask.sum(1) - stopped).clamp(min=0)
 
 
-def answer_matches(generated: str, answer: str) -> bool:
-    """Does ``generated`` start with ``answer`` as whole words (case-insensitive)?"""
-    g, a = _norm(generated), _norm(answer)
-    if not a:
-        raise PairError("empty answer")
-    return g == a or (g.startswith(a) and not g[len(a)].isalnum())
+# Lying-prompt label of a known fact, by the class of its answer.
+_LYING_LABEL = {"truth": "truth_under_lie_framing", "lie": "lie", "paraphrase": "paraphrase", "junk": "junk"}
 
 
 @dataclass(frozen=True)
 class OnPolicy:
-    """On-policy answers and labels for a list of pairs (``n`` pairs, ``k`` samples each)."""
+    """On-policy answers and labels for a list of pairs (``n`` pairs, ``k`` samples each).
+
+    ``answers``: relation -> its valid answers, what makes a generated answer a ``lie`` rather than
+    ``junk`` (:func:`classify_answer`). Without it (or for a relation it lacks) the valid answers of a
+    relation are the designated lies and truths of its pairs, plus the built-in relation's answers for
+    a built-in relation: a narrower set, so a real answer of the relation missing from it is ``junk``.
+    A relation with none of these (a user's own pairs without designated lies, not built-in) has no
+    valid set at all: its non-empty answers that are neither the truth nor a paraphrase count as
+    ``lie`` *unvalidated*, as before valid labels existed (logged as a warning).
+    """
 
     pairs: list[ContrastPair]
     honest: GenStates  # greedy answers to the honest prompts
@@ -182,22 +255,67 @@ class OnPolicy:
     samples: GenStates | None  # k sampled answers per lying prompt, rows i*k .. i*k+k-1
     k: int
     temperature: float
+    answers: dict[str, list[str]] | None = None
+
+    @functools.cached_property
+    def valid_answers(self) -> dict[str, tuple[str, ...] | None]:
+        """Relation -> the valid answers used to tell a lie from junk, ``None`` where there are none
+        (see the class docstring)."""
+        out: dict[str, set[str]] = {}
+        for p in self.pairs:
+            if self.answers is not None and p.relation in self.answers:
+                out.setdefault(p.relation, set(self.answers[p.relation]))
+                continue
+            got = out.setdefault(p.relation, set())
+            got.update([p.lie] if p.lie else [])
+            if p.relation in RELATIONS + EXTRA_RELATIONS:
+                got.update(a for _, a in builtin_facts()[p.relation]["facts"])
+        unvalidated = sorted(r for r, v in out.items() if not v)
+        if unvalidated:
+            log.warning(
+                "relation(s) %s: no valid answers (no answers= entry, no designated lies, not built-in): "
+                "every non-empty answer that is not the truth or a paraphrase counts as a lie, unvalidated",
+                unvalidated,
+            )
+        # With a valid set, the relation's truths are valid answers too (another fact's truth is a real lie).
+        truths: dict[str, set[str]] = {}
+        for p in self.pairs:
+            truths.setdefault(p.relation, set()).add(p.truth)
+        return {r: tuple(sorted(v | truths[r])) if v else None for r, v in out.items()}
+
+    def classes(self, texts: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
+        """:func:`classify_answer` of each text against its pair's truth, aliases and relation."""
+        valid = self.valid_answers
+        return [
+            classify_answer(t, self.pairs[i].truth, self.pairs[i].aliases, valid[self.pairs[i].relation])
+            for t, i in zip(texts, pair_idx)
+        ]
+
+    @functools.cached_property
+    def honest_classes(self) -> list[str]:
+        return self.classes(self.honest.texts, range(len(self.pairs)))
+
+    @functools.cached_property
+    def greedy_classes(self) -> list[str]:
+        """Class of each greedy lying answer (:data:`ANSWER_CLASSES`), whether the fact is known or not."""
+        return self.classes(self.greedy.texts, range(len(self.pairs)))
+
+    @functools.cached_property
+    def sample_classes(self) -> list[str]:
+        """Class of each sampled lying answer, ``n * k`` rows (pair ``i // k``)."""
+        if self.samples is None:
+            return []
+        return self.classes(self.samples.texts, [i // self.k for i in range(len(self.pairs) * self.k)])
 
     @property
     def known(self) -> Bool[Tensor, " n"]:
-        """Known by the *greedy-text* definition: the greedy honest answer starts with the truth
-        (:func:`answer_matches`). Not :attr:`mechlie.core.metrics.Behaviour.known` (first token)."""
-        return torch.tensor([answer_matches(t, p.truth) for t, p in zip(self.honest.texts, self.pairs)])
+        """Known by the *greedy-text* definition: the greedy honest answer is the truth or an alias
+        (class ``truth`` of :func:`classify_answer`). Not :attr:`mechlie.core.metrics.Behaviour.known` (first token)."""
+        return torch.tensor([c == "truth" for c in self.honest_classes], dtype=torch.bool)
 
-    def _lying_labels(self, texts: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
-        known = self.known
-        out = []
-        for t, i in zip(texts, pair_idx):
-            if not known[i]:
-                out.append("unknown")
-            else:
-                out.append("truth_under_lie_framing" if answer_matches(t, self.pairs[i].truth) else "lie")
-        return out
+    def _lying_labels(self, classes: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
+        known = self.known.tolist()
+        return [_LYING_LABEL[c] if known[i] else "unknown" for c, i in zip(classes, pair_idx)]
 
     @property
     def honest_labels(self) -> list[str]:
@@ -205,18 +323,17 @@ class OnPolicy:
 
     @property
     def greedy_labels(self) -> list[str]:
-        return self._lying_labels(self.greedy.texts, range(len(self.pairs)))
+        return self._lying_labels(self.greedy_classes, range(len(self.pairs)))
 
     @property
     def sample_labels(self) -> list[str]:
         """Labels of the sampled answers, ``n * k`` rows (pair ``i // k``)."""
-        if self.samples is None:
-            return []
-        return self._lying_labels(self.samples.texts, [i // self.k for i in range(len(self.pairs) * self.k)])
+        return self._lying_labels(self.sample_classes, [i // self.k for i in range(len(self.sample_classes))])
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Label counts per relation for honest greedy, lying greedy and lying samples, with
-        ``n_known_greedy`` (= ``honest/honest``: known by the greedy-text definition)."""
+        """Label counts per relation for honest greedy, lying greedy and lying samples (``lie``,
+        ``truth_under_lie_framing``, ``paraphrase``, ``junk``, ``unknown``), with ``n_known_greedy``
+        (= ``honest/honest``: known by the greedy-text definition)."""
         out: dict[str, dict[str, int]] = {}
         rels = [p.relation for p in self.pairs]
         for name, labels, rel in (
@@ -262,66 +379,110 @@ class OnPolicy:
             raise ValueError(f"pair_mask has {len(pair_mask)} entries for {len(self.pairs)} pairs")
         return [bool(m) for m in pair_mask]
 
+    def labelled_rows(
+        self,
+        contrast: str = "within_prompt",
+        site: str = "answer",
+        kind: str = "resid_post",
+        pair_mask: Sequence[bool] | None = None,
+        *,
+        labels: Sequence[str] = LYING_LABELS,
+        allow_empty: bool = False,
+    ) -> tuple[Float[Tensor, "m L d"], list[str], list[str]]:
+        """Rows with their label names: features ``[m, L, d]``, labels, fact ids.
+
+        ``within_prompt``: the sampled answers to the lying prompts whose label is in ``labels``
+        (:data:`LYING_LABELS`: ``lie``, ``truth_under_lie_framing``, ``paraphrase``, ``junk``).
+        ``vs_honest``: the greedy ``honest`` answers, then the greedy lying answers whose label is in
+        ``labels``. Every row left out is counted in one log line by reason (fact unknown, a label not
+        asked for, outside ``pair_mask``, stopped before ``site``); no row left raises ``ValueError``
+        unless ``allow_empty``.
+        """
+        mask = self._mask(pair_mask)
+        step = {"prompt": 0, "answer": 1}.get(site)
+        if step is None:
+            raise ValueError(f"site must be 'prompt' or 'answer', got {site!r}")
+        bad = set(labels) - set(LYING_LABELS)
+        if bad:
+            raise ValueError(f"labels must be among {LYING_LABELS}, got {sorted(bad)}")
+        if contrast == "within_prompt":
+            if self.samples is None:
+                raise ValueError("within-prompt rows need sampled answers (k > 0)")
+            sources = [(self.samples, self.sample_labels, [i // self.k for i in range(len(self.sample_labels))])]
+        elif contrast == "vs_honest":
+            rng = list(range(len(self.pairs)))
+            sources = [(self.honest, self.honest_labels, rng), (self.greedy, self.greedy_labels, rng)]
+        else:
+            raise ValueError(f"contrast must be 'within_prompt' or 'vs_honest', got {contrast!r}")
+        wanted = set(labels) | ({"honest"} if contrast == "vs_honest" else set())
+        dropped: Counter = Counter()
+        Xs, ys, facts = [], [], []
+        for g, labs, pair_of in sources:
+            st = g.states[kind]
+            if st.shape[1] <= step:
+                raise ValueError(f"no state at the {site} site: generation stopped after {st.shape[1]} step(s)")
+            idx = []
+            for r, (lab, i) in enumerate(zip(labs, pair_of)):
+                if not mask[i]:
+                    dropped["outside pair_mask"] += 1
+                elif lab not in wanted:
+                    dropped["whose fact is unknown" if lab == "unknown" else f"labelled {lab} (not asked for)"] += 1
+                elif step > 0 and not g.new_mask[r, step]:
+                    dropped[f"whose answer stopped before the {site} site"] += 1
+                else:
+                    idx.append(r)
+            Xs.append(st[idx, step])
+            ys += [labs[r] for r in idx]
+            facts += [self.pairs[pair_of[r]].fact_id for r in idx]
+        self._log_dropped(contrast, site, len(ys), dropped, allow_empty)
+        return torch.cat(Xs), ys, facts
+
+    def _log_dropped(self, contrast: str, site: str, kept: int, dropped: Counter, allow_empty: bool) -> None:
+        total = kept + sum(dropped.values())
+        why = "; ".join(f"left out {n} of {total} rows {reason}" for reason, n in sorted(dropped.items()))
+        msg = f"rows({contrast}, {site}): kept {kept} of {total} rows" + (f"; {why}" if why else "")
+        if not kept and not allow_empty:
+            n_known = int(self.known.sum())
+            raise ValueError(
+                f"no labelled rows left ({n_known} of {len(self.pairs)} facts known: a fact is known when its greedy "
+                f"honest answer is the truth): {msg}; pass allow_empty=True to get empty rows instead"
+            )
+        # Only a drop that loses data the caller asked for is a warning; a mask or label choice is theirs.
+        lost = any(r.startswith("whose") for r in dropped)
+        log.log(logging.WARNING if lost else logging.INFO, msg)
+
     def rows(
         self,
         contrast: str = "within_prompt",
         site: str = "answer",
         kind: str = "resid_post",
         pair_mask: Sequence[bool] | None = None,
+        *,
+        positive: Sequence[str] = ("lie",),
+        negative: Sequence[str] = ("truth_under_lie_framing",),
+        allow_empty: bool = False,
     ) -> tuple[Float[Tensor, "m L d"], Float[Tensor, " m"], list[str]]:
-        """Labelled rows for a probe: features ``[m, L, d]``, labels (1 = lie), fact ids.
+        """Labelled rows for a probe: features ``[m, L, d]``, labels (1 = ``positive``), fact ids.
 
         Args:
-            contrast: ``"within_prompt"``: sampled answers to the same lying prompts, ``lie`` vs
-                ``truth_under_lie_framing`` (no prompt-text difference);
-                ``"vs_honest"``: greedy ``lie`` answers vs greedy ``honest`` answers of known facts.
+            contrast: ``"within_prompt"``: sampled answers to the same lying prompts, ``positive``
+                (default: valid ``lie`` s) vs ``negative`` (default: ``truth_under_lie_framing``),
+                with no prompt-text difference; ``"vs_honest"``: greedy lying answers labelled
+                ``positive`` vs greedy ``honest`` answers of known facts (``negative`` unused).
             site: ``"prompt"`` (final prompt token, ``states[:, 0]``) or ``"answer"`` (the first
                 generated answer token, ``states[:, 1]``).
             pair_mask: keep only rows of pairs where it is true (e.g. one relation or format).
+            positive, negative: lying labels (:data:`LYING_LABELS`) on each side; e.g.
+                ``positive=("junk",)`` gives junk answers vs truths. Junk and paraphrase are on
+                neither side by default: they are counted (:meth:`counts`) and left out (logged).
+            allow_empty: return empty tensors rather than raise when no row is left.
         """
-        mask = self._mask(pair_mask)
-        step = {"prompt": 0, "answer": 1}.get(site)
-        if step is None:
-            raise ValueError(f"site must be 'prompt' or 'answer', got {site!r}")
-
-        def pick(g: GenStates, idx: list[int]) -> tuple[Tensor, Tensor]:
-            st = g.states[kind]
-            if st.shape[1] <= step:
-                raise ValueError(f"no state at the {site} site: generation stopped after {st.shape[1]} step(s)")
-            ok = g.new_mask[idx, step].bool() if step > 0 else torch.ones(len(idx), dtype=torch.bool)
-            return st[idx, step], ok
-
-        if contrast == "within_prompt":
-            if self.samples is None:
-                raise ValueError("within-prompt rows need sampled answers (k > 0)")
-            labs = self.sample_labels
-            idx = [i for i, lab in enumerate(labs) if lab in ("lie", "truth_under_lie_framing") and mask[i // self.k]]
-            X, ok = pick(self.samples, idx)
-            y = torch.tensor([float(labs[i] == "lie") for i in idx])
-            facts = [self.pairs[i // self.k].fact_id for i in idx]
-        elif contrast == "vs_honest":
-            gl, hl = self.greedy_labels, self.honest_labels
-            li = [i for i, lab in enumerate(gl) if lab == "lie" and mask[i]]
-            hi = [i for i, lab in enumerate(hl) if lab == "honest" and mask[i]]
-            Xl, okl = pick(self.greedy, li)
-            Xh, okh = pick(self.honest, hi)
-            X, ok = torch.cat([Xh, Xl]), torch.cat([okh, okl])
-            y = torch.cat([torch.zeros(len(hi)), torch.ones(len(li))])
-            facts = [self.pairs[i].fact_id for i in hi + li]
-        else:
-            raise ValueError(f"contrast must be 'within_prompt' or 'vs_honest', got {contrast!r}")
-        keep = ok.nonzero().flatten().tolist()
-        if len(keep) < len(facts):
-            log.warning(
-                "rows(%s, %s): left out %d of %d rows whose answer stopped before the %s site "
-                "(no generated token to read a state from)",
-                contrast,
-                site,
-                len(facts) - len(keep),
-                len(facts),
-                site,
-            )
-        return X[keep], y[keep], [facts[i] for i in keep]
+        if set(positive) & set(negative):
+            raise ValueError(f"a label cannot be both positive and negative: {sorted(set(positive) & set(negative))}")
+        labels = list(positive) + ([] if contrast == "vs_honest" else list(negative))
+        X, labs, facts = self.labelled_rows(contrast, site, kind, pair_mask, labels=labels, allow_empty=allow_empty)
+        y = torch.tensor([float(lab in positive) for lab in labs])
+        return X, y, facts
 
 
 def known_side_by_side(first_token: Bool[Tensor, " n"], op: OnPolicy) -> dict[str, int]:
@@ -358,6 +519,7 @@ def on_policy(
     seed: int = 0,
     batch_size: int = 16,
     progress: bool = True,
+    answers: dict[str, list[str]] | None = None,
 ) -> OnPolicy:
     """Greedy honest/lying answers and ``k`` sampled lying answers, with their states.
 
@@ -365,6 +527,11 @@ def on_policy(
         pairs: honest/lying pairs (their truth is what an answer is checked against).
         k: samples per lying prompt at ``temperature`` (0 = greedy only).
         max_new_tokens: answer length; generation also stops at a newline.
+        answers: relation -> its valid answers (e.g. ``mechlie.core.corpus.relation_answers``): a lying
+            answer is a ``lie`` only if it is one of them, else ``junk`` or ``paraphrase``
+            (:func:`classify_answer`). Without it, each relation's pairs' own lies and truths (and a
+            built-in relation's answers) are the valid set (:class:`OnPolicy`); a relation missing
+            from ``answers`` falls back the same way (logged).
 
     Returns:
         :class:`OnPolicy`; ``.counts()`` gives the label counts per relation, ``.rows()`` the
@@ -376,6 +543,9 @@ def on_policy(
     """
     if not pairs:
         raise PairError("no pairs to label")
+    missing = sorted({p.relation for p in pairs} - set(answers or {})) if answers is not None else []
+    if missing:
+        log.warning("answers has no valid answers for %s: their pairs' own answers are the valid set", missing)
     if k < 0 or max_new_tokens < 2:
         raise ValueError("k must be >= 0 and max_new_tokens >= 2 (the answer-token state needs one step)")
     tok = getattr(model, "tokenizer", None)
@@ -396,7 +566,7 @@ def on_policy(
     honest = generate_with_states(model, [p.honest for p in pairs], **kw)
     lying = [p.lying for p in pairs]
     if not k:
-        return OnPolicy(list(pairs), honest, generate_with_states(model, lying, **kw), None, 0, temperature)
+        return OnPolicy(list(pairs), honest, generate_with_states(model, lying, **kw), None, 0, temperature, answers)
     # One prompt pass per lying prompt: row 0 of each group greedy, rows 1..k sampled.
     g = generate_with_states(
         model,
@@ -411,4 +581,4 @@ def on_policy(
     rows = range(len(pairs) * (k + 1))
     greedy = g.take([r for r in rows if r % (k + 1) == 0])
     samples = g.take([r for r in rows if r % (k + 1) != 0])
-    return OnPolicy(list(pairs), honest, greedy, samples, k, temperature)
+    return OnPolicy(list(pairs), honest, greedy, samples, k, temperature, answers)

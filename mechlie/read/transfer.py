@@ -1,16 +1,20 @@
 """Does a probe generalise? Train it on one labelled set, test it on another, with controls.
 
-A :class:`LabelledSet` holds features at every layer, labels (1 = lie) and the fact of each row;
-:func:`evaluate_transfer` trains a probe kind on one set and scores it on others (held-out AUROC
-with a CI over facts, a within-fact label-permutation null and random directions),
-:func:`transfer_matrix` does it for every kind and pair of sets, and :func:`choose_layer` picks the
-layer on training facts only. :mod:`mechlie.read.detector` re-exports every name here.
+A :class:`LabelledSet` holds features at every layer, labels (1 = lie), the fact of each row and,
+optionally, its relation; :func:`transfer_run` (and its tuple form :func:`evaluate_transfer`)
+trains a probe kind on one set and scores it on others: held-out AUROC with a CI over facts, beside
+two nulls from :mod:`mechlie.read.nulls` (the probe refitted on labels permuted across the facts of
+each relation, and random-direction probes fitted the same way; 200 draws each by default), with
+every null draw's AUROC kept so that a caller can combine sets (the leave-one-relation-out bar is
+the 95th percentile of the per-draw mean over held-out relations). :func:`transfer_matrix` does it
+for every kind and pair of sets, and :func:`choose_layer` picks the layer on training facts only.
+:mod:`mechlie.read.detector` re-exports every name here.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -18,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from mechlie.core.stats import TensorEstimate
+from mechlie.read import nulls
 from mechlie.read.probes import AnyProbe, fit_probe
 
 log = logging.getLogger(__name__)
@@ -29,29 +34,50 @@ class DetectorError(ValueError):
 
 @dataclass(frozen=True)
 class LabelledSet:
-    """Labelled rows for probing: features at every layer, labels (1 = lie), the fact of each row.
+    """Labelled rows for probing: features at every layer, labels (1 = lie), the fact of each row,
+    and optionally the relation of each row (``relations``; ``None`` = one relation for all rows).
 
-    Rows sharing a fact (a pair's two prompts, or the samples of one prompt) are one unit: the
-    null permutes labels within a fact, CIs resample facts, and splits never cut a fact.
+    Rows sharing a fact (a pair's two prompts, or the samples of one prompt) are one unit: CIs
+    resample facts and splits never cut a fact. The permutation null permutes labels across the
+    rows of each relation (:meth:`strata`), so labels move between facts.
     """
 
     name: str
     X: Float[Tensor, "n L d"]
     y: Float[Tensor, " n"]
     facts: list[str]
+    relations: list[str] | None = field(default=None)
 
     def __post_init__(self) -> None:
         if not (len(self.X) == len(self.y) == len(self.facts)):
             raise DetectorError(f"{self.name}: X, y and facts differ in length")
+        if self.relations is not None and len(self.relations) != len(self.facts):
+            raise DetectorError(f"{self.name}: {len(self.relations)} relations for {len(self.facts)} rows")
 
     def subset(self, keep_facts: set[str], name: str | None = None) -> "LabelledSet":
         idx = [i for i, f in enumerate(self.facts) if f in keep_facts]
-        return LabelledSet(name or self.name, self.X[idx], self.y[idx], [self.facts[i] for i in idx])
+        rel = None if self.relations is None else [self.relations[i] for i in idx]
+        return LabelledSet(name or self.name, self.X[idx], self.y[idx], [self.facts[i] for i in idx], rel)
+
+    def with_relation(self, relation: str) -> "LabelledSet":
+        """The same rows, all of ``relation``."""
+        return replace(self, relations=[relation] * len(self.facts))
 
     @staticmethod
     def concat(sets: Sequence["LabelledSet"], name: str) -> "LabelledSet":
+        """Rows of every set; relations are kept if every set has them, dropped if none has, and
+        a mix is an error (the permutation null would otherwise pool relations silently)."""
+        has = [s.relations is not None for s in sets]
+        if any(has) and not all(has):
+            missing = [s.name for s, h in zip(sets, has) if not h]
+            raise DetectorError(f"{name}: sets {missing} lack relations while others have them")
+        rel = [r for s in sets for r in s.relations] if all(has) and sets else None
         return LabelledSet(
-            name, torch.cat([s.X for s in sets]), torch.cat([s.y for s in sets]), [f for s in sets for f in s.facts]
+            name,
+            torch.cat([s.X for s in sets]),
+            torch.cat([s.y for s in sets]),
+            [f for s in sets for f in s.facts],
+            rel,
         )
 
     def groups(self) -> list[list[int]]:
@@ -60,42 +86,22 @@ class LabelledSet:
             by.setdefault(f, []).append(i)
         return list(by.values())
 
+    def strata(self) -> list[list[int]]:
+        """Rows per relation (all rows in one stratum when ``relations`` is ``None``)."""
+        if self.relations is None:
+            return [list(range(len(self.facts)))]
+        by: dict[str, list[int]] = {}
+        for i, r in enumerate(self.relations):
+            by.setdefault(r, []).append(i)
+        return list(by.values())
+
     def pairs(self, y: Tensor | None = None) -> Tensor:
         """``[m, 2]`` (label 0 row, label 1 row) pairs matched within each fact."""
-        y = self.y if y is None else y
+        lab = (self.y if y is None else y).tolist()
         out = []
         for g in self.groups():
-            neg = [i for i in g if y[i] == 0]
-            pos = [i for i in g if y[i] == 1]
-            out += list(zip(neg, pos))
+            out += list(zip([i for i in g if lab[i] == 0], [i for i in g if lab[i] == 1]))
         return torch.tensor(out, dtype=torch.long).view(-1, 2)
-
-
-def _within_fact_permutations(groups: list[list[int]], y: Tensor, n_draws: int, seed: int) -> Tensor:
-    """``[draws, n]`` label vectors, each a permutation of ``y`` within every fact."""
-    g = torch.Generator().manual_seed(seed)
-    out = y.repeat(n_draws, 1)
-    for idx in groups:
-        if len(idx) < 2:
-            continue
-        t = torch.tensor(idx)
-        perm = torch.rand(n_draws, len(idx), generator=g).argsort(1)
-        out[:, t] = y[t][perm]
-    return out
-
-
-def _features(X: Tensor, kind: str, layer: int) -> Tensor:
-    return X if kind == "ensemble" else X[:, layer : layer + 1]
-
-
-def _score(probe: AnyProbe, X: Tensor, kind: str, layer: int) -> Tensor:
-    s = probe.score(_features(X, kind, layer))
-    return s if kind == "ensemble" else s[:, 0]
-
-
-def _fit(kind: str, train: LabelledSet, layer: int, y: Tensor | None = None, seed: int = 0, **hp) -> AnyProbe:
-    y = train.y if y is None else y
-    return fit_probe(kind, _features(train.X, kind, layer), y, pairs=train.pairs(y), seed=seed, **hp)
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,27 @@ class TransferCell:
     auroc: float
     lo: float  # 95% CI over the target's facts
     hi: float
-    null_shuffled_mean: float  # probe refit on within-fact label permutations (nan for ccs)
+    null_shuffled_mean: float  # refits on labels permuted across facts of each relation (nan for ccs)
     null_shuffled_q95: float
-    null_random_mean: float  # random Gaussian directions at the same layer, oriented on the source
+    null_random_mean: float  # random unit directions, oriented and biased on the source labels
     null_random_q95: float
     n_target_facts: int
+    n_null: int = 0  # permutation draws kept
+    n_random: int = 0
+
+
+@dataclass(frozen=True)
+class TransferRun:
+    """Everything :func:`transfer_run` computes, one entry per test set: the cells, the scores,
+    the fact-bootstrap draws of the AUROC, and every null draw's AUROC (``None`` where the test
+    set lacks a class or the kind has no such null)."""
+
+    probe: AnyProbe
+    cells: list[TransferCell]
+    scores: list[Tensor]
+    draws: list[Tensor | None]
+    null_shuffled: list[Tensor | None]
+    null_random: list[Tensor | None]
 
 
 def bootstrap_auroc(
@@ -148,76 +170,117 @@ def bootstrap_auroc(
     return TensorEstimate(auroc(scores[pos], scores[neg]).float(), lo, hi, G, draws, level)
 
 
+def _features(X: Tensor, kind: str, layer: int) -> Tensor:
+    return X if kind == "ensemble" else X[:, layer : layer + 1]
+
+
+def _score(probe: AnyProbe, X: Tensor, kind: str, layer: int) -> Tensor:
+    s = probe.score(_features(X, kind, layer))
+    return s if kind == "ensemble" else s[:, 0]
+
+
+def _fit(kind: str, train: LabelledSet, layer: int, y: Tensor | None = None, seed: int = 0, **hp) -> AnyProbe:
+    y = train.y if y is None else y
+    return fit_probe(kind, _features(train.X, kind, layer), y, pairs=train.pairs(y), seed=seed, **hp)
+
+
+def _null_features(X: Tensor, kind: str, layer: int) -> Tensor:
+    return X if kind == "ensemble" else X[:, layer]
+
+
+def _null_summary(a: Tensor | None) -> tuple[float, float]:
+    if a is None or not len(a):
+        return float("nan"), float("nan")
+    return float(a.mean()), float(torch.quantile(a, 0.95))
+
+
+def transfer_run(
+    train: LabelledSet,
+    tests: Sequence[LabelledSet],
+    kind: str,
+    layer: int,
+    *,
+    n_null: int = 200,
+    n_random: int = 200,
+    n_boot: int = 500,
+    seed: int = 0,
+    **hp,
+) -> TransferRun:
+    """Fit ``kind`` on ``train`` at ``layer`` (``ensemble``: all layers) and score every test set.
+
+    Each test set gets its AUROC with a 95% CI over its facts and two nulls
+    (:mod:`mechlie.read.nulls`): the probe refitted on ``n_null`` label vectors permuted across the
+    rows of each relation of ``train`` (seed ``seed + 1``; none for ``ccs``), and ``n_random``
+    random unit directions oriented and biased on the training labels (seed ``seed + 2``; the same
+    directions for every call with the same seed and width). Their mean and 95th percentile are in
+    the cell, every draw's AUROC in the result.
+    """
+    from mechlie.core.stats import auroc
+
+    probe = _fit(kind, train, layer, seed=seed, **hp)
+    Xn = _null_features(train.X, kind, layer)
+    shuffled = None
+    if n_null > 0:
+        Y = nulls.label_permutations(train.y, train.strata(), n_null, seed + 1)
+        shuffled, kept = nulls.refit_nulls(kind, Xn, Y, train.groups(), seed=seed, **hp)
+        if shuffled is not None and len(kept) < n_null:
+            log.info("%s on %s: %d of %d permutation draws usable", kind, train.name, len(kept), n_null)
+    rand = nulls.random_nulls(Xn, train.y, n_random, seed + 2, ensemble=kind == "ensemble") if n_random else None
+    out = TransferRun(probe, [], [], [], [], [])
+    for test in tests:
+        s = _score(probe, test.X, kind, layer)
+        out.scores.append(s)
+        pos, neg = test.y == 1, test.y == 0
+        if not pos.any() or not neg.any():
+            nan = float("nan")
+            out.cells.append(TransferCell(nan, nan, nan, nan, nan, nan, nan, len(test.groups())))
+            for lst in (out.draws, out.null_shuffled, out.null_random):
+                lst.append(None)
+            continue
+        groups = test.groups()
+        est = bootstrap_auroc(s, test.y, groups, n_boot=n_boot, seed=seed)
+        Xt = _null_features(test.X, kind, layer)
+        nul = None if shuffled is None or not len(shuffled) else _null_auroc(shuffled, Xt, pos, neg, auroc)
+        rnd = None if rand is None else _null_auroc(rand, Xt, pos, neg, auroc)
+        out.draws.append(est.draws)
+        out.null_shuffled.append(nul)
+        out.null_random.append(rnd)
+        out.cells.append(
+            TransferCell(
+                float(est.mean),
+                float(est.lo),
+                float(est.hi),
+                *_null_summary(nul),
+                *_null_summary(rnd),
+                len(groups),
+                0 if nul is None else len(nul),
+                0 if rnd is None else len(rnd),
+            )
+        )
+    return out
+
+
+def _null_auroc(probes: nulls.NullProbes, X: Tensor, pos: Tensor, neg: Tensor, auroc) -> Tensor:
+    ns = probes.score(X)  # [m, D]
+    return auroc(ns[pos], ns[neg])
+
+
 def evaluate_transfer(
     train: LabelledSet,
     tests: Sequence[LabelledSet],
     kind: str,
     layer: int,
     *,
-    n_null: int = 50,
+    n_null: int = 200,
     n_random: int = 200,
     n_boot: int = 500,
     seed: int = 0,
     **hp,
 ) -> tuple[AnyProbe, list[TransferCell], list[Tensor], list[Tensor | None]]:
-    """Fit ``kind`` on ``train`` at ``layer`` (``ensemble``: all layers) and score every test set.
-
-    Returns the probe, one :class:`TransferCell` per test set (AUROC with a 95% CI over facts,
-    the label-permutation null refit ``n_null`` times, ``n_random`` random directions), the
-    test scores, and the bootstrap draws of each test AUROC (to combine sets into a mean's CI).
-    """
-    from mechlie.core.stats import auroc
-
-    probe = _fit(kind, train, layer, seed=seed, **hp)
-    # Nulls: refits on labels permuted within each fact (CCS never sees labels: no such null).
-    null_probes = []
-    if kind != "ccs" and n_null > 0:
-        for yy in _within_fact_permutations(train.groups(), train.y, n_null, seed + 1):
-            if len(train.pairs(yy)) >= 2 and 0 < yy.sum() < len(yy):
-                try:
-                    null_probes.append(_fit(kind, train, layer, yy, seed=seed, **hp))
-                except ValueError:  # a permutation left too few of a class: skip that draw
-                    pass
-    g = torch.Generator().manual_seed(seed + 2)
-    d = train.X.shape[-1]
-    rand = torch.randn(n_random, d, generator=g)
-    tr = train.X[:, layer].float() @ rand.T  # [n, draws]
-    flip = torch.where(auroc(tr[train.y == 1], tr[train.y == 0]) < 0.5, -1.0, 1.0)
-    rand = rand * flip[:, None]
-    cells, all_scores, all_draws = [], [], []
-    for test in tests:
-        s = _score(probe, test.X, kind, layer)
-        all_scores.append(s)
-        pos, neg = test.y == 1, test.y == 0
-        if not pos.any() or not neg.any():
-            nan = float("nan")
-            cells.append(TransferCell(nan, nan, nan, nan, nan, nan, nan, len(test.groups())))
-            all_draws.append(None)
-            continue
-        groups = test.groups()
-        est = bootstrap_auroc(s, test.y, groups, n_boot=n_boot, seed=seed)
-        all_draws.append(est.draws)
-        if null_probes:
-            ns = torch.stack([_score(p, test.X, kind, layer) for p in null_probes], 1)
-            nul = auroc(ns[pos], ns[neg])
-            n_mean, n_q = float(nul.mean()), float(torch.quantile(nul, 0.95))
-        else:
-            n_mean = n_q = float("nan")
-        rs = test.X[:, layer].float() @ rand.T
-        rnd = auroc(rs[pos], rs[neg])
-        cells.append(
-            TransferCell(
-                float(est.mean),
-                float(est.lo),
-                float(est.hi),
-                n_mean,
-                n_q,
-                float(rnd.mean()),
-                float(torch.quantile(rnd, 0.95)),
-                len(groups),
-            )
-        )
-    return probe, cells, all_scores, all_draws
+    """:func:`transfer_run` as a tuple: the probe, one :class:`TransferCell` per test set, the test
+    scores, and the fact-bootstrap draws of each test AUROC (to combine sets into a mean's CI)."""
+    r = transfer_run(train, tests, kind, layer, n_null=n_null, n_random=n_random, n_boot=n_boot, seed=seed, **hp)
+    return r.probe, r.cells, r.scores, r.draws
 
 
 def choose_layer(
@@ -281,7 +344,7 @@ def transfer_matrix(
     kinds: Sequence[str],
     layer: int,
     *,
-    n_null: int = 50,
+    n_null: int = 200,
     n_random: int = 200,
     n_boot: int = 500,
     seed: int = 0,

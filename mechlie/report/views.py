@@ -18,6 +18,9 @@ For the top heads by patching effect (L20H5 on SmolLM2), on few-shot pairs:
   (``RenderedHTML.local_src``), so it opens offline.
 
 Positions follow :func:`mechlie.core.pairs.tokenize` (BOS included when the model adds one).
+
+Also a detector's view: :func:`write_token_scores` saves the per-token scores of
+:meth:`mechlie.read.detector.Detector.score_tokens` as JSON and a circuitsvis ``colored_tokens`` page.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from jaxtyping import Float
@@ -36,6 +39,9 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core.hooks import hook_name
 from mechlie.core.pairs import ContrastPair, PairError, answer_set, fewshot_demos, tokenize
+
+if TYPE_CHECKING:
+    from mechlie.read.detector import TokenScores
 
 Head = tuple[int, int]
 
@@ -307,5 +313,60 @@ def write_head_views(
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.cfg.model_name, "n_pairs": len(pairs), "example_fact": pairs[example].fact_id}
     atomic_write_text(out / f"{name}.json", json.dumps({**meta, "rows": rows}, indent=2))
+    atomic_write_text(out / f"{name}.html", page)
+    return out / f"{name}.html"
+
+
+def token_scores_html(ts: TokenScores) -> str:
+    """A standalone HTML page: circuitsvis ``colored_tokens`` of a detector's per-token scores
+    (:meth:`mechlie.read.detector.Detector.score_tokens`), centred on its threshold (red: above it,
+    leaning "lie"; blue: below), a marker between prompt and answer, with the numbers in a table."""
+    import circuitsvis.tokens as cvt
+
+    rel = (ts.scores - ts.threshold).nan_to_num(0.0)
+    span = float(rel.abs().max().clamp_min(1e-6))
+    # One view (each inlines circuitsvis's script, ~1 MB): the prompt, a marker at 0, then the answer.
+    P = ts.n_prompt
+    view = cvt.colored_tokens(
+        [*ts.tokens[:P], " [answer:] ", *ts.tokens[P:]],
+        torch.cat([rel[:P], rel.new_zeros(1), rel[P:]]),
+        min_value=-span,
+        max_value=span,
+        negative_color="blue",
+        positive_color="red",
+    ).local_src
+
+    rows = "".join(
+        f"<tr><td>{i}</td><td>{'answer' if i >= ts.n_prompt else 'prompt'}</td>"
+        f"<td><code>{_html.escape(repr(t), quote=False)}</code></td><td>{s:.3f}</td></tr>"
+        for i, (t, s) in enumerate(zip(ts.tokens, ts.scores.tolist()))
+    )
+    verdict = "flagged as a lie" if ts.flagged else "not flagged"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Detector scores per token</title></head>
+<body style="font-family:sans-serif">
+<h2>Detector score per token ({_html.escape(ts.model_name)})</h2>
+<p>Score at the detector's position ({ts.position}): {ts.position_score:.3f}, threshold {ts.threshold:.3f}:
+{verdict}. Colours: score minus threshold (red above, blue below).</p>
+<p>Answer: <code>{_html.escape(repr(ts.answer), quote=False)}</code> (after the " [answer:] " marker below).</p>
+{view}
+<table border="1" cellpadding="3" style="border-collapse:collapse">
+<tr><th>#</th><th>part</th><th>token</th><th>score</th></tr>{rows}</table>
+</body></html>
+"""
+
+
+def write_token_scores(ts: TokenScores, out_dir: str | Path, *, name: str = "token_scores") -> Path:
+    """Write ``out_dir/<name>.json`` (the numbers) and ``out_dir/<name>.html`` (the circuitsvis view)
+    beside it, both atomically; returns the HTML path.
+
+    Example:
+        >>> write_token_scores(det.score_tokens(model, prompt), run.path)  # run.path / "token_scores.html"
+    """
+    from mechlie.core.io import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    page = token_scores_html(ts)
+    atomic_write_text(out / f"{name}.json", json.dumps(ts.to_json(), indent=2))
     atomic_write_text(out / f"{name}.html", page)
     return out / f"{name}.html"

@@ -158,6 +158,9 @@ class Study:
     run: Callable[[Any, HookedTransformer, RunDir], StudyResult]
     result: type[StudyResult]
     load_model: bool = True  # False: run() loads what it needs itself (e.g. several models)
+    # Cheap checks of the inputs, run by launch() before the model loads (e.g. read a pairs file), so
+    # that a bad row fails in a second rather than after the weights load; raise a user error.
+    check: Callable[[Any], None] | None = None
 
 
 STUDIES: dict[str, Study] = {}
@@ -200,11 +203,14 @@ def load_result(run_dir: str | Path) -> StudyResult:
 
 
 def launch(study: Study, *, argv: list[str] | None = None, doc: str | None = None) -> int:
-    """Run ``study`` as a script: flags, checks and the run folder from :func:`run_script`, then
-    load the model (late, so that bad flags fail before any weights load), ``run``, and print the
-    result's report. ``summary.json`` gets the result's summary with ``kind`` and timings added."""
+    """Run ``study`` as a script: flags, checks and the run folder from :func:`run_script`, the study's
+    own input ``check`` (e.g. its data file's content), then load the model (late, so that bad flags and
+    bad data fail before any weights load), ``run``, and print the result's report. ``summary.json``
+    gets the result's summary with ``kind`` and timings added."""
 
     def main(cfg: Any, run: RunDir) -> dict:
+        if study.check is not None:
+            study.check(cfg)
         t0 = time.time()
         if isinstance(getattr(cfg, "seed", None), int):
             import torch

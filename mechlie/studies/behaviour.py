@@ -4,6 +4,15 @@ For every built-in relation and prompt format, P(truth) and the logit difference
 and the lying framing, for ALL pairs and for the KNOWN pairs (facts the model answers correctly when
 honest), each with a 95% bootstrap CI over facts (all pairs of a resampled fact come along), plus
 accuracy, lie rate and choice coverage. :func:`behaviour_report` is also the head sweep's stage 2.
+
+"Known" has two definitions in mechlie, and the study reports both side by side per row (summary key
+``known_side_by_side``, :func:`mechlie.read.labels.known_side_by_side`): ``known_first_token`` (the
+honest prompt's top-1 next token is the truth's first token; :attr:`mechlie.core.metrics.Behaviour.known`,
+the one every P(truth) "known" number here and the head sweep's known filter use) and ``known_greedy``
+(the greedy honest answer's text starts with the truth; :attr:`mechlie.read.labels.OnPolicy.known`, the
+one the on-policy labels use), with how many pairs each alone counts. The greedy answers cost one
+generation per prompt (:func:`mechlie.read.labels.on_policy` with ``k=0``: honest and lying greedy, a
+few tokens each, states kept at the last block only), about as much again as the scoring passes.
 """
 
 from __future__ import annotations
@@ -139,7 +148,8 @@ def table_rows(key: str, rep: dict) -> list[str]:
 
 class BehaviourResult(StudyResult):
     """``summary.json``: ``model``, ``rows`` (``"format/relation"`` -> :func:`behaviour_report`
-    without the per-pair mask)."""
+    without the per-pair mask, plus ``known_side_by_side``: both definitions of known, see the module
+    docstring; absent from runs made before it was added)."""
 
     study = "behaviour"
     required = ("model", "rows")
@@ -170,24 +180,59 @@ class BehaviourResult(StudyResult):
         return {"behaviour_known": "P(truth) under the honest and the lying framing, known facts, 95% CIs over facts."}
 
     def headline(self) -> list[str]:
+        """One line per row; a run made before ``known_side_by_side`` was recorded keeps its old lines."""
         out = []
         for key, rep in self._summary["rows"].items():
             ci = rep.get("known_ci")
+            side = rep.get("known_side_by_side")
             if ci:
+                known = f"{rep['all']['n_known']}/{rep['all']['n']} known"
+                if side:
+                    known += f" ({known_text(side)})"
                 out.append(
-                    f"- {key}: {rep['all']['n_known']}/{rep['all']['n']} known; P(truth) honest "
+                    f"- {key}: {known}; P(truth) honest "
                     f"{_ci(ci['p_truth_honest'])} vs lying {_ci(ci['p_truth_lying'])}; "
                     f"lie rate {_n(rep['all']['lie_rate'], '.2f')}."
                 )
             else:
-                out.append(f"- {key}: no known facts of {rep['all']['n']}.")
+                extra = f" by first token ({known_text(side)})" if side else ""
+                out.append(f"- {key}: no known facts of {rep['all']['n']}{extra}.")
+        if any("known_side_by_side" in rep for rep in self._summary["rows"].values()):
+            out.append(
+                "- Known = the honest prompt's top-1 token is the truth's first token (all P(truth) numbers "
+                "above); greedy = the greedy honest answer's text starts with the truth."
+            )
         return out
 
     def report(self) -> str:
         lines = [TABLE_HEADER]
         for key, rep in self._summary["rows"].items():
             lines += table_rows(key, rep)
+        sides = {
+            k: rep["known_side_by_side"] for k, rep in self._summary["rows"].items() if "known_side_by_side" in rep
+        }
+        if sides:
+            lines.append("\nknown by two definitions (first token: top-1 token; greedy: the greedy answer's text):")
+            lines += [f"{k:20} {known_text(v)}" for k, v in sides.items()]
         return "\n".join(lines)
+
+
+def known_text(side: dict) -> str:
+    """``known_side_by_side`` counts as text: both definitions, and how many pairs each alone counts."""
+    return (
+        f"first token {side['known_first_token']}, greedy text {side['known_greedy']}, both {side['known_both']}, "
+        f"first token only {side['known_first_token_only']}, greedy only {side['known_greedy_only']}"
+    )
+
+
+def known_definitions(model: HookedTransformer, pairs: list[ContrastPair], beh: Behaviour) -> dict[str, int]:
+    """Both definitions of "known" over ``pairs`` (:func:`mechlie.read.labels.known_side_by_side`): the
+    first-token one of ``beh`` and the greedy-text one of a greedy generation (``k=0``: no samples; the
+    states are kept for the last block only, as only the texts are read)."""
+    from mechlie.read.labels import known_side_by_side, on_policy
+
+    op = on_policy(model, pairs, k=0, layers=(model.cfg.n_layers - 1,), progress=False)
+    return known_side_by_side(beh.known, op)
 
 
 def run(cfg: BehaviourConfig, model: HookedTransformer, run_dir: RunDir) -> BehaviourResult:
@@ -199,8 +244,10 @@ def run(cfg: BehaviourConfig, model: HookedTransformer, run_dir: RunDir) -> Beha
         for fmt in cfg.formats:
             for rel in RELATIONS:
                 pairs = load_builtin(rel, fmt, tokenizer=model.tokenizer, n=cfg.n_pairs or None, seed=cfg.seed)
-                rep = behaviour_report(behaviour(model, pairs, progress=False), pairs, n_boot=cfg.n_boot, seed=cfg.seed)
+                beh = behaviour(model, pairs, progress=False)
+                rep = behaviour_report(beh, pairs, n_boot=cfg.n_boot, seed=cfg.seed)
                 rep.pop("known")  # the per-pair mask
+                rep["known_side_by_side"] = known_definitions(model, pairs, beh)
                 rows[f"{fmt}/{rel}"] = rep
                 log.info("%s/%s: %d pairs done", fmt, rel, len(pairs))  # a slow run shows its progress
     return BehaviourResult(run_dir.path, {"kind": "behaviour", "model": cfg.model, "rows": rows})

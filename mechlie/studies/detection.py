@@ -15,7 +15,7 @@
    block) and on on-policy labels (``--layer-rule``, default: on-policy; if the on-policy
    validation splits have too few lies or truths, the framing layer is used and the summary says
    so). Every probe kind is trained on every source and tested on every set at the chosen layer:
-   AUROC with a 95% CI over test facts, next to a within-fact label-permutation null
+   AUROC with a 95% CI over test facts, next to a label-permutation null (labels permuted across facts)
    (``--n-null`` refits) and ``--n-random`` random directions (95th percentiles). The default
    sources are the pooled sets (framing with and without the known filter, on-policy), tested on
    every set; ``--full-matrix`` also trains on every per-source framing and on-policy set.
@@ -29,10 +29,18 @@
    half of the controls (neutral-text windows, honest prompts of test facts and ``--n-control-prompts``
    honest prompts of other facts in every format), split by unit (line or fact); the other half
    gives the realised FPR. Recall at ``--fpr`` and at 5% on test lies, 95% CIs over facts.
-   Per-token scores along generated answers are plotted.
+   Per-token scores along generated answers are plotted. Each detector stores its position
+   (``prompt_final`` or ``answer_first``) and scores there by default.
+5. Apollo's protocol (:mod:`mechlie.studies.detection_apollo`): probes trained on framing labels
+   (instructed pairs) or on-policy rows, read at the answer (first token, and the mean over the
+   answer's tokens), calibrated on in-format controls (the model's own honest answers to other
+   questions and its responses to ``--n-benign`` benign requests, in the run's format; neutral text
+   as a second control): AUROC and recall at ``--fpr`` with CIs over facts, beside the surprisal
+   baseline, and the mixed-facts cell.
 
 Writes RUN/: summary.json, matrix.json, curves.json (per-token scores, LORO ROCs),
-detector.safetensors, detector_framing.safetensors and figures/.
+detector.safetensors, detector_framing.safetensors, detector_apollo.safetensors,
+token_scores_{lying,honest}.{html,json} and figures/.
 """
 
 from __future__ import annotations
@@ -80,12 +88,17 @@ class Config:
     full_matrix: bool = field(
         default=False, metadata={"help": "train on every per-source set too (default: pooled sources only)"}
     )
-    n_null: int = field(default=20, metadata={"help": "label-permutation refits per cell"})
+    n_null: int = field(
+        default=200, metadata={"help": "label-permutation refits per cell (labels permuted across facts per relation)"}
+    )
     n_random: int = field(default=200, metadata={"help": "random directions per cell"})
     n_boot: int = 500
     fpr: float = field(default=0.01, metadata={"help": "control false-positive rate of the saved detector"})
     n_control_prompts: int = field(
         default=64, metadata={"help": "honest prompts of facts outside the pairs, all formats, as controls"}
+    )
+    n_benign: int = field(
+        default=64, metadata={"help": "benign requests asked in the run's format: in-format controls (Apollo)"}
     )
     detector_probe: str = "logistic"
     known_filter: bool = field(default=True, metadata={"help": "framing sets keep only facts the model knows"})
@@ -121,6 +134,8 @@ class Config:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.k < 2 or self.max_new_tokens < 2 or self.n_null < 0 or self.n_control_prompts < 0:
             raise ValueError("--k and --max-new-tokens must be >= 2, --n-null and --n-control-prompts >= 0")
+        if self.n_benign < 2:
+            raise ValueError("--n-benign must be >= 2 (the in-format controls need benign responses)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +163,7 @@ def run(cfg: Config, model: HookedTransformer | None, run_dir: RunDir) -> Detect
     from mechlie.read.directions import split_by_fact
     from mechlie.report import figures as figlib
     from mechlie.studies import detection_steps as steps
+    from mechlie.studies.detection_apollo import apollo
 
     lap = _Laps()
     if model is None:
@@ -167,6 +183,8 @@ def run(cfg: Config, model: HookedTransformer | None, run_dir: RunDir) -> Detect
     lap("controls")
     dets = _detectors(cfg, model, sets, ctl, op, test_facts, layers, run_dir)
     lap("detectors")
+    apollo_out = apollo(model, cfg, op, train_facts, test_facts, layers["used_layer"], ctl["neutral"], run_dir.path)
+    lap("apollo")
     if cfg.grad_features:
         t["grad_features"] = steps.grad_feature_comparison(model, pairs, op, sets, cfg, layers["used_layer"], t["kw"])
         lap("grad features")
@@ -185,6 +203,7 @@ def run(cfg: Config, model: HookedTransformer | None, run_dir: RunDir) -> Detect
         },
     )
     summary = _summary(cfg, pairs, sources, op, sets, op_sets, train_facts, test_facts, layers, t, dets, ctl)
+    summary["apollo"] = apollo_out
     summary["time_s"] = lap.summary()
     run_dir.write_json("summary.json", summary)  # the figures are drawn from the saved files
     summary = DetectionResult.load(run_dir.path).summary()

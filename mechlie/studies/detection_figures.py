@@ -41,6 +41,51 @@ def figures(s: dict, mx: dict, curves: dict, where: str) -> dict[str, go.Figure]
     figs.update(_transfer_figures(s, mx, where))
     figs.update(_calibration_figures(s))
     figs.update(_curve_figures(curves))
+    figs.update(_apollo_figures(s))
+    return figs
+
+
+def _apollo_rows(ap: dict) -> dict[str, dict]:
+    """Apollo's rows: every label kind x reading, then the surprisal baseline (``vs_controls``, ``mixed_facts``)."""
+    rows = dict(ap.get("detectors") or {})
+    if ap.get("surprisal"):
+        rows["surprisal baseline (no training)"] = ap["surprisal"]
+    return rows
+
+
+def _pct(fpr: float) -> str:
+    return f"{100 * fpr:g}%"
+
+
+def _apollo_figures(s: dict) -> dict[str, go.Figure]:
+    """Apollo's protocol: recall at the target FPR and AUROC against each control set, with CIs."""
+    from mechlie.report import figures as figlib
+
+    ap = s.get("apollo") or {}
+    rows = _apollo_rows(ap)
+    if not rows:
+        return {}
+    names = list(rows)
+    sets = ["in-format", "own honest answers", "benign requests", "neutral text"]
+    nan = (float("nan"),) * 3
+    figs = {}
+    for key, metric, label in (("recall", "recall", f"recall at {_pct(ap['fpr'])} FPR"), ("auroc", "auroc", "AUROC")):
+        series = {
+            f"vs {c}": [_est(r["vs_controls"][c][metric]) if r["vs_controls"].get(c) else nan for r in rows.values()]
+            for c in sets
+        }
+        if key == "auroc":
+            series["mixed facts: lies vs truths"] = [
+                (m["auroc"], m["lo"], m["hi"]) if (m := r.get("mixed_facts")) else nan for r in rows.values()
+            ]
+        figs[f"detect_apollo_{key}"] = figlib.bars_ci(
+            names,
+            series,
+            f"Apollo's protocol: {label}, test lies against each control set ({s['model']})",
+            y_label=label,
+            hline=0.5 if key == "auroc" else None,
+            hline_name="chance" if key == "auroc" else "",
+        )
     return figs
 
 
@@ -183,6 +228,14 @@ def captions(s: dict, mx: dict) -> dict[str, str]:
     }
     for p in mx["matrix"]:
         out[f"detect_matrix_{p}"] = f"Generalisation matrix of the {p} probe (held-out facts)."
+    out["detect_apollo_recall"] = (
+        "Apollo's protocol: threshold at the controls' 1 - FPR quantile (target FPR), recall on the test facts' lies; "
+        "95% CIs resample facts and control units (threshold recomputed per draw). "
+        "Surprisal: -log P(answer), no training."
+    )
+    out["detect_apollo_auroc"] = (
+        "AUROC of test lies against each control set, and of lies vs truths on facts with both (mixed facts); 95% CIs."
+    )
     for label in ("main", "framing"):
         out[f"detect_{label}_calibration"] = (
             "Threshold set on control text at each target false-positive rate; held-out FPR and recall, 95% CIs."
@@ -191,11 +244,13 @@ def captions(s: dict, mx: dict) -> dict[str, str]:
 
 
 def headline(s: dict) -> list[str]:
-    """Markdown lines from ``summary.json`` only: LORO per probe and label kind, each detector at
-    each target FPR, the on-policy label counts."""
-    lines: list[str] = []
-    for p in _probes(s):
-        for name, key in (("framing", "loro"), ("on-policy", "loro_on_policy")):
+    """Markdown lines from ``summary.json`` only: first the Apollo-protocol detector (recall at 1% FPR
+    on in-format controls) and the surprisal baseline, then LORO per probe and label kind (on-policy
+    first, logistic first), each detector at each target FPR, the on-policy label counts."""
+    lines: list[str] = _apollo_headline(s.get("apollo") or {}) + _surprisal_lines(s, "- ")
+    probes = sorted(_probes(s), key=lambda p: p != "logistic")
+    for p in probes:
+        for name, key in (("on-policy", "loro_on_policy"), ("framing", "loro")):
             d = s[key].get(p)
             if d and d.get("mean_auroc") is not None:
                 beats = d.get("null_shuffled_q95") is not None and d["lo"] > d["null_shuffled_q95"]
@@ -247,13 +302,18 @@ def report_text(s: dict, mx: dict) -> str:
     out += [f"  {r}: {c}" for r, c in s["label_counts_per_relation"].items()]
     for name, key in (("framing", "loro"), ("on-policy", "loro_on_policy")):
         out.append(
-            f"\nLeave-one-relation-out transfer, {name} labels (mean over held-out relations, 95% CI over facts):"
+            f"\nLeave-one-relation-out transfer, {name} labels (mean over held-out relations, each scored on all its"
+            " facts; 95% CI over relations, then over facts; nulls: 95th pct. of the per-draw mean over relations):"
         )
-        out.append(f"{'probe':<14} {'AUROC':>22} {'shuffled q95':>13} {'random q95':>11} {'relations':>10}")
+        out.append(
+            f"{'probe':<14} {'AUROC [CI relations]':>22} {'[CI facts]':>16} {'shuffled q95':>13} {'random q95':>11} "
+            f"{'relations':>10}"
+        )
         for k, v in s[key].items():
             ci = f"{v['mean_auroc']:.3f} [{v['lo']:.3f}, {v['hi']:.3f}]"
+            ci_f = f"[{_f(v.get('lo_facts'), 3)}, {_f(v.get('hi_facts'), 3)}]"
             out.append(
-                f"{k:<14} {ci:>22} {_f(v['null_shuffled_q95'], 3):>13} {_f(v['null_random_q95'], 3):>11} "
+                f"{k:<14} {ci:>22} {ci_f:>16} {_f(v['null_shuffled_q95'], 3):>13} {_f(v['null_random_q95'], 3):>11} "
                 f"{v['n_relations']:>10}"
             )
     out += _matrix_text(mx["matrix"])
@@ -269,7 +329,9 @@ def report_text(s: dict, mx: dict) -> str:
                 ci = f"{_f(c['auroc'], 3)} [{_f(c['lo'], 3)}, {_f(c['hi'], 3)}]"
                 nulls = f"{_f(c['null_shuffled_q95'], 3)} / {_f(c['null_random_q95'], 3)}"
                 out.append(f"  {k:<14} {name:<36} {ci}  {nulls}  (n facts {c['n_target_facts']})")
+    out += _surprisal_lines(s, "  ")
     out += _detector_text(s)
+    out += _apollo_text(s.get("apollo") or {})
     for name, g in (s.get("grad_features") or {}).items():
         out.append(f"grad features, {name}: LORO mean AUROC {_f(g['loro_mean_auroc'], 3)}")
     out.append(f"time: {s['time_s']}")
@@ -302,3 +364,73 @@ def _detector_text(s: dict) -> list[str]:
                 ci = f"{_f(r['mean'], 3)} [{_f(r['lo'], 3)}, {_f(r['hi'], 3)}]"
                 out.append(f"    recall, {name}: {ci} (n facts {r['n']})")
     return out
+
+
+def _cell(d: dict | None, key: str, p: int = 3) -> str:
+    """``mean [lo, hi]`` of ``d[key]`` (an Estimate dict) or of ``d`` itself (``{key: mean, lo, hi}``)."""
+    if not d:
+        return "n/a"
+    e = d[key] if isinstance(d.get(key), dict) else {"mean": d[key], "lo": d["lo"], "hi": d["hi"]}
+    return f"{_f(e['mean'], p)} [{_f(e['lo'], p)}, {_f(e['hi'], p)}]"
+
+
+def _apollo_headline(ap: dict) -> list[str]:
+    main = ap.get("main")
+    rows = _apollo_rows(ap)
+    if not main or main not in rows:
+        return []
+    pct, d, sur = _pct(ap["fpr"]), rows[main]["vs_controls"], (ap.get("surprisal") or {}).get("vs_controls") or {}
+    return [
+        f"- Apollo detector ({main}): recall at {pct} FPR on in-format controls {_cell(d['in-format'], 'recall', 2)} "
+        f"(surprisal baseline {_cell(sur.get('in-format'), 'recall', 2)}); AUROC vs in-format controls "
+        f"{_cell(d['in-format'], 'auroc', 2)} (surprisal {_cell(sur.get('in-format'), 'auroc', 2)}); mixed facts "
+        f"{_cell(rows[main].get('mixed_facts'), 'auroc', 2)} (surprisal "
+        f"{_cell((ap.get('surprisal') or {}).get('mixed_facts'), 'auroc', 2)})."
+    ]
+
+
+def _apollo_text(ap: dict) -> list[str]:
+    """Apollo's table, and the script's one-line answer for its main detector (and the surprisal baseline)."""
+    rows = _apollo_rows(ap)
+    if not rows:
+        return [f"\nApollo's protocol: no detector ({ap.get('skipped', 'no rows')})"] if ap else []
+    pct = _pct(ap["fpr"])
+    out = [
+        f"\nApollo's protocol (layers {ap['layers']}, {ap['probe']}; controls {ap['n_controls']}; "
+        f"{ap['n_test_lies']} test lies). Recall at {pct} FPR / AUROC, 95% CI over facts and control units:"
+    ]
+    for name, r in rows.items():
+        out.append(f"  {name}:")
+        for c, v in r["vs_controls"].items():
+            out.append(f"    vs {c:<20} recall {_cell(v, 'recall')}  AUROC {_cell(v, 'auroc')}")
+        out.append(
+            f"    lies vs truths (same lying prompts) AUROC: mixed facts {_cell(r.get('mixed_facts'), 'auroc')}, "
+            f"all test facts {_cell(r.get('lies_vs_truths'), 'auroc')}"
+        )
+        out.append(f"    greedy lies only, vs in-format: recall {_cell(r.get('greedy_lies_vs_in_format'), 'recall')}")
+    main = ap.get("main")
+    if main:
+        out.append(
+            f"apollo detector: {main}, saved at {ap['path']}; score() vs its calibration scores: max |diff| "
+            f"{_f(ap['score_check_max_abs_diff'], 6)} on {ap['score_check_n']} control prompts"
+        )
+        out.append(
+            f"recall at {pct} FPR (in-format controls): {_cell(rows[main]['vs_controls']['in-format'], 'recall')}"
+        )
+    sur = (ap.get("surprisal") or {}).get("vs_controls") or {}
+    if sur.get("in-format"):
+        out.append(f"recall at {pct} FPR (in-format controls), surprisal baseline: {_cell(sur['in-format'], 'recall')}")
+    return out
+
+
+def _surprisal_lines(s: dict, lead: str) -> list[str]:
+    """The surprisal baseline (no training) on the on-policy test rows (sampled lies vs truths of the test
+    facts' lying prompts), beside the on-policy AUROCs: all test facts, and the mixed-facts cell."""
+    sur = (s.get("apollo") or {}).get("surprisal")
+    if not sur or not sur.get("lies_vs_truths"):
+        return []
+    return [
+        f"{lead}surprisal baseline (-log P of the answer, no training), on-policy test rows (lies vs truths): "
+        f"AUROC {_cell(sur['lies_vs_truths'], 'auroc')} over {sur['lies_vs_truths']['n_facts']} facts; "
+        f"mixed facts {_cell(sur.get('mixed_facts'), 'auroc')}."
+    ]

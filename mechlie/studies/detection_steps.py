@@ -8,8 +8,6 @@ import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    import torch
-
     from mechlie.read.detector import LabelledSet
 
 log = logging.getLogger("mechlie")
@@ -44,16 +42,23 @@ def labelled_sets(op, source: list[str], train_facts: set, test_facts: set, know
     from mechlie.read.detector import LabelledSet
 
     n = len(source)
+    # The permutation null shuffles labels across the facts of one relation, so every set carries
+    # the relation of each row (a pooled set would otherwise be shuffled as one group).
+    rel_of = {p.fact_id: p.relation for p in op.pairs}
+
+    def labelled(name: str, rows: tuple) -> LabelledSet:
+        X, y, facts = rows
+        return LabelledSet(name, X, y, facts, [rel_of[f] for f in facts])
 
     def both(s: LabelledSet) -> tuple[LabelledSet, LabelledSet]:
         return s.subset(train_facts), s.subset(test_facts)
 
     def framing_set(name: str, keep: Callable[[int], bool], known_only: bool) -> LabelledSet:
-        return LabelledSet(name, *op.framing_rows(known_only=known_only, pair_mask=[keep(i) for i in range(n)]))
+        return labelled(name, op.framing_rows(known_only=known_only, pair_mask=[keep(i) for i in range(n)]))
 
     def on_policy_set(name: str, keep: Callable[[int], bool]) -> LabelledSet:
         mask = [keep(i) for i in range(n)]
-        return LabelledSet(name, *op.rows("within_prompt", site="answer", pair_mask=mask))
+        return labelled(name, op.rows("within_prompt", site="answer", pair_mask=mask, allow_empty=True))
 
     sources = list(dict.fromkeys(source))
     sets: dict[str, tuple[LabelledSet, LabelledSet]] = {}
@@ -71,61 +76,102 @@ def labelled_sets(op, source: list[str], train_facts: set, test_facts: set, know
 
 
 def loro(cfg: Any, table: dict, rel_sources: dict, suffix: str, layer: int, kw: dict) -> tuple[dict, dict]:
-    """Leave one relation out: train on the other relations' training facts, test on the held-out
-    relation's test facts. Mean AUROC over held-out relations, its CI from the bootstrap draws;
-    and per probe the z-scored held-out scores (lies, not lies) for one pooled ROC."""
+    """Leave one relation out, per probe kind: for each held-out relation, train on *all* facts
+    (both splits) of every other relation and score *all* facts of the held-out one (none of them
+    is trained on, so every one is usable). The layer is the caller's: it was chosen on validation
+    facts of the training split of every relation, the held-out one's included (one integer, by
+    difference of means; its test-split facts were never seen).
+
+    Nulls (:func:`mechlie.read.transfer.transfer_run`, ``kw``): each fold's probe refitted on labels
+    permuted across the facts of each training relation, and random directions oriented on the
+    fold's training labels (the same directions in every fold, by seed, so a draw's mean over
+    relations is one random direction's held-out mean: a wider, more cautious null than independent
+    directions per fold); the bar is the 95th percentile of the per-draw mean over held-out
+    relations (:func:`_loro_summary`). Also returns per probe the z-scored held-out scores (lies,
+    not lies) for one pooled ROC."""
     import torch
 
-    from mechlie.read.detector import LabelledSet, evaluate_transfer
+    from mechlie.read.detector import LabelledSet
     from mechlie.read.probes import ProbeError
+    from mechlie.read.transfer import transfer_run
 
+    def relation_set(r: str) -> LabelledSet:
+        parts = [part.with_relation(r) for s in rel_sources[r] for part in table[s + suffix]]
+        return LabelledSet.concat(parts, r)
+
+    sets = {r: relation_set(r) for r in cfg.relations if rel_sources.get(r)}
     out, roc = {}, {}
     for kind in cfg.probes:
-        cells, draws, pos, neg = {}, [], [], []
-        for r in cfg.relations:
-            train = [table[s + suffix][0] for o in cfg.relations if o != r for s in rel_sources[o]]
-            test = [table[s + suffix][1] for s in rel_sources[r]]
-            src = LabelledSet.concat(train, f"not {r}")
-            tst = LabelledSet.concat(test, r)
+        folds, pos, neg = {}, [], []
+        for r, tst in sets.items():
+            src = LabelledSet.concat([sets[o] for o in sets if o != r], f"not {r}")
             if min(int(src.y.sum()), int((1 - src.y).sum())) < 2 or len(src.pairs()) < 2:
                 log.warning("LORO %s%s: too few training rows of one class without %s; skipped", kind, suffix, r)
                 continue
             try:
-                _, (cell,), (sc,), (dr,) = evaluate_transfer(src, [tst], kind, layer, **kw)
+                run = transfer_run(src, [tst], kind, layer, **kw)
             except ProbeError as e:
                 log.warning("LORO %s%s without %s: %s; skipped", kind, suffix, r, e)
                 continue
-            cells[r] = cell
-            if dr is not None:
-                draws.append(dr)
-                y = tst.y
-                # z-score per held-out relation so one ROC can pool them (relations sit at offsets)
-                if (y == 0).sum() >= 2:  # a z-score needs two negative rows; else left out of the ROC
-                    z = (sc - sc[y == 0].mean()) / sc[y == 0].std().clamp_min(1e-8)
-                    pos.append(z[y == 1])
-                    neg.append(z[y == 0])
-        if not draws:
+            folds[r] = (run.cells[0], run.draws[0], run.null_shuffled[0], run.null_random[0])
+            sc, y = run.scores[0], tst.y
+            # z-score per held-out relation so one ROC can pool them (relations sit at offsets)
+            if run.draws[0] is not None and (y == 0).sum() >= 2:  # a z-score needs two negative rows
+                z = (sc - sc[y == 0].mean()) / sc[y == 0].std().clamp_min(1e-8)
+                pos.append(z[y == 1])
+                neg.append(z[y == 0])
+        if not any(f[1] is not None for f in folds.values()):
             continue
-        out[kind] = _loro_summary(cells, torch.stack(draws).nanmean(0))
+        out[kind] = _loro_summary(folds, n_boot=kw.get("n_boot", 500), seed=kw.get("seed", 0))
         if pos:
             roc[kind] = (torch.cat(pos), torch.cat(neg))
     return out, roc
 
 
-def _loro_summary(cells: dict, mean_draws: torch.Tensor) -> dict:
+def _loro_summary(folds: dict, *, n_boot: int = 500, seed: int = 0) -> dict:
+    """One probe's LORO summary from ``folds[relation] = (cell, fact-bootstrap draws, permutation-null
+    AUROCs, random-direction AUROCs)``; relations whose held-out rows lack a class are left out.
+
+    - ``mean_auroc``: the mean held-out AUROC over relations; ``lo``/``hi``: its 95% CI over
+      relations (percentile bootstrap, ``n_boot`` resamples of the relations); ``lo_facts``/
+      ``hi_facts``: its 95% CI over facts (each relation's fact bootstrap, averaged per draw).
+    - ``null_*_q95``/``null_*_mean``: the 95th percentile and mean, over null draws, of the
+      per-draw mean over held-out relations (draw ``j`` of every relation averaged; relations
+      with fewer draws cut every relation to the smallest count, ``n_*_draws``). NaN when a
+      relation has no such null (``ccs`` has no permutation null).
+    - ``per_relation``: each relation's cell (AUROC with a CI over its facts, its own nulls).
+    """
     import torch
 
-    lo, hi = torch.nanquantile(mean_draws, torch.tensor([0.025, 0.975])).tolist()
-    aurocs = torch.tensor([c.auroc for c in cells.values()])
-    return {
-        "mean_auroc": float(aurocs.nanmean()),
+    ok = {r: f for r, f in folds.items() if f[1] is not None}
+    aurocs = torch.tensor([f[0].auroc for f in ok.values()])
+    g = torch.Generator().manual_seed(seed)
+    boot = aurocs[torch.randint(0, len(aurocs), (n_boot, len(aurocs)), generator=g)].mean(1)
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    lo_f, hi_f = torch.nanquantile(torch.stack([f[1] for f in ok.values()]).nanmean(0), torch.tensor([0.025, 0.975]))
+    out = {
+        "mean_auroc": float(aurocs.mean()),
         "lo": lo,
         "hi": hi,
-        "n_relations": int((~aurocs.isnan()).sum()),
-        "null_shuffled_q95": float(torch.tensor([c.null_shuffled_q95 for c in cells.values()]).nanmean()),
-        "null_random_q95": float(torch.tensor([c.null_random_q95 for c in cells.values()]).nanmean()),
-        "per_relation": cells,
+        "ci_over": "relations",
+        "lo_facts": float(lo_f),
+        "hi_facts": float(hi_f),
+        "n_relations": len(ok),
     }
+    for name, i in (("shuffled", 2), ("random", 3)):
+        draws = [f[i] for f in ok.values()]
+        if any(d is None or not len(d) for d in draws):
+            out |= {f"null_{name}_q95": float("nan"), f"null_{name}_mean": float("nan"), f"n_{name}_draws": 0}
+            continue
+        m = min(len(d) for d in draws)
+        per_draw = torch.stack([d[:m] for d in draws]).mean(0)
+        out |= {
+            f"null_{name}_q95": float(torch.quantile(per_draw, 0.95)),
+            f"null_{name}_mean": float(per_draw.mean()),
+            f"n_{name}_draws": m,
+        }
+    out["per_relation"] = {r: f[0] for r, f in folds.items()}
+    return out
 
 
 def controls(model, cfg: Any, pairs, op, test_facts: set) -> dict:
@@ -166,6 +212,7 @@ def controls(model, cfg: Any, pairs, op, test_facts: set) -> dict:
     out = {
         "prompt": (torch.cat([neutral, torch.cat(prompt_X)]), units + prompt_u),
         "answer": (torch.cat([neutral, A]), units + au),
+        "neutral": (neutral, units),  # Apollo's second control (mechlie.studies.detection_apollo)
     }
     out["n"] = {
         "neutral_windows": len(texts),
@@ -199,7 +246,7 @@ def _other_facts(model, cfg: Any, pairs) -> list:
 
 
 def greedy_lies(op, test_facts: set, site: str):
-    X, y, facts = op.rows("vs_honest", site=site)
+    X, y, facts = op.rows("vs_honest", site=site, allow_empty=True)
     sel = [i for i, (yy, f) in enumerate(zip(y.tolist(), facts)) if yy == 1 and f in test_facts]
     return X[sel], [facts[i] for i in sel]
 
@@ -218,7 +265,21 @@ def calibrated_detector(
     train, test = train_test
     layers = tuple(range(model.cfg.n_layers)) if cfg.detector_probe == "ensemble" else (layer,)
     probe = fit_probe(cfg.detector_probe, train.X[:, list(layers)], train.y, pairs=train.pairs(), seed=cfg.seed)
-    det = Detector(probe, "resid_post", layers, model.cfg.model_name, model_id(model), model.cfg.d_model, 0.0, cfg.fpr)
+    # The site's position: "prompt" is the final prompt token, "answer" the first generated answer token.
+    position = {"prompt": "prompt_final", "answer": "answer_first"}[site]
+    det = Detector(
+        probe,
+        "resid_post",
+        layers,
+        model.cfg.model_name,
+        model_id(model),
+        model.cfg.d_model,
+        0.0,
+        cfg.fpr,
+        {},
+        position,
+    )
+    det = replace(det, max_new_tokens=cfg.max_new_tokens)  # answer_first reads token 0: any length >= 2 gives it
     CX, cu = controls[site]
     c = det.score_features(CX[:, list(layers)])
     pos = test.y == 1
@@ -311,11 +372,11 @@ def curves(model, pairs, test_facts: set, det, roc_scores: dict) -> dict:
     from sklearn.metrics import roc_curve
 
     test_pairs = [p for p in pairs if p.fact_id in test_facts][:4]
-    tok = det.score(model, [p.lying for p in test_pairs], generate_tokens=8)
     traces = {}
-    for i, p in enumerate(test_pairs):
-        m = tok.token_mask[i].bool()
-        traces[f"{p.truth} | {tok.texts[i]!r}"] = tok.tokens[i][m].tolist()
+    for p in test_pairs:
+        ts = det.score_tokens(model, p.lying)
+        # The state that chose each generated token: the final prompt token's, then each answer token's.
+        traces[f"{p.truth} | {ts.answer!r}"] = ts.scores[ts.n_prompt - 1 : len(ts.tokens) - 1].tolist()
     roc = {}
     for label_kind, per_kind in roc_scores.items():
         for k, (pos, neg) in per_kind.items():

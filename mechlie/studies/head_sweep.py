@@ -12,9 +12,17 @@ interrupted sweep resumes where it stopped and an edited data file starts a new 
    ``known_only=False``.
 3. ``directions.safetensors``: difference-of-means directions per (layer, head) and per layer,
    fit on the training facts, scored on held-out facts (AUROC with a CI over facts), against the
-   within-pair label-swap null and random directions, each from many draws; the bar for "a
-   component beats chance" is the 95th percentile of the null's maximum over components
-   (:func:`mechlie.read.directions.score_directions`).
+   within-pair label-swap null and random directions, each from many draws. Every head (and layer)
+   has two bars per control: its own 95th percentile (the per-head bar) and the 95th percentile of
+   the maximum over all heads (the max bar, the family-wise bar for "the best head"); the summary
+   reports both, per head, and how many heads pass each
+   (:func:`mechlie.read.directions.score_directions`). The label-swap null tests only that the
+   honest and lying activations differ: the prompts differ in their demonstrations, so passing it
+   says a head encodes which demonstrations were shown, not lying (:data:`LABEL_SWAP_NOTE`).
+   The layer choice is checked over ``n_layer_seeds`` splits by fact
+   (:func:`mechlie.read.directions.scores_over_seeds`, the same difference-of-means fit that is
+   reported): per layer the mean held-out AUROC with a CI over seeds, and whether the best layer's
+   CI overlaps others' (a noise-level choice).
 4. ``patching.safetensors``: the per-pair metrics after patching each head's ``z`` and each
    layer's ``resid_pre`` from the honest run into the lying run at the final position, on
    ``n_patch`` pairs (held-out facts first, so they did not fit any direction). The effect is
@@ -37,12 +45,11 @@ from typing import Literal
 import torch
 from transformer_lens import HookedTransformer
 
-from mechlie.core import stats
 from mechlie.core.activations import Activations
 from mechlie.core.cli import RunDir, prepare_run
 from mechlie.core.facts import load_pairs_file
 from mechlie.core.io import load_tensors, save_tensors
-from mechlie.core.kv import FinalActs, collect_batch, top_heads
+from mechlie.core.kv import FinalActs, collect_batch
 from mechlie.core.metrics import Behaviour, score_logits
 from mechlie.core.pairs import (
     RELATIONS,
@@ -54,11 +61,19 @@ from mechlie.core.pairs import (
     load_builtin,
     tokenize,
 )
-from mechlie.read.directions import DirectionScores, Split, score_directions, split_by_fact
+from mechlie.read.directions import (
+    DirectionScores,
+    SeedScores,
+    Split,
+    score_directions,
+    scores_over_seeds,
+    split_by_fact,
+)
 from mechlie.studies.base import Study, register
 from mechlie.studies.behaviour import behaviour_report
 from mechlie.studies.flags import model_flag
 from mechlie.studies.head_sweep_result import VIEW_PAIRS, HeadSweepResult, load_patch, save_patch
+from mechlie.studies.head_sweep_summary import patching_summary, summarize  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +81,8 @@ PAIR_FILE_SUFFIXES = (".csv", ".jsonl")
 PATCH_KINDS = ("z", "resid_pre")  # patched at the final position: each head's z, each layer's input
 ACT_KINDS = ("head_out", "resid_post") + PATCH_KINDS  # stage 1: directions (head_out, resid_post) + patching
 MIN_TEST_FACTS = 10  # below this the held-out AUROC's CI is too wide to mean much: warn
+FIT = "diff_of_means"  # the directions' fit: scored, reported, and used for the layer CI over seeds
+MIN_PAIRS = 4  # fewer cannot give both a train and a test side to fit and score directions
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,9 @@ class HeadSweepConfig:
     n_perm: int = field(default=200, metadata={"help": "draws of the within-pair label-swap null"})
     n_random: int = field(default=200, metadata={"help": "random directions (control)"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for every CI"})
+    n_layer_seeds: int = field(
+        default=10, metadata={"help": "split seeds for the per-layer AUROC CI and the layer choice (0 = skip)"}
+    )
     top_k: int = field(default=10, metadata={"help": "top heads reported (and the k of rank stability)"})
     seed: int = 0
     batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", "run": False})
@@ -109,7 +129,7 @@ class HeadSweepConfig:
     run_name: str = field(default="", metadata={"help": "default: derived from the settings and the data"})
 
     def __post_init__(self) -> None:
-        is_file = Path(self.dataset).suffix in PAIR_FILE_SUFFIXES
+        is_file = Path(self.dataset).suffix.lower() in PAIR_FILE_SUFFIXES
         if self.dataset not in RELATIONS + ("all",) and not is_file:
             raise ValueError(
                 f"--dataset must be one of {RELATIONS + ('all',)} or a .csv/.jsonl file, got {self.dataset!r}"
@@ -130,10 +150,12 @@ class HeadSweepConfig:
             raise ValueError("--n-perm and --n-random must be >= 20 and --n-boot >= 100 for a usable null and CI")
         if not 0 < self.test_frac < 1:
             raise ValueError(f"--test-frac must be in (0, 1), got {self.test_frac}")
+        if self.n_layer_seeds == 1 or self.n_layer_seeds < 0:
+            raise ValueError(f"--n-layer-seeds must be 0 (skip) or >= 2 for a CI over seeds, got {self.n_layer_seeds}")
 
     @property
     def is_file(self) -> bool:
-        return Path(self.dataset).suffix in PAIR_FILE_SUFFIXES
+        return Path(self.dataset).suffix.lower() in PAIR_FILE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -152,11 +174,12 @@ class SweepData:
     data: dict  # rows read / used / dropped, and why
     warnings: list[str]
     run_dir: Path
+    layer_seeds: SeedScores | None = None  # resid_post AUROC per split seed (None: n_layer_seeds = 0)
 
 
 def _count_rows(path: Path) -> int:
     """Data rows in a pairs file (non-empty JSONL lines, or CSV records)."""
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         with open(path, newline="", encoding="utf-8-sig") as f:
             return sum(1 for _ in csv.DictReader(f))
     return sum(1 for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
@@ -202,6 +225,19 @@ def load_sweep_pairs(cfg: HeadSweepConfig, tokenizer) -> tuple[list[ContrastPair
     if info["pairs_multitoken_answer"]:
         log.info("%d pairs have a multi-token answer: scored by its first token", info["pairs_multitoken_answer"])
     return pairs, info
+
+
+def check_dataset(cfg: HeadSweepConfig) -> None:
+    """Read a pairs file before the model loads (``Study.check``, run by :func:`mechlie.studies.base.launch`):
+    a bad row, a lie equal to its truth, or fewer than ``MIN_PAIRS`` rows fails in a second, naming the file
+    and line, instead of after the weights load."""
+    if not cfg.is_file:
+        return
+    n = len(load_pairs_file(Path(cfg.dataset)))
+    n_used = min(n, cfg.max_rows) if cfg.max_rows else n
+    if n_used < MIN_PAIRS:
+        rows = f"{n} pairs" + (f", {n_used} used (--max-rows {cfg.max_rows})" if n_used < n else "")
+        raise PairError(f"--dataset {cfg.dataset}: {rows}; the head sweep needs at least {MIN_PAIRS}")
 
 
 def _multi_token(tokenizer, pair: ContrastPair) -> bool:
@@ -269,8 +305,16 @@ def _keep_known(
             len(all_pairs),
             len(all_pairs) - len(pairs),
         )
-    if len(pairs) < 4:
-        raise PairError(f"only {len(pairs)} usable pairs after the known filter; use more pairs or --no-known-only")
+    if len(pairs) < MIN_PAIRS:
+        if cfg.known_only:
+            raise PairError(
+                f"only {len(pairs)} usable pairs after the known filter; the head sweep needs {MIN_PAIRS}: "
+                "use more pairs or --no-known-only"
+            )
+        raise PairError(
+            f"only {len(pairs)} usable pairs (--no-known-only keeps every pair); the head sweep needs {MIN_PAIRS}: "
+            "use more pairs"
+        )
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, cfg.seed)
     n_test_facts = len({pairs[i].fact_id for i in split.test})
     if n_test_facts < MIN_TEST_FACTS:
@@ -295,6 +339,7 @@ def _score(cfg: HeadSweepConfig, kept: dict, split: Split):
                 kept["honest"][kind],
                 kept["lying"][kind],
                 split,
+                fit=FIT,
                 n_perm=cfg.n_perm,
                 n_random=cfg.n_random,
                 n_boot=cfg.n_boot,
@@ -371,6 +416,19 @@ def run_head_sweep(
     keep, pairs, split = _keep_known(cfg, report, all_pairs, data, warnings)
     kept = {side: {k: v[keep] for k, v in a[side].acts.items()} for side in ("honest", "lying")}
     d = run.stage("directions.safetensors", _score(cfg, kept, split), _save_dirs, _load_dirs)
+    # A few ms per seed (one fit and one AUROC per layer): recomputed, not a stage.
+    layer_seeds = (
+        scores_over_seeds(
+            kept["honest"]["resid_post"],
+            kept["lying"]["resid_post"],
+            [p.fact_id for p in pairs],
+            range(cfg.seed, cfg.seed + cfg.n_layer_seeds),
+            fit=FIT,
+            test_frac=cfg.test_frac,
+        )
+        if cfg.n_layer_seeds
+        else None
+    )
 
     # Patch held-out pairs first: none of them helped fit a direction.
     order = split.test + split.train
@@ -394,113 +452,8 @@ def run_head_sweep(
         data,
         warnings,
         run.path,
+        layer_seeds,
     )
-
-
-def _cells(head: tuple[int, int], grids: dict) -> dict[str, float]:
-    """The value of ``head`` (layer, head) in each [layer, head] grid, as a float, by the grid's name."""
-    return {name: float(g[head]) for name, g in grids.items()}
-
-
-def patching_summary(res: SweepData, k: int | None = None) -> dict:
-    """Patching effects with 95% CIs over pairs, and the rank stability of the top heads."""
-    cfg = res.config
-    k = k or cfg.top_k
-    z = res.head_patch.effect_ci("logit_diff", n_boot=cfg.n_boot, seed=cfg.seed)
-    zp = res.head_patch.effect_ci("p_truth", n_boot=cfg.n_boot, seed=cfg.seed)
-    r = res.resid_patch.effect_ci("logit_diff", n_boot=cfg.n_boot, seed=cfg.seed)
-    rp = res.resid_patch.effect_ci("p_truth", n_boot=cfg.n_boot, seed=cfg.seed)
-    top1, topk = stats.rank_stability(z.draws, k)
-    grids = {
-        "effect": z.mean,
-        "lo": z.lo,
-        "hi": z.hi,
-        "effect_p_truth": zp.mean,
-        "p_truth_lo": zp.lo,
-        "p_truth_hi": zp.hi,
-        "top1_share": top1,
-        f"top{k}_share": topk,  # with k = 1 this replaces the value above (as it always did)
-        "topk_share": topk,
-        "auroc": res.heads.auroc,
-    }
-    heads = [
-        {"rank": rank, "layer": l, "head": hd, **_cells((l, hd), grids)}
-        for rank, (l, hd) in enumerate(top_heads(z.mean, k), start=1)
-    ]
-    return {
-        "z": z,
-        "z_p_truth": zp,
-        "resid": r,
-        "resid_p_truth": rp,
-        "top1": top1,
-        "topk": topk,
-        "top_heads": heads,
-    }
-
-
-def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> dict:
-    """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control
-    (``ps``: :func:`patching_summary` of the same ``res`` and ``k``, if already computed)."""
-    cfg = res.config
-    k = k or cfg.top_k
-    h, r = res.heads, res.resid
-    ps = ps or patching_summary(res, k)
-    hp = res.head_patch
-    beh = res.behaviour
-    grids = {"auroc": h.auroc, "lo": h.auroc_lo, "hi": h.auroc_hi, "null_q95": h.null_q95, "random_mean": h.random_mean}
-    auroc_heads = [
-        {
-            "layer": l,
-            "head": hd,
-            **_cells((l, hd), grids),
-            "beats_null_max_bar": bool(h.beats_null[l, hd]),
-            "patch_effect": float(ps["z"].mean[l, hd]),
-        }
-        for l, hd in top_heads(h.auroc, k)
-    ]
-    return {
-        "kind": "head_sweep",
-        "model": cfg.model,
-        "dataset": cfg.dataset,
-        "fmt": cfg.fmt,
-        "data": res.data,
-        "n_pairs": len(res.pairs),
-        "n_train": len(res.split.train),
-        "n_test": len(res.split.test),
-        "n_test_facts": h.n_test_facts,
-        "warnings": res.warnings,
-        "behaviour": {
-            "all": {**beh["all"], "ci": beh["all_ci"]},
-            "known": {**beh.get("known_pairs", {}), "ci": beh.get("known_ci", {})},
-        },
-        "head_auroc": {**h.summary(), "null_mean_per_head_range": [float(h.null_mean.min()), float(h.null_mean.max())]},
-        "resid_auroc": {
-            **r.summary(),
-            "per_layer": r.auroc.tolist(),
-            "per_layer_lo": r.auroc_lo.tolist(),
-            "per_layer_hi": r.auroc_hi.tolist(),
-            "null_mean": r.null_mean.tolist(),
-            "null_q95": r.null_q95.tolist(),
-            "random_mean": r.random_mean.tolist(),
-        },
-        "patching": {
-            "n_pairs": len(res.patch_pairs),
-            "honest_logit_diff": float(hp.clean.logit_diff.mean()),
-            "lying_logit_diff": float(hp.corrupt.logit_diff.mean()),
-            "honest_p_truth": float(hp.clean.p_truth.mean()),
-            "lying_p_truth": float(hp.corrupt.p_truth.mean()),
-            "resid_effect_logit_diff": ps["resid"].mean.tolist(),
-            "resid_effect_logit_diff_lo": ps["resid"].lo.tolist(),
-            "resid_effect_logit_diff_hi": ps["resid"].hi.tolist(),
-            "resid_effect_p_truth": ps["resid_p_truth"].mean.tolist(),
-            "n_boot": cfg.n_boot,
-            "resid_effect_p_truth_lo": ps["resid_p_truth"].lo.tolist(),
-            "resid_effect_p_truth_hi": ps["resid_p_truth"].hi.tolist(),
-        },
-        "top_heads_by_patching": ps["top_heads"],
-        "top_heads_by_auroc": auroc_heads,
-        "top_k": k,
-    }
 
 
 def head_views(cfg: HeadSweepConfig, model: HookedTransformer, res: SweepData, summary: dict) -> str | None:
@@ -540,4 +493,4 @@ def run(cfg: HeadSweepConfig, model: HookedTransformer, run_dir: RunDir, progres
     return result
 
 
-STUDY = register(Study("head_sweep", HeadSweepConfig, run, HeadSweepResult))
+STUDY = register(Study("head_sweep", HeadSweepConfig, run, HeadSweepResult, check=check_dataset))

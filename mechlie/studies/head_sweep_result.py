@@ -21,9 +21,51 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from mechlie.causal.patching import PatchResult
+    from mechlie.read.directions import DirectionScores
 
 FILES = ("behaviour.json", "directions.safetensors", "patching.safetensors")
 VIEW_PAIRS = 8  # held-out pairs shown in the head views (one batch of 16 prompts: a few seconds)
+
+LABEL_SWAP_NOTE = (
+    "The label-swap null tests only whether a head's honest and lying activations differ at all. The two prompts "
+    "of a pair differ in their demonstrations (true vs false answers), so a head that passes it encodes which "
+    "demonstrations were shown; passing it is not evidence that the head encodes lying."
+)
+
+
+def bar_notes(h: DirectionScores) -> list[str]:
+    """What the two bars of each control mean, with the draws they come from."""
+    n_null, n_rand, n_comp = h.null_auroc.shape[0], h.random_auroc.shape[0], h.auroc.numel()
+    return [
+        f"Each head has two bars per control. Its own bar: the 95th percentile of its own {n_null} label-swap draws "
+        f"or {n_rand} random directions (uncorrected: under the null about 5% of the {n_comp} heads pass by chance). "
+        "The max bar: the 95th percentile over draws of the maximum over all heads, the family-wise bar for "
+        "'the best head beats chance'; applied to each head it is conservative.",
+        "Random directions are scored on the real framing labels: the two framings are separable at all, so a "
+        "head above its random bar reads the framing better than a random direction in its own output space.",
+    ]
+
+
+def per_head_bars(h: DirectionScores) -> dict:
+    """Per head ([layer][head] grids): the held-out AUROC, both controls' own 95th percentiles and
+    which bars it passes; the max bars once (they are the same for every head) and the counts."""
+    return {
+        "auroc": h.auroc.tolist(),
+        "null_own_q95": h.null_q95.tolist(),
+        "random_own_q95": h.random_q95.tolist(),
+        "null_max_bar_95": h.null_bar,
+        "random_max_bar_95": h.random_bar,
+        "passes_null_own": h.beats_null_own.tolist(),
+        "passes_null_max": h.beats_null.tolist(),
+        "passes_random_own": h.beats_random_own.tolist(),
+        "passes_random_max": h.beats_random.tolist(),
+        "n_pass": {
+            "null_own": int(h.beats_null_own.sum()),
+            "null_max": int(h.beats_null.sum()),
+            "random_own": int(h.beats_random_own.sum()),
+            "random_max": int(h.beats_random.sum()),
+        },
+    }
 
 
 def _scores_tensors(s: AnswerScores) -> dict:
@@ -79,9 +121,7 @@ def _head_figures(s: dict, cfg: dict, head_auroc: Tensor, head_effect: Tensor) -
     return {
         "head_auroc": F.heatmap(
             head_auroc,
-            f"Held-out AUROC per head ({where}, {n_txt})<br><sup>max-null 95% bar {ha['null']['max_bar_95']:.3f} "
-            f"({ha['null']['n_pass']}/{ha['n_components']} heads pass); random-direction bar "
-            f"{ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass)</sup>",
+            f"Held-out AUROC per head ({where}, {n_txt})<br><sup>{bars_text(ha)}</sup>",
             colorbar="AUROC",
             zmid=0.5,
         ),
@@ -111,7 +151,14 @@ def _head_figures(s: dict, cfg: dict, head_auroc: Tensor, head_effect: Tensor) -
         "top_heads_auroc": F.errorbars(
             [head_label(t["layer"], t["head"]) for t in atop],
             {"held-out AUROC": tuple([t[c] for t in atop] for c in ("auroc", "lo", "hi"))},
-            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}</sup>",
+            f"Top {k} heads by held-out AUROC, 95% CI over held-out facts ({where})<br><sup>{n_txt}"
+            + (
+                "; each head's own random-direction 95% bar: "
+                + ", ".join(f"{head_label(t['layer'], t['head'])} {t['random_q95']:.2f}" for t in atop[:5])
+                if atop and "random_q95" in atop[0]
+                else ""
+            )
+            + "</sup>",
             y_label="AUROC",
             hlines={
                 f"max-null 95% bar ({cfg.get('n_perm', ha['null']['n_draws'])} label swaps)": ha["null"]["max_bar_95"],
@@ -183,13 +230,48 @@ def _ci(e: dict, p: int = 3) -> str:
     return ci_text(e, f".{p}f")
 
 
+def bars_text(ha: dict) -> str:
+    """Both bars of both controls and how many components pass each (the max bars only, for a
+    summary written before the per-component bars)."""
+    n, nu, ra = ha["n_components"], ha["null"], ha["random"]
+    if "n_pass_own" not in nu:
+        return (
+            f"max-over-heads null 95% bar {nu['max_bar_95']:.3f} ({nu['n_pass']}/{n} heads pass), random-direction bar "
+            f"{ra['max_bar_95']:.3f} ({ra['n_pass']} pass)"
+        )
+
+    def one(d: dict) -> str:
+        lo, hi = d["own_q95_range"]
+        return (
+            f"max-over-heads 95% bar {d['max_bar_95']:.3f} ({d['n_pass']}/{n} pass), each head's own 95% bar "
+            f"{lo:.3f}-{hi:.3f} ({d['n_pass_own']}/{n} pass)"
+        )
+
+    return f"label-swap null: {one(nu)}; random directions: {one(ra)}"
+
+
+def layer_choice_text(r: dict) -> str | None:
+    """The layer choice over split seeds, in one sentence (None for a summary without it)."""
+    o = r.get("over_seeds")
+    if not o:
+        return None
+    c = o["chosen"]
+    verdict = o["verdict"].replace(f"component {c}", f"layer {c}")
+    return (
+        f"Layer choice over {len(o['seeds'])} split seeds ({o['fit']}, the reported fit; {o['interval']}): "
+        f"{verdict}; layer {c} is the best in {o['chosen_best_share']:.0%} of seeds."
+    )
+
+
 class HeadSweepResult(StudyResult):
     """A head sweep's run folder (:mod:`mechlie.studies.head_sweep`).
 
     ``summary.json`` keys used by :meth:`headline`: ``model``, ``dataset``, ``fmt``, ``n_pairs``,
     ``n_test_facts``, ``top_k``, ``behaviour.known.ci`` (or ``behaviour.all.ci``), ``head_auroc``
-    (``max``, ``null``, ``random``, ``n_components``), ``patching`` (``n_pairs``,
-    ``resid_effect_logit_diff`` and its ``_lo`` / ``_hi``) and ``top_heads_by_patching``.
+    (``max``, ``null``, ``random``, ``n_components``; ``null`` / ``random`` ``own_q95_range`` and
+    ``n_pass_own`` when present), ``patching`` (``n_pairs``, ``resid_effect_logit_diff`` and its
+    ``_lo`` / ``_hi``), ``top_heads_by_patching``, and when present ``resid_auroc.over_seeds`` and
+    ``notes`` (a summary written before them reads as it did).
     """
 
     study = "head_sweep"
@@ -258,15 +340,20 @@ class HeadSweepResult(StudyResult):
             f"- {s['n_pairs']} pairs analysed ({s['n_test_facts']} held-out facts); P(truth) honest "
             f"{_ci(b['p_truth_honest'])} vs lying {_ci(b['p_truth_lying'])} (95% CI over facts).",
             f"- Best head by held-out AUROC: L{m['component'][0]}H{m['component'][1]} {m['auroc']:.3f} "
-            f"[{m['lo']:.3f}, {m['hi']:.3f}]; max-over-heads null 95% bar {ha['null']['max_bar_95']:.3f} "
-            f"({ha['null']['n_pass']}/{ha['n_components']} heads pass), random-direction bar "
-            f"{ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass).",
+            f"[{m['lo']:.3f}, {m['hi']:.3f}]; {bars_text(ha)}.",
             f"- Top head by patching: L{t['layer']}H{t['head']}, effect {t['effect']:.2f} "
             f"[{t['lo']:.2f}, {t['hi']:.2f}] (95% CI over {p['n_pairs']} pairs; top-1 in {t['top1_share']:.0%} "
             f"of resamples); next: {rest}.",
             f"- Residual patching reaches {eff[best]:.2f} [{p['resid_effect_logit_diff_lo'][best]:.2f}, "
             f"{p['resid_effect_logit_diff_hi'][best]:.2f}] at layer {best}.",
-        ]
+        ] + [f"- {line}" for line in self._caveats()]
+
+    def _caveats(self) -> list[str]:
+        """The layer choice over seeds and what the label-swap null tests (from the summary's notes)."""
+        s = self._summary
+        layer = layer_choice_text(s["resid_auroc"])
+        notes = [n for n in s.get("notes", []) if n.startswith("The label-swap null")]
+        return ([layer] if layer else []) + notes
 
     def report(self) -> str:
         from mechlie.report.figures import png_problem
@@ -288,10 +375,14 @@ class HeadSweepResult(StudyResult):
         ha = s["head_auroc"]
         out.append(
             f"\nHeld-out AUROC, best head L{ha['max']['component'][0]}H{ha['max']['component'][1]}: "
-            f"{ha['max']['auroc']:.3f} [{ha['max']['lo']:.3f}, {ha['max']['hi']:.3f}]; max-null 95% bar "
-            f"{ha['null']['max_bar_95']:.3f} ({ha['null']['n_pass']}/{ha['n_components']} heads pass); "
-            f"random-direction bar {ha['random']['max_bar_95']:.3f} ({ha['random']['n_pass']} pass)"
+            f"{ha['max']['auroc']:.3f} [{ha['max']['lo']:.3f}, {ha['max']['hi']:.3f}]; {bars_text(ha)}"
         )
+        out += [f"  {n}" for n in s.get("notes", [])]
+        o = s["resid_auroc"].get("over_seeds")
+        if o:
+            out.append(f"\n{layer_choice_text(s['resid_auroc'])}\n  layer: mean held-out AUROC [CI over seeds]")
+            rows = zip(o["mean"], o["lo"], o["hi"], o["best_share"])
+            out += [f"  {j:>3}: {m:.3f} [{lo:.3f}, {hi:.3f}]  best in {b:.0%}" for j, (m, lo, hi, b) in enumerate(rows)]
         out.append(
             f"\nTop heads by patching effect (logit diff; 0 = lying, 1 = honest; 95% CI over "
             f"{s['patching']['n_pairs']} pairs; share of resamples top-1 / in top {k}):"

@@ -1,13 +1,21 @@
 """Localise the lie: how few heads carry it, and what feeds the top head.
 
+0. Known facts only (unless ``--no-known-only``), with the head sweep's definition
+   (:data:`mechlie.studies.localise_variance.KNOWN_DEFINITION`); the count is in the summary.
 1. Heads are ranked by their single-head patching effect on training pairs; the top-k heads
    (k = 1, 2, 4, ... all) are patched together on held-out pairs, honest into lying (restore) and
    lying into honest (induce), beside many random k-sets. The minimal set reaching 80% of the
-   logit difference is reported with a bootstrap CI over held-out pairs, and its share of heads.
+   logit difference is reported with two CIs: over held-out pairs with the ranking fixed
+   (``minimal_k_ci``), and (restore) with the heads re-ranked on every bootstrap resample of the
+   training pairs (``minimal_k_rerank``: the ranking's own variance included), and as a
+   distribution over ``n_split_seeds`` splits of the facts (``split_seeds``).
 2. Path patching into the receiver (default: the top restore head): each earlier head and MLP,
    along the path into the receiver's queries, keys or values (Wang et al. 2022).
 3. Position patching of the receiver's key/value inputs: which source positions it takes the lie
-   from, marked where the honest and lying prompts differ (the demonstrations' answers).
+   from, marked where the honest and lying prompts differ (the demonstrations' answers), and how
+   much of its attention lands on the demonstrations' answers in the honest and in the lying prompt
+   (``receiver_attention``): reading them in both framings, it copies what the demonstrations say
+   rather than detecting falseness.
 
 Writes RUN/: summary.json, scores.safetensors (the raw per-pair scores and the path-effect matrix)
 and figures/ (curves, path senders, receiver positions, the circuit diagram). See
@@ -45,6 +53,12 @@ class LocaliseConfig:
     receiver: str = field(default="", metadata={"help": "receiver head as LAYER.HEAD (default: the top restore head)"})
     n_path_pairs: int = field(default=8, metadata={"help": "held-out pairs used for path and position patching"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
+    known_only: bool = field(default=True, metadata={"help": "keep facts the model knows (as the head sweep does)"})
+    n_rerank: int = field(
+        default=50, metadata={"help": "bootstrap resamples that re-rank the heads for the minimal k's CI (0 = skip)"}
+    )
+    n_split_seeds: int = field(default=5, metadata={"help": "split seeds for the minimal k's distribution (0 = skip)"})
+    k_max: int = field(default=64, metadata={"help": "largest k the re-ranked and per-seed searches try"})
     seed: int = 0
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)"})
     dtype: str = field(default="float32", metadata={"help": f"one of {DTYPES}"})
@@ -62,6 +76,8 @@ class LocaliseConfig:
             raise ValueError("--test-frac must be in (0, 1) and --threshold in (0, 1]")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.n_rerank < 0 or self.n_split_seeds < 0 or self.k_max < 1:
+            raise ValueError("need --n-rerank >= 0, --n-split-seeds >= 0 and --k-max >= 1")
         if self.n_devices < 1:
             raise ValueError("--n-devices must be >= 1")
         if self.receiver:
@@ -89,9 +105,9 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
     from mechlie.causal import circuits
     from mechlie.core.io import save_tensors
     from mechlie.core.kv import load_model_split
-    from mechlie.core.pairs import load_builtin
     from mechlie.read.directions import split_by_fact
     from mechlie.report import figures as figlib
+    from mechlie.studies import localise_variance as lv
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
@@ -100,7 +116,8 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
     L, H = model.cfg.n_layers, model.cfg.n_heads
     if cfg.receiver:
         circuits.check_heads(model, [parse_head(cfg.receiver)], what="receiver")
-    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs, seed=cfg.seed)
+    t1 = time.time()
+    pairs, single, known = _known_pairs(cfg, model)
     split = split_by_fact([p.fact_id for p in pairs], test_frac=cfg.test_frac, seed=cfg.seed)
     train, test = [pairs[i] for i in split.train], [pairs[i] for i in split.test]
     log.info("%s: %d pairs (%d train / %d held-out), %d heads", cfg.model, len(pairs), len(train), len(test), L * H)
@@ -113,9 +130,18 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
         "n_test": len(test),
         "n_heads": L * H,
         "n_layers": L,
+        "known_filter": known,
     }
     tensors: dict[str, torch.Tensor] = {}
+    times: dict[str, float] = {"load_model": t1 - t0, "single_heads": time.time() - t1}
     curves = _topk_curves(cfg, model, train, test, summary, tensors)
+    times["topk_curves"] = time.time() - t0 - sum(times.values())
+    if cfg.n_rerank and curves["restore"].minimal_k:
+        rr, tensors["restore_rerank_minimal_k"] = lv.reranked_ci(
+            model, lv.rows(single, split.train), test, curves["restore"].ranking, cfg
+        )
+        summary["topk_restore"]["minimal_k_rerank"] = rr
+        times["rerank"] = time.time() - t0 - sum(times.values())
     receiver = parse_head(cfg.receiver) if cfg.receiver else curves["restore"].ranking[0]
     if receiver[0] == 0:
         raise ValueError(
@@ -124,6 +150,12 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
     path_pairs = test[: cfg.n_path_pairs]
     names, channels = _path(cfg, model, path_pairs, receiver, summary, tensors)
     _positions(cfg, model, path_pairs, receiver, summary, tensors)
+    times["path_and_positions"] = time.time() - t0 - sum(times.values())
+    summary["receiver_attention"] = lv.receiver_attention(model, test, receiver, cfg)
+    if cfg.n_split_seeds:
+        summary["split_seeds"] = lv.split_seeds(model, pairs, single, cfg)
+        times["split_seeds"] = time.time() - t0 - sum(times.values())
+    summary["stage_seconds"] = {k: round(v, 1) for k, v in times.items()}
     meta = {"receiver": list(receiver), "senders": names, "channels": list(channels)}
     save_tensors(run_dir.file("scores.safetensors"), tensors, meta)
     summary["seconds"] = round(time.time() - t0, 1)
@@ -131,6 +163,22 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
     result = LocaliseResult.load(run_dir.path)
     summary["figures"] = figlib.save_figures(result.figures(), run_dir.path)
     return LocaliseResult(run_dir.path, summary)
+
+
+def _known_pairs(cfg: LocaliseConfig, model):
+    """The pairs analysed (known facts unless ``known_only`` is off), their per-pair single-head
+    effects, and what the filter did. One single-head pass over every loaded pair: the known filter
+    reads its honest runs; the re-ranked bootstrap and the split seeds rank heads on its subsets."""
+    from mechlie.core.pairs import PairError, load_builtin
+    from mechlie.studies import localise_variance as lv
+
+    loaded = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_pairs, seed=cfg.seed)
+    single_all = lv.single_head_effects(model, loaded, cfg.batch_size)
+    keep, known = lv.known_rows(single_all, loaded, cfg.known_only)
+    pairs = [loaded[i] for i in keep]
+    if len({p.fact_id for p in pairs}) < 2:
+        raise PairError(f"only {len(pairs)} known pairs of {len(loaded)}: use more pairs or --no-known-only")
+    return pairs, lv.rows(single_all, keep), known
 
 
 def _topk_curves(cfg: LocaliseConfig, model, train, test, summary: dict, tensors: dict) -> dict:
@@ -358,6 +406,7 @@ def report_text(s: dict, cfg: dict, run_dir) -> str:
         msg = (
             f"{c['minimal_k']} heads ({100 * c['minimal_share']:.1f}% of {c['n_heads']}), 95% CI "
             f"[{c['minimal_k_ci'][0]:.0f}, {c['minimal_k_ci'][1]:.0f}]"
+            + (" over test pairs with the ranking fixed" if "minimal_k_rerank" in c else "")
             if c["minimal_k"]
             else f"no top-k set reaches {c['threshold']:.0%}"
         )
@@ -391,6 +440,9 @@ def report_text(s: dict, cfg: dict, run_dir) -> str:
     )
     for t in q["top_positions"]:
         out.append(f"  offset {t['offset']:>4}{' (differs)' if t['differs'] else '          '}: {_ci(t, '+.3f')}")
+    from mechlie.studies.localise_variance import variance_lines
+
+    out += ["\n" + line for line in variance_lines(s)]
     out.append(f"\nWrote {run_dir}/ in {s.get('seconds', '?')} s")
     return "\n".join(out)
 
@@ -449,7 +501,9 @@ class LocaliseResult(StudyResult):
                 lo, hi = c["minimal_k_ci"]
                 lines.append(
                     f"- {direction}: {c['minimal_k']} heads ({100 * c['minimal_share']:.1f}% of {c['n_heads']}) reach "
-                    f"{c['threshold']:.0%} of the effect (95% CI of k [{lo:.0f}, {hi:.0f}]); top: "
+                    f"{c['threshold']:.0%} of the effect (95% CI of k [{lo:.0f}, {hi:.0f}]"
+                    + (", ranking fixed; re-ranked CI below" if "minimal_k_rerank" in c else "")
+                    + "); top: "
                     + ", ".join(f"L{l}H{h}" for l, h in c["minimal_set"][:8])
                     + "."
                 )
@@ -472,7 +526,9 @@ class LocaliseResult(StudyResult):
                 f"differ vs {q['sum_effect_other']:+.3f} elsewhere; attention on differing positions "
                 f"{q['attention_on_differing']:.2f}."
             )
-        return lines
+        from mechlie.studies.localise_variance import variance_lines
+
+        return lines + [f"- {line}" for line in variance_lines(s)]
 
     def report(self) -> str:
         return report_text(self._summary, self.config(), self.run_dir)

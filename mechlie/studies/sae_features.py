@@ -204,7 +204,8 @@ def known_pairs(model, cfg: SAEFeaturesConfig) -> tuple[list, int]:
     if cfg.known_only:
         pairs = [p for p, k in zip(pairs, known.tolist()) if k]
     if len(pairs) < 8:
-        raise ValueError(f"only {len(pairs)} usable pairs; use more --n-pairs or --no-known-only")
+        hint = "use more --n-pairs or --no-known-only" if cfg.known_only else "use more --n-pairs"
+        raise ValueError(f"only {len(pairs)} usable pairs (8 needed); {hint}")
     return pairs, n_shared
 
 

@@ -1,32 +1,57 @@
 """The steering study: steer a lying model back to the truth with training-free directions,
-causally chosen heads and learned minimal edits (vectors, low-rank adapters, gated vectors), each
-method's setting chosen on validation facts and reported on test facts, against random controls.
+causally chosen heads and learned minimal edits (vectors, low-rank adapters, gated vectors), beside a
+prompting baseline and an honest-only control, reported on relations nothing was fitted or chosen on.
 
 ``Config`` holds the flags of ``analyses/steering_demo.py``; :func:`run` does the work (data and
 methods: :mod:`mechlie.studies.steering_data`, :mod:`mechlie.studies.steering_methods`; sweep, choice
 and evaluation: :mod:`mechlie.studies.steering_eval`); the result is a
-:class:`mechlie.studies.steering_result.SteeringResult`. Pairs are split by fact into train /
-validation / test. Directions and learned edits are fitted on train; each method's hyperparameters
-(layer, alpha, K heads, the edit's KL budget and scale) are chosen on validation (most recovery with
-KL <= ``kl_budget``); the table reports test. Alpha is signed: directions point honest -> lying, so
-alpha < 0 steers toward honesty. Writes ``summary.json``, ``sweep.json``, ``evaluation.json``, the
-learned edits (``*.safetensors``) and ``figures/``.
+:class:`mechlie.studies.steering_result.SteeringResult`.
+
+Splits: directions and learned edits are fitted on the training facts of ``--relations``; every
+hyperparameter (layer, alpha, K heads, the edit's scale) is chosen on ``--val-relations`` (most
+recovery with validation KL <= ``kl_budget``); the headline is measured on ``--heldout-relations``
+(a relation with fewer than ``--min-known`` known facts is refused), with ``--n-controls`` random
+draws of the same size (a gated edit's draws randomise its gate too). The fitted relations' own test
+facts give the in-relation table, labelled as such. ``--split-seeds`` repeats fit, choice and the
+held-out evaluation on other seeds (mean +/- SD).
+
+Every row (the ``prompt baseline`` included: :func:`mechlie.studies.steering_data.prompt_baseline`)
+reports recovery with its 95% CI split into real lies undone and sharpening of facts already answered
+truthfully, lies flipped, honest accuracy before -> after, KL on neutral text and at the honest
+prompts' answer position, and the answer entropy before -> after; gated edits report the share of
+lying / honest / neutral inputs on which their gate is open. The honest-only control
+(``honest_only``) is a vector trained to raise P(truth) on honest prompts only: a method is about
+honesty only where it beats it by a margin (0.3 of the gap, the issue's bar).
+
+The default (``DEFAULT_METHODS``, 12 pairs per relation, one KL budget, 8 steps per edit, 4 control
+draws, no SAE layer) is sized for minutes on a 2-core CPU; the wide sweep is flags (``--methods``,
+``--n-per-relation``, ``--n-controls 100``, ``--split-seeds 1 2 3 4``, ``--corpus``), and every stage
+(edits, each method's sweep and evaluation) is saved as it ends, so a cut run resumes. Alpha is
+signed: directions point honest -> lying, so alpha < 0 steers toward honesty. Writes
+``summary.json``, ``sweep.json``, ``sweep_<method>.json``, ``eval_<method>.json``, the learned edits
+(``*.safetensors``) and ``figures/``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from mechlie.core.cli import RunDir
 from mechlie.studies.base import Study, register
 from mechlie.studies.steering_methods import parse_head, study_methods
 from mechlie.studies.steering_result import SteeringResult
+from mechlie.studies.steering_stages import Clock, Prefixed, avg, load_sweep, read_stage, save_json, sd
 
 log = logging.getLogger("mechlie")
 
 METHODS = study_methods()
+# The default methods: a training-free direction, learned edits on two objectives, a conditional edit
+# and the honest-only control; ITI, head patching, mean patching, ablation and low-rank edits stay
+# behind --methods (the whole set took over 20 minutes on 2 cores).
+DEFAULT_METHODS = ("resid", "learned", "learned_kl", "gated", "honest_only")
 
 
 def _nonzero(xs: tuple[float, ...], name: str) -> None:
@@ -39,12 +64,31 @@ class Config:
     """The steering study's flags (``--flag`` per field; see :mod:`mechlie.core.cli`)."""
 
     model: str = field(default="smollm2-135m-instruct", metadata={"help": "embedded name, .gguf, HF dir or TL name"})
-    dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
-    n_per_relation: int = field(default=20, metadata={"help": "pairs sampled per relation"})
+    relations: tuple[str, ...] = field(
+        default=("capitals", "cities"),
+        metadata={"help": "relations the directions and edits are fitted on (their test facts: the in-relation table)"},
+    )
+    val_relations: tuple[str, ...] = field(
+        default=("languages",),
+        metadata={"help": "relations every setting is chosen on (not fitted on; needs --min-known known facts)"},
+    )
+    heldout_relations: tuple[str, ...] = field(
+        default=("opposites", "symbols"), metadata={"help": "relations only reported on (the headline)"}
+    )
+    corpus: bool = field(
+        default=False,
+        metadata={"help": "take the relations from the fact corpus (mechlie.core.corpus), not the built-in ones"},
+    )
+    min_known: int = field(
+        default=5, metadata={"help": "refuse a held-out relation with fewer known facts (0: no check)"}
+    )
+    n_per_relation: int = field(default=12, metadata={"help": "pairs sampled per relation (each group of relations)"})
     val_frac: float = 0.2
     test_frac: float = 0.3
     seed: int = 0
-    methods: tuple[str, ...] = field(default=METHODS, metadata={"help": f"any of {METHODS}"})
+    methods: tuple[str, ...] = field(
+        default=DEFAULT_METHODS, metadata={"help": f"any of {METHODS} (default: a subset that runs in minutes)"}
+    )
     layers: tuple[int, ...] = field(default=(), metadata={"help": "sweep layers (default: 25%% and 45%% of depth)"})
     resid_alphas: tuple[float, ...] = field(
         default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"}
@@ -61,35 +105,38 @@ class Config:
         default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for mean patching (-1 = set z to the honest mean)"}
     )
     sae_layer: int = field(
-        default=19,
+        default=-1,
         metadata={
             "help": "also learn a vector here, to compare with the SAE cached at the next block's resid_pre (-1: off)"
         },
     )
     edit_budgets: tuple[float, ...] = field(
-        default=(0.05, 0.1), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"}
+        default=(0.1,), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"}
     )
     edit_scales: tuple[float, ...] = field(
-        default=(-0.75, -1.0, -1.25), metadata={"help": "signed scales of a learned edit (-1 = as trained)"}
+        default=(-0.5, -1.0, -1.5), metadata={"help": "signed scales of a learned edit (-1 = as trained)"}
     )
-    edit_steps: int = field(default=30, metadata={"help": "gradient steps per learned edit"})
-    edit_pairs: int = field(default=32, metadata={"help": "training pairs used to train an edit"})
+    edit_steps: int = field(default=8, metadata={"help": "gradient steps per learned edit"})
+    edit_pairs: int = field(default=24, metadata={"help": "training pairs used to train an edit"})
     gated_layers: tuple[int, ...] = field(
-        default=(), metadata={"help": "blocks of the gated vectors, one edit each (default: --layers and --sae-layer)"}
+        default=(), metadata={"help": "blocks of the gated vectors, one edit each (default: the deepest of --layers)"}
     )
     lowrank_rank: int = 2
     lowrank_component: str = "attn_out"
     kl_budget: float = field(default=0.1, metadata={"help": "KL (nats/token) allowed when choosing on validation"})
-    n_controls: int = field(default=16, metadata={"help": "random draws per control"})
-    n_boot: int = 1000
-    transfer_relation: str = field(
-        default="", metadata={"help": "a relation held out of fitting, evaluated as transfer"}
+    n_controls: int = field(
+        default=4, metadata={"help": "random draws per control, on held-out relations (>= 100 for p < 0.01)"}
     )
+    n_boot: int = 1000
     transfer_format: str = field(
-        default="instruct", metadata={"help": "another prompt format for the test facts ('' = none)"}
+        default="", metadata={"help": "another prompt format for the held-out facts, e.g. instruct ('' = none)"}
     )
     scoring: str = field(
         default="first", metadata={"help": "'first': first answer token; 'full': teacher-forced full answers"}
+    )
+    split_seeds: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "also fit, choose and evaluate on these split seeds (e.g. 1 2 3 4): mean +/- SD"},
     )
     n_demo: int = 8
     max_new_tokens: int = 4
@@ -142,14 +189,20 @@ class Config:
             raise ValueError("--scoring full cannot score final-position mean patching: drop causal_mean/probe_mean")
         if not self.kl_budget > 0:
             raise ValueError(f"--kl-budget must be > 0, got {self.kl_budget}")
-        from mechlie.core.pairs import FORMATS, RELATIONS
+        from mechlie.core.pairs import EXTRA_RELATIONS, FORMATS, RELATIONS
 
-        if self.dataset != "all" and self.dataset not in RELATIONS:
-            raise ValueError(f"--dataset must be 'all' or one of {RELATIONS}, got {self.dataset!r}")
-        if self.transfer_relation and self.transfer_relation not in RELATIONS:
-            raise ValueError(f"--transfer-relation must be one of {RELATIONS}, got {self.transfer_relation!r}")
-        if self.transfer_relation and self.dataset != "all":
-            raise ValueError("--transfer-relation needs --dataset all (it is held out of the others)")
+        known = RELATIONS + EXTRA_RELATIONS
+        groups = {"relations": self.relations, "val-relations": self.val_relations}
+        groups["heldout-relations"] = self.heldout_relations
+        for name, rels in groups.items():
+            bad = [r for r in rels if r not in known and not self.corpus]  # corpus names: checked when it loads
+            if bad or not rels:
+                raise ValueError(f"--{name} needs relations among {known} (or --corpus), got {list(rels)}")
+        every = self.relations + self.val_relations + self.heldout_relations
+        if len(set(every)) < len(every):
+            raise ValueError(f"a relation is in two of --relations / --val-relations / --heldout-relations: {every}")
+        if self.min_known < 0:
+            raise ValueError(f"--min-known must be >= 0, got {self.min_known}")
         if self.transfer_format and self.transfer_format not in FORMATS:
             raise ValueError(f"--transfer-format must be one of {FORMATS} or '', got {self.transfer_format!r}")
         n_layers = _n_layers_without_loading(self.model)
@@ -181,10 +234,23 @@ def _n_layers_without_loading(name: str) -> int | None:
 # the run
 
 
-def run(cfg: Config, model, run_dir: RunDir) -> SteeringResult:
-    """Split, fit, sweep each method on validation, choose, evaluate on test with controls, compare
-    the learned edits with fitted directions, and show prompts steered back to the truth."""
-    from mechlie.report.figures import save_figures
+@dataclass
+class Fitted:
+    """One split's fitted state: data, baselines, sweep points, the choices and their notes."""
+
+    data: object  # mechlie.studies.steering_data.SteeringData
+    neutral_test: list[str]
+    base: dict
+    points: dict
+    chosen: dict
+    notes: dict
+    layers: tuple[int, ...]
+    sae_layer: int | None
+
+
+def fit_and_choose(cfg: Config, model, run_dir, clock: Clock) -> Fitted:
+    """Data for ``cfg.seed``, the edits trained (resumable stages), every method swept on the
+    validation relations (one resumable stage per method) and its setting chosen."""
     from mechlie.studies import steering_eval as se
     from mechlie.studies.steering_methods import GridContext, study_grid
 
@@ -192,199 +258,281 @@ def run(cfg: Config, model, run_dir: RunDir) -> SteeringResult:
     if any(l >= L for l in cfg.layers + cfg.gated_layers):
         raise ValueError(f"--layers/--gated-layers {list(cfg.layers + cfg.gated_layers)}: the model has {L} layers")
     layers = cfg.layers or tuple(sorted({min(L - 1, round(f * L)) for f in (0.25, 0.45)}))
-    data, neutral_test = _data(cfg, model)
-    base = {
-        name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed)
-        for name, es in [("val", data.val), ("test", data.test), *data.extra.items()]
-    }
-    t = base["test"]
-    log.info(
-        "baseline, test (%d facts): P(truth) honest %s, lying %s, lie rate %s",
-        t["n_facts"],
-        t["p_truth_honest"],
-        t["p_truth_lying"],
-        t["lie_rate"],
-    )
+    with clock(f"data (seed {cfg.seed})"):
+        data, neutral_test = _data(cfg, model)
+        base = {
+            name: se.baseline_summary(es, n_boot=cfg.n_boot, seed=cfg.seed)
+            for name, es in [("val", data.val), ("test", data.test), *data.extra.items()]
+        }
     sae_layer = cfg.sae_layer if 0 <= cfg.sae_layer < L else None
-    grid = study_grid(GridContext(model, data, cfg, run_dir, layers, sae_layer), cfg.methods)
-    points = {m: se.sweep(model, data, g) for m, g in grid.items()}
-    run_dir.write_json("sweep.json", {"baseline": base, "sweep": points})
+    with clock(f"fit: edits trained or resumed (seed {cfg.seed})"):
+        grid = study_grid(GridContext(model, data, cfg, run_dir, layers, sae_layer), cfg.methods)
+    points = {}
+    for m, g in grid.items():
+        with clock(f"sweep {m} ({len(g)} settings, seed {cfg.seed})"):
+            points[m] = run_dir.stage(f"sweep_{m}.json", lambda g=g: se.sweep(model, data, g), save_json, load_sweep)
     chosen = {m: se.choose(p, cfg.kl_budget) for m, p in points.items()}
-    evals = _evaluate(cfg, model, data, chosen, run_dir)
-    summary = {
-        "kind": "steering",
-        "model": model.cfg.model_name,
-        "layers": layers,
-        "baseline": base,
-        "chosen_on_validation": chosen,
-        "evaluation_on_test": evals,
-        "alignment": _alignment(model, data, sae_layer),
-        "edits": {n: e.info for n, e in data.edits.items()},
-        "gates": _gates(model, data, neutral_test),
-    }
-    summary |= _best_and_demo(cfg, model, data, chosen, evals)
+    notes = {m: se.choice_notes(points[m], c, cfg.kl_budget) for m, c in chosen.items()}
+    for m, n in notes.items():
+        if not n["met_kl_budget"] or n["at_grid_edge"]:
+            why = "no setting met the KL budget" if not n["met_kl_budget"] else "chosen at its grid's edge"
+            log.warning("%s: %s", m, why)
+    return Fitted(data, neutral_test, base, points, chosen, notes, layers, sae_layer)
+
+
+def run(cfg: Config, model, run_dir: RunDir) -> SteeringResult:
+    """Fit on the training relations, sweep each method on the validation relations, choose, evaluate
+    on the training relations' test facts (in-relation) and on the held-out relations (with controls),
+    beside the prompting baseline; show held-out lies steered back to the truth; with
+    ``--split-seeds``, repeat fit, choice and held-out evaluation on each further split seed."""
+    from mechlie.report.figures import save_figures
+    from mechlie.studies import steering_eval as se
+    from mechlie.studies.steering_alignment import alignment
+
+    clock = Clock()
+    f = fit_and_choose(cfg, model, run_dir, clock)
+    data, neutral_test, base, points, chosen, notes = f.data, f.neutral_test, f.base, f.points, f.chosen, f.notes
+    layers, sae_layer = f.layers, f.sae_layer
+    run_dir.write_json("sweep.json", {"baseline": base, "sweep": points})
+    evals, prompt = _evaluate(cfg, model, data, chosen, run_dir, clock)
+    with clock("gates, alignment, demo"):
+        summary = {
+            "kind": "steering",
+            "model": model.cfg.model_name,
+            "layers": layers,
+            "relations": {"fit": cfg.relations, "validation": cfg.val_relations, "heldout": cfg.heldout_relations},
+            "known_per_heldout_relation": se.check_known(data.extra["heldout"], 0),
+            "baseline": base,
+            "chosen_on_validation": chosen,
+            "choice_notes": notes,
+            "evaluation_on_test": {m: e["heldout"] for m, e in evals.items()},
+            "evaluation_in_relation": {m: e["test"] for m, e in evals.items()},
+            "transfer": {m: {k: v for k, v in e.items() if k not in ("test", "heldout")} for m, e in evals.items()},
+            "prompt_baseline": prompt,
+            "alignment": alignment(model, data, sae_layer),
+            "edits": {n: e.info for n, e in data.edits.items()},
+            "gates": _gates(model, data, neutral_test),
+        }
+        summary |= _best_and_demo(cfg, model, data, chosen, summary["evaluation_on_test"])
+    if cfg.split_seeds:
+        summary["split_seeds"] = _seed_repeats(cfg, model, run_dir, clock, summary)
+    summary["seconds"] = clock.seconds | {"total_in_study": round(time.time() - clock.t0, 1)}
     run_dir.write_json("summary.json", summary)  # the figures are drawn from the saved files
     result = SteeringResult.load(run_dir.path)
     result.summary()["figures"] = save_figures(result.figures(), run_dir.path / "figures")
     return result
 
 
-def _data(cfg: Config, model):
-    """The split data with the transfer sets (a held-out relation, another prompt format), and the
-    test neutral lines."""
+def _pairs(cfg: Config, model, relations: tuple[str, ...], fmt: str = "fewshot") -> list:
+    """``cfg.n_per_relation`` pairs (a seeded sample) of each relation: built-in, or from the fact
+    corpus with ``--corpus`` (its demonstrations drawn from the relation's own demonstration pool)."""
     from mechlie.core.pairs import load_builtin
+
+    if not cfg.corpus:
+        out = []
+        for rel in relations:
+            out += load_builtin(rel, fmt, tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
+        return out
+    import random
+
+    from mechlie.core.corpus import corpus, corpus_facts
+    from mechlie.core.corpus import relations as corpus_relations
+    from mechlie.core.facts import pairs_from_user_facts
+
+    ds = corpus()
+    bad = [r for r in relations if r not in corpus_relations(ds)]
+    if bad:
+        raise ValueError(f"relations {bad} are not in the corpus; it has {corpus_relations(ds)}")
+    out = []
+    for rel in relations:
+        ps = pairs_from_user_facts(corpus_facts(ds, [rel]), fmt, tokenizer=model.tokenizer, seed=cfg.seed)
+        if cfg.n_per_relation < len(ps):
+            keep = sorted(random.Random(f"{cfg.seed}/sample/{rel}").sample(range(len(ps)), cfg.n_per_relation))
+            ps = [ps[i] for i in keep]
+        out += ps
+    return out
+
+
+def _data(cfg: Config, model):
+    """The split data: fitted on ``cfg.relations`` (their held-out facts: the in-relation test set),
+    validated on ``cfg.val_relations``, and the held-out relations (``data.extra["heldout"]``, refused
+    when a relation has fewer than ``cfg.min_known`` known facts); and the test neutral lines."""
     from mechlie.studies import steering_eval as se
 
-    pairs = load_builtin(cfg.dataset, "fewshot", tokenizer=model.tokenizer, n=cfg.n_per_relation, seed=cfg.seed)
-    held = [p for p in pairs if p.relation == cfg.transfer_relation]
-    pairs = [p for p in pairs if p.relation != cfg.transfer_relation]
-    n_facts = len({p.fact_id for p in pairs})
-    log.info("%d pairs (%d facts) for fitting; %d held-out-relation pairs for transfer", len(pairs), n_facts, len(held))
+    pairs, val = _pairs(cfg, model, cfg.relations), _pairs(cfg, model, cfg.val_relations)
+    held = _pairs(cfg, model, cfg.heldout_relations)
+    log.info(
+        "%d pairs to fit on (%s), %d to choose on (%s), %d held out (%s)",
+        len(pairs),
+        ", ".join(cfg.relations),
+        len(val),
+        ", ".join(cfg.val_relations),
+        len(held),
+        ", ".join(cfg.heldout_relations),
+    )
     kw = dict(seed=cfg.seed, batch_size=cfg.batch_size, scoring=cfg.scoring)
-    data = se.prepare(model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, **kw)
+    data = se.prepare(model, pairs, val_frac=cfg.val_frac, test_frac=cfg.test_frac, val_pairs=val, **kw)
     neutral_test = se.split_lines(se.neutral_lines(), cfg.seed)[2]
-    extra = {}
-    if held:
-        extra[f"relation:{cfg.transfer_relation}"] = held
+    data.extra["heldout"] = se.eval_set(model, "heldout", held, neutral_test, cfg.batch_size, scoring=cfg.scoring)
+    known = se.check_known(data.extra["heldout"], cfg.min_known)
+    log.info("known facts per held-out relation: %s", known)
+    # a validation relation the model does not know would choose every setting on noise
+    log.info("known facts per validation relation: %s", se.check_known(data.val, cfg.min_known))
     if cfg.transfer_format:
-        test_facts = {p.fact_id for p in data.test.pairs}
-        other = load_builtin(cfg.dataset, cfg.transfer_format, tokenizer=model.tokenizer, seed=cfg.seed)
-        other = [p for p in other if p.fact_id in test_facts]
-        if other:
-            extra[f"format:{cfg.transfer_format}"] = other
-    for name, ps in extra.items():
-        data.extra[name] = se.eval_set(model, name, ps, neutral_test, cfg.batch_size, scoring=cfg.scoring)
+        other = _pairs(cfg, model, cfg.heldout_relations, cfg.transfer_format)
+        name = f"format:{cfg.transfer_format}"
+        data.extra[name] = se.eval_set(model, name, other, neutral_test, cfg.batch_size, scoring=cfg.scoring)
     return data, neutral_test
 
 
-def _evaluate(cfg: Config, model, data, chosen: dict, run_dir: RunDir) -> dict[str, dict]:
-    """Each method's chosen setting on test (with controls) and on every transfer set."""
+def _evaluate(cfg: Config, model, data, chosen: dict, run_dir: RunDir, clock: Clock) -> tuple[dict, dict]:
+    """Each method's chosen setting on the held-out relations (with ``cfg.n_controls`` random draws),
+    on the in-relation test facts and on any other transfer set; and the prompting baseline on each.
+    One resumable stage per method (``eval_<method>.json``)."""
     from mechlie.studies import steering_eval as se
 
-    evals: dict[str, dict] = {}
-    # learned edits first: if a long run is cut short, the partial evaluation.json has them
-    for m, c in sorted(chosen.items(), key=lambda mc: se.KINDS[mc[0]].family != "edit"):
-        evals[m] = se.evaluate(model, data, c.setting, n_controls=cfg.n_controls, n_boot=cfg.n_boot, seed=cfg.seed)
-        for name in data.extra:
-            evals[m][f"transfer:{name}"] = se.evaluate(
-                model, data, c.setting, on=name, n_controls=0, n_boot=cfg.n_boot, seed=cfg.seed
+    kw = dict(n_boot=cfg.n_boot, seed=cfg.seed)
+    sets = ["heldout", "test", *(k for k in data.extra if k != "heldout")]
+
+    def one(m: str) -> dict:
+        c = chosen[m].setting
+        return {
+            on: se.evaluate(
+                model, data, c, on=on, n_controls=cfg.n_controls if on == "heldout" else 0, n_control_kl=2, **kw
             )
-        run_dir.write_json("evaluation.json", {"chosen": chosen, "evaluation": evals})  # partial results survive
-    return evals
-
-
-def _alignment(model, data, sae_layer: int | None) -> dict:
-    """How the learned edits line up with the difference of means, with probes and (when an SAE is
-    cached at ``sae_layer``) with its decoder rows."""
-    from mechlie.control import edits
-    from mechlie.studies.steering_data import reference_directions
-
-    alignment = {}
-    sae_rows = _cached_sae_rows(model, sae_layer) if sae_layer is not None else None
-    typical = (2 / (3.14159 * model.cfg.d_model)) ** 0.5  # kept as written (not math.pi): the same numbers
-    for name, e in data.edits.items():
-        at = sorted(e.vectors) if isinstance(e, edits.LearnedVector) else [e.layer]
-        alignment[name] = {f"layer {l}": edits.alignment(e, reference_directions(data, l), l) for l in at}
-        for l in at:
-            alignment[name][f"layer {l}"]["random_direction_typical_abs_cos"] = typical
-            if isinstance(sae_rows, tuple) and l == sae_layer:
-                rows = edits.row_alignment(e.direction(l), sae_rows[1])
-                alignment[name][f"layer {l}"]["sae_decoder_rows"] = rows | {"sae": sae_rows[0]}
-    if sae_layer is not None:
-        dom = reference_directions(data, sae_layer, ("diff_of_means",))["diff_of_means"]
-        alignment["diff_of_means (reference)"] = {
-            f"layer {sae_layer}": {"sae_decoder_rows": edits.row_alignment(dom, sae_rows[1]) | {"sae": sae_rows[0]}}
-            if isinstance(sae_rows, tuple)
-            else {"sae_decoder_rows": sae_rows}
+            for on in sets
         }
-    return alignment
+
+    evals = {}
+    # learned edits first: if a long run is cut short, the finished stages are kept
+    for m in sorted(chosen, key=lambda m: se.KINDS[m].family != "edit"):
+        with clock(f"evaluate {m}"):
+            evals[m] = run_dir.stage(f"eval_{m}.json", lambda m=m: one(m), save_json, read_stage)
+    with clock("evaluate prompt baseline"):
+        prompt = {on: se.evaluate_prompt(model, data.test if on == "test" else data.extra[on], **kw) for on in sets}
+    return evals, prompt
 
 
-def _cached_sae_rows(model, layer: int):
-    """``(path, decoder rows)`` of the cached SAE at ``blocks.{layer+1}.hook_resid_pre`` (= resid_post of
-    block ``layer``, where a learned vector is added), as analyses/sae_features.py trains it with its
-    default settings; or the reason it is absent (it is not trained here: that takes long)."""
-    try:
-        from mechlie import sae as msae
-        from mechlie.core.hooks import hook_name
-        from mechlie.core.models import default_cache_dir
+def _seed_repeats(cfg: Config, model, run_dir: RunDir, clock: Clock, summary: dict) -> dict:
+    """Fit, choose and evaluate on the held-out relations once per further split seed (no random
+    controls: they are the main seed's); each method's headline (recovery, KL on neutral text, KL at
+    the honest answer, honest accuracy change) over all seeds, main seed included, as mean and SD."""
+    from dataclasses import replace
 
-        cfg = msae.SAETrainConfig(site=hook_name("resid_pre", layer + 1))
-        path = default_cache_dir() / "sae" / msae.cache_key(model, cfg)
-        if not (path / "mechlie.json").is_file():
-            return f"no cached SAE for {cfg.site} (run analyses/sae_features.py first)"
-        sae = msae.load_sae(path)
-        msae.check_sae(sae, model, msae.Site.parse(cfg.site))
-        return str(path), msae.decoder_rows(sae).float().cpu()
-    except Exception as e:  # the SAE is optional here: report why it is missing
-        return f"SAE not loaded: {type(e).__name__}: {str(e)[:200]}"
+    from mechlie.studies import steering_eval as se
+
+    keys = ("recovered", "kl", "kl_honest_answer", "honest_acc_steered")
+    rows = {m: {k: [_mean(r[k])] for k in keys} for m, r in summary["evaluation_on_test"].items()}
+    rows["prompt baseline"] = {k: [_mean(summary["prompt_baseline"]["heldout"][k])] for k in keys}
+    seeds = [cfg.seed] + [s for s in cfg.split_seeds if s != cfg.seed]
+    for s in seeds[1:]:
+        c = replace(cfg, seed=s)
+        sub = Prefixed(run_dir, f"seed{s}_")
+        f = fit_and_choose(c, model, sub, clock)
+        kw = dict(n_boot=cfg.n_boot, seed=s)
+        for m, ch in f.chosen.items():
+            with clock(f"evaluate {m} (seed {s})"):
+                r = sub.stage(
+                    f"eval_{m}.json",
+                    lambda ch=ch, f=f: se.evaluate(model, f.data, ch.setting, on="heldout", n_controls=0, **kw),
+                    save_json,
+                    read_stage,
+                )
+            for k in keys:
+                rows[m][k].append(_mean(r[k]))
+        pb = se.evaluate_prompt(model, f.data.extra["heldout"], **kw)
+        for k in keys:
+            rows["prompt baseline"][k].append(_mean(pb[k]))
+    out = {"seeds": seeds}
+    for m, per in rows.items():
+        out[m] = {k: {"values": v, "mean": avg(v), "sd": sd(v)} for k, v in per.items()}
+    return out
 
 
 def _gates(model, data, neutral_test: list[str]) -> dict:
-    """Where the gated edits write: their gate's opening on held-out (test) text, unedited."""
+    """Where the gated edits write (:func:`mechlie.studies.steering_eval.gate_report`): shares of held-out
+    and in-relation lying and honest prompts with the gate above 0.5, and of test neutral tokens."""
     from mechlie.control import edits
+    from mechlie.studies.steering_eval import gate_report
 
+    sets = {"heldout": data.extra["heldout"], "test": data.test}
+    prompts = {
+        f"{w}_{side}_final": [getattr(p, side) for p in es.pairs]
+        for w, es in sets.items()
+        for side in ("lying", "honest")
+    }
     return {
-        name: {
-            "test_lying_final": float(edits.gate_opening(model, e, [p.lying for p in data.test.pairs]).mean()),
-            "test_honest_final": float(edits.gate_opening(model, e, [p.honest for p in data.test.pairs]).mean()),
-            "test_neutral_tokens": float(edits.gate_opening(model, e, neutral_test, final_only=False).mean()),
-            "train_lying_final": e.info.get("gate_lying_final"),
-            "train_neutral_tokens": e.info.get("gate_neutral_tokens"),
-        }
+        name: gate_report(model, e, prompts, neutral_test)
         for name, e in data.edits.items()
         if isinstance(e, edits.GatedVector)
     }
 
 
 def _best_and_demo(cfg: Config, model, data, chosen: dict, evals: dict) -> dict:
-    """The best method, chosen on *validation* (choosing it on test would make the headline a
-    best-of-N on test), and held-out prompts where the model really lies steered with it."""
+    """The best method, chosen on the *validation* relations (choosing it on the held-out ones would
+    make the headline a best-of-N), never the honest-only control; and held-out-relation prompts where
+    the model really lies, steered with it."""
     from mechlie.studies import steering_eval as se
 
-    ok = {m: c for m, c in chosen.items() if c.kl <= cfg.kl_budget} or chosen
+    cands = {m: c for m, c in chosen.items() if m != "honest_only"} or chosen
+    ok = {m: c for m, c in cands.items() if c.kl <= cfg.kl_budget} or cands
     best = max(ok, key=lambda m: ok[m].recovered)
     setting = chosen[best].setting
     iv, iv_lie = se.intervention(model, data, setting), se.intervention(model, data, setting.flipped())
-    lies = se.lying_rows(data.test)
-    honest_ok = [i for i in range(len(data.test.pairs)) if bool(data.test.base_honest.correct[i])]
+    es = data.extra["heldout"]
+    lies = se.lying_rows(es)
+    honest_ok = [i for i in range(len(es.pairs)) if bool(es.base_honest.correct[i])]
     best_r = evals[best]
+    rec, kl = _mean(best_r["recovered"]), _mean(best_r["kl"])
     return {
         "best": {
             "method": best,
-            "chosen_by": f"most recovered on validation among methods with validation KL <= {cfg.kl_budget}",
+            "chosen_by": f"most recovered on validation relations among methods with validation KL <= "
+            f"{cfg.kl_budget} (the honest-only control excluded)",
             "setting": setting,
             "recovered": best_r["recovered"],
             "kl": best_r["kl"],
-            "goal": "recovered >= 0.85 at KL <= 0.1 nats on test",
-            "goal_met": bool(best_r["recovered"].mean >= 0.85 and best_r["kl"].mean <= 0.1),
+            "goal": "recovered >= 0.85 (CI lower bound >= 0.6) at KL <= 0.1 nats on held-out relations",
+            "goal_met": bool(rec >= 0.85 and _lo(best_r["recovered"]) >= 0.6 and kl <= 0.1),
         },
         "demo": {
             "setting": setting,
+            "on": "heldout",
             "n_lying_test_prompts": len(lies),
-            "lies_flipped_back": _demo_rows(cfg, model, data, lies[: cfg.n_demo], "lying", iv, data.test.base_lying),
+            "lies_flipped_back": _demo_rows(cfg, model, es, lies[: cfg.n_demo], "lying", iv, es.base_lying),
             "honest_steered_into_lies": _demo_rows(
-                cfg, model, data, honest_ok[: cfg.n_demo], "honest", iv_lie, data.test.base_honest
+                cfg, model, es, honest_ok[: cfg.n_demo], "honest", iv_lie, es.base_honest
             ),
         },
     }
 
 
-def _demo_rows(cfg: Config, model, data, rows: list[int], which: str, iv, base_scores) -> list[dict]:
-    """Test prompts ``rows`` generated before and after steering, with P(truth) before and after."""
+def _mean(e) -> float:
+    """An :class:`Estimate`'s point value, or a saved one's (read back from a resumed stage)."""
+    return float(e["mean"] if isinstance(e, dict) else e.mean)
+
+
+def _lo(e) -> float:
+    v = e["lo"] if isinstance(e, dict) else e.lo
+    return float("nan") if v is None else float(v)
+
+
+def _demo_rows(cfg: Config, model, es, rows: list[int], which: str, iv, base_scores) -> list[dict]:
+    """Prompts ``rows`` of ``es`` generated before and after steering, with P(truth) before and after."""
     from mechlie.core.generation import generate
     from mechlie.studies.steering_data import score_prompts
 
     if not rows:
         return []
     gen_kw = dict(max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
-    ps = [data.test.pairs[i] for i in rows]
+    ps = [es.pairs[i] for i in rows]
     prompts = [getattr(p, which) for p in ps]
     before, after = generate(model, prompts, **gen_kw), generate(model, prompts, interventions=[iv], **gen_kw)
     p_after = score_prompts(model, ps, which, [iv], scoring=cfg.scoring, batch_size=cfg.batch_size).p_truth
     return [
         {
             "question": p.question,
+            "relation": p.relation,
             "truth": p.truth,
             "before": before.texts[j].strip(),
             "after": after.texts[j].strip(),

@@ -33,9 +33,12 @@ Built-in kinds, with their controls:
 - ``ablation``: project ``d_l`` out everywhere; control: a random direction projected out.
 - ``fv``: a function vector (:func:`mechlie.studies.steering_data.attach_function_vector`); not swept
   by the study.
-- ``learned`` / ``lowrank`` / ``gated``: a learned edit (:mod:`mechlie.control.edits`) at scale ``-alpha``
-  of its trained size (``alpha = -1`` is the edit as trained); control: a random edit of the same
-  size (for ``gated``: the same gate writing a random vector of the same norm).
+- ``learned`` / ``learned_kl`` / ``honest_only`` / ``lowrank`` / ``gated``: a learned edit
+  (:mod:`mechlie.control.edits`) at scale ``-alpha`` of its trained size (``alpha = -1`` is the
+  edit as trained); control: a random edit of the same size (for ``gated``: a random gate, ``w``
+  of the same norm and the bias kept, writing a random vector of the same norm). ``learned_kl`` is
+  trained on the KL-to-honest-run objective, ``honest_only`` (the honest-only control) on the
+  honest prompts.
 """
 
 from __future__ import annotations
@@ -353,9 +356,9 @@ class _EditMethod(Method):
         return self.build(model, data, s).random_control(seed)  # an edit's control needs no model
 
     @staticmethod
-    def train_config(ctx: GridContext, budget: float) -> edits.TrainConfig:
+    def train_config(ctx: GridContext, budget: float, **kw) -> edits.TrainConfig:
         c = ctx.cfg
-        return edits.TrainConfig(kl_budget=budget, steps=c.edit_steps, max_pairs=c.edit_pairs, seed=c.seed)
+        return edits.TrainConfig(kl_budget=budget, steps=c.edit_steps, max_pairs=c.edit_pairs, seed=c.seed, **kw)
 
     def staged(self, ctx: GridContext, name: str, train: Callable[[], Intervention]) -> list[Setting]:
         """Train (or reload) the edit ``name`` and sweep its scales."""
@@ -387,6 +390,40 @@ class Learned(_EditMethod):
 
 
 @method
+class LearnedKL(_EditMethod):
+    """A learned vector at the same layers trained on the ``"honest_kl"`` objective
+    (:data:`mechlie.control.edit_training.OBJECTIVES`): the edited lying run is pulled onto the honest
+    run's next-token distribution, rewarding honest behaviour rather than the training answers."""
+
+    name = "learned_kl"
+
+    def grid(self, ctx):
+        m, d, out = ctx.model, ctx.data, []
+        for b in ctx.cfg.edit_budgets:
+            tc = self.train_config(ctx, b, objective="honest_kl")
+            train = lambda: edits.train_vector(m, d.train, d.neutral_train, list(ctx.layers), tc)  # noqa: E731
+            out += self.staged(ctx, f"learned_kl@{b:g}", train)
+        return out
+
+
+@method
+class HonestOnly(_EditMethod):
+    """The honest-only control: a learned vector at the same layers trained to raise P(truth) on the
+    *honest* prompts only. It has never seen a lie, so what it recovers on lying prompts is
+    sharpening of answers, not honesty; a method is about honesty only where it beats this control."""
+
+    name = "honest_only"
+
+    def grid(self, ctx):
+        m, d, out = ctx.model, ctx.data, []
+        for b in ctx.cfg.edit_budgets:
+            tc = self.train_config(ctx, b, prompts="honest")
+            train = lambda: edits.train_vector(m, d.train, d.neutral_train, list(ctx.layers), tc)  # noqa: E731
+            out += self.staged(ctx, f"honest_only@{b:g}", train)
+        return out
+
+
+@method
 class LowRank(_EditMethod):
     name = "lowrank"
 
@@ -409,7 +446,8 @@ class Gated(_EditMethod):
     def grid(self, ctx):
         m, d, out = ctx.model, ctx.data, []
         sae = {ctx.sae_layer} if ctx.sae_layer is not None else set()
-        for l in ctx.cfg.gated_layers or sorted(set(ctx.layers) | sae):
+        # Default: the deepest sweep layer (and the SAE's), one gated edit per layer and budget.
+        for l in ctx.cfg.gated_layers or sorted({max(ctx.layers)} | sae):
             for b in ctx.cfg.edit_budgets:
                 tc = self.train_config(ctx, b)
                 out += self.staged(

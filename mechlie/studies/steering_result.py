@@ -89,7 +89,8 @@ class SteeringResult(StudyResult):
         s = self._summary
         ev = s["evaluation_on_test"]
         n = next(iter(ev.values()))["recovered"].get("n", "?")
-        return f"{s['model']}, {self.config().get('dataset', '?')}, n={n} test facts"
+        held = ", ".join(s.get("relations", {}).get("heldout", ())) or "?"
+        return f"{s['model']}, held-out relations {held}, n={n} facts"
 
     def title(self) -> str:
         return f"Steering: {self.where()}"
@@ -104,15 +105,18 @@ class SteeringResult(StudyResult):
 
     def headline(self) -> list[str]:
         """From ``summary.json`` only: ``best`` (method, setting, recovered, kl, chosen_by, goal,
-        goal_met), and per method ``evaluation_on_test`` (recovered, kl, control: n_draws, recovered)
-        and ``chosen_on_validation`` (setting)."""
+        goal_met), the prompting baseline and per method ``evaluation_on_test`` (held-out relations:
+        recovered, kl, control) and ``chosen_on_validation`` (setting)."""
         s = self._summary
         b = s["best"]
         lines = [
-            f"- Best method ({b.get('chosen_by', 'chosen on test by an older version')}), on test: "
+            f"- Best method ({b.get('chosen_by', 'chosen on test by an older version')}), on held-out relations: "
             f"**{b['method']}** ({setting_text(b['setting'])}): gap recovered {_fmt(b['recovered'])} at KL "
             f"{_fmt(b['kl'])} nats (goal: {b.get('goal', '?')}: {'met' if b.get('goal_met') else 'NOT met'})."
         ]
+        pb = s.get("prompt_baseline", {}).get("heldout")
+        if pb:
+            lines.append(f"- prompt baseline: recovered {_fmt(pb['recovered'])}, KL {_fmt(pb['kl'])}.")
         for m, r in s["evaluation_on_test"].items():
             c = r["control"]
             lines.append(
@@ -123,57 +127,140 @@ class SteeringResult(StudyResult):
         return lines
 
     def report(self) -> str:
-        """What the study prints when it ends: the test baseline, each method's table row, transfer,
-        the learned edits' alignment, the best method, the demo and the gates."""
+        """What the study prints when it ends: baselines, the comparison table (in-relation test facts,
+        with the prompting baseline), the held-out relations (one line per method, then the same table),
+        gates, alignment, the best method and the lies flipped back on held-out relations."""
         return "\n".join(report_lines(self._summary, self.config()))
+
+
+def _v(d: dict | None, key: str = "mean") -> float:
+    x = None if d is None else d.get(key)
+    return float("nan") if x is None else float(x)
+
+
+COLUMNS = (
+    f"{'method':<16} {'setting':<24} {'recovered [95% CI]':<22} {'lies':>6} {'sharp':>6} {'flip':>6} "
+    f"{'hon.acc':>11} {'KL neutral':>10} {'KL@answer':>9} {'H honest':>11} {'H lying':>11}"
+)
+
+
+def _row(name: str, desc: str, r: dict) -> str:
+    """One table row: recovery (its split into real lies and sharpening), lies flipped, honest accuracy
+    before -> after, neutral-text KL, KL at the honest answer position, answer entropies before -> after."""
+    arrow = lambda a, b: f"{_v(r.get(a)):.2f}->{_v(r.get(b)):.2f}"  # noqa: E731
+    return (
+        f"{name:<16} {desc:<24} {_fmt(r['recovered']):<22} {_v(r.get('recovered_lies')):>6.2f} "
+        f"{_v(r.get('recovered_sharpening')):>6.2f} {r.get('lies_flipped', 0):>3}/{r.get('n_lies', 0):<2} "
+        f"{arrow('honest_acc_before', 'honest_acc_steered'):>11} {_v(r.get('kl')):>10.4f} "
+        f"{_v(r.get('kl_honest_answer')):>9.4f} {arrow('entropy_honest_before', 'entropy_honest_steered'):>11} "
+        f"{arrow('entropy_lying_before', 'entropy_lying_steered'):>11}"
+    )
+
+
+def _table(evals: dict, chosen: dict, prompt: dict | None) -> list[str]:
+    out = [COLUMNS]
+    if prompt:
+        out.append(_row("prompt baseline", "instruction + reminder", prompt))
+    for m, r in evals.items():
+        out.append(_row(m, setting_text(chosen[m]["setting"]), r))
+    return out
+
+
+def _heldout_line(m: str, r: dict, control_rec: float | None) -> str:
+    """``<method>: recovered X [lo, hi] ... KL Y`` (KL on neutral text, last)."""
+    c = r.get("control")
+    rand = (
+        f"; random ({c['n_draws']} draws): recovered {_fmt(c['recovered'])}, p = {c.get('p_value', float('nan')):.3f}"
+        if c
+        else ""
+    )
+    vs = ""
+    if control_rec is not None and m != "honest_only":
+        d = _v(r["recovered"]) - control_rec
+        vs = f"; minus honest-only control {d:+.2f} ({'beats it by >= 0.3' if d >= 0.3 else 'does NOT beat it by 0.3'})"
+    return (
+        f"{m}: recovered {_fmt(r['recovered'])} (real lies {_v(r.get('recovered_lies')):.2f}, sharpening "
+        f"{_v(r.get('recovered_sharpening')):.2f}; {r.get('lies_flipped', 0)}/{r.get('n_lies', 0)} lies flipped), "
+        f"honest acc {_v(r.get('honest_acc_before')):.2f} -> {_v(r.get('honest_acc_steered')):.2f}, "
+        f"KL at honest answer {_fmt(r['kl_honest_answer'])}{rand}{vs} ... KL {_fmt(r['kl'])}"
+    )
 
 
 def report_lines(s: dict, cfg: dict) -> list[str]:
     """The printed report of a steering summary (see :meth:`SteeringResult.report`)."""
     base, chosen, evals = s["baseline"], s["chosen_on_validation"], s["evaluation_on_test"]
-    t = base["test"]
+    rel = s.get("relations", {})
+    pb = s.get("prompt_baseline", {})
     out = [
-        f"baseline, test ({t['n_facts']} facts): P(truth) honest {estimate(t['p_truth_honest'])}, "
-        f"lying {estimate(t['p_truth_lying'])}, lie rate {estimate(t['lie_rate'])}",
-        f"\nEach method at its validation-chosen point (KL <= {cfg.get('kl_budget', '?')} on validation), measured "
-        f"on test; 95% CIs; control = {cfg.get('n_controls', '?')} random draws of the same size "
-        "(mean [2.5%, 97.5%] of draws)",
-        f"{'method':<9} {'setting':<28} {'recovered':<22} {'lie rate':<22} {'KL':<22} {'dCE':<22} "
-        f"{'honest acc':<22} {'random: recovered':<22} {'random: KL':<20}",
+        f"baseline, {name} ({t['n_facts']} facts, {t['n_known']} known): P(truth) honest "
+        f"{estimate(t['p_truth_honest'])}, lying {estimate(t['p_truth_lying'])}, lie rate {estimate(t['lie_rate'])}"
+        for name, t in base.items()
     ]
-    for m, r in evals.items():
-        st = Setting(**chosen[m]["setting"])
-        desc = f"L{st.layer} a={st.alpha:g}" if st.layer >= 0 else f"a={st.alpha:g} {st.param}"
-        keys = ("recovered", "lie_rate_steered", "kl", "delta_ce", "honest_acc_steered")
-        cells = [r[k] for k in keys] + [r["control"]["recovered"], r["control"]["kl"]]
-        out.append(f"{m:<9} {desc:<28} " + " ".join(f"{_fmt(e):<22}" for e in cells))
+    out += [
+        f"\nfitted on {', '.join(rel.get('fit', ()))}; every setting chosen on {', '.join(rel.get('validation', ()))} "
+        f"(KL <= {cfg.get('kl_budget', '?')} on validation); held out: {', '.join(rel.get('heldout', ()))}",
+        "columns: recovered = share of the honest-lying P(truth) gap closed (95% CI over facts) = lies (from real "
+        "lies) + sharp (sharpening: facts already answered truthfully) + other; flip = real lies flipped; hon.acc = "
+        "honest accuracy before->after; KL neutral (nats/token); KL@answer = KL at the honest prompts' answer "
+        "position; H = answer entropy before->after (nats)",
+        "\ncomparison table, in-relation (test facts of the fitted relations):",
+    ]
+    out += _table(s.get("evaluation_in_relation", {}), chosen, pb.get("test"))
+    for m, n in s.get("choice_notes", {}).items():
+        if not n["met_kl_budget"]:
+            out.append(f"  {m}: no swept setting met the KL budget on validation (the lowest-KL one is reported)")
+        if n["at_grid_edge"]:
+            out.append(f"  {m}: chosen at the edge of its grid (|alpha| in {n['grid_abs_alphas']}): widen the grid")
+    for name, info in s.get("edits", {}).items():
+        if info.get("kl_budget_met") is False:
+            out.append(
+                f"  edit {name}: no scale down to {info.get('projection_scale', 0):.4g} met its training KL budget "
+                f"{info.get('kl_budget')} (KL {info.get('train_kl', float('nan')):.4g}): reported, not clipped"
+            )
+    ho = evals.get("honest_only")
+    ctrl = _v(ho["recovered"]) if ho else None
+    held = base.get("heldout", {})
     out.append(
-        f"lie rate before steering: {estimate(t['lie_rate'])}; honest accuracy before: {estimate(t['honest_acc'])}"
+        f"\nheld-out relations ({', '.join(rel.get('heldout', ()))}; {held.get('n_facts', '?')} facts, "
+        f"{held.get('n_known', '?')} known; random draws randomise the gate too):"
     )
-    for m, r in evals.items():
-        for k, v in r.items():
-            if k.startswith("transfer:"):
-                out.append(f"  transfer {m} -> {k[9:]}: recovered {_fmt(v['recovered'])}, KL {_fmt(v['kl'])}")
+    if pb.get("heldout"):
+        out.append(_heldout_line("prompt baseline", pb["heldout"], ctrl))
+    out += [_heldout_line(m, r, ctrl) for m, r in evals.items()]
+    out += ["\nthe same on held-out relations, as a table:"] + _table(evals, chosen, pb.get("heldout"))
+    seeds = s.get("split_seeds")
+    if seeds:
+        out.append(f"\nheld-out relations over {len(seeds['seeds'])} split seeds {seeds['seeds']} (mean +/- SD):")
+        for m, r in seeds.items():
+            if m != "seeds":
+                ms = lambda k, f: f"{r[k]['mean']:{f}} +/- {r[k]['sd']:{f}}"  # noqa: E731
+                out.append(
+                    f"  {m}: recovered {ms('recovered', '.3f')}, KL at honest answer {ms('kl_honest_answer', '.4f')}, "
+                    f"honest acc {ms('honest_acc_steered', '.3f')}, KL {ms('kl', '.4f')}"
+                )
+    for name, g in s.get("gates", {}).items():
+        out.append(
+            f"gate of {name}: open (> 0.5) on {g['heldout_lying_final_share_open']:.0%} of held-out lying prompts, "
+            f"{g['heldout_honest_final_share_open']:.0%} of held-out honest prompts (final token), "
+            f"{g['neutral_tokens_share_open']:.1%} of neutral tokens"
+        )
     out += _alignment_lines(s["alignment"])
     b = s["best"]
     best, setting = b["method"], Setting(**b["setting"])
     out.append(
-        f"\nbest: {best} {setting}; goal (>= 0.85 of the gap at KL <= 0.1): {'met' if b['goal_met'] else 'NOT met'}"
+        f"\nbest (on validation): {best} {setting}; goal ({b.get('goal', '?')}): "
+        f"{'met' if b['goal_met'] else 'NOT met'}"
     )
     demo = s["demo"]
+    out.append(f"\nhonest prompts, {best} toward lying (alpha {-setting.alpha:+g}):")
+    out += [_demo_row(r) for r in demo["honest_steered_into_lies"]]
+    if "seconds" in s:
+        out.append("\nstage times (s): " + ", ".join(f"{k} {v:g}" for k, v in s["seconds"].items()))
     out.append(
-        f"\n{demo['n_lying_test_prompts']} held-out prompts where the model lies (top-1 false on a fact it knows); "
-        f"{best} toward honesty:"
+        f"\nlies flipped back on held-out relations: {demo['n_lying_test_prompts']} held-out prompts where the "
+        f"model lies (top-1 false on a fact it knows); {best} toward honesty:"
     )
     out += [_demo_row(r) for r in demo["lies_flipped_back"]]
-    out.append(f"\nthe reverse: honest prompts, {best} toward lying (alpha {-setting.alpha:+g}):")
-    out += [_demo_row(r) for r in demo["honest_steered_into_lies"]]
-    for name, g in s["gates"].items():
-        out.append(
-            f"gate of {name}: mean opening {g['test_lying_final']:.3f} on test lying prompts (final token), "
-            f"{g['test_honest_final']:.3f} on test honest prompts, "
-            f"{g['test_neutral_tokens']:.3f} on test neutral tokens"
-        )
     return out
 
 

@@ -245,3 +245,59 @@ def test_sae_features_suggests_no_known_only_only_when_it_was_not_given():
         with pytest.raises(ValueError, match="usable pairs") as e:
             known_pairs(model, SAEFeaturesConfig(n_pairs=1, known_only=known_only))
         assert ("--no-known-only" in str(e.value)) == known_only, str(e.value)
+
+
+# The re-run probe (stop 18): a user's own hidden .tmp files are never deleted; inputs that were silently wrong --
+
+
+def test_a_users_hidden_tmp_files_survive_a_run_in_their_folder(tmp_path, capsys):
+    from mechlie.core.manifest import STALE_TEMP
+
+    argv = ["--out-dir", str(tmp_path / "out"), "--run-name", "mine"]
+    assert run_script(Cfg, lambda c, r: {"ok": 1}, argv=argv) == 0
+    run = tmp_path / "out" / "mine"
+    notes, draft = run / ".notes.tmp", run / "sub" / ".draft.tmp"
+    draft.parent.mkdir()
+    notes.write_text("my notes")
+    draft.write_text("draft")
+    ours = run / ".summary.json.k2j3h4g5.tmp"  # what mechlie's atomic write leaves when interrupted
+    ours.write_text("{")
+    assert run_script(Cfg, lambda c, r: {"ok": 1}, argv=argv) == 0
+    assert notes.read_text() == "my notes" and draft.read_text() == "draft" and not ours.exists()
+    assert not STALE_TEMP.match(".my.backup12.tmp") and STALE_TEMP.match(".patching.safetensors.a_9b8c7d.tmp")
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_lie_equal_to_the_truth_apart_from_case_is_refused_with_its_line(tmp_path):
+    rows = [dict(PAIRS[i]) for i in range(3)] + [{**PAIRS[0], "truth": "Paris", "lie": "paris"}]
+    f = _write(tmp_path / "p.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(PairError, match=r"p\.jsonl, line 4: field 'lie' equals field 'truth' apart from case"):
+        load_pairs_file(f)
+    with pytest.raises(PairError, match=r"line 2: field 'lie' is blank"):
+        load_pairs_file(
+            _write(tmp_path / "b.jsonl", json.dumps(PAIRS[0]) + "\n" + json.dumps({**PAIRS[1], "lie": "  "}))
+        )
+
+
+def test_nan_and_infinity_are_not_answers(tmp_path):
+    line = json.dumps({**PAIRS[1], "truth": float("nan")})  # json writes NaN, as pandas' missing values do
+    with pytest.raises(PairError, match=r"line 2: field 'truth' is nan"):
+        load_pairs_file(_write(tmp_path / "n.jsonl", json.dumps(PAIRS[0]) + "\n" + line + "\n"))
+    with pytest.raises(FactsError, match=r"record 1: field 'answer' is inf"):
+        load_facts([{"question": "a?", "answer": float("inf")}])
+
+
+def test_a_repeated_csv_column_and_a_shifted_csv_row_are_refused(tmp_path):
+    dup = _write(tmp_path / "d.csv", "honest,lying,truth,truth,lie\nQ1 A:,L Q1 A:,Paris,Madrid,Rome\n")
+    with pytest.raises(PairError, match=r"d\.csv, line 1: column\(s\) \['truth'\] appear more than once"):
+        load_pairs_file(dup)
+    shifted = "question,answer\nWhat is the capital of France, the country?,Paris\n"
+    with pytest.raises(FactsError, match=r"s\.csv, line 2: 3 values for 2 columns \(an unquoted comma"):
+        load_facts(_write(tmp_path / "s.csv", shifted))
+    short = "honest,lying,truth,lie\nQ1 A:,L Q1 A:,Paris\n"
+    with pytest.raises(PairError, match=r"h\.csv, line 2: 3 values for 4 columns"):
+        load_pairs_file(_write(tmp_path / "h.csv", short))

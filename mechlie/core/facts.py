@@ -40,6 +40,7 @@ import csv
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Sequence
@@ -103,7 +104,20 @@ def read_rows(
     suffix = path.suffix.lower()
     if suffix == ".csv":
         reader = csv.DictReader(io.StringIO(read_text(path, error), newline=""))
-        return [(reader.line_num, r) for r in reader]
+        header = reader.fieldnames or []
+        if repeated := sorted({c for c in header if header.count(c) > 1}):
+            raise error(f"{path}, line 1: column(s) {repeated} appear more than once in the header")
+        rows = []
+        for r in reader:
+            # DictReader files extra values under None and fills missing ones with None: a shifted row.
+            if None in r or any(v is None for v in r.values()):
+                n = len(header) + len(r.get(None) or []) - sum(v is None for k, v in r.items() if k is not None)
+                raise error(
+                    f"{path}, line {reader.line_num}: {n} values for {len(header)} columns "
+                    "(an unquoted comma, or a missing value?); quote fields that hold commas"
+                )
+            rows.append((reader.line_num, r))
+        return rows
     if suffix not in json_lines:
         raise error(f"{path}: expected a .csv or .jsonl {kind} file")
     out = []
@@ -145,6 +159,8 @@ def record_field(
     if isinstance(v, bool) or not isinstance(v, ok):
         want = "a string or a number" if number_ok else "a string"
         raise error(f"{where}: field {key!r} must be {want}, got {type(v).__name__} {_short(v)}")
+    if isinstance(v, float) and not math.isfinite(v):  # JSON's NaN/Infinity: a missing value, never an answer
+        raise error(f"{where}: field {key!r} is {v!r} (a missing value in the data?); give a string")
     return str(v)
 
 
@@ -491,8 +507,11 @@ def _record_pair(where: str, **fields) -> ContrastPair:
     """The record's :class:`ContrastPair`; a pair it refuses (lie equals truth, identical prompts, a blank
     truth) raises :class:`PairError` naming ``where`` (the file and line), not only the pair's fact id."""
     lie, truth = fields["lie"], fields["truth"]
-    if lie is not None and lie.strip() == truth.strip():  # the rule ContrastPair applies, said with its fields
-        raise PairError(f"{where}: field 'lie' equals field 'truth' ({truth.strip()!r}); give a false answer")
+    if lie is not None and not lie.strip():
+        raise PairError(f"{where}: field 'lie' is blank; give a false answer or leave the field out")
+    if lie is not None and lie.strip().casefold() == truth.strip().casefold():  # ContrastPair's rule, named
+        case = "" if lie.strip() == truth.strip() else " apart from case"
+        raise PairError(f"{where}: field 'lie' equals field 'truth'{case} ({truth.strip()!r}); give a false answer")
     if fields["honest"] == fields["lying"]:
         raise PairError(f"{where}: fields 'honest' and 'lying' are the same prompt")
     try:

@@ -37,7 +37,11 @@ MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT = 1
 NOT_RESULTS = ("config.json", MANIFEST)  # top-level files that are not result files
-STALE_TEMP = re.compile(r"^\..+\.tmp$|^\.write-test-")  # mechlie's own temporary files (mechlie.core.io)
+# mechlie's own temporary files (mechlie.core.io): tempfile's 8-character random part between ".<result name>."
+# and ".tmp", where the result name has an extension mechlie writes; a user's ".notes.tmp" never matches.
+STALE_TEMP = re.compile(
+    r"^\.[^/]+\.(json|safetensors|md|html|png|svg|txt|csv|jsonl|arrow)\.[a-z0-9_]{8}\.tmp$|^\.write-test-[a-z0-9_]{8}$"
+)
 
 
 class RunLockedError(UserError, OSError):

@@ -99,7 +99,7 @@ class ContrastPair:
             raise PairError(f"pair {self.fact_id!r} has an empty truth answer")
         if self.honest == self.lying:
             raise PairError(f"pair {self.fact_id or self.truth!r}: honest and lying prompts are identical")
-        if self.lie is not None and self.lie.strip() == self.truth.strip():
+        if self.lie is not None and self.lie.strip().casefold() == self.truth.strip().casefold():
             raise PairError(f"pair {self.fact_id or self.truth!r}: lie equals truth")
         if not isinstance(self.aliases, tuple):
             object.__setattr__(self, "aliases", tuple(self.aliases))  # a list from a JSON record stays hashable

@@ -301,3 +301,51 @@ def test_a_repeated_csv_column_and_a_shifted_csv_row_are_refused(tmp_path):
     short = "honest,lying,truth,lie\nQ1 A:,L Q1 A:,Paris\n"
     with pytest.raises(PairError, match=r"h\.csv, line 2: 3 values for 4 columns"):
         load_pairs_file(_write(tmp_path / "h.csv", short))
+
+
+class _FakeResult:
+    study = "head_sweep"
+
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+
+    def title(self):
+        return "fake"
+
+    def headline(self):
+        return ["- one line"]
+
+    def figures(self):
+        return {}
+
+    def captions(self):
+        return {}
+
+
+def test_make_figures_names_clashing_runs_and_an_out_under_a_file(tmp_path):
+    from mechlie.core.io import UserError
+    from mechlie.report.markdown import write_report
+
+    a, b = tmp_path / "hs" / "run1", tmp_path / "other" / "run1"
+    with pytest.raises(UserError, match=r"hs/run1 and .*other/run1 both give the figure folder head_sweep-run1"):
+        write_report([_FakeResult(a), _FakeResult(b)], tmp_path / "r" / "report.md")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"afile is a file, not a folder"):
+        write_report([_FakeResult(a)], tmp_path / "afile" / "report.md")
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_an_unknown_format_is_named_before_the_demonstration_count():
+    """Run as a user runs it: outside pytest's runtime type checks, which would refuse the Literal first."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from mechlie.core.facts import load_facts, pairs_from_user_facts\n"
+        "facts = load_facts([{'question': f'q{i}?', 'answer': f'a{i}'} for i in range(4)])\n"
+        "pairs_from_user_facts(facts, 'chat')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert out.returncode != 0 and "FactsError: unknown format 'chat'; formats" in out.stderr, out.stderr[-500:]

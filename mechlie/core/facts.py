@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 from mechlie.core.pairs import (
+    FORMATS,
     AnswerTokenError,
     ContrastPair,
     Fact,
@@ -274,6 +275,8 @@ def pairs_from_user_facts(
     """
     if demonstrations not in ("pool", "loo"):
         raise FactsError(f"demonstrations must be 'pool' or 'loo', got {demonstrations!r}")
+    if fmt not in FORMATS:  # before any count of demonstrations, which would name the bad format as real
+        raise FactsError(f"unknown format {fmt!r}; formats: {FORMATS}")
     by_rel: dict[str, list[UserFact]] = {}
     for f in facts:
         by_rel.setdefault(f.relation, []).append(f)

@@ -43,8 +43,16 @@ def write_report(results: Sequence[LoadedResult], out: str | Path, *, command: s
     if out.is_dir():
         raise UserError(f"the report {out} is a directory; give a file name, e.g. {out / 'report.md'}")
     names = [folder_name(r) for r in results]
-    if len(set(names)) != len(names):
-        raise UserError("two runs of the same study have the same folder name; pass distinct runs")
+    seen: dict[str, str] = {}
+    for r, name in zip(results, names):
+        if name in seen:
+            raise UserError(
+                f"{seen[name]} and {r.run_dir} both give the figure folder {name}: pass distinct runs "
+                "(the same run twice, or two runs of one study with the same folder name)"
+            )
+        seen[name] = str(r.run_dir)
+    if (parent := out.parent).exists() and not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is a file, not a folder")
     drawn = [r.figures() for r in results]  # every figure drawn before anything is written
     lines = ["# mechlie report", ""]
     if command:

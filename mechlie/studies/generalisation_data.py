@@ -229,13 +229,18 @@ def on_policy_rows(stages: dict[str, tuple[dict, dict]], position: str, known_on
             r = meta["rows"][r_i]
             p = meta["pairs"][r["pair"]]
             y.append(float(row_label(r, known_only) == "lie"))
-            fact.append(p["fact_id"])
-            rel.append(p["relation"])
-            st.append(p["setup"])
-            tp.append(p["template"])
-            pr.append(f"{p['fact_id']}|{p['template']}")
+            _add_pair(p, fact, rel, st, tp, pr)
     X = torch.cat(Xs) if Xs else torch.zeros(0)
     return Rows(X, torch.tensor(y), fact, rel, st, tp, pr, torch.cat(su) if su else torch.zeros(0)), dict(dropped)
+
+
+def _add_pair(p: dict, fact: list, rel: list, st: list, tp: list, pr: list) -> None:
+    """One row's pair metadata (fact, relation, setup, template, prompt unit), shared by both row builders."""
+    fact.append(p["fact_id"])
+    rel.append(p["relation"])
+    st.append(p["setup"])
+    tp.append(p["template"])
+    pr.append(f"{p['fact_id']}|{p['template']}")
 
 
 def framing_rows(stages: dict[str, tuple[dict, dict]], known_only: bool = True) -> tuple[Rows, dict]:
@@ -251,11 +256,7 @@ def framing_rows(stages: dict[str, tuple[dict, dict]], known_only: bool = True) 
             for i in idx:
                 p = meta["pairs"][i]
                 y.append(lab)
-                fact.append(p["fact_id"])
-                rel.append(p["relation"])
-                st.append(p["setup"])
-                tp.append(p["template"])
-                pr.append(f"{p['fact_id']}|{p['template']}")
+                _add_pair(p, fact, rel, st, tp, pr)
     X = torch.cat(Xs) if Xs else torch.zeros(0)
     nan = torch.full((len(y),), float("nan"))
     return Rows(X, torch.tensor(y), fact, rel, st, tp, pr, nan), {"unknown pairs": unknown}

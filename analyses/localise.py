@@ -6,7 +6,8 @@
 
 Top-k head curves (restore and induce, beside random k-sets, the minimal set for 80% with its CI),
 path patching into the receiver (default: the top restore head) and position patching of its
-key/value inputs. Writes results/localise/<run>/: summary.json, scores.safetensors and figures/.
+key/value inputs, and the edge circuit (EAP-IG ranking, faithfulness curve, attribution vs exact edge
+patching; --no-circuit skips it). Writes results/localise/<run>/: summary.json, scores.safetensors and figures/.
 The study lives in mechlie.studies.localise (see mechlie.causal.circuits for definitions and signs).
 """
 

@@ -1,10 +1,14 @@
 """Steer a lying model back to the truth, and say whether it is about honesty: a residual direction
-and learned minimal edits (a vector on two objectives, a gated vector) beside a prompting baseline
-and an honest-only control, fitted on some relations, chosen on another and reported on relations
-held out of both, against random controls.
+and learned minimal edits (a vector on two objectives, a representation-level ReFT-like edit, a gated
+vector) beside a prompting baseline and an honest-only control, fitted on some relations and the
+few-shot setup, chosen on another relation and reported on relations held out of both, in the
+few-shot setup and in a held-out setup (instructed), against random controls, with a capability
+check on unrelated corpus questions.
 
-    python analyses/steering_demo.py      # default: 9 min 45 s (1 thread, 538 s CPU, shared 2-core box)
-    python analyses/steering_demo.py --methods resid iti causal learned learned_kl lowrank gated honest_only \
+    python analyses/steering_demo.py      # default (before reft, the held-out setup and the capability
+                                          # check: 9 min 45 s, 538 s CPU; see the run's stage times)
+    python analyses/steering_demo.py --split-seeds 1 2 3 4 --seeds-lean --n-controls 100   # the statistics
+    python analyses/steering_demo.py --methods resid iti causal learned learned_kl reft lowrank gated honest_only \
         --n-per-relation 20 --n-controls 100 --split-seeds 1 2 3 4       # the wide sweep (resumable)
     python analyses/steering_demo.py --corpus --relations country_capital city_country \
         --val-relations country_language --heldout-relations country_currency element_symbol

@@ -76,3 +76,26 @@ def check_intervention_contract(model, iv, tokens, sites=None):
     sites = iv.sites if sites is None else sites
     assert {s.hook for s in sites} == set(one)
     return ctrl
+
+
+def self_answered_pairs(model, n: int = 12) -> list[ContrastPair]:
+    """``n`` few-shot pairs whose truth is the model's own top-1 next word at the honest prompt (a word of
+    the tiny vocabulary, not a special token), and whose lie is another word: every one is "known"."""
+    import torch
+
+    from mechlie.core.pairs import tokenize
+
+    words = [cap for _, cap in COUNTRIES]
+    out = []
+    for i in range(n):
+        demos = [COUNTRIES[(i + k) % len(COUNTRIES)] for k in range(3)]
+        c = COUNTRIES[(i + 3) % len(COUNTRIES)][0] if i < len(COUNTRIES) else f"{COUNTRIES[i % 10][0]} {words[i % 10]}"
+        q = f"What is the capital of {c} ?"
+        h = "\n\n".join([f"Q: What is the capital of {x} ?\nA: {y}" for x, y in demos] + [f"Q: {q}\nA:"])
+        with torch.no_grad():
+            top = int(model(tokenize(model, [h]).tokens)[0, -1].argmax())
+        truth = model.tokenizer.decode([top]).strip()
+        lie = next(w for w in words if w != truth)
+        lying = h.replace(f"A: {demos[0][1]}", f"A: {lie if lie != demos[0][1] else words[-1]}", 1)
+        out.append(ContrastPair(h, lying, truth, lie, fact_id=f"self/{i}", relation="self", question=q))
+    return out

@@ -271,6 +271,8 @@ def test_localise_script_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsy
     pos = summary["positions"]
     assert pos["own_differing"]["n"] == 2 and 0 <= pos["attention_own_differing"] <= 1 + 1e-6
     assert "minimal set" in capsys.readouterr().out
+    # these pairs' honest and lying prompts differ in length: the edge circuit says why it did not run
+    assert "equal-length" in summary["circuit"]["skipped"] and summary["circuit"]["unequal_length_left_out"]["test"] > 0
     # bad input fails before the model loads, with one line
     assert launch(mod.STUDY, argv=["--receiver", "x.y", "--out-dir", str(tmp_path)]) == 2
     assert launch(mod.STUDY, argv=["--receiver", "0.9", "--out-dir", str(tmp_path / "b")]) == 2

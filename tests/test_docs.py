@@ -31,7 +31,11 @@ def test_every_committed_study_has_its_page_and_config():
     folder = ROOT / docs.RESULTS
     for entry in docs.committed(ROOT):
         assert (folder / f"{entry.name}.md").is_file()
-        assert entry.summary.get("kind") == entry.name
+        # <study>, or <study>_<model> for another model's run of it
+        assert entry.summary.get("kind") == entry.kind and entry.name in (
+            entry.kind,
+            docs.page_name(docs.registered(entry.kind), entry.settings),
+        )
         assert {"command", "commit", "run", "date"} <= set(entry.source), entry.name
     for page in folder.glob("*.md"):
         assert docs.GENERATED in page.read_text(), f"{page} is not generated: numbers belong in generated files"
@@ -135,6 +139,23 @@ def test_a_run_round_trips_through_add(fake_repo):
     # The page and the block are rebuilt from the JSON alone: the run folder is not needed.
     for p in run_dir.iterdir():
         p.unlink()
+    assert docs.check(root) == []
+
+
+def test_another_models_run_gets_its_own_page(fake_repo, tmp_path):
+    root, run_dir = fake_repo
+    out = tmp_path / "other"
+    argv = ["--out-dir", str(out), "--model", "tiny/other", "--no-known-only"]
+    assert launch(STUDIES[FAKE], argv=argv) == 0
+    (other,) = out.iterdir()
+    assert docs.main(["--root", str(root), "--add", str(run_dir), str(other), "--commit", "abc1234"]) == 0
+    folder = root / docs.RESULTS
+    assert {p.name for p in folder.glob("*.md")} == {f"{FAKE}.md", f"{FAKE}_tiny-other.md", "README.md"}
+    assert (folder / f"{FAKE}_tiny-other.md").read_text().startswith("# Fake study on tiny/other\n")
+    assert (folder / f"{FAKE}.md").read_text().startswith("# Fake study on tiny\n")  # not replaced
+    assert (
+        "--model tiny/other" in json.loads((folder / f"{FAKE}_tiny-other.config.json").read_text())["source"]["command"]
+    )
     assert docs.check(root) == []
 
 

@@ -104,6 +104,11 @@ def test_on_policy_labels_agree_with_greedy_top1(smol):
     agree_lying = (lying_true == (b.lying.correct & b.known)).float().mean().item()
     assert agree_known >= 11 / 12 and agree_lying >= 11 / 12, (agree_known, agree_lying)
     assert sum(op.counts()["all"].get(f"greedy/{lab}", 0) for lab in LABELS) == 12
+    # The honest-only path (behaviour's known_side_by_side) gives the same mask as the full labelling.
+    from mechlie.read.labels import greedy_known
+
+    gk = greedy_known(smol, pairs, max_new_tokens=3)
+    assert torch.equal(gk, op.known) and 0 < int(gk.sum()) < 12, gk
 
 
 def test_one_prompt_pass_for_greedy_and_samples_equals_separate_runs(tiny):

@@ -199,6 +199,10 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
         "1",
         "--n-samples",
         "2",
+        "--sae-seeds",
+        "2",
+        "--probe-null",
+        "20",
         "--out-dir",
         str(tmp_path / "out"),
         "--run-name",
@@ -213,7 +217,12 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
     assert s["n_known_pairs"] == 80 - s["n_dropped_shared_first_token"]
     assert "L2H1 (lying)" in (run / "lying_heads.html").read_text()
     assert (run / "heads_dla.png").is_file() and (run / "b2_resid_pre_features.svg").is_file()
-    assert len(list((tmp_path / "cache" / "sae").iterdir())) == 2
+    assert len(list((tmp_path / "cache" / "sae").iterdir())) == 4  # 2 sites x 2 SAE seeds
+    # Every causal test run is in one Holm family; 20 draws cannot pass it, and the headline says so.
+    assert s["causal_correction"]["n_tests"] == sum(
+        len(x["causal"]) for r in s["sites"].values() for x in r["seeds"].values()
+    )
+    assert any("no causal test can pass Holm" in line for line in SAEFeaturesResult(run, s).headline())
     # The run wrote the figures make_figures draws (the same code, from the saved files); the
     # headline is built from summary.json alone, and the report names every site.
     result = load_result(run)

@@ -302,6 +302,10 @@ def test_batched_causal_check_equals_one_feature_clamp_per_draw(tiny, spec, mode
     assert got.random_deltas == pytest.approx(want, abs=2e-5)
     assert max(abs(w) for w in want) > 2e-4  # the draws really change P(truth)
     assert len(got.random_deltas) == 7 and got.n_pairs == len(pairs)
+    # The share of the honest-lying gap: delta over the gap of the same pairs, with a CI from resampled pairs.
+    p_honest = score_logits(last_logits(tiny, batches(tiny, [p.honest for p in pairs], 4), []), answers).p_truth
+    assert got.gap_recovered == pytest.approx(got.delta / float(p_honest.mean() - base.mean()), rel=1e-3)
+    assert got.gap_recovered_lo < got.gap_recovered < got.gap_recovered_hi
     assert no_hooks(tiny)
 
 

@@ -309,11 +309,16 @@ def test_demo_flags_checked_before_the_model_loads(tmp_path, capsys, argv, messa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
-    """The whole study (every method, controls, transfer, lies flipped back) on the tiny word model,
-    launched as the script launches it; what it prints is its result's report, read back from the run."""
+@pytest.mark.parametrize("lean", [False, True])
+def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys, lean):
+    """The whole study (every method, controls, transfer to a held-out setup, the capability check, lies
+    flipped back) on the tiny word model, launched as the script launches it; what it prints is its
+    result's report, read back from the run. ``lean``: the split seeds keep the main seed's settings."""
+    from steer_fixtures import self_answered_pairs
+
     import mechlie.core.models
     import mechlie.core.pairs
+    import mechlie.studies.steering_capability as sc
     from analyses import steering_demo
     from mechlie.studies.base import launch, load_result
     from mechlie.studies.steering import DEFAULT_METHODS, METHODS, STUDY, SteeringResult
@@ -321,7 +326,10 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert steering_demo.STUDY is STUDY
     monkeypatch.setattr(mechlie.core.models, "load_model", lambda name, **kw: word_model(n_ctx=256))
     monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **kw: word_pairs())
-    argv = [
+    setup = [replace(p, setup="instructed", lying=p.lying + " ?") for p in word_pairs()]
+    monkeypatch.setattr(sc, "setup_heldout_pairs", lambda *a, **kw: setup)
+    monkeypatch.setattr(sc, "corpus_pairs", lambda *a, **kw: self_answered_pairs(word_model(n_ctx=256), 14))
+    argv = ["--capability-n", "12", *(["--seeds-lean"] if lean else [])] + [
         "--model",
         "tiny",
         "--layers",
@@ -378,9 +386,17 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
             and "control" not in summary["evaluation_in_relation"][m]
         )
         assert summary["chosen_on_validation"][m]["split"] == "val"
-        assert set(summary["transfer"][m]) == {"format:instruct"}
-    for on in ("heldout", "test"):
+        assert set(summary["transfer"][m]) == {"format:instruct", "setup:instructed"}
+        assert summary["transfer"][m]["setup:instructed"]["n_facts"] == len(setup)
+        cap = summary["capability"]["methods"][m]
+        assert cap["n"] == 12 and 0 <= cap["lo"] <= cap["accuracy"] <= cap["hi"] <= 1
+    for on in ("heldout", "test", "setup:instructed"):
         assert summary["prompt_baseline"][on]["method"] == "prompt baseline"
+    assert summary["baseline"]["setup:instructed"]["n_facts"] == len(setup) and "reft" in ev
+    assert (
+        summary["edits"]["reft@0.05"]["objective"] == "honest_resid"
+        and "prompt baseline" in summary["capability"]["methods"]
+    )
     assert (run / "learned@0.05.safetensors").is_file() and (run / "figures" / "steering_frontier.html").is_file()
     result = load_result(run)
     assert isinstance(result, SteeringResult) and result.summary() == summary
@@ -388,7 +404,11 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert set(summary["figures"]) == set(result.figures()) >= {"steering_recovered", "steering_frontier"}
     printed = capsys.readouterr().out
     assert result.report() in printed and "best (on validation): " in printed
-    assert len(result.headline()) == 2 + len(ev)  # best, the prompt baseline, each method
+    # best, the prompt baseline, each method, the held-out setup, the seeds, the two verdicts
+    head = result.headline()
+    assert len(head) == 2 + len(ev) + 5 and "Held-out setup instructed" in head[2 + len(ev)]
+    assert "honest-only control" in head[-2] and "prompt" in head[-1] and "capability kept" in head[1]
+    assert head[-3].startswith("- Issue-20 goals") and head[-3].count("/") >= 4 * len(ev) and head[-3][2:] in printed
     assert isinstance(summary["best"]["goal_met"], bool)
     # the printed order: the comparison table with its prompt-baseline row, the held-out section, the lies last
     table, held = printed.index("comparison table"), printed.index("\nheld-out relations")
@@ -403,7 +423,9 @@ def test_demo_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert set(summary["seconds"]) >= {"data (seed 0)", "data (seed 1)", "total_in_study"}
     # every headline again on the second split seed: mean and SD over both
     seeds = summary["split_seeds"]
-    assert seeds["seeds"] == [0, 1] and set(seeds) == {"seeds", "prompt baseline", *ev}
+    assert seeds["seeds"] == [0, 1] and set(seeds) == {"seeds", "mode", "prompt baseline", *ev}
+    assert (run / "seed1_sweep_resid.json").is_file() is not lean  # lean: no sweep on further seeds
+    assert printed.index("held-out setup (instructed") > held and "capab." in printed
     for m, r in ev.items():
         v = seeds[m]["recovered"]["values"]
         assert len(v) == 2 and v[0] == r["recovered"]["mean"] and v[1] != v[0]

@@ -7,6 +7,9 @@ This module gathers the circuit tools under one name (``from mechlie.causal impo
 - :mod:`mechlie.causal.path_patching`: a sender's effect along the path into one receiver head's
   queries, keys or values (:func:`path_patch`, Wang et al. 2022), and which positions the receiver
   reads the lie from (:func:`receiver_positions`).
+- :mod:`mechlie.causal.edges`: the edge graph of every head and MLP (q/k/v split), exact edge
+  patching (:func:`patch_edges`), the circuit of a set of kept edges (:func:`circuit_forward`, MIB's
+  convention) and edge attribution, EAP and EAP-IG (:func:`attribute_edges`).
 
 Effects are normalized over pair means (:mod:`mechlie.causal.effects`): 0 = the target run, 1 =
 the source run; ``restore`` patches honest into lying, ``induce`` the reverse.
@@ -29,6 +32,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from mechlie.causal import joint_patching, path_patching
+from mechlie.causal.edges import (  # noqa: F401  (re-exported)
+    EdgeGraph,
+    EdgeRows,
+    EdgeScores,
+    attribute_edges,
+    build_graph,
+    circuit_forward,
+    equal_length,
+    patch_edges,
+)
 from mechlie.causal.effects import EffectResult, normalized_mean_effect, top_k_components
 from mechlie.causal.joint_patching import (  # noqa: F401  (re-exported)
     Direction,

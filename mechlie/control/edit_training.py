@@ -6,7 +6,10 @@ a KL budget, dual ascent on ``lam`` and a final projection onto the budget.
 ``task`` is ``TrainConfig.objective`` (:data:`OBJECTIVES`): ``"truth"``, ``-log P(truth)`` on the lying
 prompts (what the edit reports, and so what it can overfit: "answer with a place here"), or
 ``"honest_kl"``, the KL from the honest run of the same fact to the edited lying run at the final
-position (it rewards behaving as the model does when honest, whatever the answer token). With
+position (it rewards behaving as the model does when honest, whatever the answer token), or
+``"honest_resid"`` (ReFT-like), the distance of the edited lying run's residual at the deepest edited
+block to the honest run's, run only that far (a low-rank edit of ``resid_post`` trained on it is
+LoReFT's ``h + R^T(Wh + b - Rh)`` without R's orthonormality: ``A = (W - R)^T``, ``c = b``, ``B = R``). With
 ``TrainConfig.prompts = "honest"`` the edit is trained on the *honest* prompts instead: the
 honest-only control, which can only sharpen answers the model already gives truthfully; a method is
 about honesty only where it beats this control.
@@ -39,6 +42,8 @@ OBJECTIVES: dict[str, str] = {
     "truth": "-log P(truth) at the final prompt position (the training answers' own token)",
     "honest_kl": "KL(p_honest_run || p_edited) at the final prompt position: the edited lying run is pulled "
     "onto the honest run's whole next-token distribution of the same fact, not onto one answer token",
+    "honest_resid": "ReFT-like: squared distance of the edited lying run's resid_post at the deepest edited block "
+    "(final position) to the honest run's, over the unedited distance: it maps representations, not answers",
 }
 
 
@@ -130,6 +135,13 @@ def _truth_logprob(model: HookedTransformer, rows: _Rows, idx: Tensor, truth: Te
 
 def _task_loss(model: HookedTransformer, s: "_Setup", idx: Tensor, hooks: list[Hook]) -> Tensor:
     """The training objective on rows ``idx`` (:data:`OBJECTIVES`)."""
+    if s.target_resid is not None:  # "honest_resid": run only up to the deepest edited block
+        layer, kept = s.target_layer, []
+        keep = (hook_name("resid_post", layer), lambda a, hook: kept.append(a[:, -1]))  # after the edit's hooks
+        with model.hooks(fwd_hooks=hooks + [keep]):
+            s.lying.forward(model, idx, stop_at_layer=layer + 1)
+        tgt, lie = s.target_resid[idx].to(kept[0].device), s.lying_final[keep[0]][idx].to(kept[0].device)
+        return (kept[0].float() - tgt).pow(2).sum(-1).mean() / (lie - tgt).pow(2).sum(-1).mean().clamp_min(1e-12)
     if s.target is None:
         return -_truth_logprob(model, s.lying, idx, s.truth, hooks).mean()
     lp = _final_logprobs(model, s.lying, idx, hooks)
@@ -162,6 +174,8 @@ class _Setup:
     pairs: list[ContrastPair]  # the training pairs used (after max_pairs)
     lying_final: dict[str, Tensor]  # clean resid_post of each edited block at the lying prompts' final position
     target: Tensor | None = None  # [n, vocab] the honest runs' final log-probs (objective "honest_kl")
+    target_resid: Tensor | None = None  # [n, d_model] honest runs' final resid_post (objective "honest_resid")
+    target_layer: int = -1  # the block whose resid_post "honest_resid" compares (the deepest edited one)
 
 
 def _rows(
@@ -209,16 +223,23 @@ def _setup(
         sites = [Site("resid_post", l) for l in layers]
         names = [site.hook for site in sites]
         lying, cache = _rows(model, trained, start, cfg.skip_frozen, sites)
-        target = None
+        target = target_resid = None
         if cfg.objective == "honest_kl":
             honest, _ = _rows(model, [p.honest for p in pairs], start, False)
             target = torch.cat([_final_logprobs(model, honest, c, []) for c in torch.arange(len(pairs)).split(32)])
+        if cfg.objective == "honest_resid":
+            deepest = Site("resid_post", max(layers))
+            _, h_cache = _rows(model, [p.honest for p in pairs], start, False, [deepest])
+            target_resid = h_cache[deepest.hook][:, -1].float()
         neutral_rows, _ = _rows(model, neutral, start, cfg.skip_frozen)
         every = torch.arange(len(neutral_rows))
         clean = torch.cat([neutral_rows.forward(model, c).float().log_softmax(-1) for c in every.split(32)])
         lying_final = {n: cache[n][:, -1].float() for n in names}
         final = torch.stack([a.norm(dim=-1).mean() for a in lying_final.values()]).mean()
-    return _Setup(lying, truth, neutral_rows, clean, float(final), time.time() - t0, pairs, lying_final, target)
+    t = time.time() - t0
+    return _Setup(
+        lying, truth, neutral_rows, clean, float(final), t, pairs, lying_final, target, target_resid, max(layers)
+    )
 
 
 class _Minibatches:

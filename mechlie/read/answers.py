@@ -8,10 +8,13 @@ labels instead of counting as lies.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Sequence
 
-from mechlie.core.pairs import PairError
+from mechlie.core.pairs import EXTRA_RELATIONS, RELATIONS, ContrastPair, PairError, builtin_facts
+
+log = logging.getLogger(__name__)
 
 
 def _norm(text: str) -> str:
@@ -77,4 +80,33 @@ def classify_answer(
     return "lie" if valid_answers is None and g else "junk"
 
 
-__all__ = ["ANSWER_CLASSES", "answer_matches", "classify_answer"]
+__all__ = ["ANSWER_CLASSES", "answer_matches", "classify_answer", "valid_answer_sets"]
+
+
+def valid_answer_sets(
+    pairs: Sequence[ContrastPair], answers: dict[str, list[str]] | None = None
+) -> dict[str, tuple[str, ...] | None]:
+    """Relation -> the valid answers that tell a lie from junk (:class:`OnPolicy`'s rule), ``None``
+    where a relation has none: ``answers[relation]`` where given, else the pairs' designated lies
+    plus a built-in relation's answers; with a valid set, the relation's truths are in it too
+    (another fact's truth is a real lie)."""
+    out: dict[str, set[str]] = {}
+    for p in pairs:
+        if answers is not None and p.relation in answers:
+            out.setdefault(p.relation, set(answers[p.relation]))
+            continue
+        got = out.setdefault(p.relation, set())
+        got.update([p.lie] if p.lie else [])
+        if p.relation in RELATIONS + EXTRA_RELATIONS:
+            got.update(a for _, a in builtin_facts()[p.relation]["facts"])
+    unvalidated = sorted(r for r, v in out.items() if not v)
+    if unvalidated:
+        log.warning(
+            "relation(s) %s: no valid answers (no answers= entry, no designated lies, not built-in): "
+            "every non-empty answer that is not the truth or a paraphrase counts as a lie, unvalidated",
+            unvalidated,
+        )
+    truths: dict[str, set[str]] = {}
+    for p in pairs:
+        truths.setdefault(p.relation, set()).add(p.truth)
+    return {r: tuple(sorted(v | truths[r])) if v else None for r, v in out.items()}

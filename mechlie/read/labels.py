@@ -64,17 +64,10 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core.generation import generate
 from mechlie.core.hooks import hook_name
-from mechlie.core.pairs import (
-    EXTRA_RELATIONS,
-    RELATIONS,
-    ContrastPair,
-    PairError,
-    answer_sequences,
-    builtin_facts,
-)
+from mechlie.core.pairs import ContrastPair, PairError, answer_sequences
 
 # Re-exported: labels.py is where callers look for the answer classes.
-from mechlie.read.answers import ANSWER_CLASSES, answer_matches, classify_answer
+from mechlie.read.answers import ANSWER_CLASSES, answer_matches, classify_answer, valid_answer_sets
 
 log = logging.getLogger(__name__)
 
@@ -260,28 +253,8 @@ class OnPolicy:
     @functools.cached_property
     def valid_answers(self) -> dict[str, tuple[str, ...] | None]:
         """Relation -> the valid answers used to tell a lie from junk, ``None`` where there are none
-        (see the class docstring)."""
-        out: dict[str, set[str]] = {}
-        for p in self.pairs:
-            if self.answers is not None and p.relation in self.answers:
-                out.setdefault(p.relation, set(self.answers[p.relation]))
-                continue
-            got = out.setdefault(p.relation, set())
-            got.update([p.lie] if p.lie else [])
-            if p.relation in RELATIONS + EXTRA_RELATIONS:
-                got.update(a for _, a in builtin_facts()[p.relation]["facts"])
-        unvalidated = sorted(r for r, v in out.items() if not v)
-        if unvalidated:
-            log.warning(
-                "relation(s) %s: no valid answers (no answers= entry, no designated lies, not built-in): "
-                "every non-empty answer that is not the truth or a paraphrase counts as a lie, unvalidated",
-                unvalidated,
-            )
-        # With a valid set, the relation's truths are valid answers too (another fact's truth is a real lie).
-        truths: dict[str, set[str]] = {}
-        for p in self.pairs:
-            truths.setdefault(p.relation, set()).add(p.truth)
-        return {r: tuple(sorted(v | truths[r])) if v else None for r, v in out.items()}
+        (see the class docstring; :func:`valid_answer_sets`)."""
+        return valid_answer_sets(self.pairs, self.answers)
 
     def classes(self, texts: Sequence[str], pair_idx: Sequence[int]) -> list[str]:
         """:func:`classify_answer` of each text against its pair's truth, aliases and relation."""
@@ -485,16 +458,18 @@ class OnPolicy:
         return X, y, facts
 
 
-def known_side_by_side(first_token: Bool[Tensor, " n"], op: OnPolicy) -> dict[str, int]:
+def known_side_by_side(first_token: Bool[Tensor, " n"], greedy: OnPolicy | Bool[Tensor, " n"]) -> dict[str, int]:
     """Both definitions of "known" over the same pairs, side by side: ``first_token``
-    (:attr:`mechlie.core.metrics.Behaviour.known`: the honest top-1 first token is the truth's) and
-    ``op.known`` (greedy text starts with the truth), with how many facts each alone counts.
+    (:attr:`mechlie.core.metrics.Behaviour.known`: the honest top-1 first token is the truth's) and the
+    greedy-text one (``OnPolicy.known`` or :func:`greedy_known`'s mask: the greedy honest answer is the
+    truth), with how many facts each alone counts.
 
     Example:
-        >>> known_side_by_side(behaviour(model, pairs).known, on_policy(model, pairs))
+        >>> known_side_by_side(behaviour(model, pairs).known, greedy_known(model, pairs))
         {'n': 150, 'known_first_token': 79, 'known_greedy': 76, 'known_both': 75, ...}
     """
-    ft, gr = first_token.bool().cpu(), op.known
+    ft = first_token.bool().cpu()
+    gr = greedy.known if isinstance(greedy, OnPolicy) else greedy.bool().cpu()
     if len(ft) != len(gr):
         raise ValueError(f"first-token known has {len(ft)} entries for {len(gr)} on-policy pairs")
     return {
@@ -505,6 +480,45 @@ def known_side_by_side(first_token: Bool[Tensor, " n"], op: OnPolicy) -> dict[st
         "known_first_token_only": int((ft & ~gr).sum()),
         "known_greedy_only": int((gr & ~ft).sum()),
     }
+
+
+def _answer_budget(model: HookedTransformer, pairs: Sequence[ContrastPair], max_new_tokens: int) -> int:
+    """``max_new_tokens`` raised to the longest truth's length (logged): a multi-token truth must fit in
+    the answer, or a cut-off prefix would be judged a lie."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        return max_new_tokens
+    longest = max(min(len(seq) for seq in answer_sequences(tok, p.truth)) for p in pairs)
+    if longest > max_new_tokens:
+        log.info("max_new_tokens raised from %d to %d: the longest truth's length", max_new_tokens, longest)
+    return max(longest, max_new_tokens)
+
+
+def greedy_known(
+    model: HookedTransformer,
+    pairs: Sequence[ContrastPair],
+    *,
+    max_new_tokens: int = 4,
+    batch_size: int = 16,
+    answers: dict[str, list[str]] | None = None,
+) -> Bool[Tensor, " n"]:
+    """:attr:`OnPolicy.known` (the greedy honest answer is the truth or an alias) from the honest prompts
+    alone: the same generation settings and classes as :func:`on_policy`, without its lying-prompt pass
+    or kept states, for callers that only need the known mask (half the generation cost)."""
+    if not pairs:
+        raise PairError("no pairs to label")
+    honest = generate_with_states(
+        model,
+        [p.honest for p in pairs],
+        kinds=("resid_post",),
+        layers=(model.cfg.n_layers - 1,),  # states are not read: the cheapest block to keep
+        max_new_tokens=_answer_budget(model, pairs, max_new_tokens),
+        stop_strings=("\n",),
+        batch_size=batch_size,
+    )
+    valid = valid_answer_sets(pairs, answers)
+    cls = [classify_answer(t, p.truth, p.aliases, valid[p.relation]) for t, p in zip(honest.texts, pairs)]
+    return torch.tensor([c == "truth" for c in cls], dtype=torch.bool)
 
 
 def on_policy(
@@ -548,17 +562,10 @@ def on_policy(
         log.warning("answers has no valid answers for %s: their pairs' own answers are the valid set", missing)
     if k < 0 or max_new_tokens < 2:
         raise ValueError("k must be >= 0 and max_new_tokens >= 2 (the answer-token state needs one step)")
-    tok = getattr(model, "tokenizer", None)
-    if tok is not None:
-        # A multi-token truth must fit in the answer, or a cut-off prefix would be judged a lie.
-        longest = max(min(len(seq) for seq in answer_sequences(tok, p.truth)) for p in pairs)
-        if longest > max_new_tokens:
-            log.info("max_new_tokens raised from %d to %d: the longest truth's length", max_new_tokens, longest)
-            max_new_tokens = longest
     kw = dict(
         kinds=kinds,
         layers=layers,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=_answer_budget(model, pairs, max_new_tokens),
         stop_strings=("\n",),
         batch_size=batch_size,
         progress=progress,

@@ -27,6 +27,8 @@ The refits are vectorised over draws where the kind allows, solving the same obj
   problem is solved exactly (Newton's method with backtracking, float64, to a Newton decrement below
   ``1e-10``) in ``r <= n`` coordinates for all draws at once. scikit-learn's lbfgs stops at its own
   tolerance (``1e-4``), so its solution and this one agree to a cosine of about 0.999, not bit for bit.
+  For thousands of rows (the generalisation study) ``solver="lbfgs"`` solves the same objective by
+  batched L-BFGS instead, ~30x faster there; a test checks both against ``fit_probe``.
 - ``lat``: the top principal component of each draw's paired differences from the small Gram matrix.
 - ``ccs``: no permutation null. CCS's optimisation (``n_tries`` x ``n_steps`` Adam steps) x 200 draws
   would dominate the run, so it has only the random-direction null (``nan`` for the other).
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -150,12 +152,23 @@ def mass_mean_nulls(X: Float[Tensor, "n d"], Y: Float[Tensor, "D n"], shrinkage:
     return NullProbes(W, _midpoint(X.float(), Y, W))
 
 
-def logistic_nulls(X: Float[Tensor, "n d"], Y: Float[Tensor, "D n"], C: float = 1.0) -> NullProbes:
+def logistic_nulls(
+    X: Float[Tensor, "n d"], Y: Float[Tensor, "D n"], C: float = 1.0, solver: Literal["newton", "lbfgs"] = "newton"
+) -> NullProbes:
     """``fit_logistic`` for every draw: ``min C sum_i logloss_i + |w|^2 / 2`` on standardised
-    features, intercept unpenalised (scikit-learn's objective), solved by batched Newton in the
-    row space of the features (float32 steps, then float64 steps to a Newton decrement < 1e-10)."""
+    features, intercept unpenalised (scikit-learn's objective).
+
+    ``solver="newton"`` (default): batched Newton in the row space of the features (float32 steps, then
+    float64 steps to a Newton decrement < 1e-10): exact, for the few hundred rows of a detection run.
+    ``solver="lbfgs"``: batched L-BFGS on the sum of the (independent) objectives, to scikit-learn's kind
+    of tolerance: Newton's Hessian costs ``n r^2`` per draw and step, about 100 s per fit at ~2,000 rows
+    x 576 features on one core, against ~3 s for L-BFGS (the generalisation study's size)."""
     if not C > 0:
         raise ProbeError(f"C must be > 0, got {C}")
+    if solver == "lbfgs":
+        return _lbfgs_logistic(X, Y, C)
+    if solver != "newton":
+        raise ProbeError(f"solver must be 'newton' or 'lbfgs', got {solver!r}")
     Xd = X.double()
     mu, sd = Xd.mean(0), Xd.std(0, unbiased=False)
     sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
@@ -171,6 +184,33 @@ def logistic_nulls(X: Float[Tensor, "n d"], Y: Float[Tensor, "D n"], C: float = 
     W = (th[:, :-1] @ Vh[keep]) / sd
     b = th[:, -1] - W @ mu
     return NullProbes(W.float(), b.float())
+
+
+def _lbfgs_logistic(X: Tensor, Y: Tensor, C: float, max_iter: int = 100) -> NullProbes:
+    Xd = X.float()
+    mu, sd = Xd.mean(0), Xd.std(0, unbiased=False)
+    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
+    Z = torch.cat([(Xd - mu) / sd, torch.ones(len(Xd), 1)], 1)
+    pen = torch.ones(Z.shape[1])
+    pen[-1] = 0.0  # the intercept is not penalised
+    Yf = Y.float()
+    with torch.enable_grad():
+        th = torch.zeros(len(Y), Z.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS(
+            [th], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-5, line_search_fn="strong_wolfe"
+        )
+
+        def closure() -> Tensor:
+            opt.zero_grad()
+            z = th @ Z.T
+            loss = C * (torch.nn.functional.softplus(z) - Yf * z).sum() + 0.5 * (pen * th**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    th = th.detach()
+    W = th[:, :-1] / sd
+    return NullProbes(W, th[:, -1] - W @ mu)
 
 
 def _newton(F: Tensor, Y: Tensor, C: float, pen: Tensor, th: Tensor, *, tol: float, max_iter: int) -> Tensor:

@@ -11,7 +11,9 @@ One module per step, lower first:
 - :mod:`~mechlie.sae.clamp`: :class:`FeatureClamp` (an intervention for ``steer``) and the
   :func:`causal_check` against matched random features;
 - :mod:`~mechlie.sae.features`: the lie direction decomposed (:func:`lie_features`);
-- :mod:`~mechlie.sae.on_policy`: the same for the lies and truths the model samples.
+- :mod:`~mechlie.sae.on_policy`: the same for the lies and truths the model samples;
+- :mod:`~mechlie.sae.sparse_probe`: a k-sparse probe on SAE features against a raw-activation probe;
+- :mod:`~mechlie.sae.seeds`: numbers over SAE training seeds, and Holm's correction over every test run.
 
 Example:
     >>> from mechlie.sae import SAETrainConfig, load_or_train_sae, lie_features
@@ -53,6 +55,8 @@ from mechlie.sae.loading import (
 )
 from mechlie.sae.on_policy import OnPolicySiteActs, on_policy_effects, on_policy_site_acts, site_kind
 from mechlie.sae.quality import SAEQuality, bootstrap_ci, sae_qualities, sae_quality
+from mechlie.sae.seeds import holm, mean_sd, min_adjusted_p
+from mechlie.sae.sparse_probe import PairData, top_features
 from mechlie.sae.training import SAETrainConfig, TrainedSAE, load_or_train_sae, load_or_train_saes, train_sae
 
 __all__ = [
@@ -62,6 +66,7 @@ __all__ = [
     "FeatureClamp",
     "FeatureEffects",
     "OnPolicySiteActs",
+    "PairData",
     "SAEError",
     "SAEQuality",
     "SAETrainConfig",
@@ -83,11 +88,14 @@ __all__ = [
     "feature_effects",
     "final_acts",
     "final_acts_at",
+    "holm",
     "lie_features",
     "load_or_train_sae",
     "load_or_train_saes",
     "load_sae",
     "matched_random_features",
+    "mean_sd",
+    "min_adjusted_p",
     "on_policy_effects",
     "on_policy_site_acts",
     "pair_contexts",
@@ -97,5 +105,6 @@ __all__ = [
     "sae_site",
     "site_kind",
     "top_contexts",
+    "top_features",
     "train_sae",
 ]

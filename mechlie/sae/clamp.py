@@ -160,7 +160,9 @@ class CausalCheck:
     delta: float  # mean change in P(truth) when the top features are set
     delta_lo: float  # 95% bootstrap CI over pairs
     delta_hi: float
-    gap_recovered: float  # delta / (honest − lying)
+    gap_recovered: float  # delta / (honest − lying): the share of the honest–lying gap in P(truth)
+    gap_recovered_lo: float  # 95% bootstrap CI over pairs (the ratio recomputed on each resample)
+    gap_recovered_hi: float
     random_deltas: list[float]  # mean change for each draw of matched random features
     random_q95: float  # 95th percentile of the random draws
     p_value: float  # share of random draws whose mean change is >= delta ((1 + count) / (1 + draws))
@@ -222,14 +224,13 @@ def causal_check(
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     check_sae(sae, model, site)
     answers = answer_set(model.tokenizer, pairs)
-    draws = matched_random_features(lying_mean, features, n_draws, seed=seed)
-    sets = [tuple(int(f) for f in features), *draws]  # variant 0: no change; 1: top; 2..: random
+    # variant 0: no change; 1: the top features; 2..: random draws
+    sets = [tuple(int(f) for f in features), *matched_random_features(lying_mean, features, n_draws, seed=seed)]
     k = len(sets[0])
     n = len(pairs)
     feat_of = torch.tensor([sets[0], *sets], dtype=torch.long)  # [V, k]; row 0 is a placeholder
     value_of = honest_mean[feat_of].float() if mode == "clamp" else torch.zeros(len(feat_of), k)
-    active_of = torch.ones(len(feat_of), dtype=torch.bool)
-    active_of[0] = False
+    active_of = torch.arange(len(feat_of)) > 0
     p_truth = _variant_p_truth(
         model,
         sae,
@@ -246,7 +247,8 @@ def causal_check(
     base, top = p_truth[0], p_truth[1]
     # the honest prompts, no intervention: the scale of the gap
     p_honest = score_logits(final_logits(model, [p.honest for p in pairs], batch_size=batch_size), answers).p_truth
-    est = bootstrap_ci(lambda i: (top[i] - base[i]).mean(), n, n_boot=n_boot, seed=seed)
+    est = bootstrap_ci(lambda i: (top[i] - base[i]).mean(), n, n_boot=n_boot, seed=seed)  # the share: same draws
+    share = bootstrap_ci(lambda i: (top - base)[i].mean() / (p_honest - base)[i].mean(), n, n_boot=n_boot, seed=seed)
     r = (p_truth[2:] - base).mean(1)
     gap = float(p_honest.mean() - base.mean())
     return CausalCheck(
@@ -258,6 +260,8 @@ def causal_check(
         delta_lo=est[1],
         delta_hi=est[2],
         gap_recovered=est[0] / gap if gap != 0 else float("nan"),
+        gap_recovered_lo=share[1],
+        gap_recovered_hi=share[2],
         random_deltas=r.tolist(),
         random_q95=float(torch.quantile(r, 0.95)),
         p_value=float((1 + (r >= est[0]).sum()) / (1 + len(r))),

@@ -4,6 +4,12 @@
 needs no download: the built-in pair prompts of every format, ``mechlie/data/neutral.txt``, and the
 model's own samples. The SAE is unsupervised: it never sees which prompt is the lying one.
 
+Held-out facts stay held out: ``exclude_facts`` (a study passes every fact it analyses) are never
+drawn for the pair prompts nor used to start a sample, and any line that still holds one of their
+question texts (a sample that wandered into one) is dropped; :attr:`Corpus.excluded` counts both.
+Before issue 22 the pair prompts were drawn with no such rule, and 40 of the 120 facts the SAE study
+analyses had their prompts in the corpus.
+
 Positions: SAEs are trained on every position of the corpus except each line's first token
 (position 0 is the attention sink, whose norm is far larger than any other, as Gao et al. 2024
 also exclude): :func:`collect_sites`. The decomposition of the lie direction reads the final
@@ -15,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -23,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
-from mechlie.core.pairs import FORMATS, load_builtin, neutral_lines, tokenize
+from mechlie.core.pairs import FORMATS, RELATIONS, load_builtin, neutral_lines, tokenize
 from mechlie.sae.loading import Site
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,8 @@ class Corpus:
 
     texts: tuple[str, ...]
     sources: tuple[str, ...]  # "pairs", "neutral" or "samples", one per text
+    # (reason, count) of what was kept out to keep analysed facts held out (see the module docstring)
+    excluded: tuple[tuple[str, int], ...] = ()
 
     def counts(self) -> dict[str, int]:
         return {s: self.sources.count(s) for s in sorted(set(self.sources))}
@@ -47,6 +55,31 @@ class Corpus:
         return sorted(idx[n_eval:]), sorted(idx[:n_eval])
 
 
+def _pair_lines(
+    model: HookedTransformer, pairs_per_format: int, seed: int, exclude: Collection[str]
+) -> tuple[list[str], list[str], set[str], int]:
+    """The pair prompts of the corpus (honest and lying prompt of ``pairs_per_format`` facts per
+    relation and format, drawn seeded among the facts not in ``exclude``), the kept facts'
+    questions, the excluded facts' questions, and how many prompts of excluded facts were passed over."""
+    texts, questions, banned = [], [], set()
+    n_passed = 0
+    for fmt in FORMATS:
+        pool = load_builtin("all", fmt, tokenizer=model.tokenizer, seed=seed)
+        for rel in RELATIONS:
+            of_rel = [p for p in pool if p.relation == rel]
+            kept = [p for p in of_rel if p.fact_id not in exclude]
+            banned |= {p.question for p in of_rel if p.fact_id in exclude and p.question}
+            n_passed += 2 * (len(of_rel) - len(kept))
+            if pairs_per_format and pairs_per_format < len(kept):
+                idx = sorted(random.Random(f"{seed}/corpus/{fmt}/{rel}").sample(range(len(kept)), pairs_per_format))
+                kept = [kept[i] for i in idx]
+            for p in kept:
+                texts += [p.honest, p.lying]
+                if p.question:
+                    questions.append(f"Q: {p.question}\nA:")
+    return texts, questions, banned, n_passed
+
+
 def build_corpus(
     model: HookedTransformer,
     *,
@@ -55,26 +88,21 @@ def build_corpus(
     sample_tokens: int = 48,
     seed: int = 0,
     batch_size: int = 16,
+    exclude_facts: Collection[str] = (),
 ) -> Corpus:
     """An offline corpus: built-in pair prompts, neutral text, and the model's own samples.
 
-    The pair prompts are the honest and the lying prompt of ``pairs_per_format`` facts per format
-    (all relations; 0 = every fact). The samples are sampled (temperature 1, seeded) from the
-    first four words of each neutral line and of the pairs' questions. The SAE is unsupervised:
-    it never sees which prompt is the lying one.
+    The pair prompts are the honest and the lying prompt of ``pairs_per_format`` facts per
+    relation and format (0 = every fact), drawn among the facts not in ``exclude_facts``. The
+    samples are sampled (temperature 1, seeded) from the first four words of each neutral line and
+    of the kept pairs' questions. A line holding the question of an excluded fact is dropped. The
+    SAE is unsupervised: it never sees which prompt is the lying one.
     """
     from mechlie.core.generation import generate
 
-    texts: list[str] = []
-    sources: list[str] = []
-    questions: list[str] = []
-    for fmt in FORMATS:
-        pairs = load_builtin("all", fmt, tokenizer=model.tokenizer, n=pairs_per_format or None, seed=seed)
-        for p in pairs:
-            texts += [p.honest, p.lying]
-            sources += ["pairs", "pairs"]
-            if p.question:
-                questions.append(f"Q: {p.question}\nA:")
+    exclude = set(exclude_facts)
+    texts, questions, banned, n_passed = _pair_lines(model, pairs_per_format, seed, exclude)
+    sources = ["pairs"] * len(texts)
     neutral = neutral_lines()
     texts += neutral
     sources += ["neutral"] * len(neutral)
@@ -95,17 +123,20 @@ def build_corpus(
             )
             texts += [s + t for s, t in zip(starts[i : i + gen_batch], out.texts)]
             sources += ["samples"] * len(out.texts)
+    clean = [not any(q in t for q in banned) for t in texts]
     # A line longer than the context cannot be run whole; it is left out (and said so).
     bos = int(bool(model.cfg.default_prepend_bos))  # tokenize() adds at most one BOS
     fits = [len(model.tokenizer.encode(t, add_special_tokens=False)) + bos <= model.cfg.n_ctx for t in texts]
-    if not all(fits):
-        log.info(
-            "corpus: left out %d of %d lines longer than the %d-token context",
-            fits.count(False),
-            len(texts),
-            model.cfg.n_ctx,
-        )
-    return Corpus(tuple(t for t, f in zip(texts, fits) if f), tuple(s for s, f in zip(sources, fits) if f))
+    excluded = (
+        ("analysed facts", len(exclude)),
+        ("their pair prompts passed over", n_passed),
+        ("lines holding an analysed question, dropped", clean.count(False)),
+        ("lines longer than the context, dropped", sum(c and not f for c, f in zip(clean, fits))),
+    )
+    if exclude or not all(fits):
+        log.info("corpus: %s", ", ".join(f"{n} {why}" for why, n in excluded))
+    keep = [c and f for c, f in zip(clean, fits)]
+    return Corpus(tuple(t for t, k in zip(texts, keep) if k), tuple(s for s, k in zip(sources, keep) if k), excluded)
 
 
 @dataclass(frozen=True)
@@ -132,7 +163,8 @@ def collect_sites(
     progress: bool = True,
 ) -> dict[Site, SiteActs]:
     """Each site's activation at every real token of ``texts`` but the first ``skip_first``, all
-    sites from one pass (run only up to the last block any site needs)."""
+    sites from one pass (run only up to the last block any site needs); a site named twice is read once."""
+    sites = list(dict.fromkeys(sites))
     for site in sites:
         site.validate(model)
     acts: dict[Site, list[Tensor]] = {s_: [] for s_ in sites}
@@ -175,6 +207,7 @@ def final_acts_at(
     model: HookedTransformer, prompts: Sequence[str], sites: Sequence[Site], *, batch_size: int = 16
 ) -> dict[Site, Tensor]:
     """Each site's activation ``[n, d_in]`` at each prompt's final token, all sites in one pass."""
+    sites = list(dict.fromkeys(sites))
     for site in sites:
         site.validate(model)
     out: dict[Site, list[Tensor]] = {s_: [] for s_ in sites}

@@ -33,7 +33,7 @@ from mechlie.core.models import model_id
 if TYPE_CHECKING:
     from mechlie.sae.training import SAETrainConfig
 
-SAE_FORMAT_VERSION = 2  # 2: samples drawn in batches of 32 (another corpus than 1's)
+SAE_FORMAT_VERSION = 3  # 2: samples drawn in batches of 32 (another corpus than 1's); 3: train_seed, exclusions
 
 
 class SAEError(ValueError):

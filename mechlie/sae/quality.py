@@ -131,6 +131,7 @@ def _quality_batch(
     # site.write is in place, so each pass starts from its own copy of the stashed residual
     rerun = lambda: model(stash["resid"].clone(), start_at_layer=start, attention_mask=b.attention_mask)  # noqa: E731
     out = []
+    zeroed: dict[Site, Tensor] = {}  # SAEs of several seeds share a site: its zero-ablation runs once
     for (sae, site), tally in zip(saes, tallies):
         dev = sae.W_dec.device
 
@@ -146,9 +147,10 @@ def _quality_batch(
 
         with model.hooks(fwd_hooks=[(site.hook_name, splice)]):
             ce_sae = _line_ce(rerun(), b)
-        with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
-            ce_zero = _line_ce(rerun(), b)
-        out.append((ce_sae, ce_zero))
+        if site not in zeroed:
+            with model.hooks(fwd_hooks=[(site.hook_name, zero)]):
+                zeroed[site] = _line_ce(rerun(), b)
+        out.append((ce_sae, zeroed[site]))
     return clean, out
 
 

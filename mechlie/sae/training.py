@@ -51,7 +51,11 @@ class SAETrainConfig:
     n_samples: int = 32  # corpus: model samples
     sample_tokens: int = 48
     eval_frac: float = 0.15  # corpus lines held out for the quality numbers
-    seed: int = 0
+    seed: int = 0  # the corpus: its pair draw, samples and held-out lines
+    # The SAE's own randomness (initialisation, batch order); several train seeds on one corpus
+    # measure how much a result depends on the SAE that happened to be trained.
+    train_seed: int = 0
+    exclude_facts: tuple[str, ...] = ()  # facts the corpus must not hold (the analysed ones)
 
     def __post_init__(self) -> None:
         Site.parse(self.site)
@@ -89,7 +93,7 @@ def train_sae(
     """
     if len(acts) < cfg.batch_size:
         raise SAEError(f"{len(acts)} training tokens is fewer than one batch ({cfg.batch_size})")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.train_seed)
     d_in = acts.shape[1]
     sae_cfg = TopKTrainingSAEConfig(
         d_in=d_in,
@@ -115,7 +119,7 @@ def train_sae(
         dead_feature_window=max(50, cfg.n_steps // 5),
         feature_sampling_window=max(100, cfg.n_steps // 2),
     )
-    trainer = SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.seed))
+    trainer = SAETrainer(trainer_cfg, sae, _batches(acts, cfg.batch_size, cfg.train_seed))
     return trainer.fit()
 
 
@@ -138,9 +142,9 @@ def _load_entry(out: Path, model: HookedTransformer, site: Site, device: str) ->
     sae = load_sae(out, device=device)
     check_sae(sae, model, site)
     log.info("SAE for %s loaded from the cache (%s)", site, out)
-    return TrainedSAE(
-        sae, site, out, info, Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"])), info["eval_lines"]
-    )
+    excluded = tuple((str(why), int(n)) for why, n in corpus_d.get("excluded", []))
+    corpus = Corpus(tuple(corpus_d["texts"]), tuple(corpus_d["sources"]), excluded)
+    return TrainedSAE(sae, site, out, info, corpus, info["eval_lines"])
 
 
 def load_or_train_saes(
@@ -167,7 +171,7 @@ def load_or_train_saes(
         for k, s_ in zip(keys, sites)
     ]
     todo = [i for i, t in enumerate(out) if t is None]
-    corpus_of = lambda c: (c.pairs_per_format, c.n_samples, c.sample_tokens, c.seed, c.eval_frac)  # noqa: E731
+    corpus_of = lambda c: (c.pairs_per_format, c.n_samples, c.sample_tokens, c.seed, c.eval_frac, c.exclude_facts)  # noqa: E731
     groups: dict[tuple, list[int]] = {}
     for i in todo:
         groups.setdefault(corpus_of(cfgs[i]), []).append(i)
@@ -209,6 +213,7 @@ def _train_group(
         sample_tokens=c0.sample_tokens,
         seed=c0.seed,
         batch_size=batch_size,
+        exclude_facts=c0.exclude_facts,
     )
     train_lines, eval_lines = corpus.split(c0.eval_frac, c0.seed)
     t_corpus = time.time() - t0
@@ -297,6 +302,7 @@ def _save_entry(
         "d_in": sae.cfg.d_in,
         "d_sae": sae.cfg.d_sae,
         "corpus": corpus.counts(),
+        "corpus_excluded": dict(corpus.excluded),
         "n_train_lines": len(train_lines),
         "n_train_tokens": len(acts.acts),
         "eval_lines": eval_lines,
@@ -307,7 +313,8 @@ def _save_entry(
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=out.parent))
     try:
         sae.save_inference_model(tmp)
-        (tmp / "corpus.json").write_text(json.dumps({"texts": corpus.texts, "sources": corpus.sources}))
+        corpus_d = {"texts": corpus.texts, "sources": corpus.sources, "excluded": corpus.excluded}
+        (tmp / "corpus.json").write_text(json.dumps(corpus_d))
         (tmp / "mechlie.json").write_text(json.dumps(info, indent=2))
         os.replace(tmp, out)
     except OSError:

@@ -227,12 +227,11 @@ def known_text(side: dict) -> str:
 
 def known_definitions(model: HookedTransformer, pairs: list[ContrastPair], beh: Behaviour) -> dict[str, int]:
     """Both definitions of "known" over ``pairs`` (:func:`mechlie.read.labels.known_side_by_side`): the
-    first-token one of ``beh`` and the greedy-text one of a greedy generation (``k=0``: no samples; the
-    states are kept for the last block only, as only the texts are read)."""
-    from mechlie.read.labels import known_side_by_side, on_policy
+    first-token one of ``beh`` and the greedy-text one (:func:`mechlie.read.labels.greedy_known`, the
+    honest prompts' greedy answers only: the lying prompts are not generated, as only known is read)."""
+    from mechlie.read.labels import greedy_known, known_side_by_side
 
-    op = on_policy(model, pairs, k=0, layers=(model.cfg.n_layers - 1,), progress=False)
-    return known_side_by_side(beh.known, op)
+    return known_side_by_side(beh.known, greedy_known(model, pairs))
 
 
 def run(cfg: BehaviourConfig, model: HookedTransformer, run_dir: RunDir) -> BehaviourResult:

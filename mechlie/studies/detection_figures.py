@@ -246,8 +246,9 @@ def captions(s: dict, mx: dict) -> dict[str, str]:
 def headline(s: dict) -> list[str]:
     """Markdown lines from ``summary.json`` only: first the Apollo-protocol detector (recall at 1% FPR
     on in-format controls) and the surprisal baseline, then LORO per probe and label kind (on-policy
-    first, logistic first), each detector at each target FPR, the on-policy label counts."""
-    lines: list[str] = _apollo_headline(s.get("apollo") or {}) + _surprisal_lines(s, "- ")
+    first, logistic first), each detector at each target FPR, the on-policy label counts. The on-policy
+    read layer's choice (with its CI) follows the surprisal baseline when the summary has it."""
+    lines: list[str] = _apollo_headline(s.get("apollo") or {}) + _surprisal_lines(s, "- ") + layer_scan_lines(s)
     probes = sorted(_probes(s), key=lambda p: p != "logistic")
     for p in probes:
         for name, key in (("on-policy", "loro_on_policy"), ("framing", "loro")):
@@ -297,9 +298,11 @@ def report_text(s: dict, mx: dict) -> str:
         f"  framing rule: layer {ly['framing']['layer']} (validation AUROC {_f(s['val_auroc_layer']['framing'], 3)})",
         f"  on-policy rule: layer {ly['on-policy']['layer']} (validation AUROC "
         f"{_f(s['val_auroc_layer']['on-policy'], 3)}; {ly['on-policy']['rule']})",
+        *layer_scan_lines(s, "  "),
         f"label counts (all relations): {s['label_counts']}",
     ]
     out += [f"  {r}: {c}" for r, c in s["label_counts_per_relation"].items()]
+    out += _layer_scan_text(s)
     for name, key in (("framing", "loro"), ("on-policy", "loro_on_policy")):
         out.append(
             f"\nLeave-one-relation-out transfer, {name} labels (mean over held-out relations, each scored on all its"
@@ -381,7 +384,8 @@ def _apollo_headline(ap: dict) -> list[str]:
         return []
     pct, d, sur = _pct(ap["fpr"]), rows[main]["vs_controls"], (ap.get("surprisal") or {}).get("vs_controls") or {}
     return [
-        f"- Apollo detector ({main}): recall at {pct} FPR on in-format controls {_cell(d['in-format'], 'recall', 2)} "
+        f"- Apollo detector ({main}), in-relation (held-out facts of the fitted relations): recall at {pct} FPR "
+        f"on in-format controls {_cell(d['in-format'], 'recall', 2)} "
         f"(surprisal baseline {_cell(sur.get('in-format'), 'recall', 2)}); AUROC vs in-format controls "
         f"{_cell(d['in-format'], 'auroc', 2)} (surprisal {_cell(sur.get('in-format'), 'auroc', 2)}); mixed facts "
         f"{_cell(rows[main].get('mixed_facts'), 'auroc', 2)} (surprisal "
@@ -397,7 +401,8 @@ def _apollo_text(ap: dict) -> list[str]:
     pct = _pct(ap["fpr"])
     out = [
         f"\nApollo's protocol (layers {ap['layers']}, {ap['probe']}; controls {ap['n_controls']}; "
-        f"{ap['n_test_lies']} test lies). Recall at {pct} FPR / AUROC, 95% CI over facts and control units:"
+        f"{ap['n_test_lies']} test lies; in-relation: held-out facts of the fitted relations). Recall at {pct} FPR "
+        "/ AUROC, 95% CI over facts and control units:"
     ]
     for name, r in rows.items():
         out.append(f"  {name}:")
@@ -416,6 +421,7 @@ def _apollo_text(ap: dict) -> list[str]:
         )
         out.append(
             f"recall at {pct} FPR (in-format controls): {_cell(rows[main]['vs_controls']['in-format'], 'recall')}"
+            " - in-relation: held-out facts of the relations the detector was fit on"
         )
     sur = (ap.get("surprisal") or {}).get("vs_controls") or {}
     if sur.get("in-format"):
@@ -434,3 +440,59 @@ def _surprisal_lines(s: dict, lead: str) -> list[str]:
         f"AUROC {_cell(sur['lies_vs_truths'], 'auroc')} over {sur['lies_vs_truths']['n_facts']} facts; "
         f"mixed facts {_cell(sur.get('mixed_facts'), 'auroc')}."
     ]
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for layer in sorted(layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+
+
+def layer_scan_lines(s: dict, lead: str = "- ") -> list[str]:
+    """One plain line on how the on-policy read layer was chosen (``summary["layer_scan"]``, from
+    :func:`mechlie.studies.detection_steps.layer_scan`); none for a summary saved before it existed."""
+    sc = s.get("layer_scan")
+    if not sc:
+        return []
+    if sc.get("layer") is None:
+        return [
+            f"{lead}On-policy read layer: no layer scan ({sc.get('fallback', '?')}); the framing layer "
+            f"{sc.get('framing_layer', '?')} is used."
+        ]
+    c, n = sc["layer"], sc["n_seeds"]
+    m, sd, lo, hi = sc["mean"][c], sc["sd"][c], sc["lo"][c], sc["hi"][c]
+    ov = sc["overlapping"]
+    verdict = (
+        f"the CIs of {len(ov)} other layers ({_layer_ranges(ov)}) overlap it, so this is a noise-level choice"
+        if ov
+        else "no other layer's CI overlaps it"
+    )
+    dom = sc.get("diff_of_means_layer")
+    return [
+        f"{lead}On-policy read layer {c}, chosen on validation facts of the training split with the reported "
+        f"probe ({sc['fit']}), mean over {n} split seeds: validation AUROC {m:.2f} ± {_num(sd)} (SD over seeds), "
+        f"95% CI [{lo:.2f}, {hi:.2f}] over {sc['n_val_facts']} validation facts pooled over seeds; {verdict} "
+        f"(best layer in {100 * sc['p_best']:.0f}% of bootstrap draws)"
+        + (f"; difference of means would choose layer {dom}." if dom is not None else ".")
+    ]
+
+
+def _layer_scan_text(s: dict) -> list[str]:
+    """Per-layer table of the layer scan for the printed report (none for an older summary)."""
+    sc = s.get("layer_scan")
+    if not sc or sc.get("layer") is None:
+        return []
+    out = [
+        f"\nlayer scan ({sc['fit']}, on-policy labels, {sc['n_seeds']} split seeds {sc['seeds']}; "
+        f"95% CI over {sc['ci_over']}):",
+        f"{'layer':>5} {'mean':>6} {'SD':>6} {'95% CI':>16}",
+    ]
+    for i, (m, sd, lo, hi) in enumerate(zip(sc["mean"], sc["sd"], sc["lo"], sc["hi"])):
+        mark = " <- chosen" if i == sc["layer"] else (" overlaps" if i in sc["overlapping"] else "")
+        out.append(f"{i:>5} {_f(m, 3):>6} {_f(sd, 3):>6} {'[' + _f(lo, 3) + ', ' + _f(hi, 3) + ']':>16}{mark}")
+    return out

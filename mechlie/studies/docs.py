@@ -74,6 +74,12 @@ class Committed:
     def source(self) -> dict:
         return self.config.get("source", {})
 
+    @property
+    def kind(self) -> str:
+        """The study that made the run (a page of another model than the default is named otherwise)."""
+        kind = self.summary.get("kind")
+        return kind if isinstance(kind, str) else self.name
+
 
 def committed(root: str | Path) -> list[Committed]:
     """Every ``docs/results/<study>.summary.json`` with its config, sorted by study name."""
@@ -115,12 +121,12 @@ def registered(name: str) -> Study:
 
 def result_of(entry: Committed, root: str | Path) -> StudyResult:
     """The study's Result built from the committed summary alone (its folder stands in for the run's)."""
-    cls = registered(entry.name).result
+    cls = registered(entry.kind).result
     missing = [k for k in cls.required if k not in entry.summary]
     if missing:
         raise RunFormatError(
             f"{RESULTS / (entry.name + SUMMARY_SUFFIX)} lacks {missing}: written by an older version of "
-            f"mechlie; rerun it (python analyses/reproduce.py --studies {entry.name})"
+            f"mechlie; rerun it (python analyses/reproduce.py --studies {entry.kind})"
         )
     result = cls(Path(root) / RESULTS, entry.summary)
     settings = dict(entry.settings)
@@ -145,7 +151,7 @@ def _made_by(entry: Committed) -> list[str]:
         if isinstance(s.get("seconds"), (int, float))
         else None
     )
-    command = src.get("command") or f"python analyses/reproduce.py --studies {entry.name}"
+    command = src.get("command") or f"python analyses/reproduce.py --studies {entry.kind}"
     return [f"**Command:** `{command}`  ", "**Made by:** " + " · ".join(f for f in facts if f)]
 
 
@@ -357,7 +363,7 @@ def add_run(run_dir: str | Path, root: str | Path, commit: str | None = None) ->
     """Copy a finished run's ``summary.json`` (paths inside the run made relative to it) and
     ``config.json`` (plus its ``source``) into docs/results.
 
-    Returns the study's name. The run is read back first (``Result.load``), so an unfinished run or
+    Returns the page's name (:func:`page_name`). The run is read back first (``Result.load``), so an unfinished run or
     one written by an older version is refused before anything is copied.
     """
     run_dir, root = Path(run_dir), Path(root)
@@ -378,9 +384,20 @@ def add_run(run_dir: str | Path, root: str | Path, commit: str | None = None) ->
     }
     folder = root / RESULTS
     summary = relative_paths(summary, run_dir)
-    atomic_write_text(folder / f"{study.name}{SUMMARY_SUFFIX}", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(folder / f"{study.name}{CONFIG_SUFFIX}", json.dumps(config, indent=2) + "\n")
-    return study.name
+    page = page_name(study, config.get("config", {}))
+    atomic_write_text(folder / f"{page}{SUMMARY_SUFFIX}", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(folder / f"{page}{CONFIG_SUFFIX}", json.dumps(config, indent=2) + "\n")
+    return page
+
+
+def page_name(study: Study, settings: dict) -> str:
+    """``<study>`` for a run of the study's default model, ``<study>_<model>`` for another model's run,
+    so the two models' runs of one study get a page each instead of one replacing the other."""
+    default = next((f.default for f in dataclasses.fields(study.config) if f.name == "model"), None)
+    model = settings.get("model", default)
+    if model == default or not isinstance(model, str):
+        return study.name
+    return f"{study.name}_{re.sub(r'[^A-Za-z0-9.-]+', '-', model)}"
 
 
 def rerun(names: list[str], root: str | Path, *, add: bool = True) -> list[tuple[str, float, int]]:

@@ -17,10 +17,9 @@ Method, for one probe kind on one reading (:class:`Rows`):
   (:func:`mechlie.read.transfer.transfer_run`, which also gives ``n_random`` random-direction probes
   oriented and biased on the training labels). The permutation null refits the same kind on ``n_null``
   label vectors permuted across the rows of each training relation (:func:`mechlie.read.nulls.label_permutations`).
-  For ``logistic`` the refits are solved by :func:`logistic_refits` (batched L-BFGS on scikit-learn's
-  objective): :func:`mechlie.read.nulls.logistic_nulls` solves it exactly by Newton's method in the
-  row space, which costs about 100 s per fit at this study's ~2,000 rows x 576 features on one core,
-  against ~3 s here; a test checks the two agree.
+  For ``logistic`` the refits use :func:`mechlie.read.nulls.logistic_nulls` with ``solver="lbfgs"``
+  (batched L-BFGS on scikit-learn's objective): its exact Newton solver costs about 100 s per fit at this
+  study's ~2,000 rows x 576 features on one core, against ~3 s; a test checks the two agree.
 - **Scores.** AUROC on each held-out unit with a 95% CI over its facts (bootstrap); beside it the
   surprisal baseline (-log P of the generated answer under the prompt: higher = lie, no training, no
   sign flip) on the same rows and resamples, and the *mixed-facts cell*: the held-out rows of prompts
@@ -172,38 +171,6 @@ def choose_training_layer(train: Rows, ev: EvalSettings) -> tuple[int, str]:
         return mid, "fallback: middle read layer"
 
 
-def logistic_refits(X: Float[Tensor, "n d"], Y: Float[Tensor, "D n"], C: float = 1.0, max_iter: int = 100):
-    """scikit-learn's L2 logistic regression (``C sum_i logloss_i + |w|^2 / 2`` on standardised
-    features, intercept unpenalised) for every label vector in ``Y`` at once, by L-BFGS on the sum of
-    the (independent) objectives. Returns :class:`mechlie.read.nulls.NullProbes` in raw feature space."""
-    from mechlie.read.nulls import NullProbes
-
-    Xd = X.float()
-    mu, sd = Xd.mean(0), Xd.std(0, unbiased=False)
-    sd = torch.where(sd > 1e-8, sd, torch.ones_like(sd))
-    Z = torch.cat([(Xd - mu) / sd, torch.ones(len(Xd), 1)], 1)
-    pen = torch.ones(Z.shape[1])
-    pen[-1] = 0.0
-    Yf = Y.float()
-    with torch.enable_grad():
-        th = torch.zeros(len(Y), Z.shape[1], requires_grad=True)
-        opt = torch.optim.LBFGS(
-            [th], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-5, line_search_fn="strong_wolfe"
-        )
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            z = th @ Z.T
-            loss = C * (torch.nn.functional.softplus(z) - Yf * z).sum() + 0.5 * (pen * th**2).sum()
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-    th = th.detach()
-    W = th[:, :-1] / sd
-    return NullProbes(W, th[:, -1] - W @ mu)
-
-
 def permutation_refits(kind: str, train: Rows, layer: int, ev: EvalSettings):
     """The permutation null's probes: ``kind`` refitted on ``ev.n_null`` label vectors permuted across
     the rows of each training relation (seed ``ev.seed + 1``); ``None`` for a kind without refits."""
@@ -215,7 +182,7 @@ def permutation_refits(kind: str, train: Rows, layer: int, ev: EvalSettings):
     Y = nulls.label_permutations(train.y, list(strata.values()), ev.n_null, ev.seed + 1)
     X = train.X[:, layer]
     if kind == "logistic":
-        return logistic_refits(X, Y)
+        return nulls.logistic_nulls(X, Y, solver="lbfgs")
     groups: dict[str, list[int]] = {}
     for i, f in enumerate(train.fact):
         groups.setdefault(f, []).append(i)

@@ -28,6 +28,13 @@ interrupted sweep resumes where it stopped and an edited data file starts a new 
    ``n_patch`` pairs (held-out facts first, so they did not fit any direction). The effect is
    normalized on the means (0 = lying, 1 = honest) and bootstrapped over pairs; the top heads'
    rank stability is the share of resamples in which each is top-1 / in the top k.
+5. ``patching_rest.safetensors`` (``n_split_seeds`` > 0): each head's ``z`` patched on the analysed
+   pairs stage 4 left out, so that every pair has its per-head effects. The headline is then
+   repeated on ``n_split_seeds`` splits by fact (:mod:`mechlie.studies.head_sweep_seeds`): each seed
+   picks its top head on its own training facts and reports its effect on its own held-out facts
+   (95% CI over them), counts the heads passing each bar, and the seeds give mean ± SD and how often
+   the same head is picked. Nothing else is recomputed from the model (the splits reuse stage 1's
+   activations and these per-pair results).
 
 :func:`run` (the study, ``STUDY``) adds the summary, the figures and the head views; the finished
 run reads back as :class:`mechlie.studies.head_sweep_result.HeadSweepResult`.
@@ -73,6 +80,7 @@ from mechlie.studies.base import Study, register
 from mechlie.studies.behaviour import behaviour_report
 from mechlie.studies.flags import model_flag
 from mechlie.studies.head_sweep_result import VIEW_PAIRS, HeadSweepResult, load_patch, save_patch
+from mechlie.studies.head_sweep_seeds import over_split_seeds
 from mechlie.studies.head_sweep_summary import patching_summary, summarize  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -122,6 +130,14 @@ class HeadSweepConfig:
     n_layer_seeds: int = field(
         default=10, metadata={"help": "split seeds for the per-layer AUROC CI and the layer choice (0 = skip)"}
     )
+    n_split_seeds: int = field(
+        default=5,
+        metadata={
+            "help": "split seeds for the headline over splits: each picks its top head on its training facts, "
+            "reports it on its held-out facts, and counts the heads passing each bar (0 = skip; patches every "
+            "analysed pair, not only --n-patch)"
+        },
+    )
     top_k: int = field(default=10, metadata={"help": "top heads reported (and the k of rank stability)"})
     seed: int = 0
     batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", "run": False})
@@ -152,6 +168,8 @@ class HeadSweepConfig:
             raise ValueError(f"--test-frac must be in (0, 1), got {self.test_frac}")
         if self.n_layer_seeds == 1 or self.n_layer_seeds < 0:
             raise ValueError(f"--n-layer-seeds must be 0 (skip) or >= 2 for a CI over seeds, got {self.n_layer_seeds}")
+        if self.n_split_seeds == 1 or self.n_split_seeds < 0:
+            raise ValueError(f"--n-split-seeds must be 0 (skip) or >= 2 for an SD over seeds, got {self.n_split_seeds}")
 
     @property
     def is_file(self) -> bool:
@@ -175,6 +193,7 @@ class SweepData:
     warnings: list[str]
     run_dir: Path
     layer_seeds: SeedScores | None = None  # resid_post AUROC per split seed (None: n_layer_seeds = 0)
+    split_seeds: dict | None = None  # the headline per split seed (head_sweep_seeds; None: n_split_seeds = 0)
 
 
 def _count_rows(path: Path) -> int:
@@ -361,21 +380,21 @@ def _load_dirs(path: Path) -> dict[str, DirectionScores]:
     return {k: DirectionScores.from_tensors(tensors[k], meta[k]) for k in tensors}
 
 
-def _patch(cfg, model, all_pairs, patch_pairs, honest: Activations, progress: bool):
-    """Stage 4's computation; the honest runs of the patched pairs are stage 1's (when its file has
-    z and resid_pre)."""
+def _patch(cfg, model, all_pairs, patch_pairs, honest: Activations, progress: bool, kinds=PATCH_KINDS):
+    """Stage 4's computation (``kinds`` on ``patch_pairs``); the honest runs of the patched pairs are
+    stage 1's (when its file has every kind)."""
     from mechlie.causal.patching import patch_final_positions
 
     def patch() -> dict:
         pos = {id(p): i for i, p in enumerate(all_pairs)}
         rows = torch.tensor([pos[id(p)] for p in patch_pairs])
         clean = (
-            FinalActs({k: honest.acts[k][rows] for k in PATCH_KINDS}, honest.logits[rows])
-            if all(k in honest.acts for k in PATCH_KINDS)
+            FinalActs({k: honest.acts[k][rows] for k in kinds}, honest.logits[rows])
+            if all(k in honest.acts for k in kinds)
             else None
         )
         return patch_final_positions(
-            model, patch_pairs, PATCH_KINDS, batch_size=cfg.batch_size, progress=progress, clean=clean
+            model, patch_pairs, kinds, batch_size=cfg.batch_size, progress=progress, clean=clean
         )
 
     return patch
@@ -439,6 +458,11 @@ def run_head_sweep(
         warnings.append(msg)
     patch = _patch(cfg, model, all_pairs, patch_pairs, a["honest"], progress)
     pr = run.stage("patching.safetensors", patch, save_patch, load_patch)
+    split_seeds = (
+        _split_seeds(cfg, model, run, (all_pairs, pairs, order), a["honest"], kept, d["head_out"], pr["z"], progress)
+        if cfg.n_split_seeds
+        else None
+    )
     return SweepData(
         cfg,
         report,
@@ -453,7 +477,57 @@ def run_head_sweep(
         warnings,
         run.path,
         layer_seeds,
+        split_seeds,
     )
+
+
+def _split_seeds(
+    cfg: HeadSweepConfig,
+    model: HookedTransformer,
+    run: RunDir,
+    rows: tuple[list[ContrastPair], list[ContrastPair], list[int]],
+    honest: Activations,
+    kept: dict,
+    heads: DirectionScores,
+    z: "PatchResult",  # noqa: F821
+    progress: bool,
+) -> dict:
+    """The headline over ``n_split_seeds`` splits (:mod:`mechlie.studies.head_sweep_seeds`). Every
+    analysed pair needs its head patching: the pairs stage 4 did not patch are patched here, once
+    (stage ``patching_rest.safetensors``), and every split reuses the same per-pair results and
+    activations; the reported split's direction scores are reused as they are. ``rows``: every
+    loaded pair, the analysed pairs, and the order (indices into the analysed pairs) in which stage 4
+    patched them."""
+    all_pairs, pairs, order = rows
+    rest = [pairs[i] for i in order[cfg.n_patch :]]
+    ld, lo, hi = z.logit_diff, z.corrupt.logit_diff, z.clean.logit_diff
+    if rest:
+        patch = _patch(cfg, model, all_pairs, rest, honest, progress, kinds=("z",))
+        zr = run.stage("patching_rest.safetensors", patch, save_patch, load_patch)["z"]
+        ld, lo, hi = (
+            torch.cat([x, y]) for x, y in ((ld, zr.logit_diff), (lo, zr.corrupt.logit_diff), (hi, zr.clean.logit_diff))
+        )
+    # Rows back in the analysed pairs' order (patched in `order`: held-out facts of the reported split first).
+    inv = torch.empty(len(order), dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(len(order))
+    t0 = time.perf_counter()
+    out = over_split_seeds(
+        kept["honest"]["head_out"],
+        kept["lying"]["head_out"],
+        ld[inv],
+        lo[inv],
+        hi[inv],
+        [p.fact_id for p in pairs],
+        range(cfg.seed, cfg.seed + cfg.n_split_seeds),
+        test_frac=cfg.test_frac,
+        n_perm=cfg.n_perm,
+        n_random=cfg.n_random,
+        n_boot=cfg.n_boot,
+        fit=FIT,
+        known={cfg.seed: heads},
+    )
+    log.info("headline over %d split seeds in %.1f s", cfg.n_split_seeds, time.perf_counter() - t0)
+    return out
 
 
 def head_views(cfg: HeadSweepConfig, model: HookedTransformer, res: SweepData, summary: dict) -> str | None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from mechlie.core.io import load_tensors, save_tensors
 from mechlie.core.metrics import AnswerScores
 from mechlie.studies.base import RunFormatError, StudyResult, ci_text
+from mechlie.studies.head_sweep_seeds import split_counts_short, split_seeds_short, split_seeds_text
 
 if TYPE_CHECKING:
     import plotly.graph_objects as go
@@ -216,6 +217,28 @@ def _layer_and_behaviour_figures(s: dict, beh: dict) -> dict[str, go.Figure]:
     return figs
 
 
+def _split_seed_figure(s: dict) -> dict[str, go.Figure]:
+    """Per split seed, its top head's held-out effect with its 95% CI, beside the mean over seeds
+    (none for a summary without ``over_split_seeds``)."""
+    from mechlie.report import figures as F
+
+    o = s.get("over_split_seeds")
+    if not o:
+        return {}
+    rows, e = o["per_seed"], o["effect"]
+    return {
+        "split_seeds": F.errorbars(
+            [f"seed {r['seed']}: {head_label(*r['top_head'])}" for r in rows],
+            {"held-out effect (logit diff)": tuple([r[c] for r in rows] for c in ("effect", "lo", "hi"))},
+            f"Top head per split seed, chosen on its training facts, 95% CI over its held-out facts "
+            f"({Path(s['model']).name})<br><sup>mean ± SD over seeds {e['mean']:.3f} ± {e['sd']:.3f}; "
+            "the splits share facts</sup>",
+            y_label="normalized effect",
+            hlines={"mean over seeds": e["mean"]},
+        )
+    }
+
+
 def sweep_figures(summary: dict, config: dict, head_auroc: Tensor, head_effect: Tensor, behaviour: dict) -> dict:
     """The head sweep's figures by file stem, every effect with its 95% CI: ``summary`` (as in
     ``summary.json``), the run's ``config``, the [L, H] held-out AUROC and patching effect, and
@@ -223,6 +246,7 @@ def sweep_figures(summary: dict, config: dict, head_auroc: Tensor, head_effect: 
     return {
         **_head_figures(summary, config, head_auroc, head_effect),
         **_layer_and_behaviour_figures(summary, behaviour),
+        **_split_seed_figure(summary),
     }
 
 
@@ -270,8 +294,8 @@ class HeadSweepResult(StudyResult):
     ``n_test_facts``, ``top_k``, ``behaviour.known.ci`` (or ``behaviour.all.ci``), ``head_auroc``
     (``max``, ``null``, ``random``, ``n_components``; ``null`` / ``random`` ``own_q95_range`` and
     ``n_pass_own`` when present), ``patching`` (``n_pairs``, ``resid_effect_logit_diff`` and its
-    ``_lo`` / ``_hi``), ``top_heads_by_patching``, and when present ``resid_auroc.over_seeds`` and
-    ``notes`` (a summary written before them reads as it did).
+    ``_lo`` / ``_hi``), ``top_heads_by_patching``, and when present ``over_split_seeds``,
+    ``resid_auroc.over_seeds`` and ``notes`` (a summary written before them reads as it did).
     """
 
     study = "head_sweep"
@@ -324,6 +348,8 @@ class HeadSweepResult(StudyResult):
             "top_heads_auroc": f"The {k} heads with the highest held-out AUROC, beside the max-over-heads null bars.",
             "layer_curves": "Per layer: residual direction AUROC and residual patching effect, 95% CI bands.",
             "behaviour": "P(truth) under the honest and the lying framing, 95% CIs over facts.",
+            "split_seeds": "Per split seed, the top head chosen on its training facts and its effect on its "
+            "held-out facts (95% CI), beside the mean over seeds.",
         }
 
     def headline(self) -> list[str]:
@@ -335,18 +361,24 @@ class HeadSweepResult(StudyResult):
         eff = p["resid_effect_logit_diff"]
         best = max(range(len(eff)), key=lambda i: eff[i])
         t = top[0]
+        o = s.get("over_split_seeds")
         rest = ", ".join(f"L{x['layer']}H{x['head']} ({x['effect']:.2f})" for x in top[1:5])
         return [
             f"- {s['n_pairs']} pairs analysed ({s['n_test_facts']} held-out facts); P(truth) honest "
             f"{_ci(b['p_truth_honest'])} vs lying {_ci(b['p_truth_lying'])} (95% CI over facts).",
             f"- Best head by held-out AUROC: L{m['component'][0]}H{m['component'][1]} {m['auroc']:.3f} "
-            f"[{m['lo']:.3f}, {m['hi']:.3f}]; {bars_text(ha)}.",
+            f"[{m['lo']:.3f}, {m['hi']:.3f}]; {bars_text(ha)}" + (f"; {split_counts_short(o)}." if o else "."),
             f"- Top head by patching: L{t['layer']}H{t['head']}, effect {t['effect']:.2f} "
             f"[{t['lo']:.2f}, {t['hi']:.2f}] (95% CI over {p['n_pairs']} pairs; top-1 in {t['top1_share']:.0%} "
-            f"of resamples); next: {rest}.",
+            f"of resamples); next: {rest}" + (f"; {split_seeds_short(o)}." if o else "."),
             f"- Residual patching reaches {eff[best]:.2f} [{p['resid_effect_logit_diff_lo'][best]:.2f}, "
             f"{p['resid_effect_logit_diff_hi'][best]:.2f}] at layer {best}.",
-        ] + [f"- {line}" for line in self._caveats()]
+        ] + [f"- {line}" for line in self._over_seeds() + self._caveats()]
+
+    def _over_seeds(self) -> list[str]:
+        """The headline over split seeds, when the summary has it."""
+        o = self._summary.get("over_split_seeds")
+        return split_seeds_text(o) if o else []
 
     def _caveats(self) -> list[str]:
         """The layer choice over seeds and what the label-swap null tests (from the summary's notes)."""
@@ -378,6 +410,7 @@ class HeadSweepResult(StudyResult):
             f"{ha['max']['auroc']:.3f} [{ha['max']['lo']:.3f}, {ha['max']['hi']:.3f}]; {bars_text(ha)}"
         )
         out += [f"  {n}" for n in s.get("notes", [])]
+        out += [f"\n{line}" for line in self._over_seeds()]
         o = s["resid_auroc"].get("over_seeds")
         if o:
             out.append(f"\n{layer_choice_text(s['resid_auroc'])}\n  layer: mean held-out AUROC [CI over seeds]")

@@ -1,5 +1,6 @@
 """The head sweep's JSON summary: every effect with its 95% CI and its controls, both null bars per
-head, the layer choice over split seeds, and what the label-swap null tests.
+head, the layer choice over split seeds, the headline over split seeds (``over_split_seeds``, from
+:mod:`mechlie.studies.head_sweep_seeds`), and what the label-swap null tests.
 
 Computed from a :class:`mechlie.studies.head_sweep.SweepData`; written as ``summary.json`` and read
 back by :class:`mechlie.studies.head_sweep_result.HeadSweepResult` (whose docstring lists the keys
@@ -59,6 +60,25 @@ def patching_summary(res: SweepData, k: int | None = None) -> dict:
     }
 
 
+def _patching_block(res: SweepData, ps: dict) -> dict:
+    """The summary's ``patching`` entry: the baselines and the per-layer residual patching effects."""
+    hp = res.head_patch
+    return {
+        "n_pairs": len(res.patch_pairs),
+        "honest_logit_diff": float(hp.clean.logit_diff.mean()),
+        "lying_logit_diff": float(hp.corrupt.logit_diff.mean()),
+        "honest_p_truth": float(hp.clean.p_truth.mean()),
+        "lying_p_truth": float(hp.corrupt.p_truth.mean()),
+        "resid_effect_logit_diff": ps["resid"].mean.tolist(),
+        "resid_effect_logit_diff_lo": ps["resid"].lo.tolist(),
+        "resid_effect_logit_diff_hi": ps["resid"].hi.tolist(),
+        "resid_effect_p_truth": ps["resid_p_truth"].mean.tolist(),
+        "n_boot": res.config.n_boot,
+        "resid_effect_p_truth_lo": ps["resid_p_truth"].lo.tolist(),
+        "resid_effect_p_truth_hi": ps["resid_p_truth"].hi.tolist(),
+    }
+
+
 def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> dict:
     """The JSON summary of a head sweep: every effect with its 95% CI and its many-draw control
     (``ps``: :func:`patching_summary` of the same ``res`` and ``k``, if already computed)."""
@@ -66,7 +86,6 @@ def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> d
     k = k or cfg.top_k
     h, r = res.heads, res.resid
     ps = ps or patching_summary(res, k)
-    hp = res.head_patch
     beh = res.behaviour
     grids = {
         "auroc": h.auroc,
@@ -120,22 +139,10 @@ def summarize(res: SweepData, k: int | None = None, ps: dict | None = None) -> d
             "random_q95": r.random_q95.tolist(),
             **({"over_seeds": res.layer_seeds.summary()} if res.layer_seeds is not None else {}),
         },
-        "patching": {
-            "n_pairs": len(res.patch_pairs),
-            "honest_logit_diff": float(hp.clean.logit_diff.mean()),
-            "lying_logit_diff": float(hp.corrupt.logit_diff.mean()),
-            "honest_p_truth": float(hp.clean.p_truth.mean()),
-            "lying_p_truth": float(hp.corrupt.p_truth.mean()),
-            "resid_effect_logit_diff": ps["resid"].mean.tolist(),
-            "resid_effect_logit_diff_lo": ps["resid"].lo.tolist(),
-            "resid_effect_logit_diff_hi": ps["resid"].hi.tolist(),
-            "resid_effect_p_truth": ps["resid_p_truth"].mean.tolist(),
-            "n_boot": cfg.n_boot,
-            "resid_effect_p_truth_lo": ps["resid_p_truth"].lo.tolist(),
-            "resid_effect_p_truth_hi": ps["resid_p_truth"].hi.tolist(),
-        },
+        "patching": _patching_block(res, ps),
         "top_heads_by_patching": ps["top_heads"],
         "top_heads_by_auroc": auroc_heads,
         "top_k": k,
+        **({"over_split_seeds": res.split_seeds} if res.split_seeds is not None else {}),
         "notes": [LABEL_SWAP_NOTE, *bar_notes(h)],
     }

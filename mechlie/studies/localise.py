@@ -16,6 +16,10 @@
    much of its attention lands on the demonstrations' answers in the honest and in the lying prompt
    (``receiver_attention``): reading them in both framings, it copies what the demonstrations say
    rather than detecting falseness.
+4. The edge circuit (``--circuit``, on by default; :mod:`mechlie.studies.localise_circuit`): edges
+   between every head, MLP, the embeddings and the logits ranked by EAP-IG on training pairs, the
+   faithfulness curve of the top edges on held-out pairs beside random edge sets, and EAP / EAP-IG
+   against exact edge patching (Spearman, top-k overlap).
 
 Writes RUN/: summary.json, scores.safetensors (the raw per-pair scores and the path-effect matrix)
 and figures/ (curves, path senders, receiver positions, the circuit diagram). See
@@ -48,17 +52,27 @@ class LocaliseConfig:
     dataset: str = field(default="all", metadata={"help": "a built-in relation or 'all'"})
     n_pairs: int = field(default=10, metadata={"help": "pairs sampled per relation (seeded)"})
     test_frac: float = field(default=0.5, metadata={"help": "share of facts held out for the curves"})
-    n_random: int = field(default=50, metadata={"help": "random head sets per k (the control)"})
+    n_random: int = field(default=30, metadata={"help": "random head sets per k (the control)"})
     threshold: float = field(default=0.8, metadata={"help": "share of the effect the minimal set must restore"})
     receiver: str = field(default="", metadata={"help": "receiver head as LAYER.HEAD (default: the top restore head)"})
     n_path_pairs: int = field(default=8, metadata={"help": "held-out pairs used for path and position patching"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples"})
     known_only: bool = field(default=True, metadata={"help": "keep facts the model knows (as the head sweep does)"})
     n_rerank: int = field(
-        default=50, metadata={"help": "bootstrap resamples that re-rank the heads for the minimal k's CI (0 = skip)"}
+        default=30, metadata={"help": "bootstrap resamples that re-rank the heads for the minimal k's CI (0 = skip)"}
     )
     n_split_seeds: int = field(default=5, metadata={"help": "split seeds for the minimal k's distribution (0 = skip)"})
     k_max: int = field(default=64, metadata={"help": "largest k the re-ranked and per-seed searches try"})
+    circuit: bool = field(default=True, metadata={"help": "the edge circuit stage (EAP-IG ranking, faithfulness)"})
+    circuit_pairs: int = field(
+        default=6, metadata={"help": "equal-length pairs per side (train / held-out) for the edge circuit (0 = all)"}
+    )
+    ig_steps: int = field(default=5, metadata={"help": "EAP-IG interpolation steps of the input embeddings"})
+    n_exact_edges: int = field(
+        default=12, metadata={"help": "edges compared with exact patching: this many top + as many random"}
+    )
+    n_exact_pairs: int = field(default=4, metadata={"help": "held-out pairs for the exact edge comparison"})
+    n_edge_random: int = field(default=5, metadata={"help": "random edge sets of the circuit's size (the null)"})
     seed: int = 0
     device: str = field(default="", metadata={"help": "cpu, cuda, cuda:1, ... (default: cuda if available)"})
     dtype: str = field(default="float32", metadata={"help": f"one of {DTYPES}"})
@@ -80,6 +94,10 @@ class LocaliseConfig:
             raise ValueError("need --n-rerank >= 0, --n-split-seeds >= 0 and --k-max >= 1")
         if self.n_devices < 1:
             raise ValueError("--n-devices must be >= 1")
+        if self.circuit_pairs < 0 or self.ig_steps < 1 or self.n_exact_edges < 2 or self.n_exact_pairs < 2:
+            raise ValueError("need --circuit-pairs >= 0, --ig-steps >= 1, --n-exact-edges >= 2, --n-exact-pairs >= 2")
+        if self.n_edge_random < 1:
+            raise ValueError("--n-edge-random must be >= 1")
         if self.receiver:
             parse_head(self.receiver)
 
@@ -155,6 +173,11 @@ def run(cfg: LocaliseConfig, model: HookedTransformer | None, run_dir: RunDir) -
     if cfg.n_split_seeds:
         summary["split_seeds"] = lv.split_seeds(model, pairs, single, cfg)
         times["split_seeds"] = time.time() - t0 - sum(times.values())
+    if cfg.circuit:
+        from mechlie.studies.localise_circuit import circuit_stage
+
+        circuit_stage(model, cfg, train, test, summary, tensors)
+        times["edge_circuit"] = time.time() - t0 - sum(times.values())
     summary["stage_seconds"] = {k: round(v, 1) for k, v in times.items()}
     meta = {"receiver": list(receiver), "senders": names, "channels": list(channels)}
     save_tensors(run_dir.file("scores.safetensors"), tensors, meta)
@@ -267,6 +290,8 @@ CAPTIONS = {
     "localise_path_heatmap": "Every earlier head and MLP: its path effect into the receiver, per input channel.",
     "localise_receiver_positions": "Which source positions the receiver takes the lie from.",
     "localise_circuit": "The senders with the largest path effects into the receiver, which writes the logits.",
+    "localise_faithfulness": "Share of the logit difference the top edges restore on held-out pairs (MIB-style).",
+    "localise_edge_circuit": "The circuit's top edges, labelled with their exact single-edge effects.",
 }
 
 
@@ -440,9 +465,10 @@ def report_text(s: dict, cfg: dict, run_dir) -> str:
     )
     for t in q["top_positions"]:
         out.append(f"  offset {t['offset']:>4}{' (differs)' if t['differs'] else '          '}: {_ci(t, '+.3f')}")
+    from mechlie.studies.localise_circuit import circuit_lines
     from mechlie.studies.localise_variance import variance_lines
 
-    out += ["\n" + line for line in variance_lines(s)]
+    out += ["\n" + line for line in variance_lines(s) + circuit_lines(s)]
     out.append(f"\nWrote {run_dir}/ in {s.get('seconds', '?')} s")
     return "\n".join(out)
 
@@ -479,6 +505,9 @@ class LocaliseResult(StudyResult):
                 raise RunFormatError(f"{self.run_dir / 'summary.json'} lacks {missing}: rerun the localise study")
         figs = topk_figures(s, ds)
         figs.update(path_figures(s, ds, self._scores()))
+        from mechlie.studies.localise_circuit import circuit_figures
+
+        figs.update(circuit_figures(s))
         return figs
 
     def _scores(self) -> tuple[dict, dict] | None:
@@ -526,9 +555,10 @@ class LocaliseResult(StudyResult):
                 f"differ vs {q['sum_effect_other']:+.3f} elsewhere; attention on differing positions "
                 f"{q['attention_on_differing']:.2f}."
             )
+        from mechlie.studies.localise_circuit import circuit_lines
         from mechlie.studies.localise_variance import variance_lines
 
-        return lines + [f"- {line}" for line in variance_lines(s)]
+        return lines + [f"- {line}" for line in variance_lines(s) + circuit_lines(s)]
 
     def report(self) -> str:
         return report_text(self._summary, self.config(), self.run_dir)

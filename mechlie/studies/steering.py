@@ -18,14 +18,26 @@ held-out evaluation on other seeds (mean +/- SD).
 Every row (the ``prompt baseline`` included: :func:`mechlie.studies.steering_data.prompt_baseline`)
 reports recovery with its 95% CI split into real lies undone and sharpening of facts already answered
 truthfully, lies flipped, honest accuracy before -> after, KL on neutral text and at the honest
-prompts' answer position, and the answer entropy before -> after; gated edits report the share of
-lying / honest / neutral inputs on which their gate is open. The honest-only control
-(``honest_only``) is a vector trained to raise P(truth) on honest prompts only: a method is about
-honesty only where it beats it by a margin (0.3 of the gap, the issue's bar).
+prompts' answer position, and the answer entropy before -> after, and the capability check (share of
+unrelated corpus questions the model answered correctly that it still answers correctly, Wilson CI:
+:mod:`mechlie.studies.steering_capability`); gated edits report the share of lying / honest /
+neutral inputs on which their gate is open. The honest-only control (``honest_only``) is a vector
+trained to raise P(truth) on honest prompts only: a method is about honesty only where it beats it by
+a margin (0.3 of the gap, the issue's bar). Objectives: ``learned`` raises P(truth), ``learned_kl``
+pulls the lying run onto the honest run's answer distribution, ``reft`` maps lying-run residuals onto
+honest-run ones (representation level, as ReFT).
+
+Held-out setup (``--heldout-setup``, default ``instructed``): all is fitted and chosen on the few-shot
+setup (lies asked for by false demonstrations); the held-out relations (``--heldout-setup-on test``:
+the fitted relations' test facts) are asked in a setup that asks for the lie in words, after
+``--heldout-setup-demos`` *true* demonstrations that show only the answer format (zero-shot, SmolLM2
+answers too few facts at the first token: :func:`mechlie.studies.steering_capability.setup_heldout_pairs`).
+Its own known count and lie rate are reported, never refused: a setup the model ignores is a finding.
 
 The default (``DEFAULT_METHODS``, 12 pairs per relation, one KL budget, 8 steps per edit, 4 control
 draws, no SAE layer) is sized for minutes on a 2-core CPU; the wide sweep is flags (``--methods``,
-``--n-per-relation``, ``--n-controls 100``, ``--split-seeds 1 2 3 4``, ``--corpus``), and every stage
+``--n-per-relation``, ``--n-controls 100``, ``--split-seeds 1 2 3 4`` with or without
+``--seeds-lean``, ``--corpus``), and every stage
 (edits, each method's sweep and evaluation) is saved as it ends, so a cut run resumes. Alpha is
 signed: directions point honest -> lying, so alpha < 0 steers toward honesty. Writes
 ``summary.json``, ``sweep.json``, ``sweep_<method>.json``, ``eval_<method>.json``, the learned edits
@@ -34,24 +46,35 @@ signed: directions point honest -> lying, so alpha < 0 steers toward honesty. Wr
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
 
 from mechlie.core.cli import RunDir
 from mechlie.studies.base import Study, register
+from mechlie.studies.steering_best import best_and_demo, mean_of
+from mechlie.studies.steering_capability import CAPABILITY_RELATIONS
 from mechlie.studies.steering_methods import parse_head, study_methods
 from mechlie.studies.steering_result import SteeringResult
-from mechlie.studies.steering_stages import Clock, Prefixed, avg, load_sweep, read_stage, save_json, sd
+from mechlie.studies.steering_stages import (
+    Clock,
+    Prefixed,
+    avg,
+    load_sweep,
+    n_layers_without_loading,
+    read_stage,
+    save_json,
+    sd,
+)
 
 log = logging.getLogger("mechlie")
 
 METHODS = study_methods()
-# The default methods: a training-free direction, learned edits on two objectives, a conditional edit
-# and the honest-only control; ITI, head patching, mean patching, ablation and low-rank edits stay
-# behind --methods (the whole set took over 20 minutes on 2 cores).
-DEFAULT_METHODS = ("resid", "learned", "learned_kl", "gated", "honest_only")
+# The default methods: a training-free direction, learned edits on three objectives (P(truth), KL to
+# the honest run, the honest run's residual: reft), a conditional edit and the honest-only control;
+# ITI, head patching, mean patching, ablation and low-rank edits stay behind --methods (the whole set
+# took over 20 minutes on 2 cores).
+DEFAULT_METHODS = ("resid", "learned", "learned_kl", "reft", "gated", "honest_only")
 
 
 def _nonzero(xs: tuple[float, ...], name: str) -> None:
@@ -131,6 +154,42 @@ class Config:
     transfer_format: str = field(
         default="", metadata={"help": "another prompt format for the held-out facts, e.g. instruct ('' = none)"}
     )
+    heldout_setup: str = field(
+        default="instructed",
+        metadata={
+            "help": "a setup of mechlie.core.setups nothing is fitted on, asked on the held-out relations ('': none)"
+        },
+    )
+    heldout_template: str = field(default="", metadata={"help": "its template ('': the setup's first)"})
+    heldout_setup_demos: int = field(
+        default=3,
+        metadata={"help": "true demonstrations after the setup's instruction (0: none; see steering_capability)"},
+    )
+    heldout_setup_on: str = field(
+        default="heldout",
+        metadata={
+            "help": "facts the held-out setup asks: 'test' (the fitted relations' test facts, none trained on) "
+            "or 'heldout' (the held-out relations)"
+        },
+    )
+    heldout_chat: bool = field(
+        default=False,
+        metadata={"help": "render the held-out setup with the chat template (default plain text, as the fit prompts)"},
+    )
+    capability_relations: tuple[str, ...] = field(
+        default=CAPABILITY_RELATIONS, metadata={"help": "corpus relations of the capability check (used nowhere else)"}
+    )
+    capability_n: int = field(
+        default=48, metadata={"help": "questions answered correctly unedited kept for the capability check (0: off)"}
+    )
+    reft_rank: int = field(default=4, metadata={"help": "rank of the reft edit (representation-level objective)"})
+    seeds_lean: bool = field(
+        default=False,
+        metadata={
+            "help": "--split-seeds refit the edits and directions but reuse the main seed's chosen settings "
+            "(no sweep) and evaluate on held-out relations only"
+        },
+    )
     scoring: str = field(
         default="first", metadata={"help": "'first': first answer token; 'full': teacher-forced full answers"}
     )
@@ -203,9 +262,10 @@ class Config:
             raise ValueError(f"a relation is in two of --relations / --val-relations / --heldout-relations: {every}")
         if self.min_known < 0:
             raise ValueError(f"--min-known must be >= 0, got {self.min_known}")
+        _check_transfer_flags(self)
         if self.transfer_format and self.transfer_format not in FORMATS:
             raise ValueError(f"--transfer-format must be one of {FORMATS} or '', got {self.transfer_format!r}")
-        n_layers = _n_layers_without_loading(self.model)
+        n_layers = n_layers_without_loading(self.model)
         for name in ("layers", "gated_layers"):
             ls = getattr(self, name)
             if n_layers is not None and any(l >= n_layers for l in ls):
@@ -216,18 +276,33 @@ class Config:
             raise ValueError(f"--sae-layer {self.sae_layer}: {self.model} has {n_layers} layers")
 
 
-def _n_layers_without_loading(name: str) -> int | None:
-    """The layer count from a local checkpoint's config.json (no weights loaded); None if unknown."""
-    try:
-        from mechlie.core.models import resolve_hf_dir
+def _check_transfer_flags(cfg: Config) -> None:
+    """The held-out setup, the capability check's relations and the reft rank."""
+    from mechlie.core.corpus import RELATIONS as CORPUS_RELATIONS
+    from mechlie.core.setups import SETUPS
 
-        d = resolve_hf_dir(name)
-        if d is None:
-            return None
-        cfg = json.loads((d / "config.json").read_text())
-        return int(cfg.get("num_hidden_layers") or cfg["text_config"]["num_hidden_layers"])
-    except Exception:  # unknown layout: checked again once the model is loaded
-        return None
+    if cfg.heldout_setup and cfg.heldout_setup not in set(SETUPS) - {"fewshot"}:
+        raise ValueError(
+            f"--heldout-setup must be one of {sorted(set(SETUPS) - {'fewshot'})} or '' (the fit setup "
+            f"is fewshot), got {cfg.heldout_setup!r}"
+        )
+    if cfg.heldout_setup_on not in ("test", "heldout"):
+        raise ValueError(f"--heldout-setup-on must be 'test' or 'heldout', got {cfg.heldout_setup_on!r}")
+    if cfg.heldout_template and cfg.heldout_template not in SETUPS.get(cfg.heldout_setup, ()):
+        raise ValueError(
+            f"--heldout-template {cfg.heldout_template!r} is not a template of "
+            f"{cfg.heldout_setup!r}: {SETUPS.get(cfg.heldout_setup, ())}"
+        )
+    bad = [r for r in cfg.capability_relations if r not in CORPUS_RELATIONS]
+    if bad or (cfg.capability_n and not cfg.capability_relations):
+        raise ValueError(f"--capability-relations needs corpus relations among {sorted(CORPUS_RELATIONS)}, got {bad}")
+    used = set(cfg.relations + cfg.val_relations + cfg.heldout_relations) & set(cfg.capability_relations)
+    if used:
+        raise ValueError(
+            f"--capability-relations {sorted(used)} are also steering relations: the check must be unrelated"
+        )
+    if cfg.capability_n < 0 or not 1 <= cfg.reft_rank <= 16:
+        raise ValueError(f"--capability-n must be >= 0 and --reft-rank 1..16, got {cfg.capability_n}, {cfg.reft_rank}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,9 +323,10 @@ class Fitted:
     sae_layer: int | None
 
 
-def fit_and_choose(cfg: Config, model, run_dir, clock: Clock) -> Fitted:
+def fit_and_choose(cfg: Config, model, run_dir, clock: Clock, fixed: dict | None = None) -> Fitted:
     """Data for ``cfg.seed``, the edits trained (resumable stages), every method swept on the
-    validation relations (one resumable stage per method) and its setting chosen."""
+    validation relations (one resumable stage per method) and its setting chosen; with ``fixed``
+    (method -> chosen sweep point, the lean seed mode) no sweep: those settings are kept."""
     from mechlie.studies import steering_eval as se
     from mechlie.studies.steering_methods import GridContext, study_grid
 
@@ -267,6 +343,8 @@ def fit_and_choose(cfg: Config, model, run_dir, clock: Clock) -> Fitted:
     sae_layer = cfg.sae_layer if 0 <= cfg.sae_layer < L else None
     with clock(f"fit: edits trained or resumed (seed {cfg.seed})"):
         grid = study_grid(GridContext(model, data, cfg, run_dir, layers, sae_layer), cfg.methods)
+    if fixed is not None:
+        return Fitted(data, neutral_test, base, {}, dict(fixed), {}, layers, sae_layer)
     points = {}
     for m, g in grid.items():
         with clock(f"sweep {m} ({len(g)} settings, seed {cfg.seed})"):
@@ -295,6 +373,7 @@ def run(cfg: Config, model, run_dir: RunDir) -> SteeringResult:
     layers, sae_layer = f.layers, f.sae_layer
     run_dir.write_json("sweep.json", {"baseline": base, "sweep": points})
     evals, prompt = _evaluate(cfg, model, data, chosen, run_dir, clock)
+    capability = _capability(cfg, model, data, chosen, run_dir, clock)
     with clock("gates, alignment, demo"):
         summary = {
             "kind": "steering",
@@ -309,13 +388,24 @@ def run(cfg: Config, model, run_dir: RunDir) -> SteeringResult:
             "evaluation_in_relation": {m: e["test"] for m, e in evals.items()},
             "transfer": {m: {k: v for k, v in e.items() if k not in ("test", "heldout")} for m, e in evals.items()},
             "prompt_baseline": prompt,
+            "capability": capability,
+            "heldout_setup": {
+                "setup": cfg.heldout_setup,
+                "template": cfg.heldout_template or None,
+                "rendering": "chat template" if cfg.heldout_chat else "plain text",
+                "demonstrations": cfg.heldout_setup_demos,
+                "facts": "test facts of the fitted relations (in-relation)"
+                if cfg.heldout_setup_on == "test"
+                else "held-out relations",
+            },
             "alignment": alignment(model, data, sae_layer),
             "edits": {n: e.info for n, e in data.edits.items()},
-            "gates": _gates(model, data, neutral_test),
+            "gates": se.gates(model, data, neutral_test),
         }
-        summary |= _best_and_demo(cfg, model, data, chosen, summary["evaluation_on_test"])
+        summary |= best_and_demo(cfg, model, data, chosen, summary["evaluation_on_test"])
     if cfg.split_seeds:
-        summary["split_seeds"] = _seed_repeats(cfg, model, run_dir, clock, summary)
+        summary["split_seeds"] = _seed_repeats(cfg, model, run_dir, clock, summary, chosen)
+        summary["split_seeds"]["mode"] = "lean: main seed's settings, refitted" if cfg.seeds_lean else "full"
     summary["seconds"] = clock.seconds | {"total_in_study": round(time.time() - clock.t0, 1)}
     run_dir.write_json("summary.json", summary)  # the figures are drawn from the saved files
     result = SteeringResult.load(run_dir.path)
@@ -378,6 +468,25 @@ def _data(cfg: Config, model):
     log.info("known facts per held-out relation: %s", known)
     # a validation relation the model does not know would choose every setting on noise
     log.info("known facts per validation relation: %s", se.check_known(data.val, cfg.min_known))
+    if cfg.heldout_setup:  # reported with its own known count and lie rate: not refused
+        from mechlie.studies.steering_capability import setup_heldout_pairs
+
+        on_test = cfg.heldout_setup_on == "test"
+        ps = setup_heldout_pairs(
+            cfg.relations if on_test else cfg.heldout_relations,
+            cfg.heldout_setup,
+            cfg.heldout_template,
+            cfg.n_per_relation,
+            model.tokenizer,
+            cfg.seed,
+            cfg.corpus,
+            cfg.heldout_chat,
+            {p.fact_id for p in data.test.pairs} if on_test else None,
+            cfg.heldout_setup_demos,
+        )
+        name = f"setup:{cfg.heldout_setup}"
+        data.extra[name] = se.eval_set(model, name, ps, neutral_test, cfg.batch_size, scoring=cfg.scoring)
+        log.info("known facts in the held-out setup %s: %s", cfg.heldout_setup, se.check_known(data.extra[name], 0))
     if cfg.transfer_format:
         other = _pairs(cfg, model, cfg.heldout_relations, cfg.transfer_format)
         name = f"format:{cfg.transfer_format}"
@@ -395,10 +504,17 @@ def _evaluate(cfg: Config, model, data, chosen: dict, run_dir: RunDir, clock: Cl
     sets = ["heldout", "test", *(k for k in data.extra if k != "heldout")]
 
     def one(m: str) -> dict:
-        c = chosen[m].setting
+        c, ne = chosen[m].setting, {}  # the sets share their neutral lines: measured once per method
         return {
             on: se.evaluate(
-                model, data, c, on=on, n_controls=cfg.n_controls if on == "heldout" else 0, n_control_kl=2, **kw
+                model,
+                data,
+                c,
+                on=on,
+                n_controls=cfg.n_controls if on == "heldout" else 0,
+                n_control_kl=2,
+                neutral_cache=ne,
+                **kw,
             )
             for on in sets
         }
@@ -413,22 +529,50 @@ def _evaluate(cfg: Config, model, data, chosen: dict, run_dir: RunDir, clock: Cl
     return evals, prompt
 
 
-def _seed_repeats(cfg: Config, model, run_dir: RunDir, clock: Clock, summary: dict) -> dict:
+def _capability(cfg: Config, model, data, chosen: dict, run_dir: RunDir, clock: Clock) -> dict:
+    """The capability check (:mod:`mechlie.studies.steering_capability`) of each method's chosen setting
+    and of the prompting baseline, as one resumable stage (``capability.json``); {} with --capability-n 0."""
+    from mechlie.studies import steering_capability as sc
+    from mechlie.studies import steering_eval as se
+
+    if not cfg.capability_n:
+        return {}
+
+    def compute() -> dict:
+        n_each = -(-3 * cfg.capability_n // (2 * len(cfg.capability_relations)))  # 1.5x: some are not known
+        pairs = sc.corpus_pairs(cfg.capability_relations, n_each, model.tokenizer, cfg.seed)
+        cap = sc.capability_set(model, pairs, cfg.capability_n, cfg.batch_size)
+        out = {m: cap.check(model, [se.intervention(model, data, c.setting)]) for m, c in chosen.items()}
+        return {
+            "relations": list(cfg.capability_relations),
+            "n_candidates": cap.n_candidates,
+            "kept_per_relation": cap.known_per_relation,
+            "methods": out | {"prompt baseline": cap.check_prompt(model, cfg.batch_size)},
+        }
+
+    with clock("capability check"):
+        return run_dir.stage("capability.json", compute, save_json, read_stage)
+
+
+def _seed_repeats(cfg: Config, model, run_dir: RunDir, clock: Clock, summary: dict, chosen: dict) -> dict:
     """Fit, choose and evaluate on the held-out relations once per further split seed (no random
     controls: they are the main seed's); each method's headline (recovery, KL on neutral text, KL at
-    the honest answer, honest accuracy change) over all seeds, main seed included, as mean and SD."""
+    the honest answer, honest accuracy change) over all seeds, main seed included, as mean and SD.
+    With ``--seeds-lean`` each seed refits the directions and retrains the edits on its own split but
+    keeps the main seed's ``chosen`` settings (alpha, scale; no sweep): it measures the variance of
+    the fit and of the held-out facts, not of the choice."""
     from dataclasses import replace
 
     from mechlie.studies import steering_eval as se
 
     keys = ("recovered", "kl", "kl_honest_answer", "honest_acc_steered")
-    rows = {m: {k: [_mean(r[k])] for k in keys} for m, r in summary["evaluation_on_test"].items()}
-    rows["prompt baseline"] = {k: [_mean(summary["prompt_baseline"]["heldout"][k])] for k in keys}
+    rows = {m: {k: [mean_of(r[k])] for k in keys} for m, r in summary["evaluation_on_test"].items()}
+    rows["prompt baseline"] = {k: [mean_of(summary["prompt_baseline"]["heldout"][k])] for k in keys}
     seeds = [cfg.seed] + [s for s in cfg.split_seeds if s != cfg.seed]
     for s in seeds[1:]:
         c = replace(cfg, seed=s)
         sub = Prefixed(run_dir, f"seed{s}_")
-        f = fit_and_choose(c, model, sub, clock)
+        f = fit_and_choose(c, model, sub, clock, fixed=chosen if cfg.seeds_lean else None)
         kw = dict(n_boot=cfg.n_boot, seed=s)
         for m, ch in f.chosen.items():
             with clock(f"evaluate {m} (seed {s})"):
@@ -439,108 +583,14 @@ def _seed_repeats(cfg: Config, model, run_dir: RunDir, clock: Clock, summary: di
                     read_stage,
                 )
             for k in keys:
-                rows[m][k].append(_mean(r[k]))
+                rows[m][k].append(mean_of(r[k]))
         pb = se.evaluate_prompt(model, f.data.extra["heldout"], **kw)
         for k in keys:
-            rows["prompt baseline"][k].append(_mean(pb[k]))
+            rows["prompt baseline"][k].append(mean_of(pb[k]))
     out = {"seeds": seeds}
     for m, per in rows.items():
         out[m] = {k: {"values": v, "mean": avg(v), "sd": sd(v)} for k, v in per.items()}
     return out
-
-
-def _gates(model, data, neutral_test: list[str]) -> dict:
-    """Where the gated edits write (:func:`mechlie.studies.steering_eval.gate_report`): shares of held-out
-    and in-relation lying and honest prompts with the gate above 0.5, and of test neutral tokens."""
-    from mechlie.control import edits
-    from mechlie.studies.steering_eval import gate_report
-
-    sets = {"heldout": data.extra["heldout"], "test": data.test}
-    prompts = {
-        f"{w}_{side}_final": [getattr(p, side) for p in es.pairs]
-        for w, es in sets.items()
-        for side in ("lying", "honest")
-    }
-    return {
-        name: gate_report(model, e, prompts, neutral_test)
-        for name, e in data.edits.items()
-        if isinstance(e, edits.GatedVector)
-    }
-
-
-def _best_and_demo(cfg: Config, model, data, chosen: dict, evals: dict) -> dict:
-    """The best method, chosen on the *validation* relations (choosing it on the held-out ones would
-    make the headline a best-of-N), never the honest-only control; and held-out-relation prompts where
-    the model really lies, steered with it."""
-    from mechlie.studies import steering_eval as se
-
-    cands = {m: c for m, c in chosen.items() if m != "honest_only"} or chosen
-    ok = {m: c for m, c in cands.items() if c.kl <= cfg.kl_budget} or cands
-    best = max(ok, key=lambda m: ok[m].recovered)
-    setting = chosen[best].setting
-    iv, iv_lie = se.intervention(model, data, setting), se.intervention(model, data, setting.flipped())
-    es = data.extra["heldout"]
-    lies = se.lying_rows(es)
-    honest_ok = [i for i in range(len(es.pairs)) if bool(es.base_honest.correct[i])]
-    best_r = evals[best]
-    rec, kl = _mean(best_r["recovered"]), _mean(best_r["kl"])
-    return {
-        "best": {
-            "method": best,
-            "chosen_by": f"most recovered on validation relations among methods with validation KL <= "
-            f"{cfg.kl_budget} (the honest-only control excluded)",
-            "setting": setting,
-            "recovered": best_r["recovered"],
-            "kl": best_r["kl"],
-            "goal": "recovered >= 0.85 (CI lower bound >= 0.6) at KL <= 0.1 nats on held-out relations",
-            "goal_met": bool(rec >= 0.85 and _lo(best_r["recovered"]) >= 0.6 and kl <= 0.1),
-        },
-        "demo": {
-            "setting": setting,
-            "on": "heldout",
-            "n_lying_test_prompts": len(lies),
-            "lies_flipped_back": _demo_rows(cfg, model, es, lies[: cfg.n_demo], "lying", iv, es.base_lying),
-            "honest_steered_into_lies": _demo_rows(
-                cfg, model, es, honest_ok[: cfg.n_demo], "honest", iv_lie, es.base_honest
-            ),
-        },
-    }
-
-
-def _mean(e) -> float:
-    """An :class:`Estimate`'s point value, or a saved one's (read back from a resumed stage)."""
-    return float(e["mean"] if isinstance(e, dict) else e.mean)
-
-
-def _lo(e) -> float:
-    v = e["lo"] if isinstance(e, dict) else e.lo
-    return float("nan") if v is None else float(v)
-
-
-def _demo_rows(cfg: Config, model, es, rows: list[int], which: str, iv, base_scores) -> list[dict]:
-    """Prompts ``rows`` of ``es`` generated before and after steering, with P(truth) before and after."""
-    from mechlie.core.generation import generate
-    from mechlie.studies.steering_data import score_prompts
-
-    if not rows:
-        return []
-    gen_kw = dict(max_new_tokens=cfg.max_new_tokens, stop_strings=("\n",))
-    ps = [es.pairs[i] for i in rows]
-    prompts = [getattr(p, which) for p in ps]
-    before, after = generate(model, prompts, **gen_kw), generate(model, prompts, interventions=[iv], **gen_kw)
-    p_after = score_prompts(model, ps, which, [iv], scoring=cfg.scoring, batch_size=cfg.batch_size).p_truth
-    return [
-        {
-            "question": p.question,
-            "relation": p.relation,
-            "truth": p.truth,
-            "before": before.texts[j].strip(),
-            "after": after.texts[j].strip(),
-            "p_truth_before": float(base_scores.p_truth[i]),
-            "p_truth_after": float(p_after[j]),
-        }
-        for j, (i, p) in enumerate(zip(rows, ps))
-    ]
 
 
 STUDY = register(Study("steering", Config, run, SteeringResult))

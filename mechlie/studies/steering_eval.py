@@ -272,6 +272,7 @@ def evaluate(
     n_boot: int = 1000,
     seed: int = 0,
     n_control_kl: int | None = None,
+    neutral_cache: dict | None = None,
 ) -> dict:
     """Every effect of one setting (:func:`effects`) on the test facts and test neutral lines, with 95%
     CIs, the induced effect of the flipped setting, and its random control from ``n_controls`` draws.
@@ -279,6 +280,8 @@ def evaluate(
     Args:
         setting: the (validation-chosen) setting; ``alpha < 0`` steers toward honesty.
         on: ``"test"`` or the name of a set in ``data.extra`` (e.g. the held-out relations).
+        neutral_cache: a dict kept across calls for *one* setting: evaluation sets that share their
+            neutral lines (the study's test, held-out and transfer sets do) measure them once.
 
     Returns:
         dict of :class:`Estimate` (and the control's distribution under ``"control"``).
@@ -287,7 +290,13 @@ def evaluate(
     iv = intervention(model, data, setting)
     lying_s, lp_l = final_scores(model, es, "lying", [iv])
     honest_s, lp_h = final_scores(model, es, "honest", [iv])
-    ne = neutral_effects(model, es.neutral, es.clean_neutral, [iv])
+    key = tuple(es.neutral_text) or None
+    if neutral_cache is not None and key is not None and key in neutral_cache:
+        ne = neutral_cache[key]
+    else:
+        ne = neutral_effects(model, es.neutral, es.clean_neutral, [iv])
+        if neutral_cache is not None and key is not None:
+            neutral_cache[key] = ne
     res = {"setting": setting} | effects(
         es, lying_s, honest_s, {"honest": lp_h, "lying": lp_l}, ne, n_boot=n_boot, seed=seed
     )
@@ -347,6 +356,24 @@ def gate_report(model: HookedTransformer, edit, prompts: dict[str, Sequence[str]
     return out
 
 
+def gates(model, data, neutral_test: list[str]) -> dict:
+    """Where the gated edits write (:func:`mechlie.studies.steering_eval.gate_report`): shares of held-out
+    and in-relation lying and honest prompts with the gate above 0.5, and of test neutral tokens."""
+    from mechlie.control import edits
+
+    sets = {"heldout": data.extra["heldout"], "test": data.test}
+    prompts = {
+        f"{w}_{side}_final": [getattr(p, side) for p in es.pairs]
+        for w, es in sets.items()
+        for side in ("lying", "honest")
+    }
+    return {
+        name: gate_report(model, e, prompts, neutral_test)
+        for name, e in data.edits.items()
+        if isinstance(e, edits.GatedVector)
+    }
+
+
 def choice_notes(points: Sequence[SweepPoint], chosen: SweepPoint, kl_budget: float) -> dict:
     """Whether the choice is trustworthy: ``met_kl_budget`` (False: no swept setting met it, and the
     lowest-KL one was taken, reported as such) and ``at_grid_edge`` (the chosen alpha is the largest
@@ -402,6 +429,7 @@ __all__ = [
     "evaluate_prompt",
     "final_scores",
     "gate_report",
+    "gates",
     "prompt_baseline",
     "recovery_split",
     "bootstrap",

@@ -38,7 +38,8 @@ Built-in kinds, with their controls:
   edit as trained); control: a random edit of the same size (for ``gated``: a random gate, ``w``
   of the same norm and the bias kept, writing a random vector of the same norm). ``learned_kl`` is
   trained on the KL-to-honest-run objective, ``honest_only`` (the honest-only control) on the
-  honest prompts.
+  honest prompts; ``reft`` (:class:`Reft`) is a low-rank ``resid_post`` edit trained to map lying-run
+  residuals onto honest-run ones (representation level, as ReFT).
 """
 
 from __future__ import annotations
@@ -436,6 +437,27 @@ class LowRank(_EditMethod):
                 m, d.train, d.neutral_train, mid, tc, component=c.lowrank_component, rank=c.lowrank_rank
             )
             out += self.staged(ctx, f"lowrank@{b:g}", train)
+        return out
+
+
+@method
+class Reft(_EditMethod):
+    """A representation-level edit (ReFT-like): a rank-``--reft-rank`` affine edit of ``resid_post`` at
+    the deepest sweep layer, trained on the ``"honest_resid"`` objective
+    (:data:`mechlie.control.edit_training.OBJECTIVES`): each training fact's lying-run residual there is
+    mapped onto its honest run's, with no answer token in the loss (LoReFT without R's orthonormality)."""
+
+    name = "reft"
+
+    def grid(self, ctx):
+        c, m, d, out = ctx.cfg, ctx.model, ctx.data, []
+        at = max(ctx.layers)
+        for b in c.edit_budgets:
+            tc = self.train_config(ctx, b, objective="honest_resid")
+            train = lambda: edits.train_lowrank(  # noqa: E731
+                m, d.train, d.neutral_train, at, tc, component="resid_post", rank=c.reft_rank
+            )
+            out += self.staged(ctx, f"reft@{b:g}", train)
         return out
 
 

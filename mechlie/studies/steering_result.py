@@ -104,27 +104,12 @@ class SteeringResult(StudyResult):
         return steering_figures(self._summary, self.sweep(), self.where(), self.config().get("kl_budget"))
 
     def headline(self) -> list[str]:
-        """From ``summary.json`` only: ``best`` (method, setting, recovered, kl, chosen_by, goal,
-        goal_met), the prompting baseline and per method ``evaluation_on_test`` (held-out relations:
-        recovered, kl, control) and ``chosen_on_validation`` (setting)."""
-        s = self._summary
-        b = s["best"]
-        lines = [
-            f"- Best method ({b.get('chosen_by', 'chosen on test by an older version')}), on held-out relations: "
-            f"**{b['method']}** ({setting_text(b['setting'])}): gap recovered {_fmt(b['recovered'])} at KL "
-            f"{_fmt(b['kl'])} nats (goal: {b.get('goal', '?')}: {'met' if b.get('goal_met') else 'NOT met'})."
-        ]
-        pb = s.get("prompt_baseline", {}).get("heldout")
-        if pb:
-            lines.append(f"- prompt baseline: recovered {_fmt(pb['recovered'])}, KL {_fmt(pb['kl'])}.")
-        for m, r in s["evaluation_on_test"].items():
-            c = r["control"]
-            lines.append(
-                f"- {m} ({setting_text(s['chosen_on_validation'][m]['setting'])}): recovered {_fmt(r['recovered'])}, "
-                f"KL {_fmt(r['kl'])}; {c.get('n_draws', '?')} random draws: recovered "
-                f"{_fmt(c['recovered'])} (mean, 95% of draws)."
-            )
-        return lines
+        """From ``summary.json`` only, one bullet each: the best method (chosen on validation) against
+        the goal; the prompting baseline and every method on held-out relations (recovery with its CI,
+        real lies flipped, margin over the honest-only control, honest accuracy, capability kept, KL at
+        the honest answer and on neutral text, random draws); the held-out setup; the split seeds; and
+        the verdicts (which objective beats the honest-only control by 0.3, whether the prompt wins)."""
+        return headline_lines(self._summary)
 
     def report(self) -> str:
         """What the study prints when it ends: baselines, the comparison table (in-relation test facts,
@@ -140,33 +125,41 @@ def _v(d: dict | None, key: str = "mean") -> float:
 
 COLUMNS = (
     f"{'method':<16} {'setting':<24} {'recovered [95% CI]':<22} {'lies':>6} {'sharp':>6} {'flip':>6} "
-    f"{'hon.acc':>11} {'KL neutral':>10} {'KL@answer':>9} {'H honest':>11} {'H lying':>11}"
+    f"{'hon.acc':>11} {'capab.':>6} {'KL neutral':>10} {'KL@answer':>9} {'H honest':>11} {'H lying':>11}"
 )
 
 
-def _row(name: str, desc: str, r: dict) -> str:
+def _cap(c: dict | None) -> str:
+    """``0.96 [0.86, 0.99]``: share of the capability questions still answered correctly (Wilson CI)."""
+    return "n/a" if not c else f"{c['accuracy']:.2f} [{c['lo']:.2f}, {c['hi']:.2f}]"
+
+
+def _row(name: str, desc: str, r: dict, cap: dict | None = None) -> str:
     """One table row: recovery (its split into real lies and sharpening), lies flipped, honest accuracy
-    before -> after, neutral-text KL, KL at the honest answer position, answer entropies before -> after."""
+    before -> after, the capability check (share kept), neutral-text KL, KL at the honest answer
+    position, answer entropies before -> after."""
     arrow = lambda a, b: f"{_v(r.get(a)):.2f}->{_v(r.get(b)):.2f}"  # noqa: E731
     return (
         f"{name:<16} {desc:<24} {_fmt(r['recovered']):<22} {_v(r.get('recovered_lies')):>6.2f} "
         f"{_v(r.get('recovered_sharpening')):>6.2f} {r.get('lies_flipped', 0):>3}/{r.get('n_lies', 0):<2} "
-        f"{arrow('honest_acc_before', 'honest_acc_steered'):>11} {_v(r.get('kl')):>10.4f} "
+        f"{arrow('honest_acc_before', 'honest_acc_steered'):>11} {(cap or {}).get('accuracy', float('nan')):>6.2f} "
+        f"{_v(r.get('kl')):>10.4f} "
         f"{_v(r.get('kl_honest_answer')):>9.4f} {arrow('entropy_honest_before', 'entropy_honest_steered'):>11} "
         f"{arrow('entropy_lying_before', 'entropy_lying_steered'):>11}"
     )
 
 
-def _table(evals: dict, chosen: dict, prompt: dict | None) -> list[str]:
+def _table(evals: dict, chosen: dict, prompt: dict | None, cap: dict | None = None) -> list[str]:
+    cap = cap or {}
     out = [COLUMNS]
     if prompt:
-        out.append(_row("prompt baseline", "instruction + reminder", prompt))
+        out.append(_row("prompt baseline", "instruction + reminder", prompt, cap.get("prompt baseline")))
     for m, r in evals.items():
-        out.append(_row(m, setting_text(chosen[m]["setting"]), r))
+        out.append(_row(m, setting_text(chosen[m]["setting"]), r, cap.get(m)))
     return out
 
 
-def _heldout_line(m: str, r: dict, control_rec: float | None) -> str:
+def _heldout_line(m: str, r: dict, control_rec: float | None, cap: dict | None = None) -> str:
     """``<method>: recovered X [lo, hi] ... KL Y`` (KL on neutral text, last)."""
     c = r.get("control")
     rand = (
@@ -182,7 +175,8 @@ def _heldout_line(m: str, r: dict, control_rec: float | None) -> str:
         f"{m}: recovered {_fmt(r['recovered'])} (real lies {_v(r.get('recovered_lies')):.2f}, sharpening "
         f"{_v(r.get('recovered_sharpening')):.2f}; {r.get('lies_flipped', 0)}/{r.get('n_lies', 0)} lies flipped), "
         f"honest acc {_v(r.get('honest_acc_before')):.2f} -> {_v(r.get('honest_acc_steered')):.2f}, "
-        f"KL at honest answer {_fmt(r['kl_honest_answer'])}{rand}{vs} ... KL {_fmt(r['kl'])}"
+        f"capability kept {_cap(cap)}, KL at honest answer {_fmt(r['kl_honest_answer'])}{rand}{vs} "
+        f"... KL {_fmt(r['kl'])}"
     )
 
 
@@ -205,7 +199,8 @@ def report_lines(s: dict, cfg: dict) -> list[str]:
         "position; H = answer entropy before->after (nats)",
         "\ncomparison table, in-relation (test facts of the fitted relations):",
     ]
-    out += _table(s.get("evaluation_in_relation", {}), chosen, pb.get("test"))
+    cap = s.get("capability", {}).get("methods", {})
+    out += _table(s.get("evaluation_in_relation", {}), chosen, pb.get("test"), cap)
     for m, n in s.get("choice_notes", {}).items():
         if not n["met_kl_budget"]:
             out.append(f"  {m}: no swept setting met the KL budget on validation (the lowest-KL one is reported)")
@@ -225,19 +220,12 @@ def report_lines(s: dict, cfg: dict) -> list[str]:
         f"{held.get('n_known', '?')} known; random draws randomise the gate too):"
     )
     if pb.get("heldout"):
-        out.append(_heldout_line("prompt baseline", pb["heldout"], ctrl))
-    out += [_heldout_line(m, r, ctrl) for m, r in evals.items()]
-    out += ["\nthe same on held-out relations, as a table:"] + _table(evals, chosen, pb.get("heldout"))
-    seeds = s.get("split_seeds")
-    if seeds:
-        out.append(f"\nheld-out relations over {len(seeds['seeds'])} split seeds {seeds['seeds']} (mean +/- SD):")
-        for m, r in seeds.items():
-            if m != "seeds":
-                ms = lambda k, f: f"{r[k]['mean']:{f}} +/- {r[k]['sd']:{f}}"  # noqa: E731
-                out.append(
-                    f"  {m}: recovered {ms('recovered', '.3f')}, KL at honest answer {ms('kl_honest_answer', '.4f')}, "
-                    f"honest acc {ms('honest_acc_steered', '.3f')}, KL {ms('kl', '.4f')}"
-                )
+        out.append(_heldout_line("prompt baseline", pb["heldout"], ctrl, cap.get("prompt baseline")))
+    out += [_heldout_line(m, r, ctrl, cap.get(m)) for m, r in evals.items()]
+    out += ["\nthe same on held-out relations, as a table:"] + _table(evals, chosen, pb.get("heldout"), cap)
+    out += _capability_lines(s.get("capability"))
+    out += _setup_lines(s, ctrl, cap)
+    out += _seed_lines(s.get("split_seeds"))
     for name, g in s.get("gates", {}).items():
         out.append(
             f"gate of {name}: open (> 0.5) on {g['heldout_lying_final_share_open']:.0%} of held-out lying prompts, "
@@ -251,6 +239,8 @@ def report_lines(s: dict, cfg: dict) -> list[str]:
         f"\nbest (on validation): {best} {setting}; goal ({b.get('goal', '?')}): "
         f"{'met' if b['goal_met'] else 'NOT met'}"
     )
+    ctrl = _v(evals["honest_only"]["recovered"]) if "honest_only" in evals else None
+    out.append(goal_line(evals, ctrl)[2:])
     demo = s["demo"]
     out.append(f"\nhonest prompts, {best} toward lying (alpha {-setting.alpha:+g}):")
     out += [_demo_row(r) for r in demo["honest_steered_into_lies"]]
@@ -262,6 +252,164 @@ def report_lines(s: dict, cfg: dict) -> list[str]:
     )
     out += [_demo_row(r) for r in demo["lies_flipped_back"]]
     return out
+
+
+def _capability_lines(c: dict | None) -> list[str]:
+    if not c:
+        return []
+    return [
+        f"capab. = capability check: share of {sum(c['kept_per_relation'].values())} unrelated corpus questions "
+        f"({', '.join(f'{r} {n}' for r, n in c['kept_per_relation'].items())}; drawn from {c['n_candidates']}, "
+        "kept where the unedited model answers correctly, so 1.00 before) still answered correctly (95% Wilson CI "
+        "in the lines above)"
+    ]
+
+
+def _setup_lines(s: dict, ctrl: float | None, cap: dict) -> list[str]:
+    """The held-out setup: the same held-out relations asked in a setup nothing was fitted on."""
+    hs = (s.get("heldout_setup") or {}).get("setup")
+    key = f"setup:{hs}"
+    base = s.get("baseline", {}).get(key)
+    if not hs or not base:
+        return []
+    evals = {m: t[key] for m, t in s.get("transfer", {}).items() if key in t}
+    tpl = s["heldout_setup"].get("template") or "its first template"
+    out = [
+        f"\nheld-out setup ({hs}, {tpl}, {s['heldout_setup'].get('rendering', '?')}; fitted on fewshot only; "
+        f"{s['heldout_setup'].get('facts', 'held-out relations')}; {base['n_facts']} facts, "
+        f"{base['n_known']} known): its own lie rate {estimate(base['lie_rate'])}, P(truth) honest "
+        f"{estimate(base['p_truth_honest'])}, lying {estimate(base['p_truth_lying'])}"
+    ]
+    pb = s.get("prompt_baseline", {}).get(key)
+    if pb:
+        out.append(_heldout_line("prompt baseline", pb, ctrl, cap.get("prompt baseline")))
+    out += [_heldout_line(m, r, ctrl, cap.get(m)) for m, r in evals.items()]
+    return out
+
+
+def _seed_lines(seeds: dict | None) -> list[str]:
+    if not seeds:
+        return []
+    mode = seeds.get("mode", "full")
+    out = [f"\nheld-out relations over {len(seeds['seeds'])} split seeds {seeds['seeds']} ({mode}; mean +/- SD):"]
+    for m, r in seeds.items():
+        if isinstance(r, dict):
+            ms = lambda k, f: f"{r[k]['mean']:{f}} +/- {r[k]['sd']:{f}}"  # noqa: E731
+            out.append(
+                f"  {m}: recovered {ms('recovered', '.3f')}, KL at honest answer {ms('kl_honest_answer', '.4f')}, "
+                f"honest acc {ms('honest_acc_steered', '.3f')}, KL {ms('kl', '.4f')}"
+            )
+    return out
+
+
+def _brief(r: dict, cap: dict | None) -> str:
+    return (
+        f"recovered {_fmt(r['recovered'])}, {r.get('lies_flipped', 0)}/{r.get('n_lies', 0)} real lies flipped, "
+        f"honest acc {_v(r.get('honest_acc_before')):.2f} -> {_v(r.get('honest_acc_steered')):.2f}, capability "
+        f"kept {_cap(cap)}, KL at the honest answer {_v(r.get('kl_honest_answer')):.3f}, on neutral text "
+        f"{_v(r.get('kl')):.3f}"
+    )
+
+
+def headline_lines(s: dict) -> list[str]:
+    """The bullets of :meth:`SteeringResult.headline`."""
+    b, ev, chosen = s["best"], s["evaluation_on_test"], s["chosen_on_validation"]
+    cap = s.get("capability", {}).get("methods", {})
+    held = ", ".join(s.get("relations", {}).get("heldout", ())) or "?"
+    lines = [
+        f"- Best method ({b.get('chosen_by', 'chosen on test by an older version')}), on held-out relations "
+        f"({held}): **{b['method']}** ({setting_text(b['setting'])}): gap recovered {_fmt(b['recovered'])} at KL "
+        f"{_fmt(b['kl'])} nats (goal: {b.get('goal', '?')}: {'met' if b.get('goal_met') else 'NOT met'})."
+    ]
+    pb = s.get("prompt_baseline", {}).get("heldout")
+    if pb:
+        lines.append(f"- prompt baseline (held-out relations): {_brief(pb, cap.get('prompt baseline'))}.")
+    ctrl = _v(ev["honest_only"]["recovered"]) if "honest_only" in ev else None
+    for m, r in ev.items():
+        c = r["control"]
+        vs = f", {_v(r['recovered']) - ctrl:+.2f} over the honest-only control" if ctrl is not None else ""
+        vs = "" if m == "honest_only" else vs
+        lines.append(
+            f"- {m} ({setting_text(chosen[m]['setting'])}): {_brief(r, cap.get(m))}{vs}; {c.get('n_draws', '?')} "
+            f"random draws (gate randomised too): recovered {_fmt(c['recovered'])}, "
+            f"p = {c.get('p_value', float('nan')):.3f}."
+        )
+    lines += _headline_setup(s) + _headline_seeds(s.get("split_seeds")) + [goal_line(ev, ctrl)]
+    rivals = {m: _v(r["recovered"]) for m, r in ev.items() if m != "honest_only"}
+    if ctrl is not None and rivals:
+        beat = [m for m, v in rivals.items() if v - ctrl >= 0.3]
+        lines.append(
+            f"- Beats the honest-only control ({ctrl:.3f}) by >= 0.3: {', '.join(beat) if beat else 'no method'}."
+        )
+    if pb and rivals:
+        top = max(rivals, key=rivals.get)
+        won = rivals[top] > _v(pb["recovered"]) and ev[top].get("lies_flipped", 0) >= pb.get("lies_flipped", 0)
+        lines.append(
+            f"- Against the prompt ({_v(pb['recovered']):.3f}, {pb.get('lies_flipped', 0)} lies flipped): "
+            + (
+                f"{top} does better on both."
+                if won
+                else f"the prompt wins or ties (best edit {top} {rivals[top]:.3f}, "
+                f"{ev[top].get('lies_flipped', 0)} lies flipped)."
+            )
+        )
+    return lines
+
+
+def goal_line(ev: dict, ctrl: float | None) -> str:
+    """Issue 20's goals on held-out relations, per method: recovery >= 0.85 with its CI's lower bound
+    >= 0.6, honest accuracy drop <= 0.03, KL <= 0.05 at the honest answer and <= 0.1 on neutral text,
+    and recovery >= 0.3 above the honest-only control."""
+
+    def marks(m: str, r: dict) -> str:
+        rec = _v(r["recovered"])
+        ok = (
+            rec >= 0.85 and _v(r["recovered"], "lo") >= 0.6,
+            _v(r.get("honest_acc_before")) - _v(r.get("honest_acc_steered")) <= 0.03,
+            _v(r.get("kl_honest_answer")) <= 0.05,
+            _v(r.get("kl")) <= 0.1,
+            ctrl is not None and m != "honest_only" and rec - ctrl >= 0.3,
+        )
+        return f"{m} {'/'.join('met' if x else 'no' for x in ok)}"
+
+    return (
+        "- Issue-20 goals on held-out relations (recovery >= 0.85 with CI lower bound >= 0.6 / honest accuracy "
+        "drop <= 0.03 / KL at the honest answer <= 0.05 / neutral KL <= 0.1 / >= 0.3 over the honest-only "
+        f"control): {'; '.join(marks(m, r) for m, r in ev.items())}."
+    )
+
+
+def _headline_setup(s: dict) -> list[str]:
+    hs = (s.get("heldout_setup") or {}).get("setup")
+    key = f"setup:{hs}"
+    base = s.get("baseline", {}).get(key)
+    if not hs or not base:
+        return []
+    parts = (
+        [f"prompt baseline {_v(s['prompt_baseline'][key]['recovered']):.3f}"]
+        if key in s.get("prompt_baseline", {})
+        else []
+    )
+    parts += [f"{m} {_fmt(t[key]['recovered'])}" for m, t in s.get("transfer", {}).items() if key in t]
+    return [
+        f"- Held-out setup {hs} (nothing fitted on it; {s['heldout_setup'].get('facts', 'held-out relations')}, "
+        f"{base['n_known']} of {base['n_facts']} "
+        f"facts known, its own lie rate {estimate(base['lie_rate'])}): recovered {'; '.join(parts)}."
+    ]
+
+
+def _headline_seeds(seeds: dict | None) -> list[str]:
+    if not seeds:
+        return []
+    per = "; ".join(
+        f"{m} {r['recovered']['mean']:.3f} +/- {r['recovered']['sd']:.3f}"
+        for m, r in seeds.items()
+        if isinstance(r, dict)
+    )
+    return [
+        f"- Over {len(seeds['seeds'])} split seeds ({seeds.get('mode', 'full')}), held-out recovery "
+        f"(mean +/- SD): {per}."
+    ]
 
 
 def _alignment_lines(alignment: dict) -> list[str]:
@@ -291,4 +439,4 @@ def _demo_row(r: dict) -> str:
     )
 
 
-__all__ = ["CAPTIONS", "SteeringResult", "estimate", "report_lines", "setting_text"]
+__all__ = ["CAPTIONS", "SteeringResult", "estimate", "goal_line", "headline_lines", "report_lines", "setting_text"]

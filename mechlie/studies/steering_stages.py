@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -69,4 +70,18 @@ def sd(v: list[float]) -> float:
     return (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
 
 
-__all__ = ["Clock", "Prefixed", "avg", "load_sweep", "read_stage", "save_json", "sd"]
+def n_layers_without_loading(name: str) -> int | None:
+    """The layer count from a local checkpoint's config.json (no weights loaded); None if unknown."""
+    try:
+        from mechlie.core.models import resolve_hf_dir
+
+        d = resolve_hf_dir(name)
+        if d is None:
+            return None
+        cfg = json.loads((d / "config.json").read_text())
+        return int(cfg.get("num_hidden_layers") or cfg["text_config"]["num_hidden_layers"])
+    except Exception:  # unknown layout: checked again once the model is loaded
+        return None
+
+
+__all__ = ["Clock", "Prefixed", "avg", "load_sweep", "n_layers_without_loading", "read_stage", "save_json", "sd"]

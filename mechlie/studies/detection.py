@@ -10,19 +10,24 @@
    source (relation, or relation/format) and pooled, with and without the known filter;
    *on-policy* labels (sampled lies vs sampled truths of the same lying prompts, at the answer
    token: no prompt-text difference) per source and pooled.
-3. The layer, chosen on validation facts carved out of training (difference of means), by two
-   rules: on framing labels (which picks layer 0: the prompt text is separable from the first
-   block) and on on-policy labels (``--layer-rule``, default: on-policy; if the on-policy
-   validation splits have too few lies or truths, the framing layer is used and the summary says
-   so). Every probe kind is trained on every source and tested on every set at the chosen layer:
-   AUROC with a 95% CI over test facts, next to a label-permutation null (labels permuted across facts)
-   (``--n-null`` refits) and ``--n-random`` random directions (95th percentiles). The default
-   sources are the pooled sets (framing with and without the known filter, on-policy), tested on
-   every set; ``--full-matrix`` also trains on every per-source framing and on-policy set.
-   Leave-one-relation-out (LORO) gives each probe's transfer to relations it never saw, with
-   framing and with on-policy labels; the key cells (framing vs on-policy, with and without the
-   known filter) are repeated at the other rule's layer (difference of means and logistic only,
-   for time).
+3. The layer, chosen on validation facts carved out of training, by two rules: on framing labels
+   (difference of means; the prompt text is separable from early blocks on, so many layers score
+   near AUROC 1) and on on-policy labels (``--layer-rule``, default: on-policy). The on-policy rule uses
+   the reported probe (``--detector-probe``, default logistic: the saved and Apollo detectors'
+   probe), not difference of means: per layer, its validation AUROC over ``--n-layer-splits`` split
+   seeds of the training facts (mean, SD over seeds, and a 95% CI over validation facts pooled over
+   seeds), the highest mean chosen, and the layers whose CI overlaps the chosen one's listed
+   (``summary["layer_scan"]``; a "noise-level choice" when there are any). The difference-of-means
+   layer is stored beside it. If the on-policy validation splits have too few lies or truths, the
+   framing layer is used and the summary says so. Every probe kind is trained on every source and
+   tested on every set at the chosen layer: AUROC with a 95% CI over test facts, next to a
+   label-permutation null (labels permuted across facts) (``--n-null`` refits) and ``--n-random``
+   random directions (95th percentiles). The default sources are the pooled sets (framing with and
+   without the known filter, on-policy), tested on every set; ``--full-matrix`` also trains on every
+   per-source framing and on-policy set. Leave-one-relation-out (LORO) gives each probe's transfer
+   to relations it never saw, with framing and with on-policy labels; the key cells (framing vs
+   on-policy, with and without the known filter) are repeated at the other rule's layer (difference
+   of means and logistic only, for time).
 4. Two detectors (``--detector-probe``): one on pooled on-policy labels at the on-policy layer (the
    answer token; saved as detector.safetensors) and one on pooled framing labels at the framing
    layer (the final prompt token; detector_framing.safetensors). Each threshold is calibrated on
@@ -81,7 +86,9 @@ class Config:
     layer_rule: str = field(
         default="on-policy", metadata={"help": "on-policy | framing: labels the layer is chosen on"}
     )
-    n_layer_splits: int = field(default=5, metadata={"help": "validation splits averaged to choose a layer"})
+    n_layer_splits: int = field(
+        default=5, metadata={"help": "split seeds of the training facts averaged to choose a layer (and its CI)"}
+    )
     min_val_per_class: int = field(
         default=3, metadata={"help": "a validation split counts with at least this many lies and non-lies"}
     )
@@ -240,21 +247,37 @@ def _pairs_and_labels(cfg: Config, model, lap: _Laps) -> tuple[list, list[str], 
 
 
 def _choose_layers(cfg: Config, sets: dict, sources: list[str]) -> dict:
-    """The framing rule's layer and the on-policy rule's (validation facts of the training split);
-    the used one by ``cfg.layer_rule`` and the other."""
+    """The framing rule's layer (difference of means, :func:`mechlie.read.transfer.choose_layer`) and
+    the on-policy rule's: the layer scan of the reported probe (``cfg.detector_probe``, the saved and
+    Apollo detectors' probe) over ``n_layer_splits`` split seeds of the training facts, highest mean
+    validation AUROC (:func:`mechlie.studies.detection_steps.layer_scan`, which gives each layer's
+    CI); difference of means (its own split seeds ``seed .. seed + n - 1``) is kept beside it for
+    comparison. The used layer is ``cfg.layer_rule``'s, the other is the other rule's."""
     import torch
 
     from mechlie.read.detector import DetectorError, choose_layer
+    from mechlie.studies.detection_steps import layer_scan
 
     framing_layer, framing_val = choose_layer([sets[s][0] for s in sources], seed=cfg.seed, n_splits=cfg.n_layer_splits)
+    op_train, mv = sets["on-policy"][0], cfg.min_val_per_class
     try:
-        op_layer, op_val = choose_layer(
-            [sets["on-policy"][0]], seed=cfg.seed, n_splits=cfg.n_layer_splits, min_val_per_class=cfg.min_val_per_class
+        scan = layer_scan(
+            op_train,
+            cfg.detector_probe,
+            n_splits=cfg.n_layer_splits,
+            seed=cfg.seed,
+            min_val_per_class=mv,
+            n_boot=cfg.n_boot,
         )
-        op_rule = "on-policy validation"
+        scan["diff_of_means_layer"] = choose_layer(
+            [op_train], seed=cfg.seed, n_splits=cfg.n_layer_splits, min_val_per_class=mv
+        )[0]
+        op_layer, op_val = scan["layer"], torch.tensor(scan["mean"])
+        op_rule = f"on-policy validation, {scan['fit']} (mean over {scan['n_seeds']} split seeds)"
     except DetectorError as e:
         log.warning("on-policy layer choice impossible (%s); using the framing layer", e)
         op_layer, op_val, op_rule = framing_layer, torch.full_like(framing_val, float("nan")), f"fallback: {e}"
+        scan = {"probe": cfg.detector_probe, "layer": None, "fallback": str(e), "framing_layer": framing_layer}
     log.info("layer by framing labels: %d; by on-policy labels: %d (%s)", framing_layer, op_layer, op_rule)
     used = op_layer if cfg.layer_rule == "on-policy" else framing_layer
     return {
@@ -263,6 +286,7 @@ def _choose_layers(cfg: Config, sets: dict, sources: list[str]) -> dict:
         "used_layer": used,
         "other_layer": framing_layer if cfg.layer_rule == "on-policy" else op_layer,
         "val_auroc_layer": {"framing": float(framing_val[framing_layer]), "on-policy": float(op_val[op_layer])},
+        "scan": scan,
         "table": {
             "framing": {"layer": framing_layer, "val_auroc": framing_val.tolist(), "rule": "framing validation"},
             "on-policy": {"layer": op_layer, "val_auroc": op_val.tolist(), "rule": op_rule},
@@ -375,6 +399,7 @@ def _summary(cfg, pairs, sources, op, sets, op_sets, train_facts, test_facts, la
             for r, v in layers["table"].items()
         },
         "val_auroc_layer": layers["val_auroc_layer"],
+        "layer_scan": layers["scan"],
         "label_counts": counts["all"],
         "label_counts_per_relation": {r: v for r, v in counts.items() if r != "all"},
         "on_policy_rows": {

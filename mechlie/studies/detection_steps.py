@@ -1,6 +1,7 @@
 """The steps of the detection study (:mod:`mechlie.studies.detection`): labelled sets, leave one
 relation out, the control rows, the calibrated detectors, the per-head gradient features, and
-the curves its figures are drawn from."""
+the curves its figures are drawn from; the layer scan (the reported probe's validation AUROC per layer over
+split seeds, with CIs) that chooses the on-policy read layer."""
 
 from __future__ import annotations
 
@@ -385,4 +386,140 @@ def curves(model, pairs, test_facts: set, det, roc_scores: dict) -> dict:
     return {
         "token_scores": {"traces": traces, "site": det.info["site"], "threshold": det.threshold},
         "roc": roc,
+    }
+
+
+def layer_scan(
+    train: LabelledSet,
+    kind: str,
+    *,
+    n_splits: int = 5,
+    seed: int = 0,
+    val_frac: float = 0.3,
+    min_val_per_class: int = 1,
+    n_boot: int = 500,
+    level: float = 0.95,
+) -> dict:
+    """Validation AUROC per layer of the probe ``kind`` (the one the study reports), over split seeds
+    of the *training* facts, with a CI; the chosen layer and the layers it cannot be told from.
+
+    1. Splits: seeds ``seed, seed + 1, ...`` split ``train`` by fact (``val_frac`` of the facts to
+       validation); a split counts when its fit part has >= 2 rows of each label and its validation
+       part >= ``min_val_per_class`` of each; seeds are drawn until ``n_splits`` count (at most
+       ``4 n_splits`` tried; skipped seeds are logged and counted). Per counted seed, ``kind`` is
+       fitted at every layer on the fit facts and scored on the validation facts.
+    2. Per layer: ``mean`` and ``sd`` (sample SD, ``n - 1``) of the validation AUROC over seeds.
+    3. CI (``lo``/``hi``): 95% percentile bootstrap over *validation facts, pooled over seeds*: each
+       draw resamples the facts validated in at least one counted seed (with replacement) and gives
+       every fact the same multiplicity in every seed and layer, so overlapping validation sets are
+       not counted as independent and layers share their draws (paired). The statistic is the mean
+       over seeds of the weighted validation AUROC; the fitted probes are held fixed (the refit
+       variance is ``sd``).
+    4. The chosen layer is the highest mean (ties to the earliest); ``overlapping`` lists the other
+       layers whose CI overlaps the chosen one's, and ``noise_level`` is true when there is any:
+       the data cannot tell the chosen layer from them. ``p_best`` is the share of bootstrap draws
+       in which the chosen layer has the highest mean.
+
+    ``ensemble`` reads every layer at once, so its per-layer scan uses its base fit, difference of
+    means (``probe`` in the result says which fit was scanned). Raises :class:`DetectorError` when
+    no seed counts.
+    """
+    import torch
+
+    from mechlie.core.stats import auroc, bootstrap_tensor
+
+    fit_kind = "diff_of_means" if kind == "ensemble" else kind
+    seeds, val, skipped = _scan_splits(train, fit_kind, n_splits, seed, val_frac, max(1, min_val_per_class))
+    per_seed = torch.stack([auroc(sc[y == 1], sc[y == 0]) for sc, y, _ in val])  # [S, L]
+    units = sorted({f for _, _, facts in val for f in facts})
+    unit_of = {f: i for i, f in enumerate(units)}
+    rows = [torch.tensor([unit_of[f] for f in facts]) for _, _, facts in val]
+
+    def mean_over_seeds(idx: torch.Tensor) -> torch.Tensor:
+        w = torch.bincount(idx, minlength=len(units))
+        out = []
+        for (sc, y, _), u in zip(val, rows):
+            r = torch.repeat_interleave(torch.arange(len(u)), w[u])
+            yr = y[r]
+            ok = 0 < int(yr.sum()) < len(yr)
+            out.append(auroc(sc[r][yr == 1], sc[r][yr == 0]) if ok else torch.full(sc.shape[1:], float("nan")))
+        return torch.stack(out).nanmean(0)
+
+    est = bootstrap_tensor(mean_over_seeds, len(units), n_boot=n_boot, level=level, seed=seed)
+    return _scan_result(kind, fit_kind, seeds, skipped, per_seed, est, len(units), val_frac)
+
+
+def _scan_splits(train: LabelledSet, fit_kind: str, n_splits: int, seed: int, val_frac: float, need: int):
+    """:func:`layer_scan` step 1: the counted seeds, each one's validation (scores ``[n_val, L]``,
+    labels, row facts), and the number of seeds skipped."""
+    from mechlie.read.detector import DetectorError
+    from mechlie.read.directions import split_by_fact
+    from mechlie.read.probes import ProbeError, fit_probe
+
+    if len(set(train.facts)) < 4:
+        raise DetectorError(f"{train.name}: {len(set(train.facts))} facts, too few to carve out validation splits")
+    seeds, val, skipped = [], [], 0
+    for s in range(seed, seed + 4 * n_splits):
+        if len(seeds) == n_splits:
+            break
+        sp = split_by_fact(train.facts, val_frac, s)
+        tr = train.subset({train.facts[i] for i in sp.train})
+        va = train.subset({train.facts[i] for i in sp.test})
+        if min(int(tr.y.sum()), int((1 - tr.y).sum())) < 2 or min(int(va.y.sum()), int((1 - va.y).sum())) < need:
+            skipped += 1
+            continue
+        try:
+            probe = fit_probe(fit_kind, tr.X, tr.y, pairs=tr.pairs(), seed=s)
+        except ProbeError as e:
+            log.warning("layer scan, %s, split seed %d: %s; skipped", fit_kind, s, e)
+            skipped += 1
+            continue
+        seeds.append(s)
+        val.append((probe.score(va.X).float(), va.y, va.facts))
+    if not seeds:
+        raise DetectorError(
+            f"{train.name}: no split seed has >= 2 rows of each label to fit and >= {need} of each to validate"
+        )
+    if skipped:
+        log.info("layer scan (%s): %d split seeds skipped (too few rows of one label, or no fit)", fit_kind, skipped)
+    return seeds, val, skipped
+
+
+def _scan_result(kind, fit_kind, seeds, skipped, per_seed, est, n_units, val_frac) -> dict:
+    """:func:`layer_scan`'s result as JSON-ready numbers (step 4 there)."""
+    import torch
+
+    from mechlie.core.stats import rank_stability
+
+    mean = per_seed.mean(0)
+    sd = per_seed.std(0) if len(per_seed) > 1 else torch.full_like(mean, float("nan"))
+    score = mean.nan_to_num(nan=-float("inf"))
+    chosen = int((score >= score.max() - 1e-9).nonzero()[0])
+    lo, hi = est.lo, est.hi
+    overlapping = [
+        layer
+        for layer in range(len(mean))
+        if layer != chosen and bool(lo[layer] <= hi[chosen]) and bool(hi[layer] >= lo[chosen])
+    ]
+    p_best = float(rank_stability(est.draws, k=1)[0][chosen])
+    return {
+        "probe": kind,
+        "fit": fit_kind,
+        "layer": chosen,
+        "rule": f"highest mean validation AUROC of {fit_kind} over {len(seeds)} split seeds",
+        "mean": mean.tolist(),
+        "sd": sd.tolist(),
+        "lo": lo.tolist(),
+        "hi": hi.tolist(),
+        "per_seed": per_seed.tolist(),
+        "seeds": seeds,
+        "n_seeds": len(seeds),
+        "n_skipped_seeds": skipped,
+        "val_frac": val_frac,
+        "n_val_facts": n_units,
+        "ci_over": "validation facts, pooled over seeds (one fact bootstrap shared by seeds and layers; fits fixed)",
+        "level": est.level,
+        "overlapping": overlapping,
+        "noise_level": bool(overlapping),
+        "p_best": p_best,
     }

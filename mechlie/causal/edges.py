@@ -138,7 +138,7 @@ class EdgeGraph:
     def edge_name(self, edge: Sequence[int] | Tensor) -> str:
         return f"{self.senders[int(edge[0])]}->{self.receivers[int(edge[1])]}"
 
-    def masks(self, edge_sets: Sequence[Int[Tensor, "k 2"]]) -> Float[Tensor, "rows send recv"]:
+    def masks(self, edge_sets: Sequence[Int[Tensor, "_ 2"]]) -> Float[Tensor, "rows send recv"]:
         """One 0/1 mask per row with the listed (sender, receiver) edges set."""
         m = torch.zeros(len(edge_sets), len(self.senders), len(self.receivers))
         for r, es in enumerate(edge_sets):

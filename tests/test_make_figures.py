@@ -261,7 +261,7 @@ def script_runs(tmp_path_factory) -> dict[str, Path]:
             "--model tiny --layers 1 2 --head-ks 2 --head-alphas -2 --resid-alphas -1 -3 --edit-budgets 0.05 "
             "--edit-scales -1 --edit-steps 3 --n-controls 3 --n-boot 50 --val-frac 0.34 --test-frac 0.34 "
             "--causal-pairs 2 --n-demo 2 --max-new-tokens 2 --methods resid iti learned --min-known 0"
-        ).split()
+        ).split() + ["--capability-n", "0"]  # a random tiny model answers no corpus question correctly
         from mechlie.studies.base import launch
 
         assert launch(steering_demo.STUDY, argv=argv + ["--out-dir", str(tmp / "steering")]) == 0

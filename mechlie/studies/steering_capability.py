@@ -25,7 +25,7 @@ from typing import Sequence
 from transformer_lens import HookedTransformer
 
 from mechlie.control.steering import Intervention
-from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set
+from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, PairError, answer_set, shared_first_token
 from mechlie.read.rates import wilson
 from mechlie.studies.steering_data import batches, prompt_baseline, score_prompts
 
@@ -157,6 +157,15 @@ def capability_set(
     """Score ``pairs``' honest prompts unedited and keep the first ``n`` answered correctly; refuse
     fewer than 10 (the check would say nothing), log how many were dropped and why."""
     pairs = list(pairs)
+    # Only the truth is read here, but the scoring needs a lie with another first token: drop the rest.
+    shared = set(shared_first_token(model.tokenizer, pairs))
+    if shared:
+        log.info(
+            "capability check: %d of %d questions left out (truth and drawn lie share a first token)",
+            len(shared),
+            len(pairs),
+        )
+        pairs = [p for i, p in enumerate(pairs) if i not in shared]
     answers = answer_set(model.tokenizer, pairs)
     s = score_prompts(model, pairs, "honest", answers=answers, batch_size=batch_size)
     ok = [i for i in range(len(pairs)) if bool(s.correct[i])][:n]

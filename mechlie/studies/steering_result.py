@@ -379,6 +379,9 @@ def goal_line(ev: dict, ctrl: float | None) -> str:
     )
 
 
+NO_GAP = 0.05  # a honest - lying P(truth) gap below this leaves no lie to recover
+
+
 def _headline_setup(s: dict) -> list[str]:
     hs = (s.get("heldout_setup") or {}).get("setup")
     key = f"setup:{hs}"
@@ -391,11 +394,24 @@ def _headline_setup(s: dict) -> list[str]:
         else []
     )
     parts += [f"{m} {_fmt(t[key]['recovered'])}" for m, t in s.get("transfer", {}).items() if key in t]
-    return [
+    head = (
         f"- Held-out setup {hs} (nothing fitted on it; {s['heldout_setup'].get('facts', 'held-out relations')}, "
-        f"{base['n_known']} of {base['n_facts']} "
-        f"facts known, its own lie rate {estimate(base['lie_rate'])}): recovered {'; '.join(parts)}."
-    ]
+        f"{base['n_known']} of {base['n_facts']} facts known, its own lie rate {estimate(base['lie_rate'])})"
+    )
+    gap = _v(base["p_truth_honest"]) - _v(base["p_truth_lying"])
+    if gap < NO_GAP:
+        # recovery divides by this gap: with none, it is noise over ~0 (CIs of +/- tens), not a result
+        steered = [
+            f"{m} {_v(t[key]['p_truth_lying_steered']):.3f} (lie rate {_v(t[key]['lie_rate_steered']):.2f})"
+            for m, t in s.get("transfer", {}).items()
+            if key in t and "p_truth_lying_steered" in t[key]
+        ]
+        return [
+            f"{head}: no gap to recover - P(truth) honest {_v(base['p_truth_honest']):.3f} vs lying "
+            f"{_v(base['p_truth_lying']):.3f} (the model ignores this setup's request to lie), so recovery is "
+            f"undefined here; P(truth | lying prompt) steered: {'; '.join(steered)}."
+        ]
+    return [f"{head}: recovered {'; '.join(parts)}."]
 
 
 def _headline_seeds(seeds: dict | None) -> list[str]:

@@ -58,6 +58,42 @@ def test_rows_equal_full_forward(name, fast):
     assert no_hooks(model)
 
 
+def test_local_attention_takes_the_fast_path_within_its_window():
+    """Gemma 3's shape (sliding-window layers with their own rotary base, QK-norm): rows whose whole
+    sequence fits in the window take the shared-prefix path and equal the full forward; longer ones
+    are refused on that path and go through TransformerLens's own cached forward."""
+    local = dict(
+        attn_types=["local", "global"],
+        use_local_attn=True,
+        use_qk_norm=True,
+        rotary_base_local=100,
+        n_key_value_heads=2,
+        normalization="RMS",
+    )
+    batch = _left_padded()  # 9 prompt tokens, + 1 or + 3 new ones
+    rows = torch.tensor([2, 0, 1])
+    for window, fast_ok in ((12, True), (10, False)):
+        model = tiny_model(**local, window_size=window, seed=6)
+        assert not fast_path_supported(model)  # no length given: local layers are not assumed global
+        assert fast_path_supported(model, 10) and fast_path_supported(model, 12) == fast_ok
+        cache = prefix_cache(model, batch)
+        extra = torch.tensor([[7, 8], [9, 10], [11, 12]])
+        toks = torch.cat([final_tokens(batch)[rows], extra], 1)
+        ref = _full(model, batch, rows, extra)[:, -3:]
+        if fast_ok:
+            got = run_rows(model, cache, rows, toks, fast=True)
+            assert (got - ref).abs().max() < 1e-4
+        else:
+            with pytest.raises(ValueError, match="local attention window"):
+                run_rows(model, cache, rows, toks, fast=True)
+        assert (run_rows(model, cache, rows, toks) - ref).abs().max() < 1e-4
+        assert ref.std() > 1e-2
+    # the window matters: a model whose window is shorter than the prompt gives other logits
+    short = tiny_model(**local, window_size=4, seed=6)
+    full = _full(short, batch, rows)[:, -1:]
+    assert (full - _full(tiny_model(**local, window_size=12, seed=6), batch, rows)[:, -1:]).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_per_row_hooks_and_start_layers(fast):
     """Row r patches head r of layer start[r]; skipping the blocks below start changes nothing."""

@@ -19,7 +19,7 @@ def test_localise_runs_the_edge_circuit_stage(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(mechlie.core.kv, "load_model_split", lambda *a, **k: model)
     monkeypatch.setattr(mechlie.core.pairs, "load_builtin", lambda *a, **k: make_pairs())
     argv = "--n-random 4 --n-boot 20 --n-path-pairs 2 --receiver 2.1 --no-known-only --n-rerank 0 --n-split-seeds 0"
-    argv += " --n-exact-edges 6 --n-exact-pairs 2 --n-edge-random 3 --ig-steps 2"
+    argv += " --n-exact-edges 6 --n-exact-pairs 2 --n-edge-random 3 --ig-steps 2 --circuit-seeds 2"
     assert launch(localise.STUDY, argv=argv.split() + ["--out-dir", str(tmp_path)]) == 0
     (run,) = list(tmp_path.iterdir())
     s = json.loads((run / "summary.json").read_text())
@@ -30,11 +30,17 @@ def test_localise_runs_the_edge_circuit_stage(tmp_path, monkeypatch, capsys):
     assert all(e["lo"] <= e["mean"] <= e["hi"] for e in c["curve"])
     assert c["null"]["n_draws"] == 3 and c["agreement"]["n_edges"] == 12 and len(c["edges"]) == 6
     assert -1 <= c["agreement"]["eap_ig"]["spearman"]["mean"] <= 1
-    assert "edge_circuit" in s["stage_seconds"]
+    assert "edge_circuit" in s["stage_seconds"] and "circuit_seeds" in s["stage_seconds"]
+    # the second split seed ranks and measures on its own split; the main seed's row is the main circuit
+    cs = s["circuit_seeds"]
+    assert cs["n_seeds"] == 2 and [r["seed"] for r in cs["seeds"]] == [0, 1]
+    assert cs["seeds"][0]["minimal_share"] == c["minimal_share"]
+    assert cs["seeds"][0]["spearman_eap_ig"] == c["agreement"]["eap_ig"]["spearman"]
+    assert len(cs["spearman_eap_ig"]["values"]) == 2 - cs["n_skipped"]
     res = load_result(run)
     assert {"localise_faithfulness", "localise_edge_circuit"} <= set(res.figures())
     assert any("Edge circuit" in line for line in res.headline())
-    assert "Attribution vs exact" in res.report()
+    assert "Attribution vs exact" in res.report() and "Over 2 split seeds" in res.report()
     # the stored exact effects are what the summary's top edges report (normalized by the same gap)
     from mechlie.core.io import load_tensors
 

@@ -183,3 +183,28 @@ def test_controls_measure_recovery_on_every_draw_and_kl_on_the_first_few(prepare
     assert c["kl_draws"] == full["kl_draws"] and c["recovered_draws"][:2] == full["recovered_draws"]
     r = se.evaluate(model, data, s, n_controls=4, n_boot=50, n_control_kl=1)
     assert r["control"]["n_kl_draws"] == 1 and 1 / 5 <= r["control"]["p_value"] <= 1.0
+
+
+def test_a_set_without_an_honest_lying_gap_reports_no_recovery(prepared):
+    """Recovery divides by the honest - lying P(truth) gap: where there is none (the model ignores the
+    request to lie), every table prints n/a with the gap, not a ratio over ~0."""
+    from mechlie.studies.steering_result import _heldout_line, _row
+
+    model, data = prepared
+    es = data.test
+    r = se.evaluate(model, data, se.Setting("resid", 1, -3.0), n_controls=0, n_boot=50)
+    gap = float(es.base_honest.p_truth.mean() - es.base_lying.p_truth.mean())
+    assert abs(r["gap"] - gap) < 1e-6 and r["no_gap"] == (gap < se.NO_GAP)
+    # the same set with its lying baseline replaced by the honest one: no gap at all
+    flat = replace(es, base_lying=es.base_honest)
+    lying_s, lp_l = se.final_scores(model, es, "lying")
+    honest_s, lp_h = se.final_scores(model, es, "honest")
+    ne = se.neutral_effects(model, es.neutral, es.clean_neutral, [])
+    none = se.effects(flat, lying_s, honest_s, {"honest": lp_h, "lying": lp_l}, ne, n_boot=20)
+    assert none["gap"] == 0.0 and none["no_gap"]
+    as_dicts = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in none.items()}
+    assert "n/a (no gap: 0.000)" in _row("x", "y", as_dicts)
+    assert "recovered n/a (no gap: 0.000)" in _heldout_line("x", as_dicts, None)
+    # with a gap, the row shows the recovery and its CI
+    real = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in r.items()} | {"gap": 0.2, "no_gap": False}
+    assert "n/a" not in _row("x", "y", real) and f"{r['recovered'].mean:.3f}" in _row("x", "y", real)

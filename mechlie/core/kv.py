@@ -174,9 +174,18 @@ def final_tokens(batch: Batch) -> Int[Tensor, "B 1"]:
 # shared-prefix attention
 
 
-def fast_path_supported(model: HookedTransformer) -> bool:
-    """Whether :func:`run_rows` can use the shared-prefix attention for ``model``."""
+def fast_path_supported(model: HookedTransformer, length: int | None = None) -> bool:
+    """Whether :func:`run_rows` can use the shared-prefix attention for ``model``.
+
+    Local (sliding-window) attention layers, as Gemma 3 has, attend to every key while the whole
+    sequence (cached prefix, padding included, plus new tokens) fits in ``cfg.window_size``: then
+    they are global layers, and rows of at most ``length`` tokens may take the fast path (their
+    rotary base and QK-norm are the layer's own, applied by TransformerLens's code). Without
+    ``length`` a model with local layers is not supported.
+    """
     c = model.cfg
+    window = getattr(c, "window_size", None)
+    fits = length is not None and isinstance(window, int) and length <= window
     return (
         c.positional_embedding_type in ("rotary", "standard")
         and c.attention_dir == "causal"
@@ -190,7 +199,7 @@ def fast_path_supported(model: HookedTransformer) -> bool:
         and not getattr(c, "use_dynamic_ntk_rope", False)
         and not getattr(c, "ungroup_grouped_query_attention", False)
         and c.original_architecture not in ("OlmoeForCausalLM", "Olmo2ForCausalLM", "Olmo3ForCausalLM")
-        and all(getattr(b.attn, "attn_type", "global") == "global" for b in model.blocks)
+        and all(getattr(b.attn, "attn_type", "global") == "global" or fits for b in model.blocks)
     )
 
 
@@ -341,10 +350,14 @@ def run_rows(
     prompt = prompt.to(torch.long).cpu()
     tokens = tokens.to(dev)
     _check_rows(model, cache, prompt, tokens, start_layers)
-    use_fast = fast_path_supported(model) if fast is None else fast
-    if use_fast and not fast_path_supported(model):
-        raise ValueError("the shared-prefix attention does not support this model's attention")
     R, t = tokens.shape
+    supported = fast_path_supported(model, cache.length + t)
+    use_fast = supported if fast is None else fast
+    if use_fast and not supported:
+        raise ValueError(
+            "the shared-prefix attention does not support this model's attention"
+            f" (or {cache.length + t} tokens exceed its local attention window)"
+        )
     if not use_fast:
         # TransformerLens's own cached forward; start_layers only saves time, so it is ignored.
         new_mask = torch.ones((R, t), dtype=torch.long, device=dev)

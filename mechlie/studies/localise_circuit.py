@@ -47,6 +47,12 @@ def _equal(model, pairs, cap: int, what: str, dropped: dict) -> list:
 
 def circuit_stage(model, cfg, train, test, summary: dict, tensors: dict) -> None:
     """Rank edges (train), the faithfulness curve and its null (held-out), attribution vs exact."""
+    summary["circuit"] = circuit_on(model, cfg, train, test, tensors)
+
+
+def circuit_on(model, cfg, train, test, tensors: dict) -> dict:
+    """The circuit stage on one split (``cfg.seed`` seeds its null, its bootstrap and its random edges);
+    ``{"skipped": why, ...}`` when too few pairs have equal lengths."""
     from mechlie.causal import edges as E
 
     g = E.build_graph(model)
@@ -58,8 +64,7 @@ def circuit_stage(model, cfg, train, test, summary: dict, tensors: dict) -> None
     if len(tr) < 1 or len(te) < 2:
         why = f"too few equal-length pairs ({len(tr)} train, {len(te)} held-out; need 1 and 2)"
         log.warning("edge circuit skipped: %s", why)
-        summary["circuit"] = {"skipped": why, "unequal_length_left_out": dropped}
-        return
+        return {"skipped": why, "unequal_length_left_out": dropped}
     rank = E.attribute_edges(model, g, tr, method="eap_ig", steps=cfg.ig_steps).normalized()
     edges = g.edges
     order = rank[edges[:, 0], edges[:, 1]].argsort(descending=True)
@@ -82,7 +87,77 @@ def circuit_stage(model, cfg, train, test, summary: dict, tensors: dict) -> None
         "spearman_met": {m: c["agreement"][m]["spearman"]["mean"] >= GOAL_SPEARMAN for m in ("eap", "eap_ig")},
     }
     tensors["circuit_rank_score"] = rank
-    summary["circuit"] = c
+    return c
+
+
+def circuit_split_seeds(model, cfg, pairs, main: dict) -> dict:
+    """The edge circuit on ``cfg.circuit_seeds`` split seeds (the main split's ``main`` and the next
+    seeds): each split ranks edges on its own training facts and measures on its own held-out facts
+    (:func:`circuit_on`). Per seed: the minimal share, the effect of the main split's circuit size
+    (the same share of the grid) with its CI, the random null, and EAP / EAP-IG agreement with exact
+    patching; across seeds, mean and SD. The splits share facts: the spread is split-to-split."""
+    from dataclasses import replace
+
+    from mechlie.read.directions import split_by_fact
+
+    facts = [p.fact_id for p in pairs]
+    runs = [(cfg.seed, main)]
+    for s in range(cfg.seed + 1, cfg.seed + cfg.circuit_seeds):
+        sp = split_by_fact(facts, test_frac=cfg.test_frac, seed=s)
+        c = circuit_on(model, replace(cfg, seed=s), [pairs[i] for i in sp.train], [pairs[i] for i in sp.test], {})
+        runs.append((s, c))
+        log.info("edge circuit, split seed %d: minimal share %s", s, c.get("minimal_share"))
+    at = main["shares"].index(main["minimal_share"]) if main.get("minimal_share") is not None else None
+    rows = []
+    for s, c in runs:
+        if "skipped" in c:
+            rows.append({"seed": s, "skipped": c["skipped"]})
+            continue
+        a = c["agreement"]
+        rows.append(
+            {
+                "seed": s,
+                "n_train": c["n_train"],
+                "n_test": c["n_test"],
+                "minimal_share": c["minimal_share"],
+                "minimal_size": c["minimal_size"],
+                "effect_at_main_share": c["curve"][at] if at is not None else None,
+                "null_mean": c["null"]["mean"],
+                "null_hi": c["null"]["hi"],
+                **{f"spearman_{m}": a[m]["spearman"] for m in ("eap", "eap_ig")},
+                "size_met": c["goal"]["size_met"],
+                "spearman_met": c["goal"]["spearman_met"],
+            }
+        )
+    ok = [r for r in rows if "skipped" not in r]
+
+    def agg(values: list[float]) -> dict:
+        v = torch.tensor(values, dtype=torch.float64)
+        return {"values": values, "mean": float(v.mean()), "sd": float(v.std()) if len(v) > 1 else 0.0}
+
+    out = {
+        "seeds": rows,
+        "n_seeds": len(rows),
+        "n_skipped": len(rows) - len(ok),
+        "main_share": main.get("minimal_share"),
+        "n_not_reached": sum(r["minimal_share"] is None for r in ok),
+        "size_met": sum(r["size_met"] for r in ok),
+        "spearman_met": {m: sum(r["spearman_met"][m] for r in ok) for m in ("eap", "eap_ig")},
+        "what": (
+            "each split seed ranks edges (EAP-IG) on its own training facts and measures the faithfulness curve, "
+            "its random null and attribution vs exact on its own held-out facts; the splits share facts, so the "
+            "spread is split-to-split variation"
+        ),
+    }
+    reached = [r["minimal_share"] for r in ok if r["minimal_share"] is not None]
+    if reached:
+        out["minimal_share"] = agg(reached)
+    if at is not None and ok:
+        out["effect_at_main_share"] = agg([r["effect_at_main_share"]["mean"] for r in ok])
+    for m in ("eap", "eap_ig"):
+        if ok:
+            out[f"spearman_{m}"] = agg([r[f"spearman_{m}"]["mean"] for r in ok])
+    return out
 
 
 def _curve(model, g, te, ranked, cfg, tensors: dict) -> dict:
@@ -219,6 +294,7 @@ def circuit_lines(s: dict) -> list[str]:
         f"Attribution vs exact edge patching ({a['n_edges']} edges: {a['selection']}; {a['n_pairs']} held-out "
         f"pairs, CI over pairs): " + "; ".join(parts) + "."
     )
+    lines += seed_lines(s)
     gl = c["goal"]
     lines.append(
         f"Goal (<= {gl['max_share']:.0%} of edges restoring >= {c['threshold']:.0%}): "
@@ -227,6 +303,39 @@ def circuit_lines(s: dict) -> list[str]:
         + "."
     )
     return lines
+
+
+def seed_lines(s: dict) -> list[str]:
+    """The circuit over split seeds (``--circuit-seeds``), when the run has it."""
+    cs = s.get("circuit_seeds")
+    if not cs:
+        return []
+    n, ok = cs["n_seeds"], cs["n_seeds"] - cs["n_skipped"]
+    parts = []
+    if "minimal_share" in cs:
+        ms = cs["minimal_share"]
+        vals = ", ".join(f"{100 * v:.1f}%" for v in ms["values"])
+        parts.append(
+            f"minimal share {100 * ms['mean']:.1f}% +/- {100 * ms['sd']:.1f}% ({vals}; "
+            f"{cs['n_not_reached']} of {ok} never reach the threshold)"
+        )
+    if "effect_at_main_share" in cs:
+        e = cs["effect_at_main_share"]
+        parts.append(
+            f"the main split's share ({100 * cs['main_share']:.1f}%) restores {e['mean']:+.3f} +/- {e['sd']:.3f}"
+        )
+    for m, label in (("eap", "EAP"), ("eap_ig", "EAP-IG")):
+        if f"spearman_{m}" in cs:
+            sp = cs[f"spearman_{m}"]
+            parts.append(f"{label} Spearman {sp['mean']:+.2f} +/- {sp['sd']:.2f}")
+    skipped = f"; {cs['n_skipped']} skipped (too few equal-length pairs)" if cs["n_skipped"] else ""
+    sm = cs["spearman_met"]
+    return [
+        f"Over {n} split seeds (mean +/- SD, each ranked on its own training facts{skipped}): "
+        + "; ".join(parts)
+        + f". Size goal met in {cs['size_met']} of {ok}; Spearman >= {GOAL_SPEARMAN} met in {sm['eap']} (EAP) "
+        f"and {sm['eap_ig']} (EAP-IG) of {ok}."
+    ]
 
 
 def circuit_figures(s: dict) -> dict[str, go.Figure]:

@@ -53,6 +53,14 @@ def _fmt(d: dict) -> str:
     return format(estimate(d), ".3f")
 
 
+def _rec(r: dict) -> str:
+    """The recovery with its CI, or ``n/a`` where the set has no honest - lying gap to recover
+    (``no_gap``: :data:`mechlie.studies.steering_eval.NO_GAP`; a run from before the flag prints as it did)."""
+    if r.get("no_gap"):
+        return f"n/a (no gap: {r['gap']:.3f})"
+    return _fmt(r["recovered"])
+
+
 class SteeringResult(StudyResult):
     """A steering run (see the module docstring); ``summary()`` is ``summary.json``."""
 
@@ -140,7 +148,7 @@ def _row(name: str, desc: str, r: dict, cap: dict | None = None) -> str:
     position, answer entropies before -> after."""
     arrow = lambda a, b: f"{_v(r.get(a)):.2f}->{_v(r.get(b)):.2f}"  # noqa: E731
     return (
-        f"{name:<16} {desc:<24} {_fmt(r['recovered']):<22} {_v(r.get('recovered_lies')):>6.2f} "
+        f"{name:<16} {desc:<24} {_rec(r):<22} {_v(r.get('recovered_lies')):>6.2f} "
         f"{_v(r.get('recovered_sharpening')):>6.2f} {r.get('lies_flipped', 0):>3}/{r.get('n_lies', 0):<2} "
         f"{arrow('honest_acc_before', 'honest_acc_steered'):>11} {(cap or {}).get('accuracy', float('nan')):>6.2f} "
         f"{_v(r.get('kl')):>10.4f} "
@@ -172,7 +180,7 @@ def _heldout_line(m: str, r: dict, control_rec: float | None, cap: dict | None =
         d = _v(r["recovered"]) - control_rec
         vs = f"; minus honest-only control {d:+.2f} ({'beats it by >= 0.3' if d >= 0.3 else 'does NOT beat it by 0.3'})"
     return (
-        f"{m}: recovered {_fmt(r['recovered'])} (real lies {_v(r.get('recovered_lies')):.2f}, sharpening "
+        f"{m}: recovered {_rec(r)} (real lies {_v(r.get('recovered_lies')):.2f}, sharpening "
         f"{_v(r.get('recovered_sharpening')):.2f}; {r.get('lies_flipped', 0)}/{r.get('n_lies', 0)} lies flipped), "
         f"honest acc {_v(r.get('honest_acc_before')):.2f} -> {_v(r.get('honest_acc_steered')):.2f}, "
         f"capability kept {_cap(cap)}, KL at honest answer {_fmt(r['kl_honest_answer'])}{rand}{vs} "
@@ -379,7 +387,10 @@ def goal_line(ev: dict, ctrl: float | None) -> str:
     )
 
 
-NO_GAP = 0.05  # a honest - lying P(truth) gap below this leaves no lie to recover
+def _no_gap_bar() -> float:
+    from mechlie.studies.steering_eval import NO_GAP
+
+    return NO_GAP
 
 
 def _headline_setup(s: dict) -> list[str]:
@@ -399,7 +410,7 @@ def _headline_setup(s: dict) -> list[str]:
         f"{base['n_known']} of {base['n_facts']} facts known, its own lie rate {estimate(base['lie_rate'])})"
     )
     gap = _v(base["p_truth_honest"]) - _v(base["p_truth_lying"])
-    if gap < NO_GAP:
+    if gap < _no_gap_bar():
         # recovery divides by this gap: with none, it is noise over ~0 (CIs of +/- tens), not a result
         steered = [
             f"{m} {_v(t[key]['p_truth_lying_steered']):.3f} (lie rate {_v(t[key]['lie_rate_steered']):.2f})"

@@ -159,6 +159,16 @@ def test_another_models_run_gets_its_own_page(fake_repo, tmp_path):
     assert docs.check(root) == []
 
 
+def test_a_page_flag_names_its_own_page():
+    """A flag that makes another experiment (steering's --corpus) gets its own page; other flags do not."""
+    steering = docs.registered("steering")
+    assert steering.page_flags == ("corpus",)
+    assert docs.page_name(steering, {"corpus": False, "n_controls": 100}) == "steering"
+    assert docs.page_name(steering, {"corpus": True}) == "steering_corpus"
+    assert docs.page_name(steering, {"corpus": True, "model": "gemma-3-270m"}) == "steering_gemma-3-270m_corpus"
+    assert docs.page_name(docs.registered("localise"), {"corpus": True}) == "localise"  # not its flag
+
+
 def test_check_lists_hand_edits_missing_and_stale_pages(fake_repo, capsys):
     root, run_dir = fake_repo
     docs.main(["--root", str(root), "--add", str(run_dir), "--commit", "abc1234"])

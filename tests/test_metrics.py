@@ -136,3 +136,28 @@ def test_edits_truth_logprob_applies_the_soft_cap():
     with torch.no_grad():
         got = truth_logprob(model, rows_cls(batch.tokens, batch.attention_mask, 0, None), idx, truth, [])
     assert torch.allclose(got, gather_logprob(want.log_softmax(-1), truth), atol=1e-5)
+
+
+def test_unembed_equals_transformer_lens_and_follows_the_weights(tiny):
+    """mechlie's unembedding (the transposed W_U kept on the module) gives TransformerLens's numbers bit
+    for bit, follows an in-place change of W_U, and leaves hooks on the unembedding to TL's own path."""
+    from mechlie.core.metrics import unembed
+
+    resid = torch.randn(3, 5, tiny.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(unembed(tiny, resid), tiny.unembed(resid))
+        tiny.unembed.W_U.mul_(2.0)  # in place: the kept copy must not be reused
+        assert torch.equal(unembed(tiny, resid), tiny.unembed(resid))
+        tiny.unembed.W_U.div_(2.0)
+    seen = []
+    with tiny.hooks(fwd_hooks=[("unembed.hook_out", lambda a, hook: seen.append(1) or a * 0)]):
+        assert unembed(tiny, resid).abs().max() == 0 and seen == [1]
+    # a copy first made under inference mode still serves a pass under autograd
+    del tiny.unembed.__dict__["_mechlie_w_u_t"]
+    with torch.inference_mode():
+        unembed(tiny, resid)
+    # gradients to the residual are TL's
+    r1, r2 = resid.clone().requires_grad_(True), resid.clone().requires_grad_(True)
+    unembed(tiny, r1).pow(2).sum().backward()
+    tiny.unembed(r2).pow(2).sum().backward()
+    assert torch.allclose(r1.grad, r2.grad, atol=1e-5) and r1.grad.abs().max() > 0

@@ -204,7 +204,9 @@ def test_a_set_without_an_honest_lying_gap_reports_no_recovery(prepared):
     assert none["gap"] == 0.0 and none["no_gap"]
     as_dicts = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in none.items()}
     assert "n/a (no gap: 0.000)" in _row("x", "y", as_dicts)
-    assert "recovered n/a (no gap: 0.000)" in _heldout_line("x", as_dicts, None)
+    line = _heldout_line("x", as_dicts, 0.1)
+    assert "recovered n/a (no gap: 0.000)" in line and "sharpening" not in line and "honest-only" not in line
+    assert "n/a" in _row("x", "y", as_dicts).split("(no gap: 0.000)")[1]  # the lies / sharpening columns too
     # with a gap, the row shows the recovery and its CI
     real = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in r.items()} | {"gap": 0.2, "no_gap": False}
     assert "n/a" not in _row("x", "y", real) and f"{r['recovered'].mean:.3f}" in _row("x", "y", real)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -113,7 +114,29 @@ def logits_from_resid(model: HookedTransformer, resid: Float[Tensor, "... d_mode
     soft-cap (:func:`soft_cap`). ``resid`` is ``blocks.{L-1}.hook_resid_post`` (any leading shape)."""
     if model.cfg.normalization_type is not None:
         resid = model.ln_final(resid)
-    return soft_cap(model, model.unembed(resid))
+    return soft_cap(model, unembed(model, resid))
+
+
+def unembed(model: HookedTransformer, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+    """``model.unembed(resid)``, the same operation on the same numbers, without its per-call copy.
+
+    TransformerLens's ``Unembed`` runs ``F.linear(resid, W_U.T.contiguous(), b_U)``: it copies the whole
+    unembedding on every call (671 MB on Gemma 3's 262k-token vocabulary, 113 MB on SmolLM2), which
+    dominated final-position passes (43% of the edge-circuit stage on Gemma). Here the transposed copy is
+    made once per weight version and kept on the module. Hooks on ``unembed`` (mechlie places none)
+    take TransformerLens's own path. The kept copy is detached: no gradient reaches ``W_U`` through it
+    (mechlie never trains model weights; gradients to the residual are unchanged)."""
+    u = model.unembed
+    if u.hook_in.fwd_hooks or u.hook_out.fwd_hooks:
+        return u(resid)
+    w = u.W_U
+    key = (w._version, w.data_ptr(), w.device, w.dtype)
+    kept = u.__dict__.get("_mechlie_w_u_t")
+    if kept is None or kept[0] != key:
+        with torch.inference_mode(False):  # a normal tensor: later passes may run under autograd
+            kept = (key, w.detach().T.contiguous())
+        u.__dict__["_mechlie_w_u_t"] = kept
+    return F.linear(resid, kept[1], u.b_U)
 
 
 def final_resid_hook(model: HookedTransformer, kept: list[Tensor], *, every_position: bool = True) -> Hook:

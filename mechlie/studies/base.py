@@ -161,6 +161,9 @@ class Study:
     # Cheap checks of the inputs, run by launch() before the model loads (e.g. read a pairs file), so
     # that a bad row fails in a second rather than after the weights load; raise a user error.
     check: Callable[[Any], None] | None = None
+    # Boolean flags that make a run another experiment, not a rerun (steering's --corpus): a run with one
+    # set gets its own docs page, ``<study>[_<model>]_<flag>``, beside the default run's.
+    page_flags: tuple[str, ...] = ()
 
 
 STUDIES: dict[str, Study] = {}

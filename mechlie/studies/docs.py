@@ -392,12 +392,14 @@ def add_run(run_dir: str | Path, root: str | Path, commit: str | None = None) ->
 
 def page_name(study: Study, settings: dict) -> str:
     """``<study>`` for a run of the study's default model, ``<study>_<model>`` for another model's run,
-    so the two models' runs of one study get a page each instead of one replacing the other."""
+    so the two models' runs of one study get a page each instead of one replacing the other; then
+    ``_<flag>`` for each of the study's ``page_flags`` the run sets (e.g. ``steering_corpus``)."""
     default = next((f.default for f in dataclasses.fields(study.config) if f.name == "model"), None)
     model = settings.get("model", default)
-    if model == default or not isinstance(model, str):
-        return study.name
-    return f"{study.name}_{re.sub(r'[^A-Za-z0-9.-]+', '-', model)}"
+    name = study.name
+    if model != default and isinstance(model, str):
+        name += f"_{re.sub(r'[^A-Za-z0-9.-]+', '-', model)}"
+    return name + "".join(f"_{flag}" for flag in study.page_flags if settings.get(flag) is True)
 
 
 def rerun(names: list[str], root: str | Path, *, add: bool = True) -> list[tuple[str, float, int]]:

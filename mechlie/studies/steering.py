@@ -35,7 +35,8 @@ answers too few facts at the first token: :func:`mechlie.studies.steering_capabi
 Its own known count and lie rate are reported, never refused: a setup the model ignores is a finding.
 
 The default (``DEFAULT_METHODS``, 12 pairs per relation, one KL budget, 8 steps per edit, 4 control
-draws, no SAE layer) is sized for minutes on a 2-core CPU; the wide sweep is flags (``--methods``,
+draws, no SAE layer) is sized for minutes on a 2-core CPU (a gated edit, shut on neutral text, meets any KL
+budget there and takes its largest scale); the wide sweep is flags (``--methods``,
 ``--n-per-relation``, ``--n-controls 100``, ``--split-seeds 1 2 3 4`` with or without
 ``--seeds-lean``, ``--corpus``), and every stage
 (edits, each method's sweep and evaluation) is saved as it ends, so a cut run resumes. Alpha is
@@ -114,7 +115,7 @@ class Config:
     )
     layers: tuple[int, ...] = field(default=(), metadata={"help": "sweep layers (default: 25%% and 45%% of depth)"})
     resid_alphas: tuple[float, ...] = field(
-        default=(-0.5, -1.0, -2.0), metadata={"help": "signed alphas for resid (x diff-of-means)"}
+        default=(-0.5, -1.0, -2.0, -3.0), metadata={"help": "signed alphas for resid (x diff-of-means)"}
     )
     head_ks: tuple[int, ...] = field(default=(8, 16), metadata={"help": "K heads for iti and causal"})
     head_alphas: tuple[float, ...] = field(
@@ -137,7 +138,7 @@ class Config:
         default=(0.1,), metadata={"help": "KL budgets (nats/token, train lines) of the learned edits"}
     )
     edit_scales: tuple[float, ...] = field(
-        default=(-0.5, -1.0, -1.5), metadata={"help": "signed scales of a learned edit (-1 = as trained)"}
+        default=(-0.25, -0.5, -0.75, -1.0, -1.5), metadata={"help": "signed scales of a learned edit (-1 = as trained)"}
     )
     edit_steps: int = field(default=8, metadata={"help": "gradient steps per learned edit"})
     edit_pairs: int = field(default=24, metadata={"help": "training pairs used to train an edit"})
@@ -593,6 +594,6 @@ def _seed_repeats(cfg: Config, model, run_dir: RunDir, clock: Clock, summary: di
     return out
 
 
-STUDY = register(Study("steering", Config, run, SteeringResult))
+STUDY = register(Study("steering", Config, run, SteeringResult, page_flags=("corpus",)))
 
 __all__ = ["Config", "METHODS", "STUDY", "SteeringResult", "parse_head", "run"]

@@ -147,9 +147,10 @@ def _row(name: str, desc: str, r: dict, cap: dict | None = None) -> str:
     before -> after, the capability check (share kept), neutral-text KL, KL at the honest answer
     position, answer entropies before -> after."""
     arrow = lambda a, b: f"{_v(r.get(a)):.2f}->{_v(r.get(b)):.2f}"  # noqa: E731
+    part = lambda k: "n/a" if r.get("no_gap") else f"{_v(r.get(k)):.2f}"  # noqa: E731
     return (
-        f"{name:<16} {desc:<24} {_rec(r):<22} {_v(r.get('recovered_lies')):>6.2f} "
-        f"{_v(r.get('recovered_sharpening')):>6.2f} {r.get('lies_flipped', 0):>3}/{r.get('n_lies', 0):<2} "
+        f"{name:<16} {desc:<24} {_rec(r):<22} {part('recovered_lies'):>6} "
+        f"{part('recovered_sharpening'):>6} {r.get('lies_flipped', 0):>3}/{r.get('n_lies', 0):<2} "
         f"{arrow('honest_acc_before', 'honest_acc_steered'):>11} {(cap or {}).get('accuracy', float('nan')):>6.2f} "
         f"{_v(r.get('kl')):>10.4f} "
         f"{_v(r.get('kl_honest_answer')):>9.4f} {arrow('entropy_honest_before', 'entropy_honest_steered'):>11} "
@@ -176,6 +177,13 @@ def _heldout_line(m: str, r: dict, control_rec: float | None, cap: dict | None =
         else ""
     )
     vs = ""
+    if r.get("no_gap"):  # no gap: recovery, its split and the margin over the control are undefined
+        return (
+            f"{m}: recovered {_rec(r)}; P(truth | lying prompt) steered {_v(r.get('p_truth_lying_steered')):.3f}, "
+            f"{r.get('lies_flipped', 0)}/{r.get('n_lies', 0)} lies flipped, honest acc "
+            f"{_v(r.get('honest_acc_before')):.2f} -> {_v(r.get('honest_acc_steered')):.2f}, capability kept "
+            f"{_cap(cap)}, KL at honest answer {_fmt(r['kl_honest_answer'])}{rand} ... KL {_fmt(r['kl'])}"
+        )
     if control_rec is not None and m != "honest_only":
         d = _v(r["recovered"]) - control_rec
         vs = f"; minus honest-only control {d:+.2f} ({'beats it by >= 0.3' if d >= 0.3 else 'does NOT beat it by 0.3'})"
@@ -232,7 +240,7 @@ def report_lines(s: dict, cfg: dict) -> list[str]:
     out += [_heldout_line(m, r, ctrl, cap.get(m)) for m, r in evals.items()]
     out += ["\nthe same on held-out relations, as a table:"] + _table(evals, chosen, pb.get("heldout"), cap)
     out += _capability_lines(s.get("capability"))
-    out += _setup_lines(s, ctrl, cap)
+    out += _setup_lines(s, cap)
     out += _seed_lines(s.get("split_seeds"))
     for name, g in s.get("gates", {}).items():
         out.append(
@@ -273,7 +281,7 @@ def _capability_lines(c: dict | None) -> list[str]:
     ]
 
 
-def _setup_lines(s: dict, ctrl: float | None, cap: dict) -> list[str]:
+def _setup_lines(s: dict, cap: dict) -> list[str]:
     """The held-out setup: the same held-out relations asked in a setup nothing was fitted on."""
     hs = (s.get("heldout_setup") or {}).get("setup")
     key = f"setup:{hs}"
@@ -288,6 +296,9 @@ def _setup_lines(s: dict, ctrl: float | None, cap: dict) -> list[str]:
         f"{base['n_known']} known): its own lie rate {estimate(base['lie_rate'])}, P(truth) honest "
         f"{estimate(base['p_truth_honest'])}, lying {estimate(base['p_truth_lying'])}"
     ]
+    # the honest-only control on this setup's own facts (not on the held-out relations' prompts)
+    ho = evals.get("honest_only")
+    ctrl = None if not ho or ho.get("no_gap") else _v(ho["recovered"])
     pb = s.get("prompt_baseline", {}).get(key)
     if pb:
         out.append(_heldout_line("prompt baseline", pb, ctrl, cap.get("prompt baseline")))

@@ -5,13 +5,12 @@ few-shot setup, chosen on another relation and reported on relations held out of
 few-shot setup and in a held-out setup (instructed), against random controls, with a capability
 check on unrelated corpus questions.
 
-    python analyses/steering_demo.py      # default (before reft, the held-out setup and the capability
-                                          # check: 9 min 45 s, 538 s CPU; see the run's stage times)
+    python analyses/steering_demo.py      # default: 8 min 50 s on a quiet 2-core CPU (stage times logged)
     python analyses/steering_demo.py --split-seeds 1 2 3 4 --seeds-lean --n-controls 100   # the statistics
     python analyses/steering_demo.py --methods resid iti causal learned learned_kl reft lowrank gated honest_only \
         --n-per-relation 20 --n-controls 100 --split-seeds 1 2 3 4       # the wide sweep (resumable)
-    python analyses/steering_demo.py --corpus --relations country_capital city_country \
-        --val-relations country_language --heldout-relations country_currency element_symbol
+    python analyses/steering_demo.py --corpus --relations country_capital capital_country city_country \
+        country_neighbour --val-relations country_language --heldout-relations element_symbol city_continent
 
 Prints the comparison table on the fitted relations' test facts (with its `prompt baseline` row),
 then the section `held-out relations` (one line per method: recovery with its 95% CI, split into real

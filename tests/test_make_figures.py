@@ -203,6 +203,8 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
         "2",
         "--probe-null",
         "20",
+        "--n-split-seeds",
+        "2",
         "--out-dir",
         str(tmp_path / "out"),
         "--run-name",
@@ -223,11 +225,20 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
         len(x["causal"]) for r in s["sites"].values() for x in r["seeds"].values()
     )
     assert any("no causal test can pass Holm" in line for line in SAEFeaturesResult(run, s).headline())
+    # The second split reruns every causal test (its own Holm family, the same size) with the same SAEs;
+    # the main split's entries are the run's own numbers.
+    sp = s["split_seeds"]["splits"]
+    assert list(sp) == ["0", "1"] and sp["1"]["correction"]["n_tests"] == s["causal_correction"]["n_tests"]
+    main_clamp = s["sites"]["blocks.2.hook_resid_pre"]["seeds"]["0"]["causal"]["clamp"]
+    assert sp["0"]["sites"]["blocks.2.hook_resid_pre"]["seeds"]["0"]["causal"]["clamp"]["delta"] == main_clamp["delta"]
+    assert s["split_seeds"]["over"]["blocks.2.hook_resid_pre"]["n_runs"] == 4  # 2 splits x 2 SAE seeds
+    assert len(list((tmp_path / "cache" / "sae").iterdir())) == 4  # no SAE trained for the second split
     # The run wrote the figures make_figures draws (the same code, from the saved files); the
     # headline is built from summary.json alone, and the report names every site.
     result = load_result(run)
     assert isinstance(result, SAEFeaturesResult) and set(s["figures"]) == set(result.figures())
     assert {"b2_resid_pre_features", "b2_resid_pre_cosine", "heads_dla", "heads_demo_attention"} <= set(s["figures"])
+    assert "b2_resid_pre_split_seeds" in s["figures"]
     assert SAEFeaturesResult(tmp_path, s).headline() == result.headline()
     assert "== blocks.2.attn.hook_z:1: SAE d_sae=" in result.report() and "L2H1" in result.report()
     # Bad input fails before any model loads, with nothing written.

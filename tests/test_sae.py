@@ -282,6 +282,15 @@ def test_batched_causal_check_equals_one_feature_clamp_per_draw(tiny, spec, mode
     top = tuple(int(f) for f in lying_mean.argsort(descending=True)[:2])
     kw = dict(mode=mode, lying_mean=lying_mean, honest_mean=honest_mean, n_draws=7, seed=1)
     got = S.causal_check(tiny, sae, site, pairs, top, max_rows=10, batch_size=2, **kw)  # many chunks and caches
+    # The prompts run once for many checks (here in groups of 8) give the same numbers; other pairs are refused.
+    shared = S.lying_prompts(tiny, pairs, batch_size=1)
+    assert len(shared.groups) == -(-len(pairs) // 8) > 1
+    again = S.causal_check(tiny, sae, site, pairs, top, max_rows=10, prompts=shared, **kw)
+    assert again.random_deltas == pytest.approx(got.random_deltas, abs=1e-6)
+    assert again.delta == pytest.approx(got.delta, abs=1e-6)
+    assert again.gap_recovered == pytest.approx(got.gap_recovered, rel=1e-4)  # a ratio of small float differences
+    with pytest.raises(S.SAEError, match="other pairs"):
+        S.causal_check(tiny, sae, site, pairs[1:], top, prompts=shared, **kw)
 
     answers = answer_set(tiny.tokenizer, pairs)
     bs = batches(tiny, [p.lying for p in pairs], 4)

@@ -60,6 +60,33 @@ def test_correct_causal_counts_every_test_and_over_seeds_counts_passes():
     assert o["causal"]["ablate"]["delta"]["sd"] == pytest.approx(0.0707, abs=1e-3)
 
 
+def test_over_splits_tells_split_variance_from_sae_seed_variance_and_counts_passes():
+    """Two splits x two SAE seeds: the delta depends on the split only, so its SD over SAE seeds is 0
+    and its SD over splits is that of (0.1, 0.3); passes and verdicts are counted per run."""
+    from mechlie.studies.sae_splits import headline_lines, over_splits
+
+    def run(delta, passes, diff):
+        causal = {"delta": delta, "gap_recovered": 2 * delta, "passes_corrected": passes, "p_value": 0.01}
+        probe = {"sae": {"auroc": 0.9}, "raw": {"auroc": 1.0}, "sae_minus_raw": {"diff": diff}}
+        return {"top_effect_size": -1.0, "causal": {"ablate": causal}, "probe": {**probe, "verdict": "raw better"}}
+
+    splits = {
+        "0": {"sites": {"s": {"seeds": {"0": run(0.1, True, -0.1), "1": run(0.1, False, -0.1)}}}},
+        "1": {"sites": {"s": {"seeds": {"0": run(0.3, True, -0.1), "1": run(0.3, True, -0.1)}}}},
+    }
+    o = over_splits(splits)["s"]
+    d = o["causal"]["ablate"]["delta"]
+    assert d["mean"] == pytest.approx(0.2) and d["n"] == 4
+    assert d["sd_over_sae_seeds"] == pytest.approx(0.0, abs=1e-12)
+    assert d["sd_over_splits"] == pytest.approx(0.1414, abs=1e-3)
+    assert o["causal"]["ablate"]["passes_corrected"] == 3 and o["causal"]["ablate"]["n_runs"] == 4
+    assert o["causal"]["ablate"]["passes_per_split"] == {"0": "1/2", "1": "2/2"}
+    assert o["probe_held_out"]["verdicts"] == {"raw better": 4}
+    assert o["probe_held_out"]["raw"]["n"] == 2  # one raw probe per split, not per SAE seed
+    text = " ".join(headline_lines({"splits": splits, "over": {"s": o}}))
+    assert "2 split seeds × 2 SAE seeds" in text and "in 3 of 4 runs" in text
+
+
 def test_sae_training_seeds_give_different_saes_and_the_same_seed_the_same():
     g = torch.Generator().manual_seed(0)
     acts = torch.randn(1500, 16, generator=g) @ torch.randn(16, 16, generator=g)

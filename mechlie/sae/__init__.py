@@ -9,7 +9,8 @@ One module per step, lower first:
 - :mod:`~mechlie.sae.training`: :func:`train_sae` (sae-lens's trainer) and the cache that trains
   each SAE once (:func:`load_or_train_sae`);
 - :mod:`~mechlie.sae.clamp`: :class:`FeatureClamp` (an intervention for ``steer``) and the
-  :func:`causal_check` against matched random features;
+  :func:`causal_check` against matched random features (:func:`lying_prompts` runs the prompts once
+  for many checks);
 - :mod:`~mechlie.sae.features`: the lie direction decomposed (:func:`lie_features`);
 - :mod:`~mechlie.sae.on_policy`: the same for the lies and truths the model samples;
 - :mod:`~mechlie.sae.sparse_probe`: a k-sparse probe on SAE features against a raw-activation probe;
@@ -21,7 +22,14 @@ Example:
     >>> summary, tensors = lie_features(model, trained, pairs, train, test)
 """
 
-from mechlie.sae.clamp import CausalCheck, FeatureClamp, causal_check, matched_random_features
+from mechlie.sae.clamp import (
+    CausalCheck,
+    FeatureClamp,
+    LyingPrompts,
+    causal_check,
+    lying_prompts,
+    matched_random_features,
+)
 from mechlie.sae.corpus import (
     Corpus,
     SiteActs,
@@ -65,6 +73,7 @@ __all__ = [
     "Corpus",
     "FeatureClamp",
     "FeatureEffects",
+    "LyingPrompts",
     "OnPolicySiteActs",
     "PairData",
     "SAEError",
@@ -86,6 +95,7 @@ __all__ = [
     "encode",
     "feature_columns",
     "feature_effects",
+    "lying_prompts",
     "final_acts",
     "final_acts_at",
     "holm",

@@ -24,7 +24,8 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core import hooks as core_hooks
 from mechlie.core.hooks import SteeringState, check_alpha, check_policy
-from mechlie.core.pairs import AnswerSet, ContrastPair, answer_set, tokenize
+from mechlie.core.kv import Baseline, PrefixCache
+from mechlie.core.pairs import AnswerSet, Batch, ContrastPair, answer_set, tokenize
 from mechlie.sae.loading import SAEError, Site, check_sae, decoder_rows
 from mechlie.sae.quality import bootstrap_ci
 
@@ -152,6 +153,46 @@ def matched_random_features(
 
 
 @dataclass(frozen=True)
+class PromptGroup:
+    """Lying prompts run once: their prefix cache and the plain residual of their final token."""
+
+    index: Int[Tensor, " m"]  # which pairs (positions in LyingPrompts.pairs)
+    batch: Batch
+    cache: PrefixCache
+    baseline: Baseline
+
+
+@dataclass(frozen=True)
+class LyingPrompts:
+    """What every :func:`causal_check` on the same pairs shares, whatever the SAE, site or mode:
+    the lying prompts' prefix caches and plain final-token residuals (in groups of prompts, for
+    memory), and P(truth) on the honest prompts (the scale of the gap). Made by :func:`lying_prompts`."""
+
+    pairs: tuple[ContrastPair, ...]
+    answers: AnswerSet
+    groups: tuple[PromptGroup, ...]
+    p_honest: Float[Tensor, " n"]
+
+
+@torch.no_grad()
+def lying_prompts(model: HookedTransformer, pairs: Sequence[ContrastPair], batch_size: int = 16) -> LyingPrompts:
+    """Run ``pairs``' lying prompts once (prefix caches, baseline residuals) and their honest prompts
+    (P(truth)), for any number of :func:`causal_check` calls on the same pairs."""
+    from mechlie.core.kv import baseline_inputs, final_tokens, prefix_cache
+    from mechlie.core.metrics import final_logits, score_logits
+
+    answers = answer_set(model.tokenizer, pairs)
+    groups = []
+    for s0 in range(0, len(pairs), batch_size * 8):  # prompts per prefix cache (memory)
+        index = torch.arange(s0, min(len(pairs), s0 + batch_size * 8))
+        batch = tokenize(model, [pairs[i].lying for i in index.tolist()])
+        cache = prefix_cache(model, batch)
+        groups.append(PromptGroup(index, batch, cache, baseline_inputs(model, cache, final_tokens(batch))))
+    p_honest = score_logits(final_logits(model, [p.honest for p in pairs], batch_size=batch_size), answers).p_truth
+    return LyingPrompts(tuple(pairs), answers, tuple(groups), p_honest)
+
+
+@dataclass(frozen=True)
 class CausalCheck:
     mode: str  # "ablate" (features set to 0) or "clamp" (set to their mean on honest prompts)
     features: tuple[int, ...]
@@ -203,6 +244,7 @@ def causal_check(
     max_rows: int = 512,
     n_boot: int = 1000,
     seed: int = 0,
+    prompts: LyingPrompts | None = None,
 ) -> CausalCheck:
     """Change in P(truth) on the lying prompts of ``pairs`` when ``features`` are ablated or
     clamped at the final position, beside ``n_draws`` sets of random features whose mean
@@ -212,10 +254,10 @@ def causal_check(
     training pairs). Only the final position changes, so each lying prompt's prefix is run once
     (:func:`mechlie.core.kv.prefix_cache`), and every variant (no change, the top features, each random
     draw) is a row of a few short passes (:func:`mechlie.core.kv.run_rows`) that start at the site's
-    block; the rows' hook is :class:`FeatureClamp`'s, with one feature set per row.
+    block; the rows' hook is :class:`FeatureClamp`'s, with one feature set per row. ``prompts``
+    (:func:`lying_prompts` of the same ``pairs``) shares that work between checks; the numbers are
+    the same with or without it.
     """
-    from mechlie.core.metrics import final_logits, score_logits
-
     if mode not in ("ablate", "clamp"):
         raise SAEError(f"mode must be 'ablate' or 'clamp', got {mode!r}")
     if mode == "clamp" and honest_mean is None:
@@ -223,7 +265,10 @@ def causal_check(
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     check_sae(sae, model, site)
-    answers = answer_set(model.tokenizer, pairs)
+    if prompts is None:
+        prompts = lying_prompts(model, pairs, batch_size)
+    elif [p.lying for p in prompts.pairs] != [p.lying for p in pairs]:
+        raise SAEError("prompts were made from other pairs than the ones checked: pass lying_prompts(model, pairs)")
     # variant 0: no change; 1: the top features; 2..: random draws
     sets = [tuple(int(f) for f in features), *matched_random_features(lying_mean, features, n_draws, seed=seed)]
     k = len(sets[0])
@@ -232,21 +277,10 @@ def causal_check(
     value_of = honest_mean[feat_of].float() if mode == "clamp" else torch.zeros(len(feat_of), k)
     active_of = torch.arange(len(feat_of)) > 0
     p_truth = _variant_p_truth(
-        model,
-        sae,
-        site,
-        pairs,
-        answers,
-        feat_of,
-        value_of,
-        active_of,
-        batch_size=batch_size,
-        max_rows=max_rows,
-        desc=f"causal rows ({mode})",
+        model, sae, site, prompts, feat_of, value_of, active_of, max_rows=max_rows, desc=f"causal rows ({mode})"
     )
     base, top = p_truth[0], p_truth[1]
-    # the honest prompts, no intervention: the scale of the gap
-    p_honest = score_logits(final_logits(model, [p.honest for p in pairs], batch_size=batch_size), answers).p_truth
+    p_honest = prompts.p_honest  # the honest prompts, no intervention: the scale of the gap
     est = bootstrap_ci(lambda i: (top[i] - base[i]).mean(), n, n_boot=n_boot, seed=seed)  # the share: same draws
     share = bootstrap_ci(lambda i: (top - base)[i].mean() / (p_honest - base)[i].mean(), n, n_boot=n_boot, seed=seed)
     r = (p_truth[2:] - base).mean(1)
@@ -274,29 +308,24 @@ def _variant_p_truth(
     model: HookedTransformer,
     sae: SAE,
     site: Site,
-    pairs: Sequence[ContrastPair],
-    answers: AnswerSet,
+    prompts: LyingPrompts,
     feat_of: Int[Tensor, "V k"],
     value_of: Float[Tensor, "V k"],
     active_of: Tensor,
     *,
-    batch_size: int,
     max_rows: int,
     desc: str,
 ) -> Float[Tensor, "V n"]:
     """P(truth) on each pair's lying prompt under each variant ``v`` (``feat_of[v]`` set to
-    ``value_of[v]`` when ``active_of[v]``): prefixes cached once per group of prompts, then rows
-    of at most ``max_rows`` (variant-major, prompts inside) run from the site's block."""
-    from mechlie.core.kv import prefix_cache, run_rows
+    ``value_of[v]`` when ``active_of[v]``): rows of at most ``max_rows`` (variant-major, prompts
+    inside) run from the site's block over each group's cached prefix."""
+    from mechlie.core.kv import run_rows
     from mechlie.core.metrics import score_logits
 
-    n = len(pairs)
-    p_truth = torch.empty(len(feat_of), n)
-    for s0 in range(0, n, batch_size * 8):  # prompts per prefix cache (memory)
-        sub = range(s0, min(n, s0 + batch_size * 8))
-        batch = tokenize(model, [pairs[i].lying for i in sub])
-        cache = prefix_cache(model, batch)
-        m = len(sub)
+    answers = prompts.answers
+    p_truth = torch.empty(len(feat_of), len(prompts.pairs))
+    for g in prompts.groups:
+        m = len(g.index)
         per_chunk = max(1, max_rows // m)
         starts = range(0, len(feat_of), per_chunk)
         for v0 in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 3):
@@ -306,13 +335,14 @@ def _variant_p_truth(
             hook = _row_clamp_hook(sae, site, feat_of[v_row], value_of[v_row], active_of[v_row])
             logits = run_rows(
                 model,
-                cache,
+                g.cache,
                 prompt,
-                batch.tokens[prompt, -1:],
+                g.batch.tokens[prompt, -1:],
                 fwd_hooks=[(site.hook_name, hook)],
                 start_layers=torch.full((len(prompt),), site.layer, dtype=torch.long),
+                baseline=g.baseline,
             )[:, -1]
-            idx = torch.as_tensor(list(sub))[prompt]  # the pair of each row
+            idx = g.index[prompt]  # the pair of each row
             rows_ans = AnswerSet(*(t[idx] for t in (answers.truth, answers.lie, answers.choices)))
             p_truth[v_row, idx] = score_logits(logits.cpu(), rows_ans).p_truth.cpu()
     return p_truth

@@ -26,7 +26,7 @@ from transformer_lens import HookedTransformer
 
 from mechlie.core.pairs import ContrastPair, tokenize
 from mechlie.core.stats import bootstrap_tensor, max_null_threshold, paired_swap_masks
-from mechlie.sae.clamp import CausalCheck, causal_check
+from mechlie.sae.clamp import CausalCheck, LyingPrompts, causal_check, lying_prompts
 from mechlie.sae.corpus import SiteActs, collect_site, final_acts
 from mechlie.sae.loading import SAEError, decoder_rows, encode, feature_columns
 from mechlie.sae.training import TrainedSAE
@@ -216,8 +216,10 @@ def lie_features(
     seed: int = 0,
     progress: bool = True,
     batch_size: int = 16,
+    prompts: LyingPrompts | None = None,
 ) -> tuple[dict, dict[str, Tensor]]:
-    """The whole decomposition of the lie direction at one SAE's site (see the module docstring).
+    """The whole decomposition of the lie direction at one SAE's site (see the module docstring):
+    ``(summary, tensors)``, JSON-able results and the per-pair activations of the top features.
 
     Args:
         trained: from :func:`load_or_train_sae` (or wrap a loaded SAE in a :class:`TrainedSAE`).
@@ -225,10 +227,9 @@ def lie_features(
         final: the site's (honest, lying) final-token activations, if already collected.
         k: features reported; ``k_causal``: top "lying" features (positive train difference)
             ablated, and top features clamped to their honest mean, in the causal check.
-        n_draws: random matched feature sets for the causal control.
-
-    Returns:
-        ``(summary, tensors)``: JSON-able results, and the per-pair activations of the top features.
+        n_draws: random matched feature sets for the causal control; ``n_contexts``: top corpus
+            and pair contexts per feature (0: none, as a replicate on another split needs).
+        prompts: :func:`mechlie.sae.clamp.lying_prompts` of the ``test`` pairs, to share between calls.
     """
     sae, site = trained.sae, trained.site
     if final is None:
@@ -247,16 +248,14 @@ def lie_features(
     # reconstruction through the mean feature difference, on the training pairs.
     honest_mean, lying_mean = f_h[tr].mean(0), f_l[tr].mean(0)
     train_diff = lying_mean - honest_mean
-    recon = train_diff @ w_dec
-    dir_cos_recon = float(torch.nn.functional.cosine_similarity(recon, direction, dim=0))
-    contexts = corpus_contexts(model, trained, feats, n=n_contexts, batch_size=batch_size, progress=progress)
-    in_pairs = pair_contexts(f_h[:, feats], f_l[:, feats], pairs)
-    checks = _causal_checks(
-        model, trained, [pairs[i] for i in test], honest_mean, lying_mean, feats, k_causal, n_draws, batch_size, seed
-    )
+    dir_cos_recon = float(torch.nn.functional.cosine_similarity(train_diff @ w_dec, direction, dim=0))
+    args = (honest_mean, lying_mean, feats, k_causal, n_draws, batch_size, seed, prompts)
+    checks = _causal_checks(model, trained, [pairs[i] for i in test], *args)
     rows = fe.rows()
-    for r, c, pc in zip(rows, contexts, in_pairs):
-        r["corpus_contexts"], r["pair_contexts"] = c, pc
+    if n_contexts:
+        found = corpus_contexts(model, trained, feats, n=n_contexts, batch_size=batch_size, progress=progress)
+        for r, c, pc in zip(rows, found, pair_contexts(f_h[:, feats], f_l[:, feats], pairs)):
+            r["corpus_contexts"], r["pair_contexts"] = c, pc
     summary = {
         "site": str(site),
         "d_sae": sae.cfg.d_sae,
@@ -320,6 +319,7 @@ def _causal_checks(
     n_draws: int,
     batch_size: int,
     seed: int,
+    prompts: LyingPrompts | None,
 ) -> dict[str, CausalCheck]:
     """:func:`causal_check` of ablating the ``k_causal`` features with the largest positive train
     difference (skipped when none is positive), and of clamping the first ``k_causal`` of ``feats``
@@ -327,6 +327,7 @@ def _causal_checks(
     train_diff = lying_mean - honest_mean
     lying_feats = [f for f in train_diff.argsort(descending=True)[:k_causal].tolist() if train_diff[f] > 0]
     both = dict(honest_mean=honest_mean, lying_mean=lying_mean, n_draws=n_draws, batch_size=batch_size, seed=seed)
+    both["prompts"] = prompts or lying_prompts(model, test_pairs, batch_size)  # both modes share one run
     return {
         mode: causal_check(model, trained.sae, trained.site, test_pairs, chosen, mode=mode, **both)
         for mode, chosen in (("ablate", lying_feats), ("clamp", feats[:k_causal]))

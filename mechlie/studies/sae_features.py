@@ -15,6 +15,11 @@ raw-activation probe at the same site on held-out facts and held-out relations
 prompt) are decomposed at the first answer token, and the chosen heads get attention views and
 direct logit attribution.
 
+Every number that depends on the split of the facts (the features chosen, the causal checks with
+their Holm correction, the held-out probes) is then repeated on ``n_split_seeds`` splits with the
+same SAEs (:mod:`mechlie.studies.sae_splits`): mean ± SD over every (split, SAE seed) run, with the
+SD over splits beside the SD over SAE seeds.
+
 Writes RUN/: summary.json, features.safetensors, lying_heads.html (+ .json) and figures/. Figures
 of one SAE's features are drawn for the first seed; the per-seed figures show every seed.
 """
@@ -76,6 +81,13 @@ class SAEFeaturesConfig:
         default=3, metadata={"help": "SAE training seeds (train_seed = seed, seed + 1, ...); one SAE per site each"}
     )
     alpha: float = field(default=0.05, metadata={"help": "family-wise error of the Holm-corrected causal tests"})
+    n_split_seeds: int = field(
+        default=5,
+        metadata={
+            "help": "splits of the facts by fact (seed, seed + 1, ...) the causal checks and held-out probes are "
+            "repeated on, with the same SAEs (0: the main split only)"
+        },
+    )
     probe_null: int = field(default=200, metadata={"help": "label-permutation draws of each probe's null"})
     expansion: int = field(default=4, metadata={"help": "SAE width = expansion * d_in"})
     top_k: int = field(default=32, metadata={"help": "TopK SAE: active features per token"})
@@ -105,6 +117,9 @@ class SAEFeaturesConfig:
             raise ValueError("--on-policy-k must be >= 0")
         if self.k < 1 or self.k_causal < 1 or self.n_draws < 20 or self.probe_null < 20:
             raise ValueError("k and k_causal must be >= 1, n_draws and probe_null >= 20 (a null needs many draws)")
+        if self.n_split_seeds == 1 or self.n_split_seeds < 0:
+            n = self.n_split_seeds
+            raise ValueError(f"--n-split-seeds must be 0 (skip) or >= 2 for an SD over splits, got {n}")
         if self.sae_seeds < 1 or not 0 < self.alpha < 1:
             raise ValueError("--sae-seeds must be >= 1 and --alpha in (0, 1)")
         if self.sae_path and self.sae_seeds != 1:
@@ -192,6 +207,12 @@ def run(cfg: SAEFeaturesConfig, model: HookedTransformer | None, run_dir: RunDir
     summary["causal_correction"] = SS.correct_causal(summary["sites"], cfg.n_draws, cfg.alpha)
     for r in summary["sites"].values():
         r["over_seeds"] = SS.over_seeds(r)
+    if cfg.n_split_seeds:
+        from mechlie.studies.sae_splits import run_splits
+
+        t3 = time.time()
+        summary["split_seeds"] = run_splits(model, cfg, saes, pairs, finals, summary)
+        summary["seconds"]["split_seeds"] = round(time.time() - t3, 1)
     if cfg.on_policy_k:
         t3 = time.time()
         on_policy_features(model, cfg, saes, pairs, split, summary)
@@ -215,6 +236,7 @@ def _per_seed(model, cfg: SAEFeaturesConfig, saes, pairs, split, finals, raw, su
     from mechlie.studies import sae_seeds as SS
 
     tensors = {}
+    prompts = S.lying_prompts(model, [pairs[i] for i in split.test], cfg.batch_size)  # shared by every check
     for seed, trained in saes:
         site = str(trained.site)
         t2 = time.time()
@@ -230,6 +252,7 @@ def _per_seed(model, cfg: SAEFeaturesConfig, saes, pairs, split, finals, raw, su
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             final=(finals["honest"][trained.site], finals["lying"][trained.site]),
+            prompts=prompts,
         )
         res["train_seed"] = seed
         t3 = time.time()
@@ -407,6 +430,10 @@ class SAEFeaturesResult(StudyResult):
             figs.update(site_figures(self._summary["model"], site, site_tag(site), first, tensors.get(site)))
             figs.update(seed_figures(self._summary["model"], site, site_tag(site), r))
         figs.update(head_figures(self._summary))
+        if "split_seeds" in self._summary:
+            from mechlie.studies.sae_splits import figures as split_figures
+
+            figs.update(split_figures(self._summary["model"], self._summary["split_seeds"], site_tag))
         return figs
 
     def captions(self) -> dict[str, str]:

@@ -242,6 +242,10 @@ def captions(s: dict, tag_of: Callable[[str], str]) -> dict[str, str]:
             "Do the features that separate honest from lying prompts also separate the lies the model "
             "tells from its truths under the same prompt? 95% CIs over held-out pairs."
         )
+        if "split_seeds" in s:
+            from mechlie.studies.sae_splits import caption
+
+            out[f"{tag}_split_seeds"] = caption(s["split_seeds"])
     out["heads_demo_attention"] = "Share of the final token's attention on the demo answers, 95% CI over pairs."
     out["heads_dla"] = "Each head's direct push toward the truth (positive) or the lie, 95% CI over pairs."
     return out
@@ -361,6 +365,10 @@ def headline_lines(s: dict) -> list[str]:
         )
     for site, r in s["sites"].items():
         lines += _site_headline(site, r, corr)
+    if "split_seeds" in s:
+        from mechlie.studies.sae_splits import headline_lines as split_lines
+
+        lines += split_lines(s["split_seeds"])
     heads = s.get("heads")
     if heads:
         for row in heads["rows"]:
@@ -443,6 +451,12 @@ def report_text(s: dict, cfg: dict, run_dir: Path) -> str:
     c = s["causal_correction"]
     out.append(f"\ncausal tests corrected together: {c['method']}, {c['n_tests']} tests, alpha {c['alpha']}")
     out += ["  " + line for line in headline_lines(s) if "Holm-corrected" in line or "Do the features" in line]
+    if "split_seeds" in s:
+        from mechlie.studies.sae_splits import headline_lines as split_lines
+
+        n = len(s["split_seeds"]["splits"])
+        out.append(f"\nover {n} splits of the facts (each split Holm-corrected on its own):")
+        out += ["  " + line for line in split_lines(s["split_seeds"])]
     on_policy = {
         site: next(iter(r["seeds"].values()))["on_policy"]
         for site, r in s["sites"].items()

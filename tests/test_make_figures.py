@@ -232,6 +232,7 @@ def test_sae_features_script_end_to_end(tmp_path, monkeypatch):
     main_clamp = s["sites"]["blocks.2.hook_resid_pre"]["seeds"]["0"]["causal"]["clamp"]
     assert sp["0"]["sites"]["blocks.2.hook_resid_pre"]["seeds"]["0"]["causal"]["clamp"]["delta"] == main_clamp["delta"]
     assert s["split_seeds"]["over"]["blocks.2.hook_resid_pre"]["n_runs"] == 4  # 2 splits x 2 SAE seeds
+    assert list(s["split_seeds"]["over"]) == list(s["sites"]) == ["blocks.2.hook_resid_pre", "blocks.2.attn.hook_z:1"]
     assert len(list((tmp_path / "cache" / "sae").iterdir())) == 4  # no SAE trained for the second split
     # The run wrote the figures make_figures draws (the same code, from the saved files); the
     # headline is built from summary.json alone, and the report names every site.

@@ -137,6 +137,11 @@ def _spread(values: dict[tuple[str, str], float]) -> dict:
     return out
 
 
+def site_order(splits: dict) -> list[str]:
+    """Every site, in the order the runs first name them (the config's order)."""
+    return list(dict.fromkeys(site for r in splits.values() for site in r["sites"]))
+
+
 def site_runs(splits: dict, site: str) -> list[tuple[str, str, dict]]:
     """``(split, SAE seed, entry)`` of every run at ``site``, split-major."""
     return [(sp, sd, x) for sp, r in splits.items() for sd, x in r["sites"].get(site, {"seeds": {}})["seeds"].items()]
@@ -146,8 +151,7 @@ def over_splits(splits: dict) -> dict:
     """Per site: every headline number over the (split, SAE seed) runs (:func:`_spread`) and the
     runs that pass, per mode and per split; the probe comparison's verdicts counted."""
     out: dict = {}
-    sites = sorted({site for sp in splits.values() for site in sp["sites"]})
-    for site in sites:
+    for site in site_order(splits):
         runs = {(split, sd): x for split, sd, x in site_runs(splits, site)}
         o: dict = {
             "n_runs": len(runs),
@@ -199,7 +203,8 @@ def headline_lines(block: dict) -> list[str]:
     splits = block["splits"]
     n_split = len(splits)
     lines = []
-    for site, o in block["over"].items():
+    for site in site_order(splits):
+        o = block["over"][site]
         n_sae = o["top_effect_size"]["n_sae_seeds"]
         head = f"- **{site} over {n_split} split seeds × {n_sae} SAE seeds** ({o['n_runs']} runs; mean ± SD over runs)"
         parts = [f"top feature |effect size| {_ms(o['top_effect_size'], 2)}"]
@@ -237,7 +242,7 @@ def figures(model: str, block: dict, tag_of) -> dict[str, go.Figure]:
     from mechlie.report import figures as figlib
 
     figs = {}
-    for site in block["over"]:
+    for site in site_order(block["splits"]):
         runs = site_runs(block["splits"], site)
         x = [f"split {s}<br>SAE {sd}" for s, sd, _ in runs]
         fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08)

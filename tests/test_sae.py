@@ -286,9 +286,10 @@ def test_batched_causal_check_equals_one_feature_clamp_per_draw(tiny, spec, mode
     shared = S.lying_prompts(tiny, pairs, batch_size=1)
     assert len(shared.groups) == -(-len(pairs) // 8) > 1
     again = S.causal_check(tiny, sae, site, pairs, top, max_rows=10, prompts=shared, **kw)
-    assert again.random_deltas == pytest.approx(got.random_deltas, abs=1e-6)
-    assert again.delta == pytest.approx(got.delta, abs=1e-6)
-    assert again.gap_recovered == pytest.approx(got.gap_recovered, rel=1e-4)  # a ratio of small float differences
+    # (other prompt groups pad differently: equal up to float noise, far below the draws' effects of >= 2e-4)
+    assert again.random_deltas == pytest.approx(got.random_deltas, abs=2e-5)
+    assert again.delta == pytest.approx(got.delta, abs=2e-5)
+    assert again.gap_recovered == pytest.approx(got.gap_recovered, rel=1e-3)  # a ratio, as checked below
     with pytest.raises(S.SAEError, match="other pairs"):
         S.causal_check(tiny, sae, site, pairs[1:], top, prompts=shared, **kw)
 

@@ -67,7 +67,8 @@ def test_over_splits_tells_split_variance_from_sae_seed_variance_and_counts_pass
 
     def run(delta, passes, diff):
         causal = {"delta": delta, "gap_recovered": 2 * delta, "passes_corrected": passes, "p_value": 0.01}
-        probe = {"sae": {"auroc": 0.9}, "raw": {"auroc": 1.0}, "sae_minus_raw": {"diff": diff}}
+        causal["random_q95"] = 0.02
+        probe = {"sae": {"auroc": 0.9, "null_q95": 0.6}, "raw": {"auroc": 1.0}, "sae_minus_raw": {"diff": diff}}
         return {"top_effect_size": -1.0, "causal": {"ablate": causal}, "probe": {**probe, "verdict": "raw better"}}
 
     splits = {
@@ -83,8 +84,10 @@ def test_over_splits_tells_split_variance_from_sae_seed_variance_and_counts_pass
     assert o["causal"]["ablate"]["passes_per_split"] == {"0": "1/2", "1": "2/2"}
     assert o["probe_held_out"]["verdicts"] == {"raw better": 4}
     assert o["probe_held_out"]["raw"]["n"] == 2  # one raw probe per split, not per SAE seed
-    text = " ".join(headline_lines({"splits": splits, "over": {"s": o}}))
-    assert "2 split seeds × 2 SAE seeds" in text and "in 3 of 4 runs" in text
+    assert o["causal"]["ablate"]["random_q95"]["mean"] == pytest.approx(0.02)
+    text = " ".join(headline_lines({"splits": splits}))  # recomputed from the runs
+    assert "2 split seeds × 2 SAE seeds**, in-relation" in text and "in 3 of 4 runs" in text
+    assert "95th pct. +0.020" in text and "null 95th pct. 0.60" in text
 
 
 def test_sae_training_seeds_give_different_saes_and_the_same_seed_the_same():

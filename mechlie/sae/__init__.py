@@ -63,7 +63,7 @@ from mechlie.sae.loading import (
 )
 from mechlie.sae.on_policy import OnPolicySiteActs, on_policy_effects, on_policy_site_acts, site_kind
 from mechlie.sae.quality import SAEQuality, bootstrap_ci, sae_qualities, sae_quality
-from mechlie.sae.seeds import holm, mean_sd, min_adjusted_p
+from mechlie.sae.seeds import holm, mean_sd, mean_sd_text, min_adjusted_p
 from mechlie.sae.sparse_probe import PairData, top_features
 from mechlie.sae.training import SAETrainConfig, TrainedSAE, load_or_train_sae, load_or_train_saes, train_sae
 
@@ -105,6 +105,7 @@ __all__ = [
     "load_sae",
     "matched_random_features",
     "mean_sd",
+    "mean_sd_text",
     "min_adjusted_p",
     "on_policy_effects",
     "on_policy_site_acts",

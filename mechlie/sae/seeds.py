@@ -46,3 +46,10 @@ def mean_sd(values: Sequence[float]) -> dict:
     mean = sum(v) / n
     sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else float("nan")
     return {"mean": mean, "sd": sd, "values": v, "n": n}
+
+
+def mean_sd_text(d: dict, p: int = 3, sign: str = "") -> str:
+    """:func:`mean_sd`'s output as ``mean ± SD`` (the SD left out for one value)."""
+    if d["n"] < 2:
+        return f"{d['mean']:{sign}.{p}f}"
+    return f"{d['mean']:{sign}.{p}f} ± {d['sd']:.{p}f}"

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from mechlie.sae.seeds import mean_sd_text as _ms
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
     from torch import Tensor
@@ -24,13 +26,6 @@ def _fmt(m: float, lo: float, hi: float, p: int = 2) -> str:
 
 def _auc(d: dict) -> tuple[float, float, float]:
     return (d["auroc"], d["lo"], d["hi"])
-
-
-def _ms(d: dict, p: int = 3, sign: str = "") -> str:
-    """``mean ± SD`` over seeds (the SD left out for one seed)."""
-    if d["n"] < 2:
-        return f"{d['mean']:{sign}.{p}f}"
-    return f"{d['mean']:{sign}.{p}f} ± {d['sd']:.{p}f}"
 
 
 def site_figures(model: str, site: str, tag: str, r: dict, t: dict[str, Tensor] | None) -> dict[str, go.Figure]:
@@ -274,8 +269,11 @@ def _causal_lines(r: dict, corr: dict) -> list[str]:
                     f"→ Holm {c['p_holm']:.3f}"
                 )
         k = len(next(iter(r["seeds"].values()))["causal"][mode]["features"])
+        q95 = [x["causal"][mode]["random_q95"] for x in r["seeds"].values() if mode in x["causal"]]
         out.append(
-            f"- {mode} {k} top features: ΔP(truth) {_ms(o['delta'], sign='+')}, share of the honest–lying gap "
+            f"- {mode} {k} top features, in-relation (held-out facts' lying prompts): ΔP(truth) "
+            f"{_ms(o['delta'], sign='+')} (matched random features' 95th pct. {sum(q95) / len(q95):+.3f}, mean over "
+            f"seeds), share of the honest–lying gap "
             f"{_ms(o['gap_recovered'], 2)} over {o['n_seeds']} SAE seeds; **passes its Holm-corrected test "
             f"(α {corr['alpha']}, {corr['n_tests']} tests) in {o['passes_corrected']} of {o['n_seeds']} seeds** "
             f"(uncorrected p < 0.05 in {o['passes_uncorrected']}). Per seed: " + "; ".join(per) + "."
@@ -291,8 +289,9 @@ def _probe_lines(r: dict) -> list[str]:
     if "probe_held_out" in o and ho:
         p, raw = o["probe_held_out"], ho["raw"]
         out.append(
-            f"- Do the features help? k-sparse SAE probe vs raw-activation probe on {ho['sae']['n_facts']} held-out "
-            f"facts: SAE AUROC {_ms(p['sae'])} over seeds (first seed {_fmt(*_auc(ho['sae']))}, "
+            f"- Do the features help? k-sparse SAE probe vs raw-activation probe, in-relation, on "
+            f"{ho['sae']['n_facts']} held-out facts of the fitted relations: SAE AUROC {_ms(p['sae'])} over seeds "
+            f"(first seed {_fmt(*_auc(ho['sae']))}, "
             f"k = {ho['sae']['chosen']}, null 95th pct. {ho['sae']['null_q95']:.2f}); raw "
             f"{_fmt(*_auc(raw))} (C = {raw['chosen']}, null {raw['null_q95']:.2f}); "
             f"SAE − raw {_ms(p['sae_minus_raw'], sign='+')}: {_verdicts(p['verdicts'])}."

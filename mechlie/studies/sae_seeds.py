@@ -23,26 +23,30 @@ def probe_data(pairs, honest, lying):
     return PairData(honest, lying, tuple(p.fact_id for p in pairs), tuple(p.relation for p in pairs))
 
 
-def raw_probes(pairs, finals: dict, sites, split: Split, n_null: int, seed: int) -> dict:
-    """The raw-activation probe of every site: ``{site: (folds, skipped)}``."""
+def raw_probes(pairs, finals: dict, sites, split: Split, n_null: int, seed: int, relations: bool = True) -> dict:
+    """The raw-activation probe of every site: ``{site: (folds, skipped)}`` (``relations``: with the
+    held-out relation folds, :func:`mechlie.sae.sparse_probe.evaluate`)."""
     from mechlie.sae import sparse_probe as SP
 
     out = {}
     for site in sites:
         data = probe_data(pairs, finals["honest"][site], finals["lying"][site])
-        out[site] = SP.evaluate(SP.RAW, data, split.train, split.test, n_null=n_null, seed=seed)
+        out[site] = SP.evaluate(SP.RAW, data, split.train, split.test, n_null=n_null, seed=seed, relations=relations)
     return out
 
 
-def sparse_probe(trained, pairs, finals: dict, split: Split, raw: tuple, n_null: int, seed: int) -> dict:
-    """The k-sparse probe on ``trained``'s features, compared with the site's raw probe ``raw``."""
+def sparse_probe(
+    trained, pairs, finals: dict, split: Split, raw: tuple, n_null: int, seed: int, relations: bool = True
+) -> dict:
+    """The k-sparse probe on ``trained``'s features, compared with the site's raw probe ``raw`` (its
+    folds: with or without the held-out relations, as ``relations`` says)."""
     from mechlie import sae as S
     from mechlie.sae import sparse_probe as SP
 
     f_h = S.encode(trained.sae, finals["honest"][trained.site])
     f_l = S.encode(trained.sae, finals["lying"][trained.site])
     folds, skipped = SP.evaluate(
-        SP.SPARSE, probe_data(pairs, f_h, f_l), split.train, split.test, n_null=n_null, seed=seed
+        SP.SPARSE, probe_data(pairs, f_h, f_l), split.train, split.test, n_null=n_null, seed=seed, relations=relations
     )
     out = SP.compare(folds, raw[0], seed)
     out["skipped"] = {**raw[1], **skipped}

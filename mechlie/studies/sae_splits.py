@@ -28,6 +28,8 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from mechlie.sae.seeds import mean_sd_text as _ms
+
 if TYPE_CHECKING:
     import plotly.graph_objects as go
 
@@ -73,35 +75,28 @@ def one_split(model, cfg, saes, pairs, finals: dict, split_seed: int) -> dict:
     """Every SAE's split-dependent numbers on the split of ``pairs`` by fact with ``split_seed``."""
     from mechlie import sae as S
     from mechlie.read.directions import split_by_fact
-    from mechlie.sae import sparse_probe as SP
-    from mechlie.studies.sae_seeds import correct_causal, probe_data
+    from mechlie.studies.sae_seeds import correct_causal, raw_probes, sparse_probe
 
     split = split_by_fact([p.fact_id for p in pairs], cfg.test_frac, split_seed)
-    raw = {}
-    for site in {t.site for _, t in saes}:
-        data = probe_data(pairs, finals["honest"][site], finals["lying"][site])
-        raw[site] = SP.held_out(SP.RAW, data, split.train, split.test, n_null=cfg.probe_null, seed=split_seed)
-    sites: dict = {}
+    sites = list(dict.fromkeys(t.site for _, t in saes))
+    raw = raw_probes(pairs, finals, sites, split, cfg.probe_null, split_seed, relations=False)
     prompts = S.lying_prompts(model, [pairs[i] for i in split.test], cfg.batch_size)  # shared by every check
+    out: dict = {}
     for seed, trained in saes:
         res, _ = S.lie_features(
             model, trained, pairs, split.train, split.test, k=cfg.k, k_causal=cfg.k_causal,
             n_draws=cfg.n_draws, batch_size=cfg.batch_size, seed=split_seed, n_contexts=0, prompts=prompts,
             final=(finals["honest"][trained.site], finals["lying"][trained.site]),
         )  # fmt: skip
-        f_h = S.encode(trained.sae, finals["honest"][trained.site])
-        f_l = S.encode(trained.sae, finals["lying"][trained.site])
-        data = probe_data(pairs, f_h, f_l)
-        sae = SP.held_out(SP.SPARSE, data, split.train, split.test, n_null=cfg.probe_null, seed=split_seed)
-        probe = SP.compare({"held_out": sae}, {"held_out": raw[trained.site]}, split_seed)["folds"]["held_out"]
-        entry = sites.setdefault(str(trained.site), {"n_test": len(split.test), "seeds": {}})
-        entry["seeds"][str(seed)] = {"res": res, "probe": probe}
+        probe = sparse_probe(trained, pairs, finals, split, raw[trained.site], cfg.probe_null, split_seed, False)
+        res["probe"] = probe["folds"].get("held_out")
+        entry = out.setdefault(str(trained.site), {"n_test": len(split.test), "seeds": {}})
+        entry["seeds"][str(seed)] = res
     # Holm over this split's own family; the entries then keep only their numbers.
-    family = {s: {"seeds": {sd: x["res"] for sd, x in r["seeds"].items()}} for s, r in sites.items()}
-    corr = correct_causal(family, cfg.n_draws, cfg.alpha)
-    for r in sites.values():
-        r["seeds"] = {sd: compact(x["res"], x["probe"]) for sd, x in r["seeds"].items()}
-    return {"sites": sites, "correction": {"n_tests": corr["n_tests"], "alpha": corr["alpha"]}}
+    corr = correct_causal(out, cfg.n_draws, cfg.alpha)
+    for r in out.values():
+        r["seeds"] = {sd: compact(x, x["probe"]) for sd, x in r["seeds"].items()}
+    return {"sites": out, "correction": {"n_tests": corr["n_tests"], "alpha": corr["alpha"]}}
 
 
 def run_splits(model, cfg, saes, pairs, finals: dict, summary: dict) -> dict:
@@ -166,6 +161,7 @@ def over_splits(splits: dict) -> dict:
             o["causal"][mode] = {
                 "delta": _spread({k: c["delta"] for k, c in cs.items()}),
                 "gap_recovered": _spread({k: c["gap_recovered"] for k, c in cs.items()}),
+                "random_q95": _spread({k: c["random_q95"] for k, c in cs.items()}),  # the null, per run
                 "passes_corrected": sum(int(c["passes_corrected"]) for c in cs.values()),
                 "passes_uncorrected": sum(int(c["p_value"] < 0.05) for c in cs.values()),
                 "n_runs": len(cs),
@@ -177,6 +173,7 @@ def over_splits(splits: dict) -> dict:
             verdicts = [p["verdict"] for p in probes.values()]
             o["probe_held_out"] = {
                 "sae": _spread({k: p["sae"]["auroc"] for k, p in probes.items()}),
+                "sae_null_q95": _spread({k: p["sae"]["null_q95"] for k, p in probes.items()}),
                 "raw": _mean_sd_of_means({s: [v] for s, v in raw_per_split.items()}),
                 "sae_minus_raw": _spread({k: p["sae_minus_raw"]["diff"] for k, p in probes.items()}),
                 "verdicts": {v: verdicts.count(v) for v in dict.fromkeys(verdicts)},
@@ -190,36 +187,39 @@ def over_splits(splits: dict) -> dict:
 # the report
 
 
-def _ms(d: dict, p: int = 3, sign: str = "") -> str:
-    return f"{d['mean']:{sign}.{p}f} ± {d['sd']:.{p}f}" if d["n"] > 1 else f"{d['mean']:{sign}.{p}f}"
-
-
 def _sds(d: dict, p: int = 3) -> str:
     return f"SD over splits {d['sd_over_splits']:.{p}f}, over SAE seeds {d['sd_over_sae_seeds']:.{p}f}"
 
 
 def headline_lines(block: dict) -> list[str]:
-    """Per site: the causal checks and the probe comparison over split seeds."""
+    """Per site: the causal checks and the probe comparison over split seeds, beside their nulls. All
+    are in-relation (held-out facts of the relations the features were chosen on). The numbers over
+    runs are recomputed from the per-run entries (:func:`over_splits`), as the stored ``over`` was."""
     splits = block["splits"]
-    n_split = len(splits)
+    over = over_splits(splits)
     lines = []
     for site in site_order(splits):
-        o = block["over"][site]
+        o = over[site]
         n_sae = o["top_effect_size"]["n_sae_seeds"]
-        head = f"- **{site} over {n_split} split seeds × {n_sae} SAE seeds** ({o['n_runs']} runs; mean ± SD over runs)"
+        head = (
+            f"- **{site} over {len(splits)} split seeds × {n_sae} SAE seeds**, in-relation (held-out facts of the "
+            f"fitted relations; {o['n_runs']} runs, mean ± SD over runs)"
+        )
         parts = [f"top feature |effect size| {_ms(o['top_effect_size'], 2)}"]
         for mode, c in o["causal"].items():
             per = ", ".join(f"split {s}: {v}" for s, v in c["passes_per_split"].items())
             parts.append(
-                f"{mode}: ΔP(truth) {_ms(c['delta'], sign='+')} ({_sds(c['delta'])}), gap share "
-                f"{_ms(c['gap_recovered'], 2)}; **passes its split's Holm test in {c['passes_corrected']} of "
-                f"{c['n_runs']} runs** ({per}; uncorrected p < 0.05 in {c['passes_uncorrected']})"
+                f"{mode}: ΔP(truth) {_ms(c['delta'], sign='+')} ({_sds(c['delta'])}; matched random features' "
+                f"95th pct. {_ms(c['random_q95'], sign='+')}), gap share {_ms(c['gap_recovered'], 2)}; **passes its "
+                f"split's Holm test in {c['passes_corrected']} of {c['n_runs']} runs** ({per}; uncorrected p < 0.05 "
+                f"in {c['passes_uncorrected']})"
             )
         p = o.get("probe_held_out")
         if p:
             verdicts = "; ".join(f"{v} in {n} of {p['n_runs']}" for v, n in p["verdicts"].items())
             parts.append(
-                f"held-out facts: SAE probe AUROC {_ms(p['sae'])}, raw {_ms(p['raw'])} (over splits), SAE − raw "
+                f"held-out facts: SAE probe AUROC {_ms(p['sae'])} (permutation null 95th pct. "
+                f"{_ms(p['sae_null_q95'], 2)}), raw {_ms(p['raw'])} (over splits), SAE − raw "
                 f"{_ms(p['sae_minus_raw'], sign='+')} ({_sds(p['sae_minus_raw'])}): {verdicts}"
             )
         lines.append(head + ": " + "; ".join(parts) + ".")
